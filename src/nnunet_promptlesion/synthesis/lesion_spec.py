@@ -1,0 +1,204 @@
+"""The lesion specification: the single place the trainer learns a dataset's lesion classes.
+
+Written as ``lesion_spec.json`` next to ``dataset.json`` by the phantom and converter commands,
+editable by users. Example::
+
+    {
+      "version": 1,
+      "lesions": [
+        {"name": "noncalcified_plaque", "label": 4, "parents": [2],
+         "radius_mm": [[0.8, 1.5], [1.5, 2.5]], "radius_weights": [0.5, 0.5],
+         "shape": "ellipsoid", "elastic": true, "bank_probability": 0.5,
+         "may_leave_parent": false, "prompt": "noncalcified_plaque"}
+      ]
+    }
+
+Sizes are equivalent-sphere *radii in mm*; a size class is drawn by ``radius_weights`` and a
+radius uniformly inside it. DiffTumor's classes (tiny 3-5, small 6-10, medium 12-20,
+large 24-64 mm) are available as :data:`DIFFTUMOR_RADIUS_CLASSES_MM`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..utils.atomic import write_json_atomic
+
+LESION_SPEC_FILENAME = "lesion_spec.json"
+SPEC_VERSION = 1
+SHAPES = ("ellipsoid", "bank", "mixed")
+
+#: DiffTumor's tumour size classes, equivalent radius in mm (1 voxel = 1 mm in their setting).
+DIFFTUMOR_RADIUS_CLASSES_MM = {"tiny": (3.0, 5.0), "small": (6.0, 10.0), "medium": (12.0, 20.0), "large": (24.0, 64.0)}
+#: Equivalent-sphere radius separating early (<= 10 mm, diameter <= 2 cm) from late tumours.
+EARLY_RADIUS_MM = 10.0
+
+
+class LesionSpecError(ValueError):
+    """A lesion spec that is malformed or does not fit the dataset it is used with."""
+
+
+@dataclass
+class LesionClass:
+    """One lesion label and how to synthesize it.
+
+    name: human-readable class name, also the diffusion prompt unless ``prompt`` is given.
+    label: integer label written into the segmentation.
+    parents: labels of the structure(s) the lesion may be placed in (organ, vessel wall).
+    radius_mm: list of (min, max) equivalent-sphere radius ranges in mm.
+    radius_weights: probability of each range (normalised on load).
+    shape: "ellipsoid" (elastic ellipsoid prior), "bank" (real masks harvested from the
+        training labels) or "mixed" (bank with probability ``bank_probability``).
+    may_leave_parent: if False the mask is clipped to the parent structure (exophytic lesions: True).
+    """
+
+    name: str
+    label: int
+    parents: list[int]
+    radius_mm: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 5.0), (6.0, 10.0)])
+    radius_weights: list[float] | None = None
+    shape: str = "mixed"
+    elastic: bool = True
+    bank_probability: float = 0.5
+    may_leave_parent: bool = False
+    prompt: str | None = None
+
+    def __post_init__(self):
+        self.label = int(self.label)
+        self.parents = [int(p) for p in (self.parents if isinstance(self.parents, (list, tuple)) else [self.parents])]
+        self.radius_mm = [tuple(float(v) for v in r) for r in self.radius_mm]
+        if not self.parents:
+            raise LesionSpecError(f"lesion '{self.name}': 'parents' must name at least one label")
+        if self.label in self.parents:
+            raise LesionSpecError(f"lesion '{self.name}': its label {self.label} cannot be its own parent")
+        if self.label <= 0:
+            raise LesionSpecError(f"lesion '{self.name}': label must be > 0 (0 is background)")
+        if not self.radius_mm or any(len(r) != 2 or not (0 < r[0] <= r[1]) for r in self.radius_mm):
+            raise LesionSpecError(f"lesion '{self.name}': radius_mm must be a list of [min, max] with 0 < min <= max")
+        if self.radius_weights is None:
+            self.radius_weights = [1.0] * len(self.radius_mm)
+        self.radius_weights = [float(w) for w in self.radius_weights]
+        if len(self.radius_weights) != len(self.radius_mm) or min(self.radius_weights) < 0 or sum(self.radius_weights) <= 0:
+            raise LesionSpecError(f"lesion '{self.name}': radius_weights must be one non-negative weight per radius range")
+        s = sum(self.radius_weights)
+        self.radius_weights = [w / s for w in self.radius_weights]
+        if self.shape not in SHAPES:
+            raise LesionSpecError(f"lesion '{self.name}': shape must be one of {SHAPES}, got '{self.shape}'")
+        if not 0.0 <= self.bank_probability <= 1.0:
+            raise LesionSpecError(f"lesion '{self.name}': bank_probability must lie in [0, 1]")
+        if self.prompt is None:
+            self.prompt = self.name
+
+
+@dataclass
+class LesionSpec:
+    lesions: list[LesionClass]
+    version: int = SPEC_VERSION
+
+    def __post_init__(self):
+        if not self.lesions:
+            raise LesionSpecError("lesion spec lists no lesions")
+        labels = [l.label for l in self.lesions]
+        if len(set(labels)) != len(labels):
+            raise LesionSpecError(f"lesion spec lists a label twice: {labels}")
+        names = [l.name for l in self.lesions]
+        if len(set(names)) != len(names):
+            raise LesionSpecError(f"lesion spec lists a name twice: {names}")
+
+    @property
+    def labels(self) -> list[int]:
+        return [l.label for l in self.lesions]
+
+    @property
+    def parent_labels(self) -> list[int]:
+        return sorted({p for l in self.lesions for p in l.parents})
+
+    def by_label(self, label: int) -> LesionClass:
+        for l in self.lesions:
+            if l.label == label:
+                return l
+        raise KeyError(f"no lesion with label {label} in the spec (labels: {self.labels})")
+
+    def by_name(self, name: str) -> LesionClass:
+        for l in self.lesions:
+            if l.name == name or l.prompt == name:
+                return l
+        raise KeyError(f"no lesion named '{name}' in the spec (names: {[l.name for l in self.lesions]})")
+
+    def validate_against_dataset(self, dataset_json: dict, source: str = "dataset.json") -> None:
+        """Check every lesion and parent label exists in ``dataset_json['labels']``.
+
+        Region-based datasets (label values that are lists) are checked on their member labels.
+        """
+        values: set[int] = set()
+        for v in dataset_json.get("labels", {}).values():
+            if isinstance(v, (list, tuple)):
+                values.update(int(x) for x in v)
+            else:
+                values.add(int(v))
+        for l in self.lesions:
+            for lab, what in [(l.label, "label")] + [(p, "parent") for p in l.parents]:
+                if lab not in values:
+                    raise LesionSpecError(
+                        f"lesion spec: '{l.name}' names {what} {lab}, which {source} does not define "
+                        f"(its labels: {dataset_json.get('labels')}). Fix lesion_spec.json or the dataset."
+                    )
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "lesions": [dataclasses.asdict(l) for l in self.lesions]}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "LesionSpec":
+        if not isinstance(d, dict) or "lesions" not in d:
+            raise LesionSpecError(f"{source}: a lesion spec needs a 'lesions' list")
+        if d.get("version", SPEC_VERSION) != SPEC_VERSION:
+            raise LesionSpecError(f"{source}: unsupported lesion spec version {d.get('version')}")
+        known = {f.name for f in dataclasses.fields(LesionClass)}
+        lesions = []
+        for i, entry in enumerate(d["lesions"]):
+            unknown = set(entry) - known
+            if unknown:
+                raise LesionSpecError(f"{source}: lesion #{i} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            try:
+                lesions.append(LesionClass(**entry))
+            except TypeError as e:
+                raise LesionSpecError(f"{source}: lesion #{i}: {e}") from e
+            except LesionSpecError as e:
+                raise LesionSpecError(f"{source}: {e}") from e
+        return cls(lesions=lesions)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LesionSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise LesionSpecError(f"lesion spec {path} not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LesionSpecError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d, source=str(path))
+
+
+def radius_ranges_from_observed(radii_mm: Sequence[float], n_bins: int = 2) -> list[tuple[float, float]]:
+    """Radius ranges (mm) covering the observed equivalent radii of real lesions.
+
+    Used by converters to write the size range seen in the data. Returns ``n_bins`` contiguous
+    ranges between the 5th and 95th percentile (or the min/max for few lesions).
+    """
+    import numpy as np
+
+    r = np.asarray([x for x in radii_mm if x > 0], dtype=float)
+    if r.size == 0:
+        return [DIFFTUMOR_RADIUS_CLASSES_MM["tiny"], DIFFTUMOR_RADIUS_CLASSES_MM["small"]]
+    lo, hi = (np.percentile(r, 5), np.percentile(r, 95)) if r.size >= 20 else (r.min(), r.max())
+    lo = max(float(lo), 0.5)
+    hi = max(float(hi), lo * 1.2)
+    edges = np.geomspace(lo, hi, n_bins + 1)
+    return [(round(float(a), 2), round(float(b), 2)) for a, b in zip(edges[:-1], edges[1:])]
