@@ -1,0 +1,297 @@
+"""Shared training infrastructure for the generator trainings (VQGAN and diffusion).
+
+API (all functions are safe to call in a single process without ``torchrun``):
+
+``setup_distributed(device="auto") -> DistEnv``
+    Reads the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). With
+    WORLD_SIZE > 1 it initialises ``torch.distributed`` with NCCL on CUDA and gloo on CPU.
+    ``DistEnv`` has rank, world_size, local_rank, device, is_main, distributed.
+``cleanup_distributed(env)``                 destroy the process group if one was created.
+``wrap_ddp(model, env)`` / ``unwrap(model)`` DistributedDataParallel wrapper (no-op when not distributed).
+``autocast(device)``                         bf16 autocast on CUDA, a no-op (fp32) on CPU.
+``seed_everything(seed, rank)``              seeds python/numpy/torch per rank (rank offsets the seed).
+``capture_rng_state(np_rng) / restore_rng_state(state, np_rng)``
+    torch CPU (+CUDA) RNG, python ``random`` and a ``numpy.random.Generator``; the result is a plain
+    dict of tensors/ints/strings, so it goes into a ``weights_only`` checkpoint.
+``gather_rng_states(state, env) -> list``    every rank's RNG state on every rank (store it on rank 0);
+    on resume each rank restores ``states[env.rank]``.
+``all_reduce_mean(t, env)`` / ``broadcast_(t, env, src=0)``  in-place collective helpers.
+``CheckpointManager(folder, keep_every=0)``
+    ``save(state, step)`` writes ``checkpoint_latest.pt`` atomically (plus ``checkpoint_step{N}.pt`` every
+    ``keep_every`` steps), ``latest()`` returns its path or None, ``load_latest(kind)`` loads it with
+    ``weights_only=True`` (see :mod:`nnunet_promptlesion.utils.checkpoint`).
+``TrainLogger(folder, total_steps, start_step, env)``
+    tqdm progress bar + ``train_log.jsonl`` (JSON lines) + ``train.log`` (text) on rank 0 only;
+    ``log(step, **metrics)``, ``info(msg)``, ``update(n, **postfix)``, ``close()``.
+``peak_memory_mb(device)``                   peak CUDA memory allocated, or the process peak RSS on CPU (MiB).
+``reset_peak_memory(device)``
+
+A training loop built on this: ``env = setup_distributed()``; build model, ``wrap_ddp``; on start
+``state = ckpt.load_latest(kind)`` and restore model/optimizer/scheduler/step/RNG from it; each step
+under ``with autocast(env.device):``; every N steps ``if env.is_main: ckpt.save(...)`` after
+``gather_rng_states`` (a collective: all ranks must call it).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.jsonlog import JsonlLogger
+
+
+@dataclasses.dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but torch sees no CUDA device; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if device == "cpu":
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, distributed=world > 1)
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return env
+
+
+def cleanup_distributed(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv, **kwargs) -> torch.nn.Module:
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, **kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed for bf16); fp32 on CPU, where bf16 convs are slow."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:
+    """Seed python, numpy and torch; returns a numpy Generator for data sampling (rank-specific)."""
+    s = int(seed) + 1000 * int(rank)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    return np.random.default_rng(s)
+
+
+def _np_state_to_plain(state: dict) -> dict:
+    # PCG64 state holds 128-bit ints; strings survive weights_only loading whatever their size.
+    def conv(v):
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return {"__int__": str(int(v))}
+        return v
+    return conv(state)
+
+
+def _np_state_from_plain(state: dict) -> dict:
+    def conv(v):
+        if isinstance(v, dict):
+            if set(v) == {"__int__"}:
+                return int(v["__int__"])
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(state)
+
+
+def capture_rng_state(np_rng: np.random.Generator | None = None) -> dict:
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    if np_rng is not None:
+        st["numpy_generator"] = _np_state_to_plain(np_rng.bit_generator.state)
+    return st
+
+
+def restore_rng_state(state: dict, np_rng: np.random.Generator | None = None) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    if "python" in state:
+        s = ast.literal_eval(state["python"])
+        random.setstate((s[0], tuple(s[1]), s[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+    if np_rng is not None and "numpy_generator" in state:
+        np_rng.bit_generator.state = _np_state_from_plain(state["numpy_generator"])
+
+
+def gather_rng_states(state: dict, env: DistEnv) -> list[dict]:
+    """Every rank's RNG state (collective when distributed: all ranks must call it)."""
+    if not env.distributed:
+        return [state]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= env.world_size
+    return t
+
+
+def broadcast_(t: torch.Tensor, env: DistEnv, src: int = 0) -> torch.Tensor:
+    if env.distributed:
+        dist.broadcast(t, src)
+    return t
+
+
+class CheckpointManager:
+    """Atomic training checkpoints in one folder: ``checkpoint_latest.pt`` (+ optional snapshots)."""
+
+    LATEST = "checkpoint_latest.pt"
+    FINAL = "checkpoint_final.pt"
+
+    def __init__(self, folder: str | os.PathLike, keep_every: int = 0):
+        self.folder = Path(folder)
+        self.keep_every = int(keep_every)
+
+    def save(self, state: dict, step: int, final: bool = False) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(state, self.folder / self.LATEST)
+        if self.keep_every and step % self.keep_every == 0:
+            save_checkpoint(state, self.folder / f"checkpoint_step{step:08d}.pt")
+        if final:
+            save_checkpoint(state, self.folder / self.FINAL)
+        return self.folder / self.LATEST
+
+    def latest(self) -> Path | None:
+        p = self.folder / self.LATEST
+        return p if p.is_file() else None
+
+    def load_latest(self, kind: str | None = None, map_location="cpu") -> dict | None:
+        p = self.latest()
+        return None if p is None else load_checkpoint(p, map_location=map_location, kind=kind)
+
+
+class TrainLogger:
+    """Progress bar, JSON-lines metrics and a text log; silent on ranks other than 0."""
+
+    def __init__(self, folder: str | os.PathLike, total_steps: int, start_step: int, env: DistEnv,
+                 desc: str = "train", jsonl_name: str = "train_log.jsonl", progress: bool = True):
+        self.env = env
+        self.folder = Path(folder)
+        self.bar = None
+        self.jsonl = None
+        self.logger = logging.getLogger(f"nnunet_promptlesion.{desc}.{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if env.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.jsonl = JsonlLogger(self.folder / jsonl_name)
+            fh = logging.FileHandler(self.folder / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.logger.addHandler(fh)
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                                file=sys.stderr, mininterval=1.0)
+
+    def info(self, msg: str) -> None:
+        if self.env.is_main:
+            self.logger.info(msg)
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, file=sys.stderr)
+
+    def log(self, step: int, **metrics: Any) -> None:
+        if self.jsonl is not None:
+            self.jsonl.log(step=int(step), **metrics)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                     refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for h in list(self.logger.handlers):
+            h.close()
+            self.logger.removeHandler(h)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated (MiB) on GPU; on CPU the process' peak resident set size (MiB).
+
+    The CPU figure is a process-lifetime high-water mark (``getrusage``), so measure in a fresh process.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0  # Linux reports KiB
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict]:
+    t = {"start": time.perf_counter()}
+    yield t
+    t["seconds"] = time.perf_counter() - t["start"]
