@@ -1,0 +1,164 @@
+"""Configuration of the PromptLesion latent diffusion model (denoiser, prompts, schedule, training).
+
+Two named presets:
+
+``paper``
+    For 96^3 patches at ~1 mm encoded by the paper VQGAN into 8 x 24^3 latents: a three-level 3D UNet
+    (24^3, 12^3, 6^3 latent voxels = 1/4, 1/8, 1/16 of the image grid) with self-attention at 12^3, 6^3
+    and in the middle block, prompts injected at all three decoder levels.
+``tiny``
+    For tests and CPU demos: 8 x (6..8)^3 latents (24^3..32^3 image patches with the tiny VQGAN),
+    channels (32, 64, 64), attention only at the coarsest level.
+
+The prompt vocabulary is ``("healthy", *lesion class names)``; prompt id 0 ("healthy") is also the
+null prompt of classifier-free guidance. Class names live in the checkpoint metadata, the config only
+holds their number (``num_classes``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROMPT_TYPES = ("onehot", "mask")
+HEALTHY = "healthy"
+
+
+@dataclass
+class DiffusionConfig:
+    """Architecture, noise schedule and loss settings.
+
+    Sizes of the latent grid are in latent voxels (image voxels / VQGAN downsampling factor, 4).
+    """
+
+    preset: str = "tiny"
+    latent_channels: int = 8
+    num_classes: int = 1
+    # UNet mask input: 1 channel (lesion region) or, with per_class_mask, 1 + num_classes channels
+    # (the region plus one channel per class, the class channels zero for the healthy/null prompt).
+    per_class_mask: bool = False
+    channels: tuple[int, ...] = (32, 64, 64)
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    mid_attention: bool = True
+    head_channels: int = 32
+    norm_groups: int = 8
+    dropout: float = 0.0
+    # prompts
+    prompt_type: str = "onehot"
+    prompt_dim: int = 64
+    prompt_levels: tuple[int, ...] = (0, 1, 2)  # decoder levels (0 = finest latent grid) that receive the prompt
+    prompt_components: int = 5
+    prompt_channels: int = 16
+    prompt_base_size: int = 4
+    # MaskTransformer (prompt_type "mask"): class mask resampled to mt_grid^3 latent voxels, mt_patch^3 patches
+    mt_grid: int = 24
+    mt_patch: int = 8
+    mt_depth: int = 3
+    mt_width: int = 64
+    mt_heads: int = 4
+    mt_ff: int = 128
+    # noise schedule
+    timesteps: int = 400
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    # iDDPM scaling of the betas by 1000/T, so a short linear schedule still ends near alpha_bar = 0
+    scale_betas_to_1000: bool = True
+    # loss
+    lesion_loss_weight: float = 1.0  # extra MSE weight inside the (latent) lesion region: w = 1 + this * m
+    prompt_dropout: float = 0.1      # probability of replacing the prompt by the healthy/null prompt
+    latent_size: tuple[int, int, int] = (8, 8, 8)  # nominal training latent grid (reporting, sample grids)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.prompt_levels = tuple(int(p) for p in self.prompt_levels)
+        self.latent_size = tuple(int(s) for s in self.latent_size)
+        if self.prompt_type not in PROMPT_TYPES:
+            raise ValueError(f"prompt_type must be one of {PROMPT_TYPES}, got '{self.prompt_type}'")
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels needs one entry per UNet level (len(channels))")
+        if any(not 0 <= p < len(self.channels) for p in self.prompt_levels):
+            raise ValueError(f"prompt_levels {self.prompt_levels} must index the {len(self.channels)} UNet levels")
+        if self.num_classes < 1:
+            raise ValueError("num_classes must be >= 1 (lesion classes, the healthy prompt is added on top)")
+        if self.mt_grid % self.mt_patch:
+            raise ValueError("mt_grid must be a multiple of mt_patch")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"every channel count {self.channels} must be divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of prompt ids: healthy (0) + one per lesion class."""
+        return self.num_classes + 1
+
+    @property
+    def mask_channels(self) -> int:
+        return 1 + (self.num_classes if self.per_class_mask else 0)
+
+    @property
+    def in_channels(self) -> int:
+        """Denoiser input: noisy latent + healthy latent (1-m)*z + mask channels."""
+        return 2 * self.latent_channels + self.mask_channels
+
+    @classmethod
+    def paper(cls, num_classes: int = 2, prompt_type: str = "onehot", **kw) -> "DiffusionConfig":
+        base = dict(preset="paper", num_classes=num_classes, prompt_type=prompt_type, channels=(64, 128, 256),
+                    num_res_blocks=2, attention_levels=(False, True, True), head_channels=64, norm_groups=32,
+                    prompt_channels=32, prompt_base_size=6, mt_grid=24, mt_patch=8, latent_size=(24, 24, 24))
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, num_classes: int = 2, prompt_type: str = "onehot", **kw) -> "DiffusionConfig":
+        base = dict(preset="tiny", num_classes=num_classes, prompt_type=prompt_type, channels=(32, 64, 64),
+                    num_res_blocks=1, attention_levels=(False, False, True), head_channels=32, norm_groups=8,
+                    prompt_channels=8, prompt_base_size=4, mt_grid=8, mt_patch=4, latent_size=(8, 8, 8))
+        base.update(kw)
+        return cls(**base)
+
+
+PRESETS = {"paper": DiffusionConfig.paper, "tiny": DiffusionConfig.tiny}
+
+
+def make_config(preset: str, **kw) -> DiffusionConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown diffusion preset '{preset}'; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset](**kw)
+
+
+@dataclass
+class PromptVocabulary:
+    """Prompt names and the segmentation labels they write (healthy has label 0)."""
+
+    names: list[str] = field(default_factory=lambda: [HEALTHY])
+    labels: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self):
+        self.names = [str(n) for n in self.names]
+        self.labels = [int(l) for l in self.labels]
+        if not self.names or self.names[0] != HEALTHY:
+            raise ValueError(f"prompt vocabulary must start with '{HEALTHY}', got {self.names}")
+        if len(self.names) != len(self.labels) or len(set(self.names)) != len(self.names):
+            raise ValueError(f"prompt vocabulary needs unique names and one label per name: {self.names} {self.labels}")
+
+    @classmethod
+    def from_lesion_spec(cls, spec) -> "PromptVocabulary":
+        return cls(names=[HEALTHY] + [l.prompt for l in spec.lesions], labels=[0] + [l.label for l in spec.lesions])
+
+    def id_of(self, name_or_label: str | int) -> int:
+        """Prompt id for a name ("healthy", a class/prompt name) or a lesion label (int or digit string)."""
+        if isinstance(name_or_label, str) and name_or_label in self.names:
+            return self.names.index(name_or_label)
+        try:
+            lab = int(name_or_label)
+        except (TypeError, ValueError):
+            lab = None
+        if lab is not None and lab in self.labels:
+            return self.labels.index(lab)
+        raise KeyError(f"unknown prompt '{name_or_label}'; this checkpoint knows {self.names} (labels {self.labels})")
+
+    def as_dict(self) -> dict:
+        return {"names": list(self.names), "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptVocabulary":
+        return cls(names=list(d["names"]), labels=list(d["labels"]))

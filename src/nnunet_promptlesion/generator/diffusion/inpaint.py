@@ -1,0 +1,139 @@
+"""Latent inpainting of lesions into real images, and image-space blending, batched on the device.
+
+:func:`inpaint_lesions` is the entry point used by the single-CT command and the nnU-Net synthesizer::
+
+    out = inpaint_lesions(vqgan, model, image, lesion_mask, prompt_ids, steps=50, sampler="ddim",
+                          guidance=1.0, generator=torch.Generator(device).manual_seed(0))
+
+``image`` (B, 1, D, H, W) in the VQGAN's model intensity space [-1, 1] (D, H, W divisible by the VQGAN
+downsampling factor 4), ``lesion_mask`` (B, 1, D, H, W) binary, ``prompt_ids`` (B,) long (0 = healthy,
+see :class:`~.config.PromptVocabulary`). Steps:
+
+1. encode: z = vqgan.encode_latent(image); lesion region on the latent grid m = max-pool of the mask
+   (a latent voxel belongs to the region if any of its 4^3 image voxels does);
+2. start from the healthy latent z_h = (1 - m) z noised to step T-1, and run the reverse process with the
+   known latent kept outside m at every step (noised to that step);
+3. decode with the codebook snap (vqgan.decode_latent);
+4. blend: out = (1 - g) image + g decoded, g = the mask Gaussian-blurred with sigma (voxels, per sample)
+   and held at 1 inside the mask, forced to exactly 0 outside the mask dilated by ``blend_margin(sigma)`` voxels (the same rule as
+   :mod:`nnunet_promptlesion.synthesis.blending`), so those voxels are returned bit-identical.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...synthesis.blending import blend_margin
+from .samplers import guided_eps_fn, sample
+from .schedule import NoiseSchedule
+
+
+def latent_region(mask: torch.Tensor, factor: int, size: Sequence[int] | None = None) -> torch.Tensor:
+    """Binary (B, 1, d, h, w) latent-grid region of an image mask (B, 1, D, H, W): any voxel of a cell set."""
+    m = F.max_pool3d((mask > 0.5).float(), kernel_size=factor, stride=factor, ceil_mode=True)
+    if size is not None and tuple(m.shape[2:]) != tuple(size):
+        m = m[(slice(None), slice(None), *[slice(0, s) for s in size])]
+    return m
+
+
+def dilate(mask: torch.Tensor, radius: torch.Tensor | int) -> torch.Tensor:
+    """Cube dilation of a binary (B, 1, D, H, W) mask by ``radius`` voxels, one radius per sample allowed.
+
+    Runs as repeated 3^3 max-pools over the batch (a loop over the radius, not over samples).
+    """
+    b = mask.shape[0]
+    radius = torch.as_tensor(radius, device=mask.device).long().reshape(-1).expand(b)
+    d = (mask > 0.5).to(torch.float32)
+    out = d.clone()
+    for i in range(1, int(radius.max().item()) + 1):
+        d = F.max_pool3d(d, 3, stride=1, padding=1)
+        sel = (radius == i).reshape(b, 1, 1, 1, 1)
+        out = torch.where(sel, d, out)
+    return out > 0.5
+
+
+def gaussian_blur3d(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, D, H, W) with a per-sample sigma (voxels); zero padding, sigma 0 = copy."""
+    b = x.shape[0]
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+    r = max(int(math.ceil(3.0 * float(sigma.max().item()))), 1)
+    offs = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    s = sigma.clamp(min=1e-6)[:, None]
+    k = torch.exp(-0.5 * (offs[None] / s) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    delta = (offs == 0).float()[None].expand(b, -1)
+    k = torch.where(sigma[:, None] > 1e-3, k, delta).to(x.dtype)  # (B, 2r+1)
+    y = x.reshape(1, b, *x.shape[2:])
+    for axis in range(3):
+        shape = [b, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        y = F.conv3d(F.pad(y, pad), k.reshape(shape), groups=b)
+    return y.reshape(x.shape)
+
+
+def blend_weights(mask: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, support): blend weight in [0, 1] and the bool region (dilated mask) outside which g == 0 exactly."""
+    b = mask.shape[0]
+    sigma = torch.as_tensor(sigma, device=mask.device, dtype=torch.float32).reshape(-1).expand(b)
+    margin = torch.tensor([blend_margin(float(s)) for s in sigma.tolist()], device=mask.device)
+    support = dilate(mask, margin)
+    m = (mask > 0.5).float()
+    # held at 1 inside the mask (as synthesis.blending): blurring alone would halve thin lesions' contrast
+    g = torch.maximum(gaussian_blur3d(m, sigma).clamp(0.0, 1.0), m)
+    return torch.where(support, g, torch.zeros_like(g)), support
+
+
+def blend(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """out = (1 - g) original + g generated, bit-identical to ``original`` outside the dilated mask."""
+    g, support = blend_weights(mask, sigma)
+    g = g.to(original.dtype)
+    mixed = (1.0 - g) * original + g * generated.to(original.dtype)
+    return torch.where(support, mixed, original)
+
+
+@torch.no_grad()
+def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: torch.Tensor, region: torch.Tensor,
+                     prompt_ids: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
+                     guidance: float = 1.0, generator: torch.Generator | None = None, autocast=None,
+                     progress: bool = False) -> torch.Tensor:
+    """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents."""
+    z_h = (1.0 - region) * z_known
+    tT = torch.full((z_known.shape[0],), schedule.T - 1, device=z_known.device, dtype=torch.long)
+    noise = torch.randn(z_known.shape, generator=generator, device=z_known.device, dtype=z_known.dtype)
+    z_T = schedule.q_sample(z_h, tT, noise)
+    eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, autocast=autocast)
+    return sample(eps_fn, schedule, z_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                  known=z_known, keep=1.0 - region, progress=progress)
+
+
+@torch.no_grad()
+def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_mask: torch.Tensor,
+                    prompt_ids: torch.Tensor, steps: int | None = 50, sampler: str = "ddim", guidance: float = 1.0,
+                    generator: torch.Generator | None = None, eta: float = 0.0,
+                    blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
+                    autocast=None, progress: bool = False, return_decoded: bool = False):
+    """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
+
+    Returns the blended image (B, 1, D, H, W) in model space, or (image, decoded, latents) with
+    ``return_decoded``. ``schedule`` defaults to the model config's schedule on the image's device.
+    """
+    if image.ndim != 5 or image.shape[1] != 1 or lesion_mask.shape != image.shape:
+        raise ValueError(f"image and lesion_mask must both be (B, 1, D, H, W); got {tuple(image.shape)} and "
+                         f"{tuple(lesion_mask.shape)}")
+    f = int(vqgan.downsample_factor)
+    if any(s % f for s in image.shape[2:]):
+        raise ValueError(f"image size {tuple(image.shape[2:])} must be divisible by the VQGAN factor {f}")
+    if schedule is None:
+        schedule = NoiseSchedule.from_config(model.config, device=image.device)
+    z = vqgan.encode_latent(image).float()
+    region = latent_region(lesion_mask, f, z.shape[2:])
+    z0 = generate_latents(model, schedule, z, region, prompt_ids, sampler, steps, eta, guidance, generator,
+                          autocast, progress)
+    decoded = vqgan.decode_latent(z0).float().clamp(-1.0, 1.0)
+    out = blend(image, decoded.to(image.dtype), lesion_mask, blend_sigma)
+    return (out, decoded, z0) if return_decoded else out

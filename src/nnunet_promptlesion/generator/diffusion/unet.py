@@ -1,0 +1,220 @@
+"""The PromptLesion denoiser: a compact 3D UNet on VQGAN latents.
+
+Input channels are concatenated: noisy latent z_t (8), healthy latent (1 - m) * z (8) and the lesion
+mask on the latent grid (1, or 1 + one per class). The UNet has ``len(channels)`` levels (paper: 24^3,
+12^3, 6^3 latent voxels); every level holds ``num_res_blocks`` time-conditioned ResNet blocks, optionally
+followed by self-attention (``torch.nn.functional.scaled_dot_product_attention``, so 24^3 = 13,824 tokens
+fit in memory on a GPU). A middle block (ResNet, attention, ResNet) sits at the coarsest level.
+
+Decoder level l, coarsest first (one skip per level)::
+
+    h = upsample(h) to the size of skip_l                     (not at the coarsest level)
+    if l in prompt_levels:                                     PromptInjection
+        h = conv1x1(Res_t(Res_t(cat(h, PromptGenBlock_l(p)))))
+    h = Res_t(cat(h, skip_l)) [+ attention] ...
+
+so the prompt enters at exactly ``len(prompt_levels)`` (three) decoder resolutions, before the skip merge.
+A compact own UNet keeps that injection point explicit; MONAI's DiffusionModelUNet would need its
+up-block internals overridden for it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiffusionConfig
+from .prompts import MaskPrompt, OneHotPrompt, PromptGenBlock, class_mask_from_prompt
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of (possibly fractional) timesteps t (B,)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _zero(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv x2 with an additive time embedding; 1x1x1 conv on the shortcut if channels change."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin, groups), cin)
+        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv3d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+def _groups(c: int, groups: int) -> int:
+    while c % groups:
+        groups -= 1
+    return groups
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all voxels of a feature map (scaled_dot_product_attention)."""
+
+    def __init__(self, channels: int, head_channels: int, groups: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(_groups(channels, groups), channels)
+        self.qkv = nn.Conv3d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv3d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *sp = x.shape
+        n = x[0, 0].numel()
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, n).permute(1, 0, 2, 4, 3)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, d)
+        a = a.permute(0, 1, 3, 2).reshape(b, c, *sp)
+        return x + self.proj(a)
+
+
+class PromptInjection(nn.Module):
+    """cat(features, prompt tensor) -> two time-conditioned ResNet blocks -> 1x1x1 conv."""
+
+    def __init__(self, channels: int, prompt_dim: int, prompt_channels: int, temb_dim: int, groups: int,
+                 n_components: int, base_size: int):
+        super().__init__()
+        self.gen = PromptGenBlock(prompt_dim, prompt_channels, n_components, base_size)
+        self.res1 = ResBlock(channels + prompt_channels, channels, temb_dim, groups)
+        self.res2 = ResBlock(channels, channels, temb_dim, groups)
+        self.out = nn.Conv3d(channels, channels, 1)
+
+    def forward(self, h: torch.Tensor, prompt: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        p = self.gen(prompt, tuple(h.shape[2:]))
+        h = self.res1(torch.cat([h, p.to(h.dtype)], 1), temb)
+        return self.out(self.res2(h, temb))
+
+
+class PromptLesionUNet(nn.Module):
+    """Epsilon predictor f(z_t, t, z_healthy, region, prompt_ids).
+
+    forward(z_t (B, 8, D, H, W), t (B,) timesteps, z_healthy (B, 8, D, H, W), region (B, 1, D, H, W) in [0, 1]
+    on the latent grid, prompt_ids (B,) long with 0 = healthy) -> predicted noise (B, 8, D, H, W).
+    Any latent grid size works: skips are matched by interpolation, so odd sizes (6^3 -> 3^3 -> 2^3) are fine.
+    """
+
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.channels
+        g = cfg.norm_groups
+        temb_dim = 4 * ch[0]
+        self.temb = nn.Sequential(nn.Linear(ch[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        if cfg.prompt_type == "onehot":
+            self.prompt_encoder: nn.Module = OneHotPrompt(cfg.vocab_size, cfg.prompt_dim)
+        else:
+            self.prompt_encoder = MaskPrompt(cfg.num_classes, grid=cfg.mt_grid, patch=cfg.mt_patch, width=cfg.mt_width,
+                                             depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff, out_dim=cfg.prompt_dim)
+        self.conv_in = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        cprev = ch[0]
+        for lvl, c in enumerate(ch):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cprev, c, temb_dim, g, cfg.dropout))
+                if cfg.attention_levels[lvl]:
+                    blocks.append(AttentionBlock(c, cfg.head_channels, g))
+                cprev = c
+            self.down.append(blocks)
+            self.downsample.append(nn.Conv3d(c, c, 3, stride=2, padding=1) if lvl < len(ch) - 1 else nn.Identity())
+
+        cm = ch[-1]
+        self.mid1 = ResBlock(cm, cm, temb_dim, g, cfg.dropout)
+        self.mid_attn = AttentionBlock(cm, cfg.head_channels, g) if cfg.mid_attention else nn.Identity()
+        self.mid2 = ResBlock(cm, cm, temb_dim, g, cfg.dropout)
+
+        self.inject = nn.ModuleDict()
+        self.up = nn.ModuleList([nn.Module() for _ in ch])  # indexed by level
+        self.upsample = nn.ModuleList([nn.Identity() for _ in ch])
+        cur = cm
+        for lvl in reversed(range(len(ch))):
+            c = ch[lvl]
+            if lvl < len(ch) - 1:
+                self.upsample[lvl] = nn.Conv3d(cur, c, 3, padding=1)
+                cur = c
+            if lvl in cfg.prompt_levels:
+                self.inject[str(lvl)] = PromptInjection(cur, cfg.prompt_dim, cfg.prompt_channels, temb_dim, g,
+                                                        cfg.prompt_components, cfg.prompt_base_size)
+            blocks = nn.ModuleList()
+            cin = cur + c
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cin, c, temb_dim, g, cfg.dropout))
+                if cfg.attention_levels[lvl]:
+                    blocks.append(AttentionBlock(c, cfg.head_channels, g))
+                cin = c
+            self.up[lvl] = blocks
+            cur = c
+        self.norm_out = nn.GroupNorm(_groups(ch[0], g), ch[0])
+        self.conv_out = _zero(nn.Conv3d(ch[0], cfg.latent_channels, 3, padding=1))
+
+    def mask_input(self, region: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        if not self.config.per_class_mask:
+            return region
+        return torch.cat([region, class_mask_from_prompt(region, prompt_ids, self.config.num_classes)], 1)
+
+    def encode_prompt(self, prompt_ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder(prompt_ids, region)
+
+    @staticmethod
+    def _run(blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for b in blocks:
+            h = b(h, temb) if isinstance(b, ResBlock) else b(h)
+        return h
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, z_healthy: torch.Tensor, region: torch.Tensor,
+                prompt_ids: torch.Tensor) -> torch.Tensor:
+        region = region.to(z_t.dtype)
+        temb = self.temb(timestep_embedding(t, self.config.channels[0]).to(z_t.dtype))
+        prompt = self.encode_prompt(prompt_ids, region)
+        h = self.conv_in(torch.cat([z_t, z_healthy, self.mask_input(region, prompt_ids)], 1))
+        skips = []
+        for lvl, blocks in enumerate(self.down):
+            h = self._run(blocks, h, temb)
+            skips.append(h)
+            h = self.downsample[lvl](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        for lvl in reversed(range(len(self.down))):
+            skip = skips[lvl]
+            if lvl < len(self.down) - 1:
+                h = self.upsample[lvl](F.interpolate(h, size=tuple(skip.shape[2:]), mode="nearest"))
+            if str(lvl) in self.inject:
+                h = self.inject[str(lvl)](h, prompt, temb)
+            h = self._run(self.up[lvl], torch.cat([h, skip], 1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_report(model: PromptLesionUNet) -> dict[str, int]:
+    """Parameter counts of the denoiser's parts (total, prompt encoder, prompt injection, UNet body)."""
+    total = count_parameters(model)
+    prompt = count_parameters(model.prompt_encoder)
+    inject = count_parameters(model.inject)
+    gen = sum(count_parameters(m.gen) for m in model.inject.values())
+    return {"total": total, "prompt_encoder": prompt, "prompt_injection": inject, "prompt_gen_blocks": gen,
+            "unet_body": total - prompt - inject}
