@@ -1,6 +1,7 @@
 """Lesion-background blending in image space (DiffTumor style), with a hard outer limit.
 
-``out = (1 - g) * original + g * lesion`` with ``g`` a Gaussian-blurred lesion mask. ``g`` is
+``out = (1 - g) * original + g * lesion`` with ``g`` a Gaussian-blurred lesion mask (held at 1
+inside the mask). ``g`` is
 forced to exactly zero outside the mask dilated by ``blend_margin(sigma)`` voxels, so every
 voxel outside that dilated mask is returned bit-identical to the original.
 """
@@ -29,6 +30,9 @@ def blend_weights(mask: np.ndarray, sigma_voxels: float) -> tuple[np.ndarray, np
         g = mask.astype(np.float32)
     else:
         g = ndimage.gaussian_filter(mask.astype(np.float32), sigma=float(sigma_voxels), mode="constant")
+        # Full strength inside the mask, soft rim outside it: blurring alone would halve the contrast of
+        # thin lesions (a plaque a few voxels thick in a vessel wall).
+        g = np.maximum(g, mask)
     g = np.where(support, g, 0.0).astype(np.float32)
     return g, support
 

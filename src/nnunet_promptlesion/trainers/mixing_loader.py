@@ -13,6 +13,7 @@ Runs inside nnU-Net's (forked, CPU) data-augmentation workers.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,22 @@ from threadpoolctl import threadpool_limits
 
 from ..synthesis.synthesizer import SynthesisError, Synthesizer
 from .lesion_index import LesionIndex, centre_box
+
+
+@dataclass
+class SyntheticSample:
+    """One synthetic sample before nnU-Net's transforms.
+
+    data: (C, X, Y, Z) float32; seg: (1, X, Y, Z) int16; bbox: [[lo, hi], ...] of the crop in the case's
+    voxel grid; mask: (X, Y, Z) bool, the painted lesion.
+    """
+
+    data: torch.Tensor
+    seg: torch.Tensor
+    case: str
+    label: int
+    bbox: list
+    mask: np.ndarray
 
 
 class PromptLesionDataLoader(nnUNetDataLoader):
@@ -63,14 +80,17 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         """Index into ``index.spec.lesions`` drawn with the configured class probabilities."""
         return int(self.rng.choice(len(self.class_probs), p=self.class_probs))
 
-    def _carrier_bbox(self, centre_xyz, shape):
+    def _carrier_bbox(self, centre_xyz):
         lbs = [int(c) - p // 2 for c, p in zip(centre_xyz, self.patch_size)]
         return [[lb, lb + p] for lb, p in zip(lbs, self.patch_size)]
 
-    def make_synthetic(self) -> tuple[torch.Tensor, torch.Tensor, str, int]:
-        """One untransformed synthetic sample: (data (C,X,Y,Z), seg (1,X,Y,Z) int16, case id, lesion label)."""
+    def make_synthetic(self, class_idx: int | None = None) -> SyntheticSample:
+        """One untransformed synthetic sample.
+
+        ``class_idx`` (index into the spec's lesions) forces the class; by default it is drawn.
+        """
         rng = self.rng
-        lesion = self.index.spec.lesions[self.sample_class()]
+        lesion = self.index.spec.lesions[self.sample_class() if class_idx is None else class_idx]
         pool = self.index.carrier_pool(lesion)
         # The lesion centre must land inside the final patch's central region of the (larger) initial patch.
         box = centre_box(self.final_patch_size, self.centre_fraction)
@@ -80,7 +100,7 @@ class PromptLesionDataLoader(nnUNetDataLoader):
             ident, centres = pool[rng.integers(len(pool))]
             centre = centres[rng.integers(len(centres))]
             data, seg, _, _ = self._data.load_case(ident)
-            bbox = self._carrier_bbox(centre, data.shape[1:])
+            bbox = self._carrier_bbox(centre)
             data_c = crop_and_pad_nd(data, bbox, 0).astype(np.float32, copy=False)
             seg_c = crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)
             parent = np.isin(seg_c[0], lesion.parents)
@@ -90,7 +110,8 @@ class PromptLesionDataLoader(nnUNetDataLoader):
                 continue
             seg_c = seg_c.copy()
             seg_c[0][result.mask] = lesion.label
-            return torch.from_numpy(np.ascontiguousarray(result.image)), torch.from_numpy(seg_c), ident, lesion.label
+            return SyntheticSample(torch.from_numpy(np.ascontiguousarray(result.image)), torch.from_numpy(seg_c),
+                                   ident, lesion.label, bbox, result.mask)
         raise SynthesisError(f"no '{lesion.name}' lesion could be placed in {self.max_tries} carrier patches")
 
     def _transform(self, data: torch.Tensor, seg: torch.Tensor):
@@ -108,11 +129,11 @@ class PromptLesionDataLoader(nnUNetDataLoader):
             datas, segs, keys = [], [], []
             with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
                 for _ in range(self.n_synthetic):
-                    d, s, ident, label = self.make_synthetic()
-                    d, s = self._transform(d, s)
+                    sample = self.make_synthetic()
+                    d, s = self._transform(sample.data, sample.seg)
                     datas.append(d)
                     segs.append(s)
-                    keys.append(f"synthetic:{ident}:label{label}")
+                    keys.append(f"synthetic:{sample.case}:label{sample.label}")
             data = torch.stack(datas)
             target = [torch.stack([s[i] for s in segs]) for i in range(len(segs[0]))] if isinstance(segs[0], list) \
                 else torch.stack(segs)
