@@ -24,7 +24,7 @@ Common API (``PatchSource``):
     ``random_patch(rng, patch_size, oversample_labels=None, oversample_rate=0.0)`` -> :class:`Patch`
         picks a case uniformly; with probability ``oversample_rate`` the patch is centred on a random voxel of a
         label drawn from ``oversample_labels`` (dict label -> relative weight, restricted to labels present in the
-        case); otherwise the centre is uniform. The patch stays inside the image when the image is large enough.
+        case; ``None`` = every foreground label of the case, equal weights); otherwise the centre is uniform. The patch stays inside the image when the image is large enough.
     ``patch_around(case_id, center_xyz, patch_size)`` -> :class:`Patch` centred at a voxel (no shifting).
     ``describe()``                   JSON-able dict for checkpoint metadata.
 
@@ -131,8 +131,9 @@ class PatchSource:
         shape = c.image.shape[1:]
         patch_size = [int(p) for p in patch_size]
         center = None
-        if oversample_labels and oversample_rate > 0 and rng.random() < oversample_rate:
-            present = [(int(l), float(w)) for l, w in oversample_labels.items()
+        if oversample_rate > 0 and rng.random() < oversample_rate:
+            weights = oversample_labels if oversample_labels is not None else {l: 1.0 for l in c.class_locations}
+            present = [(int(l), float(w)) for l, w in weights.items()
                        if w > 0 and int(l) in c.class_locations and len(c.class_locations[int(l)]) > 0]
             if present:
                 w = np.array([p[1] for p in present])

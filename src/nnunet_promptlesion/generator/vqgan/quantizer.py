@@ -76,7 +76,7 @@ class EMAVectorQuantizer(nn.Module):
         """Quantize ``z`` (B, dim, D, H, W). Returns (straight-through z_q, commitment loss, info).
 
         ``info``: ``indices`` (B, D, H, W), ``perplexity`` and ``usage`` (fraction of codes used in this
-        batch, over all ranks), ``active_codes`` (fraction with EMA count >= threshold), ``restarted``.
+        batch; over all ranks in training mode, this rank only in eval mode), ``active_codes`` (fraction with EMA count >= threshold), ``restarted``.
         """
         z = z.float()  # distances and EMA statistics in fp32 even under bf16 autocast
         zl = z.movedim(1, -1)
@@ -102,8 +102,6 @@ class EMAVectorQuantizer(nn.Module):
         commitment = self.commitment_weight * F.mse_loss(z, q.detach())
         q_st = z + (q - z).detach()
         with torch.no_grad():
-            if not self.training and _dist_on():
-                dist.all_reduce(counts)
             p = counts / counts.sum().clamp_min(1)
             perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
             info = {

@@ -1,0 +1,172 @@
+"""promptlesion_train_vqgan: pretrain the 3D VQGAN autoencoder on CT patches.
+
+Data comes from (a) an nnU-Net preprocessed dataset (training cases of one fold, nnU-Net's own spacing and
+CT normalisation) or (b) a folder of NIfTI CTs resampled to ``--spacing`` with a HU window.
+Run it again with the same ``--output-dir`` to resume; run it under ``torchrun`` for DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  # (a) nnU-Net preprocessed dataset 501, 3d_fullres, training cases of fold 0 only
+  promptlesion_train_vqgan -d 501 -c 3d_fullres -f 0 --preset paper --steps 100000
+  # (b) NIfTI CTs at 1 mm with DiffTumor's HU window, organ/lesion labels for oversampling
+  promptlesion_train_vqgan --nifti-folder cts/ --label-folder labels/ --spacing 1 1 1 \\
+      --hu-window -175 250 -o runs/vqgan_tiny --preset tiny --steps 2000
+  # several GPUs (or CPU processes with gloo):
+  torchrun --nproc_per_node 4 $(which promptlesion_train_vqgan) -d 501 --preset paper
+
+Outputs (in --output-dir): checkpoint_latest.pt / checkpoint_final.pt (use them with
+promptlesion_reconstruct and the diffusion training), train_log.jsonl, train.log, recon_step*.png.
+Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step."""
+
+
+def parse_label_weights(s: str | None) -> dict[int, float] | None:
+    if not s:
+        return None
+    out = {}
+    for part in s.split(","):
+        try:
+            k, v = part.split(":") if ":" in part else (part, "1")
+            out[int(k)] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--oversample-labels expects 'label:weight,...' (e.g. '1:1,2:3'), got '{s}'")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptlesion_train_vqgan", description=__doc__,
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("data source (choose one)")
+    src.add_argument("-d", "--dataset", help="nnU-Net dataset id or name (needs nnUNet_preprocessed)")
+    src.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
+    src.add_argument("-f", "--fold", default="0", help="fold whose training cases are used ('all' = every case; default 0)")
+    src.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    src.add_argument("--nifti-folder", help="folder of CT NIfTI files in HU")
+    src.add_argument("--label-folder", help="label maps for --nifti-folder (case.nii.gz), used for oversampling")
+    src.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("S0", "S1", "S2"),
+                     help="target spacing in mm, NIfTI array axis order (default 1 1 1)")
+    src.add_argument("--hu-window", type=float, nargs=2, default=(-175.0, 250.0), metavar=("LO", "HI"),
+                     help="HU window mapped to [-1, 1] (default -175 250, DiffTumor)")
+    src.add_argument("--val-cases", type=int, default=None,
+                     help="NIfTI source: hold out the last N cases for PSNR/SSIM (default 1 if >= 3 cases, else 0)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="VQGAN preset (default paper)")
+    m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
+                                             "promptlesion_vqgan__PRESET__CONFIG__foldF)")
+    m.add_argument("--steps", type=int, default=100000, help="total training steps (default 100000)")
+    m.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default: preset, 4 for paper)")
+    m.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-4)")
+    m.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
+    m.add_argument("--disc-start", type=int, default=None, help="step at which the adversarial terms start (default: preset, 10000 for paper)")
+    m.add_argument("--adversarial", choices=["hinge", "least_squares"], default=None, help="adversarial loss (default hinge)")
+    m.add_argument("--perceptual-weights", default=None,
+                   help="local VGG16 weights (.pth state_dict or .safetensors, torchvision layout) for an LPIPS-style "
+                        "perceptual term; without it a weight-free slice SSIM + gradient term is used")
+    m.add_argument("--oversample-rate", type=float, default=0.33, help="probability that a patch is centred on a labelled voxel (default 0.33)")
+    m.add_argument("--oversample-labels", default=None, help="label weights for oversampling, e.g. '1:1,2:3' (default: every label, weight 1)")
+    m.add_argument("--eval-every", type=int, default=1000, help="steps between PSNR/SSIM evaluations and PNGs (default 1000)")
+    m.add_argument("--num-eval-patches", type=int, default=8, help="held-out patches per evaluation (default 8)")
+    m.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    m.add_argument("--keep-every", type=int, default=0, help="also keep checkpoint_stepN.pt every N steps (default 0: off)")
+    m.add_argument("--log-every", type=int, default=10, help="steps between JSON-lines log records (default 10)")
+    m.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written) without changing the schedule")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    m.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process")
+    m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --output-dir")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def make_sources(args):
+    from ..generator.data import NiftiPatchSource, PreprocessedPatchSource, list_nifti, _case_name
+
+    if bool(args.dataset) == bool(args.nifti_folder):
+        raise SystemExit("error: give exactly one data source: -d/--dataset (nnU-Net preprocessed) or --nifti-folder")
+    if args.dataset:
+        fold = args.fold if args.fold == "all" else int(args.fold)
+        train = PreprocessedPatchSource(args.dataset, args.configuration, fold, args.plans, subset="train")
+        ev = PreprocessedPatchSource(args.dataset, args.configuration, fold, args.plans, subset="val")
+        if str(fold) == "all" or not len(ev):
+            ev = None
+        return train, ev
+    cases = sorted(_case_name(pth) for pth in list_nifti(Path(args.nifti_folder))) if Path(args.nifti_folder).is_dir() else []
+    if not cases:
+        raise SystemExit(f"error: no .nii.gz / .nii CT files in {args.nifti_folder}")
+    n_val = args.val_cases if args.val_cases is not None else (1 if len(cases) >= 3 else 0)
+    if n_val >= len(cases):
+        raise SystemExit(f"error: --val-cases {n_val} leaves no training case ({len(cases)} cases in {args.nifti_folder})")
+    tr_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:]
+    kw = dict(spacing_mm=args.spacing, hu_window=args.hu_window, label_folder=args.label_folder)
+    train = NiftiPatchSource(args.nifti_folder, cases=tr_cases, **kw)
+    ev = NiftiPatchSource(args.nifti_folder, cases=val_cases, **kw) if val_cases else None
+    return train, ev
+
+
+def default_output_dir(args, train_source) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.dataset:
+        res = os.environ.get("nnUNet_results")
+        if not res:
+            raise SystemExit("error: set nnUNet_results or pass --output-dir")
+        return Path(res) / train_source.dataset_folder.name / f"promptlesion_vqgan__{args.preset}__{args.configuration}__fold{args.fold}"
+    raise SystemExit("error: --output-dir is required with --nifti-folder")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from ..generator.vqgan.config import VQGANConfig
+    from ..generator.vqgan.train import VQGANRunConfig, VQGANTrainer
+    from ..utils.checkpoint import CheckpointError
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        train_src, eval_src = make_sources(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overrides = {}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.disc_start is not None:
+        overrides["disc_start"] = args.disc_start
+    if args.adversarial is not None:
+        overrides["adversarial_criterion"] = args.adversarial
+    cfg = VQGANConfig.from_preset(args.preset, **overrides)
+    run = VQGANRunConfig(max_steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep_every=args.keep_every,
+                         log_every=args.log_every, num_eval_patches=args.num_eval_patches,
+                         oversample_rate=args.oversample_rate, oversample_labels=parse_label_weights(args.oversample_labels),
+                         seed=args.seed, device=args.device, perceptual_weights=args.perceptual_weights,
+                         stop_after=args.stop_after, progress=not args.no_progress)
+    out = default_output_dir(args, train_src)
+    if args.no_resume and (out / "checkpoint_latest.pt").exists():
+        print(f"error: {out} already holds a run (checkpoint_latest.pt); drop --no-resume to continue it "
+              "or choose another --output-dir", file=sys.stderr)
+        return 2
+    try:
+        trainer = VQGANTrainer(cfg, run, train_src, eval_src, out, resume=not args.no_resume)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        last = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        print(f"done at step {trainer.step}; {summary}\ncheckpoint: {out / 'checkpoint_latest.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""VQGAN training loop (used by ``promptlesion_train_vqgan``).
+
+One step: a batch of random patches per rank (``generator.data`` sources, label/organ oversampling), the
+generator update (L1 + commitment + perceptual, plus adversarial and feature matching from ``disc_start``),
+then the discriminator update. DDP through ``torchrun`` (gloo on CPU, NCCL on GPU), bf16 autocast on GPU.
+
+Outputs in ``output_dir``: ``checkpoint_latest.pt`` (every ``checkpoint_every`` steps, atomic, full training
+state: model, discriminators, optimizers, schedulers, codebook EMA, per-rank RNG, step), ``checkpoint_final.pt``,
+``train_log.jsonl`` (losses, codebook usage/perplexity; PSNR/SSIM on held-out patches at each evaluation),
+``train.log``, ``recon_stepNNNNNNNN.png`` (held-out patch and reconstruction in three planes).
+A run restarted with the same output folder resumes from ``checkpoint_latest.pt`` at the exact step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...utils.atomic import atomic_path, write_json_atomic
+from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict
+from .. import train_utils as tu
+from ..data import PatchSource
+from .config import VQGANConfig
+from .discriminator import VQGANDiscriminators, random_slice_indices
+from .losses import VQGANLoss
+from .model import KIND, VQGAN, build_meta, check_meta
+from .perceptual import build_perceptual
+
+
+@dataclasses.dataclass
+class VQGANRunConfig:
+    """Settings of one training run (the model/loss settings live in :class:`VQGANConfig`)."""
+    max_steps: int = 100000
+    batch_size: int | None = None            # per rank; None = the preset's batch size
+    warmup_steps: int = 0                    # linear LR warm-up (steps)
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    keep_every: int = 0                      # also keep checkpoint_step{N}.pt every N steps (0 = never)
+    log_every: int = 10
+    num_eval_patches: int = 8
+    oversample_rate: float = 0.33            # probability that a patch is centred on a labelled voxel
+    oversample_labels: dict | None = None    # label -> weight; None = every foreground label, weight 1
+    seed: int = 0
+    device: str = "auto"
+    perceptual_weights: str | None = None
+    stop_after: int | None = None            # stop (as if interrupted) after this step; the schedule is unchanged
+    save_png: bool = True
+    progress: bool = True
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
+    mse = F.mse_loss(x.float(), y.float()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+def ssim3d(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
+    """Mean 3D SSIM (MONAI SSIMMetric, Gaussian 11^3 window) of (B, 1, D, H, W) tensors."""
+    from monai.metrics import SSIMMetric
+
+    k = int(min(11, *x.shape[2:]))
+    k = k if k % 2 else k - 1
+    m = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=k)
+    return float(m(x.float(), y.float()).mean())
+
+
+def save_three_plane_png(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
+    """Centre slices of input ``x`` and reconstruction ``y`` ((D, H, W), [-1, 1]) along the three axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    for row, (vol, name) in enumerate(((x, "input"), (y, "reconstruction"))):
+        c = [s // 2 for s in vol.shape]
+        for col, (sl, plane) in enumerate(((vol[c[0]], "axis 0"), (vol[:, c[1]], "axis 1"), (vol[:, :, c[2]], "axis 2"))):
+            ax = axes[row, col]
+            ax.imshow(sl.T, cmap="gray", vmin=-1, vmax=1, origin="lower")
+            ax.set_title(f"{name}, {plane}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def batch_from_source(source: PatchSource, rng: np.random.Generator, batch: int, patch_size, run: VQGANRunConfig,
+                      device) -> torch.Tensor:
+    patches = [source.random_patch(rng, patch_size, run.oversample_labels, run.oversample_rate).image for _ in range(batch)]
+    return torch.from_numpy(np.stack(patches)).to(device)
+
+
+class VQGANTrainer:
+    def __init__(self, cfg: VQGANConfig, run: VQGANRunConfig, source: PatchSource, eval_source: PatchSource | None,
+                 output_dir: str | Path, resume: bool = True):
+        self.cfg, self.run, self.source = cfg, run, source
+        self.eval_source = eval_source if eval_source is not None and len(eval_source) else source
+        self.out = Path(output_dir)
+        self.env = tu.setup_distributed(run.device)
+        self.device = self.env.device
+        self.np_rng = tu.seed_everything(run.seed, self.env.rank)
+        self.model = VQGAN(cfg).to(self.device)
+        self.discs = VQGANDiscriminators(cfg).to(self.device)
+        self.perceptual = build_perceptual(run.perceptual_weights).to(self.device)
+        self.loss = VQGANLoss(cfg, self.perceptual)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.opt_d = torch.optim.Adam(self.discs.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        warm = max(0, int(run.warmup_steps))
+        lam = (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lam)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lam)
+        self.step = 0
+        self.ckpt = tu.CheckpointManager(self.out, keep_every=run.keep_every)
+        if resume:
+            self._maybe_resume()
+        # broadcast rank 0's initial weights (DDP does it at wrap time) before wrapping
+        self.model_ddp = tu.wrap_ddp(self.model, self.env)
+        self.discs_ddp = tu.wrap_ddp(self.discs, self.env)
+        self.eval_batch = self._eval_patches()
+
+    # ------------------------------------------------------------------------------------------
+    def source_meta(self) -> dict:
+        return {"train": self.source.describe(), "eval": self.eval_source.describe(),
+                "eval_is_held_out": self.eval_source is not self.source}
+
+    def _maybe_resume(self) -> None:
+        state = self.ckpt.load_latest(kind=KIND, map_location=self.device)
+        if state is None:
+            return
+        meta = state["meta"]
+        path = self.ckpt.latest()
+        check_meta(meta, path, expect_preset=self.cfg.preset, expect_intensity=self.source.intensity,
+                   expect_spacing=self.source.spacing)
+        stored = config_from_dict(VQGANConfig, meta["config"])
+        if stored != self.cfg:
+            diff = {f.name: (getattr(stored, f.name), getattr(self.cfg, f.name)) for f in dataclasses.fields(VQGANConfig)
+                    if getattr(stored, f.name) != getattr(self.cfg, f.name)}
+            raise CheckpointError(f"{path} was written with other VQGAN settings {diff} (stored, requested); "
+                                  "use a new --output-dir or the same settings to resume")
+        self.model.load_state_dict(state["model"])
+        self.discs.load_state_dict(state["discriminators"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) != self.env.world_size:
+            # another world size: RNG streams cannot continue exactly; keep fresh per-rank seeds
+            self.np_rng = tu.seed_everything(self.run.seed + self.step, self.env.rank)
+            self._resume_note = f"resumed at step {self.step} with world size {self.env.world_size} (was {len(rng)}): new RNG streams"
+        else:
+            tu.restore_rng_state(rng[self.env.rank], self.np_rng)
+            self._resume_note = f"resumed from {path} at step {self.step}"
+
+    def _eval_patches(self) -> torch.Tensor:
+        rng = np.random.default_rng(12345)  # fixed: every run and every resume evaluates the same patches
+        patches = [self.eval_source.random_patch(rng, self.cfg.patch_size, None, 0.0).image
+                   for _ in range(max(1, self.run.num_eval_patches))]
+        return torch.from_numpy(np.stack(patches))
+
+    def checkpoint_state(self, rng_states: list) -> dict:
+        meta = build_meta(self.model, self.source.spacing, self.source.intensity, self.step, self.source_meta(),
+                          {"perceptual": self.perceptual.description, "world_size": self.env.world_size})
+        return {
+            "meta": meta, "model": self.model.state_dict(), "discriminators": self.discs.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "step": int(self.step), "rng": rng_states, "run_config": config_to_dict(self.run),
+        }
+
+    def save(self, final: bool = False) -> None:
+        rng_states = tu.gather_rng_states(tu.capture_rng_state(self.np_rng), self.env)  # collective
+        if self.env.is_main:
+            self.ckpt.save(self.checkpoint_state(rng_states), self.step, final=final)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        xs, ys, codes = [], [], []
+        for i in range(self.eval_batch.shape[0]):
+            x = self.eval_batch[i:i + 1].to(self.device)
+            with tu.autocast(self.device):
+                z = self.model.encode(x)
+                codes.append(self.model.quantizer.nearest_codes(z.float().movedim(1, -1).reshape(-1, self.cfg.latent_dim)))
+                y = self.model.decode(self.model.quantizer.snap(z.float()).to(z.dtype))
+            xs.append(x.float().cpu())
+            ys.append(y.float().clamp(-1, 1).cpu())
+        self.model.train()
+        x, y = torch.cat(xs), torch.cat(ys)
+        used = torch.unique(torch.cat(codes)).numel()
+        res = {"eval_psnr": psnr(x, y), "eval_ssim": ssim3d(x, y), "eval_l1": float((x - y).abs().mean()),
+               "eval_codes_used": int(used), "eval_code_usage": used / self.cfg.codebook_size}
+        if self.run.save_png:
+            save_three_plane_png(x[0, 0].numpy(), y[0, 0].numpy(), self.out / f"recon_step{self.step:08d}.png",
+                                 f"step {self.step}: PSNR {res['eval_psnr']:.2f} dB, SSIM {res['eval_ssim']:.3f}")
+        return res
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> dict:
+        cfg = self.cfg
+        slice_idx = random_slice_indices(x)
+        adv = self.loss.adversarial_active(self.step)
+        self.discs.requires_grad_(False)
+        with tu.autocast(self.device):
+            recon, commit, info = self.model_ddp(x)
+            g_loss, logs = self.loss.generator(x, recon, commit, self.discs, slice_idx, self.step)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        if cfg.grad_clip > 0:
+            logs["grad_norm_g"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.opt_g.step()
+        self.sched_g.step()
+        if adv:
+            self.discs.requires_grad_(True)
+            with tu.autocast(self.device):
+                d_loss, dlogs = self.loss.discriminator(x, recon.detach(), self.discs_ddp, slice_idx)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.discs.parameters(), cfg.grad_clip)
+            self.opt_d.step()
+            self.sched_d.step()
+            logs.update(dlogs)
+        logs.update(perplexity=info["perplexity"], batch_code_usage=info["usage"],
+                    active_codes=info["active_codes"], restarted_codes=info["restarted"])
+        return logs
+
+    def fit(self) -> dict:
+        run, cfg = self.run, self.cfg
+        batch = int(run.batch_size or cfg.batch_size)
+        log = tu.TrainLogger(self.out, run.max_steps, self.step, self.env, desc="vqgan", progress=run.progress)
+        last: dict[str, Any] = {}
+        try:
+            if self.env.is_main:
+                write_json_atomic({"vqgan_config": config_to_dict(cfg), "run_config": config_to_dict(run),
+                                   "source": self.source_meta(), "intensity": self.source.intensity.as_dict(),
+                                   "spacing": list(self.source.spacing), "world_size": self.env.world_size},
+                                  self.out / "run_settings.json")
+            log.info(getattr(self, "_resume_note", f"starting a new run in {self.out}"))
+            log.info(f"preset {cfg.preset}: {self.model.num_parameters()} parameters, latent {cfg.latent_shape}, "
+                     f"device {self.device}, world size {self.env.world_size}, batch {batch}/rank")
+            log.info(f"intensity space: {self.source.intensity.describe()}; spacing {self.source.spacing} mm")
+            log.info(f"perceptual term: {self.perceptual.description}")
+            log.info(f"held-out patches: {self.eval_source.describe()}"
+                     + ("" if self.eval_source is not self.source else " (no held-out cases: evaluating on training cases)"))
+            self.model_ddp.train()
+            self.discs_ddp.train()
+            while self.step < run.max_steps:
+                if run.stop_after is not None and self.step >= run.stop_after:
+                    break
+                x = batch_from_source(self.source, self.np_rng, batch, cfg.patch_size, run, self.device)
+                logs = self.train_step(x)
+                self.step += 1
+                last = logs
+                log.update(1, l1=logs["l1"], usage=logs["active_codes"])
+                if self.step % run.log_every == 0 or self.step == run.max_steps:
+                    log.log(self.step, lr=self.sched_g.get_last_lr()[0], **logs)
+                if self.env.is_main and (self.step % run.eval_every == 0 or self.step == run.max_steps):
+                    ev = self.evaluate()
+                    log.log(self.step, **ev)
+                    log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    last = {**last, **ev}
+                if self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
+                    self.save(final=self.step == run.max_steps)
+            if run.stop_after is not None and self.step >= run.stop_after and self.step < run.max_steps:
+                self.save()
+        finally:
+            log.close()
+        return last
+
+    def close(self) -> None:
+        tu.cleanup_distributed(self.env)
