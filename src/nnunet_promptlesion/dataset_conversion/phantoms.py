@@ -68,6 +68,8 @@ class PhantomCase:
         voxel count after clipping, "early"/"late" stage where that applies, HU contrast).
     parent_regions: per lesion label, the boolean (X, Y, Z) region the lesion was clipped to
         (its parent structure or, for lesions allowed to leave it, the body). Kept for checks, not written.
+    aux: other boolean (X, Y, Z) masks of unlabelled or pre-lesion structures (e.g. the CCTA lumen, the
+        abdominal organs before tumours overwrote them). Kept for checks, not written.
     """
 
     image: np.ndarray
@@ -75,6 +77,7 @@ class PhantomCase:
     spacing: tuple[float, float, float]
     lesions: list[dict] = field(default_factory=list)
     parent_regions: dict[int, np.ndarray] = field(default_factory=dict)
+    aux: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +154,16 @@ def deformed_ellipsoid(shape: Sequence[int], spacing: Sequence[float], center_mm
     return mask
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (clipping can leave detached specks)."""
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0
+    return comps == int(sizes.argmax())
+
+
 def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:
     """Radius (mm) of the sphere with the volume of ``n_voxels`` voxels."""
     vol = float(n_voxels) * float(np.prod(spacing))
@@ -217,7 +230,8 @@ def plan_lesion_presence(n_cases: int, class_fractions: dict[str, float], health
     Stratified rather than independent draws, so small datasets still have the intended imbalance:
     ``round(fraction * n)`` cases get each class (at least one when ``n >= 2``, so every class exists
     in the split), ``round(healthy_fraction * n)`` cases (at least one when ``n >= 2``) get none.
-    A diseased case that received no class gets the most frequent one.
+    Every diseased case gets at least one class: the most frequent class goes to uncovered cases first
+    (it exceeds its share only if the other classes cannot cover the rest).
     """
     n = int(n_cases)
     if n <= 0:
@@ -230,17 +244,22 @@ def plan_lesion_presence(n_cases: int, class_fractions: dict[str, float], health
         n_healthy = 0
     diseased = [int(i) for i in order[n_healthy:]]
     plan: list[set[str]] = [set() for _ in range(n)]
-    for name, frac in class_fractions.items():
-        k = int(round(frac * n))
+    # Rarer classes first (random cases); the most frequent class then goes to uncovered cases first,
+    # so that every diseased case has a lesion without inflating the most frequent class.
+    names = sorted(class_fractions, key=lambda c: (class_fractions[c], c))
+    for j, name in enumerate(names):
+        k = int(round(class_fractions[name] * n))
         if n >= 2:
             k = max(k, 1)
         k = min(k, len(diseased))
-        for i in rng.permutation(diseased)[:k]:
-            plan[int(i)].add(name)
-    most_common = max(class_fractions, key=class_fractions.get)
-    for i in diseased:
-        if not plan[i]:
-            plan[i].add(most_common)
+        if j < len(names) - 1:
+            chosen = [int(i) for i in rng.permutation(diseased)[:k]]
+        else:
+            uncovered = [int(i) for i in rng.permutation(diseased) if not plan[int(i)]]
+            covered = [int(i) for i in rng.permutation(diseased) if plan[int(i)]]
+            chosen = uncovered + covered[:max(k - len(uncovered), 0)]
+        for i in chosen:
+            plan[i].add(name)
     return plan
 
 
@@ -276,9 +295,9 @@ class PhantomKind:
 
 
 def _kinds() -> dict[str, PhantomKind]:
-    from . import phantoms_ccta
+    from . import phantoms_abdomen, phantoms_ccta
 
-    return {"ccta": phantoms_ccta.KIND}
+    return {"ccta": phantoms_ccta.KIND, "abdomen": phantoms_abdomen.KIND}
 
 
 def phantom_kinds() -> dict[str, PhantomKind]:

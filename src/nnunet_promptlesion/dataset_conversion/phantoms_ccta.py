@@ -11,7 +11,7 @@ view. Vessels are drawn larger than real coronaries relative to the grid (lumen 
 Image content (HU before blur and noise):
   myocardium-like soft tissue 30-55, epicardial fat -120..-80 (random blobs plus a perivascular
   fat sleeve), lung-like -850..-750 at one border in ~40 % of cases, vessel wall 40-60, lumen 300-450
-  (decreasing by up to 10 % along the vessel), calcified plaque 600-1200, non-calcified plaque
+  (decreasing by up to 10 % along the vessel), calcified plaque 750-1300 (>= 600 after blur), non-calcified plaque
   20-50 below the case's wall value (lipid-rich, hypodense), which thickens the wall outward and narrows
   the lumen. Then a Gaussian PSF (partial volume, calcium blooming) and correlated noise of 12-20 HU SD.
 """
@@ -31,6 +31,7 @@ from .phantoms import (
     distance_to_curve,
     equivalent_radius_mm,
     form_ct_image,
+    largest_component,
     semi_axes_for_radius,
     smooth_curve,
     smooth_noise,
@@ -51,6 +52,8 @@ class CCTAPhantomConfig:
         (stratified per split, see ``plan_lesion_presence``); healthy_fraction: plaque-free cases.
     calcified_count: (min, max) calcified plaques in a case that has them; non-calcified: always 1.
     *_radius_mm: equivalent-sphere radius range the plaque ellipsoid is drawn from (before clipping).
+    min_plaque_voxels: a plaque left smaller than this after clipping to the vessel is redrawn (up to 8
+        times), since a few-voxel speck blurs below calcium HU and is not a learnable lesion.
     """
 
     shape: tuple[int, int, int] = (64, 64, 48)
@@ -64,7 +67,7 @@ class CCTAPhantomConfig:
     fat_hu: tuple[float, float] = (-120.0, -80.0)
     lung_hu: tuple[float, float] = (-850.0, -750.0)
     lung_probability: float = 0.4
-    calcified_hu: tuple[float, float] = (600.0, 1200.0)
+    calcified_hu: tuple[float, float] = (750.0, 1300.0)
     noncalcified_delta_hu: tuple[float, float] = (20.0, 50.0)
     calcified_fraction: float = 0.7
     noncalcified_fraction: float = 0.25
@@ -73,6 +76,7 @@ class CCTAPhantomConfig:
     calcified_radius_mm: tuple[float, float] = (0.75, 1.75)
     noncalcified_radius_mm: tuple[float, float] = (1.0, 2.0)
     noncalcified_thickening_mm: tuple[float, float] = (0.5, 1.0)
+    min_plaque_voxels: int = 16
     psf_sigma_mm: tuple[float, float, float] = (0.3, 0.3, 0.35)
     noise_sd_hu: tuple[float, float] = (12.0, 20.0)
 
@@ -177,7 +181,7 @@ def _plaque(cfg: CCTAPhantomConfig, kind: str, vessel: _Vessel, rng: np.random.G
         thickening = rng.uniform(*cfg.noncalcified_thickening_mm)
         # A soft plaque thickens the wall outward and narrows the lumen, leaving a residual lumen.
         region = (vessel.dist <= vessel.radius_at("outer") + thickening) & (vessel.dist >= 0.35 * vessel.radius_at("lumen"))
-    mask = deformed_ellipsoid(cfg.shape, spacing, centre, axes, rot, rng, roughness=0.2, smoothness=0.5) & region
+    mask = largest_component(deformed_ellipsoid(cfg.shape, spacing, centre, axes, rot, rng, roughness=0.2, smoothness=0.5) & region)
     rec = {
         "class": kind,
         "label": LABELS[kind],
@@ -243,8 +247,11 @@ def generate_case(cfg: CCTAPhantomConfig, classes: set, rng: np.random.Generator
         if CALCIFIED in classes:
             todo += [CALCIFIED] * int(rng.integers(cfg.calcified_count[0], cfg.calcified_count[1] + 1))
         for kind in todo:
-            v = vessels[int(rng.integers(len(vessels)))]
-            mask, region, rec = _plaque(cfg, kind, v, rng, spacing)
+            for _attempt in range(8):
+                v = vessels[int(rng.integers(len(vessels)))]
+                mask, region, rec = _plaque(cfg, kind, v, rng, spacing)
+                if rec["voxels"] >= cfg.min_plaque_voxels:
+                    break
             if rec["voxels"] == 0:
                 continue
             lab = LABELS[kind]
@@ -269,7 +276,7 @@ def generate_case(cfg: CCTAPhantomConfig, classes: set, rng: np.random.Generator
 
     image = form_ct_image(hu, spacing, rng, cfg.psf_sigma_mm, rng.uniform(*cfg.noise_sd_hu))
     return PhantomCase(image=image, label=label, spacing=tuple(float(s) for s in spacing), lesions=lesions,
-                       parent_regions=parent_regions)
+                       parent_regions=parent_regions, aux={"lumen": lumen, "vessel_wall": wall})
 
 
 def lesion_spec(cfg: CCTAPhantomConfig) -> LesionSpec:

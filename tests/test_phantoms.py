@@ -1,0 +1,258 @@
+"""Procedural phantom datasets: determinism, plausibility (labels, HU, placement, imbalance), safe writing,
+and nnU-Net's own dataset verification + planning on the result."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from nnunet_promptlesion.cli.make_phantoms import main as make_phantoms_main
+from nnunet_promptlesion.dataset_conversion import phantoms as P
+from nnunet_promptlesion.dataset_conversion import phantoms_abdomen, phantoms_ccta
+from nnunet_promptlesion.synthesis.lesion_spec import EARLY_RADIUS_MM, LesionSpec
+
+N_CASES = 8
+
+
+@pytest.fixture(scope="module")
+def ccta_cases():
+    return P.generate_split("ccta", N_CASES, seed=0)
+
+
+@pytest.fixture(scope="module")
+def abdomen_cases():
+    return P.generate_split("abdomen", 6, seed=0)
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    env = {"nnUNet_raw": tmp_path / "raw", "nnUNet_preprocessed": tmp_path / "pre", "nnUNet_results": tmp_path / "res"}
+    for k, v in env.items():
+        v.mkdir()
+        monkeypatch.setenv(k, str(v))
+    return env
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
+    for root in ("a", "b", "c"):
+        seed = 3 if root != "c" else 4
+        assert make_phantoms_main(["--kind", "ccta", "--dataset-id", "11", "--cases", "1", "--test-cases", "1",
+                                   "--seed", str(seed), "--output-root", str(tmp_path / root), "--quiet"]) == 0
+    ha, hb, hc = (_hashes(tmp_path / r / "Dataset011_PhantomCCTA") for r in ("a", "b", "c"))
+    assert len(ha) == 2 * 1 + 2 * 1 + 3  # images/labels Tr and Ts + dataset.json, lesion_spec.json, manifest
+    assert ha == hb
+    images = [k for k in ha if k.startswith("images")]
+    assert all(ha[k] != hc[k] for k in images)
+
+
+def test_abdomen_generation_is_deterministic():
+    a = P.generate_split("abdomen", 1, seed=7)
+    b = P.generate_split("abdomen", 1, seed=7)
+    c = P.generate_split("abdomen", 1, seed=8)
+    for x, y, z in zip(a, b, c):
+        assert np.array_equal(x.image, y.image) and np.array_equal(x.label, y.label)
+        assert not np.array_equal(x.image, z.image)
+
+
+def test_case_does_not_depend_on_number_of_cases():
+    # Per-case seed streams: adding cases keeps the first ones (when their lesion plan is the same).
+    cfg = P.get_config("ccta")
+    rng = P.case_rng(5, P.TRAIN, 0)
+    a = phantoms_ccta.generate_case(cfg, {"calcified_plaque"}, rng)
+    b = phantoms_ccta.generate_case(cfg, {"calcified_plaque"}, P.case_rng(5, P.TRAIN, 0))
+    assert np.array_equal(a.image, b.image)
+
+
+# ---------------------------------------------------------------------------------------------- CCTA content
+def test_ccta_labels_spacing_and_hu(ccta_cases):
+    calc_max, wall_means = [], []
+    for case in ccta_cases:
+        assert case.image.dtype == np.int16 and case.label.dtype == np.uint8
+        assert case.image.shape == case.label.shape == tuple(phantoms_ccta.CCTAPhantomConfig().shape)
+        assert case.spacing == (0.5, 0.5, 0.6)
+        assert set(np.unique(case.label)) <= {0, 1, 2, 3}
+        im, lb = case.image.astype(float), case.label
+        core_lumen = ndimage.binary_erosion(case.aux["lumen"] & (lb == 0))
+        wall_mean = im[lb == 1].mean()
+        wall_means.append(wall_mean)
+        assert im[core_lumen].mean() > wall_mean + 200, "contrast lumen must be far brighter than the wall"
+        assert 0 < wall_mean < 120
+        assert im.min() >= -1024 and im.max() <= 3071
+        comps, n = ndimage.label(lb == 2, structure=np.ones((3, 3, 3)))
+        for i in range(1, n + 1):
+            calc_max.append(im[comps == i].max())
+        if (lb == 3).any():
+            assert abs(im[lb == 3].mean() - wall_mean) < 80, "non-calcified plaque must stay close to wall HU"
+            assert im[lb == 3].mean() < wall_mean, "this phantom's soft plaque is hypodense"
+    assert calc_max and min(calc_max) >= 600, "every calcified plaque must contain voxels >= 600 HU"
+
+
+def test_ccta_plaques_lie_in_the_vessel_wall_neighbourhood(ccta_cases):
+    seen = set()
+    for case in ccta_cases:
+        vessel = case.aux["lumen"] | case.aux["vessel_wall"]
+        for lab in (2, 3):
+            m = case.label == lab
+            if not m.any():
+                continue
+            seen.add(lab)
+            assert not (m & ~case.parent_regions[lab]).any()
+            # Each plaque touches the wall or lumen (within one voxel).
+            comps, n = ndimage.label(m)
+            for i in range(1, n + 1):
+                assert (ndimage.binary_dilation(comps == i) & vessel).any()
+        if 2 in np.unique(case.label):
+            assert not ((case.label == 2) & ~vessel).any(), "calcium is clipped to lumen + wall"
+    assert seen == {2, 3}
+
+
+def test_ccta_imbalance_and_healthy_cases(ccta_cases):
+    has = lambda lab: sum(int((c.label == lab).any()) for c in ccta_cases)
+    n_calc, n_ncp = has(2), has(3)
+    healthy = sum(int(not np.isin(c.label, [2, 3]).any()) for c in ccta_cases)
+    assert 1 <= n_ncp < n_calc
+    assert healthy >= 1
+    assert sum(int((c.label == 1).any()) for c in ccta_cases) == N_CASES  # every case has vessels
+
+
+def test_ct_image_formation_noise_and_partial_volume():
+    hu = np.zeros((40, 40, 20), np.float32)
+    hu[20:] = 400.0
+    img = P.form_ct_image(hu, (0.5, 0.5, 0.6), np.random.default_rng(0), (0.3, 0.3, 0.35), noise_sd_hu=15.0)
+    assert img.dtype == np.int16
+    assert 13.5 < img[:15].std() < 16.5  # noise SD as asked, on a flat region
+    edge = img[19:21].astype(float).mean(axis=(1, 2))  # partial volume across the step
+    assert 50 < edge[0] < 200 < edge[1] < 350
+
+
+def test_plan_lesion_presence_stratifies():
+    rng = np.random.default_rng(0)
+    plan = P.plan_lesion_presence(20, {"a": 0.7, "b": 0.25}, 0.2, rng)
+    assert sum("a" in s for s in plan) == 14 and sum("b" in s for s in plan) == 5
+    assert sum(not s for s in plan) == 4
+    assert P.plan_lesion_presence(1, {"a": 0.7, "b": 0.25}, 0.2, rng) == [{"a"}]
+
+
+# ---------------------------------------------------------------------------------------------- abdomen content
+def test_abdomen_labels_hu_and_placement(abdomen_cases):
+    lab = phantoms_abdomen.LABELS
+    stages = set()
+    for case in abdomen_cases:
+        im, lb = case.image.astype(float), case.label
+        assert case.spacing == (2.5, 2.5, 3.0)
+        assert set(np.unique(lb)) <= set(lab.values())
+        assert {1, 2, 3} <= set(np.unique(lb)), "every case has liver, kidneys and pancreas"
+        assert im[~case.aux["body"]].mean() < -900  # air around the body
+        assert 40 < np.median(im[lb == 1]) < 90 and np.median(im[lb == 2]) > 100
+        for t_name, organ in phantoms_abdomen.TUMOUR_PARENT.items():
+            m = lb == lab[t_name]
+            if not m.any():
+                continue
+            assert not (m & ~case.parent_regions[lab[t_name]]).any()
+            if t_name != "kidney_tumor":
+                assert not (m & ~case.aux[organ]).any(), f"{t_name} must stay inside the {organ}"
+            else:
+                comps, n = ndimage.label(m)
+                for i in range(1, n + 1):
+                    assert (ndimage.binary_dilation(comps == i) & case.aux["kidney"]).any()
+        if (lb == lab["liver_tumor"]).any():
+            assert im[lb == lab["liver_tumor"]].mean() < np.median(im[lb == lab["liver"]]) - 10, "liver tumours are hypodense"
+        for rec in case.lesions:
+            stages.add(rec["stage"])
+            assert (rec["radius_mm_drawn"] <= EARLY_RADIUS_MM) == (rec["stage"] == "early")
+    assert stages == {"early", "late"}
+    n = {k: sum(int((c.label == lab[k]).any()) for c in abdomen_cases) for k in phantoms_abdomen.TUMOUR_PARENT}
+    assert n["pancreas_tumor"] < n["liver_tumor"] and n["pancreas_tumor"] >= 1
+    assert any(not (c.label >= 4).any() for c in abdomen_cases), "some cases are healthy"
+
+
+# ---------------------------------------------------------------------------------------------- safe writing
+def test_refuses_existing_id_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    root = tmp_path / "raw"
+    args = ["--kind", "ccta", "--dataset-id", "12", "--cases", "1", "--test-cases", "0", "--output-root", str(root), "--quiet"]
+    assert make_phantoms_main(args) == 0
+    before = _hashes(root / "Dataset012_PhantomCCTA")
+    # Same id under another name is refused too (nnU-Net could not tell them apart).
+    assert make_phantoms_main(args + ["--name", "Other", "--seed", "1"]) == 1
+    assert make_phantoms_main(args + ["--seed", "1"]) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["Dataset012_PhantomCCTA"]
+    assert _hashes(root / "Dataset012_PhantomCCTA") == before
+
+    # An interrupted run (error in the 2nd case) leaves the old dataset untouched and no temporary folder.
+    real = phantoms_ccta.KIND.generate
+    calls = {"n": 0}
+
+    def failing(cfg, classes, rng):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(cfg, classes, rng)
+
+    monkeypatch.setattr(phantoms_ccta.KIND, "generate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        make_phantoms_main(["--kind", "ccta", "--dataset-id", "12", "--cases", "3", "--output-root", str(root),
+                            "--overwrite", "--quiet"])
+    monkeypatch.setattr(phantoms_ccta.KIND, "generate", real)
+    assert sorted(p.name for p in root.iterdir()) == ["Dataset012_PhantomCCTA"]
+    assert _hashes(root / "Dataset012_PhantomCCTA") == before
+
+    # --overwrite under a new name replaces the dataset and removes the old folder with the same id.
+    assert make_phantoms_main(args + ["--name", "Other", "--overwrite", "--seed", "1"]) == 0
+    assert sorted(p.name for p in root.iterdir()) == ["Dataset012_Other"]
+
+
+def test_cli_help_and_bad_input(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        make_phantoms_main(["--help"])
+    assert e.value.code == 0
+    assert "--dataset-id" in capsys.readouterr().out
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    assert make_phantoms_main(["--kind", "ccta", "--dataset-id", "1", "--cases", "1"]) == 2
+    assert "nnUNet_raw" in capsys.readouterr().err
+    assert make_phantoms_main(["--kind", "ccta", "--dataset-id", "1000", "--cases", "1", "--output-root", str(tmp_path)]) == 1
+    assert make_phantoms_main(["--kind", "ccta", "--dataset-id", "1", "--cases", "1", "--preset", "nope",
+                               "--output-root", str(tmp_path)]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- nnU-Net
+def test_nnunet_verifies_and_plans_both_kinds(nnunet_env):
+    raw = nnunet_env["nnUNet_raw"]
+    assert make_phantoms_main(["--kind", "ccta", "--dataset-id", "21", "--cases", "4", "--seed", "0", "--quiet"]) == 0
+    assert make_phantoms_main(["--kind", "abdomen", "--dataset-id", "22", "--cases", "4", "--seed", "0", "--quiet"]) == 0
+    for folder, kind in (("Dataset021_PhantomCCTA", "ccta"), ("Dataset022_PhantomAbdomen", "abdomen")):
+        ds = json.loads((raw / folder / "dataset.json").read_text())
+        assert ds["channel_names"] == {"0": "CT"} and ds["numTraining"] == 4 and ds["file_ending"] == ".nii.gz"
+        assert ds["labels"] == P.phantom_kinds()[kind].labels
+        spec = LesionSpec.load(raw / folder / "lesion_spec.json")
+        spec.validate_against_dataset(ds)
+        assert len(list((raw / folder / "imagesTs").iterdir())) == len(list((raw / folder / "labelsTs").iterdir())) == 2
+        img = nib.load(str(next((raw / folder / "imagesTr").iterdir())))
+        assert np.allclose(img.header.get_zooms(), P.get_config(kind).spacing)
+
+    env = {**os.environ, **{k: str(v) for k, v in nnunet_env.items()}}
+    exe = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
+    r = subprocess.run([str(exe), "-d", "21", "22", "-c", "3d_fullres", "--verify_dataset_integrity",
+                        "-np", "1", "-npfp", "1", "--no_pp"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for folder in ("Dataset021_PhantomCCTA", "Dataset022_PhantomAbdomen"):
+        plans = json.loads((nnunet_env["nnUNet_preprocessed"] / folder / "nnUNetPlans.json").read_text())
+        fullres = plans["configurations"]["3d_fullres"]
+        assert fullres["normalization_schemes"] == ["CTNormalization"]
+        assert np.prod(fullres["patch_size"]) <= 64 ** 3 * 1.25, fullres["patch_size"]
+        fp = json.loads((nnunet_env["nnUNet_preprocessed"] / folder / "dataset_fingerprint.json").read_text())
+        assert len(fp["shapes_after_crop"]) == 4
