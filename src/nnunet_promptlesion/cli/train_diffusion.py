@@ -1,0 +1,192 @@
+"""promptlesion_train_diffusion: train the PromptLesion latent diffusion model on a frozen VQGAN.
+
+Crops: lesion-centred crops of every lesion class of the lesion spec (class-balanced) and healthy crops
+(with a pseudo-lesion region) for the "healthy" prompt, from (a) an nnU-Net preprocessed dataset
+(training cases of one fold only) or (b) a folder of NIfTI CTs with label maps. The VQGAN checkpoint fixes
+the patch spacing and intensity space; the data must match it (a VQGAN trained on the same source does).
+Run it again with the same --output-dir to resume; run it under torchrun for DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  # (a) nnU-Net preprocessed dataset 502, training cases of fold 0, VQGAN trained on the same data
+  promptlesion_train_diffusion -d 502 -c 3d_fullres -f 0 \\
+      --vqgan $nnUNet_results/Dataset502_PhantomAbdomen/promptlesion_vqgan__tiny__3d_fullres__fold0/checkpoint_final.pt \\
+      --preset tiny --steps 2000
+  # (b) NIfTI CTs + label maps (lesion_spec.json next to the folder or --lesion-spec), one-hot or mask prompts
+  promptlesion_train_diffusion --nifti-folder raw/imagesTr --label-folder raw/labelsTr \\
+      --lesion-spec raw/lesion_spec.json --vqgan runs/vqgan/checkpoint_final.pt \\
+      --prompt-type mask -o runs/diffusion --preset tiny --steps 2000
+  # several GPUs:
+  torchrun --nproc_per_node 4 $(which promptlesion_train_diffusion) -d 502 --vqgan vq.pt --preset paper
+
+Outputs (in --output-dir): checkpoint_latest.pt / checkpoint_final.pt (use them with promptlesion_synthesize
+and PromptLesionTrainer), train_log.jsonl, train.log, run_settings.json, samples/stepN_<prompt>.png.
+Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptlesion_train_diffusion", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("data source (choose one)")
+    src.add_argument("-d", "--dataset", help="nnU-Net dataset id or name (needs nnUNet_preprocessed)")
+    src.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
+    src.add_argument("-f", "--fold", default="0", help="fold whose training cases are used ('all' = every case; default 0)")
+    src.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    src.add_argument("--nifti-folder", help="folder of CT NIfTI files in HU")
+    src.add_argument("--label-folder", help="label maps for --nifti-folder (case.nii.gz); required to find lesions")
+    src.add_argument("--lesion-spec", help="lesion_spec.json (default: next to dataset.json in nnUNet_raw/nnUNet_preprocessed "
+                                           "for -d, next to --nifti-folder / --label-folder otherwise)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--vqgan", required=True, help="frozen VQGAN checkpoint (promptlesion_train_vqgan output)")
+    m.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="diffusion preset (default paper)")
+    m.add_argument("--prompt-type", default="onehot", choices=["onehot", "mask"],
+                   help="onehot: class prompt; mask: implicit MaskTransformer prompt over the class mask (default onehot)")
+    m.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+                   help="UNet channels per level, overriding the preset (e.g. 16 32 32 for a CPU smoke test)")
+    m.add_argument("--per-class-mask", action="store_true", help="feed one mask channel per class (plus the region) to the UNet")
+    m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
+                                             "promptlesion_diffusion__PRESET__CONFIG__foldF)")
+    m.add_argument("--steps", type=int, default=60000, help="total training steps (default 60000, the paper's)")
+    m.add_argument("--batch-size", type=int, default=4, help="crops per step and process (default 4)")
+    m.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    m.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
+    m.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (default 0.999)")
+    m.add_argument("--lesion-loss-weight", type=float, default=None, help="extra MSE weight inside the lesion region (default 1)")
+    m.add_argument("--prompt-dropout", type=float, default=None, help="probability of the healthy/null prompt for CFG (default 0.1)")
+    m.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default 400)")
+    m.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy crops (default 0.25)")
+    m.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations and sample PNGs (default 1000)")
+    m.add_argument("--eval-steps", type=int, default=50, help="DDIM steps for the sample PNGs (default 50)")
+    m.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    m.add_argument("--keep-every", type=int, default=0, help="also keep checkpoint_stepN.pt every N steps (default 0: off)")
+    m.add_argument("--log-every", type=int, default=10, help="steps between JSON-lines log records (default 10)")
+    m.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written) without changing the schedule")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+    m.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process")
+    m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --output-dir")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def find_lesion_spec(args, source) -> Path:
+    from ..synthesis.lesion_spec import LESION_SPEC_FILENAME
+
+    if args.lesion_spec:
+        return Path(args.lesion_spec)
+    cands = []
+    if args.dataset:
+        cands.append(source.dataset_folder / LESION_SPEC_FILENAME)
+        raw = os.environ.get("nnUNet_raw")
+        if raw:
+            cands.append(Path(raw) / source.dataset_folder.name / LESION_SPEC_FILENAME)
+    else:
+        for f in (args.nifti_folder, args.label_folder):
+            if f:
+                cands += [Path(f) / LESION_SPEC_FILENAME, Path(f).parent / LESION_SPEC_FILENAME]
+    for c in cands:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no {LESION_SPEC_FILENAME} found (looked at {', '.join(str(c) for c in cands)}); "
+                            "pass --lesion-spec (promptlesion_make_phantoms and promptlesion_convert write one)")
+
+
+def make_source(args, vqgan_meta):
+    from ..generator.data import NiftiPatchSource, PreprocessedPatchSource
+    from ..generator.intensity import IntensitySpace
+
+    if bool(args.dataset) == bool(args.nifti_folder):
+        raise SystemExit("error: give exactly one data source: -d/--dataset (nnU-Net preprocessed) or --nifti-folder")
+    if args.dataset:
+        fold = args.fold if args.fold == "all" else int(args.fold)
+        return PreprocessedPatchSource(args.dataset, args.configuration, fold, args.plans, subset="train")
+    if not args.label_folder:
+        raise SystemExit("error: --nifti-folder needs --label-folder (the lesion labels pick the training crops)")
+    space = IntensitySpace.from_dict(vqgan_meta["intensity"])
+    if space.kind != "hu_window":
+        raise SystemExit(f"error: the VQGAN {args.vqgan} was trained on nnU-Net preprocessed data "
+                         f"({space.describe()}); train on that dataset with -d, not on a NIfTI folder")
+    return NiftiPatchSource(args.nifti_folder, spacing_mm=vqgan_meta["spacing"], hu_window=(space.lo, space.hi),
+                            label_folder=args.label_folder)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from ..generator.diffusion.config import DiffusionConfig, PromptVocabulary, make_config
+    from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
+    from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
+    from ..generator.vqgan import check_meta, load_vqgan
+    from ..generator.intensity import IntensitySpace
+    from ..synthesis.lesion_spec import LesionSpec, LesionSpecError
+    from ..utils.checkpoint import CheckpointError
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        vqgan, vqgan_meta = load_vqgan(args.vqgan)
+        source = make_source(args, vqgan_meta)
+        # the VQGAN only understands the spacing and intensity space it was trained in
+        check_meta(vqgan_meta, args.vqgan, expect_intensity=source.intensity, expect_spacing=source.spacing)
+        spec_path = find_lesion_spec(args, source)
+        spec = LesionSpec.load(spec_path)
+        vocab = PromptVocabulary.from_lesion_spec(spec)
+        overrides = {}
+        for name, key in (("lesion_loss_weight", "lesion_loss_weight"), ("prompt_dropout", "prompt_dropout"),
+                          ("timesteps", "timesteps"), ("channels", "channels")):
+            if getattr(args, name) is not None:
+                overrides[key] = getattr(args, name)
+        f = int(vqgan.downsample_factor)
+        patch = tuple(int(x) for x in vqgan.config.patch_size)
+        cfg = make_config(args.preset, num_classes=len(spec.lesions), prompt_type=args.prompt_type,
+                          per_class_mask=args.per_class_mask, latent_channels=int(vqgan.config.latent_dim),
+                          latent_size=tuple(s // f for s in patch), **overrides)
+        data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction)
+    except (CheckpointError, FileNotFoundError, ValueError, LesionSpecError, NoLesionsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output_dir:
+        out = Path(args.output_dir)
+    elif args.dataset:
+        res = os.environ.get("nnUNet_results")
+        if not res:
+            print("error: set nnUNet_results or pass --output-dir", file=sys.stderr)
+            return 2
+        out = Path(res) / source.dataset_folder.name / f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
+    else:
+        print("error: --output-dir is required with --nifti-folder", file=sys.stderr)
+        return 2
+    if args.no_resume and (out / "checkpoint_latest.pt").exists():
+        print(f"error: {out} already holds a run (checkpoint_latest.pt); drop --no-resume to continue it "
+              "or choose another --output-dir", file=sys.stderr)
+        return 2
+    run = DiffusionRunConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                             ema_decay=args.ema_decay, healthy_fraction=args.healthy_fraction, eval_every=args.eval_every,
+                             eval_steps=args.eval_steps, checkpoint_every=args.checkpoint_every, keep_every=args.keep_every,
+                             log_every=args.log_every, seed=args.seed, device=args.device, stop_after=args.stop_after,
+                             progress=not args.no_progress)
+    try:
+        trainer = DiffusionTrainer(cfg, run, data, vqgan, vqgan_meta, args.vqgan, out, lesion_spec=spec.to_dict(),
+                                   resume=not args.no_resume)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        last = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        print(f"done at step {trainer.step}; {summary}\ncheckpoint: {out / 'checkpoint_latest.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

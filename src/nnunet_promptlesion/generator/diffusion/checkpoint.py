@@ -1,0 +1,116 @@
+"""PromptLesion diffusion checkpoints: metadata, safe loading, and the frozen-VQGAN pairing.
+
+A checkpoint is a ``weights_only`` dict with ``meta`` and the weights (``model``; training checkpoints
+also hold ``ema``, optimizer, scheduler, step and RNG). ``meta`` keys:
+
+``kind`` "promptlesion_diffusion"; ``preset``; ``config`` (:class:`DiffusionConfig` dict); ``vocabulary``
+(prompt names and labels, id 0 = healthy); ``prompt_type`` ("onehot" / "mask"); ``schedule`` (T, betas,
+alpha_bar_T); ``vqgan`` (checkpoint_id, preset, path, downsample factor, latent_dim); ``spacing`` (mm, array
+axis order) and ``intensity`` (IntensitySpace dict) copied from the VQGAN; ``patch_size`` (image voxels);
+``lesion_spec``; ``source``; ``step``; ``checkpoint_id`` (sha256 of the sampling weights, EMA if present).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint
+from .config import DiffusionConfig, PromptVocabulary
+from .schedule import NoiseSchedule
+from .unet import PromptLesionUNet
+
+KIND = "promptlesion_diffusion"
+
+
+def weights_id(state_dict: dict) -> str:
+    from ..vqgan.model import weights_id as _wid
+
+    return _wid(state_dict)
+
+
+def build_meta(cfg: DiffusionConfig, vocab: PromptVocabulary, vqgan_meta: dict, vqgan_path: str | os.PathLike,
+               patch_size, step: int, source: dict, sampling_state: dict, lesion_spec: dict | None = None,
+               extra: dict | None = None) -> dict:
+    from ... import __version__
+
+    vcfg = vqgan_meta.get("config", {})
+    meta = {
+        "kind": KIND,
+        "preset": cfg.preset,
+        "config": config_to_dict(cfg),
+        "vocabulary": vocab.as_dict(),
+        "prompt_type": cfg.prompt_type,
+        "schedule": NoiseSchedule.from_config(cfg).as_dict(),
+        "vqgan": {"checkpoint_id": vqgan_meta.get("checkpoint_id"), "preset": vqgan_meta.get("preset"),
+                  "path": str(Path(vqgan_path).resolve()), "latent_dim": vcfg.get("latent_dim"),
+                  "channels": vcfg.get("channels")},
+        "spacing": list(vqgan_meta.get("spacing", [])),
+        "intensity": vqgan_meta.get("intensity"),
+        "patch_size": [int(p) for p in patch_size],
+        "lesion_spec": lesion_spec,
+        "source": source,
+        "step": int(step),
+        "checkpoint_id": weights_id(sampling_state),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "package_version": __version__,
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def check_vqgan_pairing(meta: dict, vqgan_meta: dict, path, vqgan_path) -> None:
+    """Refuse a VQGAN other than the one the diffusion model was trained on (its latents would differ)."""
+    want = meta.get("vqgan", {}).get("checkpoint_id")
+    have = vqgan_meta.get("checkpoint_id")
+    if want != have:
+        raise CheckpointError(
+            f"{path} was trained on the latents of VQGAN {want} ({meta.get('vqgan', {}).get('path')}), but "
+            f"{vqgan_path} holds VQGAN {have}. Pass the VQGAN checkpoint the diffusion model was trained with.")
+
+
+def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True,
+                   expect_vqgan_id: str | None = None) -> tuple[PromptLesionUNet, dict]:
+    """Load a diffusion checkpoint safely (``weights_only=True``) -> (eval-mode denoiser, meta).
+
+    ``use_ema`` picks the EMA weights when the file holds them (training checkpoints). With
+    ``expect_vqgan_id`` a checkpoint trained on another VQGAN is refused.
+    """
+    state = load_checkpoint(path, map_location=map_location, kind=KIND)
+    meta = dict(state["meta"])
+    cfg = config_from_dict(DiffusionConfig, meta["config"])
+    if expect_vqgan_id is not None and meta.get("vqgan", {}).get("checkpoint_id") != expect_vqgan_id:
+        raise CheckpointError(f"{path} was trained with VQGAN {meta.get('vqgan', {}).get('checkpoint_id')}, "
+                              f"not {expect_vqgan_id}")
+    model = PromptLesionUNet(cfg)
+    weights = state["ema"] if use_ema and "ema" in state else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored diffusion config: {e}") from e
+    model.to(map_location).eval().requires_grad_(False)
+    meta["weights"] = "ema" if weights is state.get("ema") else "model"
+    return model, meta
+
+
+def load_generator_pair(diffusion_path: str | os.PathLike, vqgan_path: str | os.PathLike | None = None,
+                        map_location: str | torch.device = "cpu"):
+    """(vqgan, vqgan_meta, model, meta, vocabulary): a diffusion checkpoint and its VQGAN, identity checked.
+
+    ``vqgan_path`` defaults to the path stored in the diffusion checkpoint.
+    """
+    from ..vqgan import load_vqgan
+
+    model, meta = load_diffusion(diffusion_path, map_location)
+    if vqgan_path is None:
+        vqgan_path = meta.get("vqgan", {}).get("path")
+        if not vqgan_path or not Path(vqgan_path).is_file():
+            raise CheckpointError(f"{diffusion_path} names VQGAN checkpoint {vqgan_path}, which does not exist here; "
+                                  "pass --vqgan with the VQGAN checkpoint it was trained with")
+    vqgan, vqgan_meta = load_vqgan(vqgan_path, map_location=map_location)
+    check_vqgan_pairing(meta, vqgan_meta, diffusion_path, vqgan_path)
+    vqgan.requires_grad_(False)
+    return vqgan, vqgan_meta, model, meta, PromptVocabulary.from_dict(meta["vocabulary"])

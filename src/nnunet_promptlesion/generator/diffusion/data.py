@@ -1,0 +1,120 @@
+"""Training crops for the diffusion model: lesion-centred crops per class and healthy crops.
+
+Built on the generator patch sources (:mod:`nnunet_promptlesion.generator.data`, nnU-Net preprocessed
+training cases of one fold or a NIfTI folder). Every crop is ``patch_size`` voxels (array axis order of
+the source) with
+
+* ``image`` (1, X, Y, Z) float32 in the VQGAN model space [-1, 1],
+* ``mask``  (1, X, Y, Z) float32 in {0, 1}: the region the model has to generate,
+* ``prompt`` the prompt id (0 = healthy, k = k-th lesion class of the :class:`~.config.PromptVocabulary`).
+
+Lesion crop of class k: a case containing label k, centred on a random voxel of that label (from the
+source's ``class_locations``) shifted by up to ``jitter`` x patch size; ``mask`` = that label in the crop.
+Healthy crop (the "healthy" identity prompt): a random crop without any lesion label, and a pseudo-lesion
+region drawn with the lesion spec's shape prior (:class:`~nnunet_promptlesion.synthesis.masks.MaskSampler`)
+inside the parent structure of a random lesion class (anywhere in the central half of the crop when the
+crop holds no parent voxel), so the model learns to fill a masked region with healthy tissue.
+Lesion classes are drawn uniformly (class-balanced): rare classes get as many crops as common ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ...synthesis.lesion_spec import LesionSpec
+from ...synthesis.masks import MaskSampler
+from ..data import PatchSource
+from .config import PromptVocabulary
+
+
+@dataclasses.dataclass
+class Crop:
+    image: np.ndarray  # (1, X, Y, Z) float32, model space [-1, 1]
+    mask: np.ndarray   # (1, X, Y, Z) float32 {0, 1}
+    prompt: int
+    case_id: str
+
+
+class NoLesionsError(RuntimeError):
+    """The source holds no voxel of any lesion class of the spec."""
+
+
+class LesionCropSampler:
+    def __init__(self, source: PatchSource, spec: LesionSpec, vocab: PromptVocabulary, patch_size: Sequence[int],
+                 healthy_fraction: float = 0.25, jitter: float = 0.25, max_tries: int = 20):
+        self.source, self.spec, self.vocab = source, spec, vocab
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.healthy_fraction = float(healthy_fraction)
+        self.jitter = float(jitter)
+        self.max_tries = int(max_tries)
+        self.mask_sampler = MaskSampler(source.spacing)
+        self.lesion_labels = set(spec.labels)
+        # prompt id -> case ids holding that lesion label
+        self.cases_with: dict[int, list[str]] = {i: [] for i in range(1, len(vocab.names))}
+        for cid in source.case_ids:
+            locs = source.load_case(cid).class_locations
+            for pid in self.cases_with:
+                lab = vocab.labels[pid]
+                if lab in locs and len(locs[lab]):
+                    self.cases_with[pid].append(cid)
+        self.available = [pid for pid, cs in self.cases_with.items() if cs]
+        if not self.available and self.healthy_fraction < 1.0:
+            raise NoLesionsError(
+                f"no case of {source.describe()} contains a lesion label of the spec "
+                f"({dict(zip(vocab.names[1:], vocab.labels[1:]))}); check the lesion spec and the label maps")
+
+    def counts(self) -> dict[str, int]:
+        """Number of cases per prompt name holding that lesion (for the log)."""
+        return {self.vocab.names[p]: len(c) for p, c in self.cases_with.items()}
+
+    def lesion_crop(self, rng: np.random.Generator, prompt: int) -> Crop:
+        cases = self.cases_with[prompt]
+        if not cases:
+            raise NoLesionsError(f"no training case contains lesion '{self.vocab.names[prompt]}'")
+        label = self.vocab.labels[prompt]
+        cid = cases[int(rng.integers(len(cases)))]
+        locs = self.source.load_case(cid).class_locations[label]
+        centre = np.asarray(locs[int(rng.integers(len(locs)))], dtype=int)
+        shift = np.round(rng.uniform(-self.jitter, self.jitter, 3) * np.asarray(self.patch_size)).astype(int)
+        p = self.source.patch_around(cid, centre + shift, self.patch_size)
+        mask = (p.seg == label).astype(np.float32)
+        return Crop(p.image.astype(np.float32), mask, prompt, cid)
+
+    def healthy_crop(self, rng: np.random.Generator) -> Crop:
+        p = None
+        for _ in range(self.max_tries):
+            p = self.source.random_patch(rng, self.patch_size)
+            if p.seg is None or not np.isin(p.seg, list(self.lesion_labels)).any():
+                break
+        assert p is not None
+        seg = p.seg[0] if p.seg is not None else np.zeros(self.patch_size, np.int16)
+        lesion = self.spec.lesions[int(rng.integers(len(self.spec.lesions)))]
+        parent = np.isin(seg, lesion.parents)
+        central = tuple(slice(s // 4, s - s // 4) for s in self.patch_size)
+        mask = self.mask_sampler.sample(lesion, parent, rng, central) if parent[central].any() else None
+        if mask is None:
+            anywhere = np.ones(self.patch_size, bool)
+            free = dataclasses.replace(lesion, may_leave_parent=True)
+            mask = self.mask_sampler.sample(free, anywhere, rng, central)
+        if p.seg is not None:  # never ask for healthy tissue outside the image (padded voxels)
+            mask &= p.seg[0] >= 0
+        return Crop(p.image.astype(np.float32), mask[None].astype(np.float32), 0, p.case_id)
+
+    def sample(self, rng: np.random.Generator) -> Crop:
+        if not self.available or rng.random() < self.healthy_fraction:
+            return self.healthy_crop(rng)
+        return self.lesion_crop(rng, self.available[int(rng.integers(len(self.available)))])
+
+    def batch(self, rng: np.random.Generator, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``n`` crops stacked: image (n, 1, X, Y, Z), mask (n, 1, X, Y, Z), prompt (n,) long."""
+        crops = [self.sample(rng) for _ in range(n)]
+        return stack_crops(crops, device)
+
+
+def stack_crops(crops: list[Crop], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {"image": torch.from_numpy(np.stack([c.image for c in crops])).to(device),
+            "mask": torch.from_numpy(np.stack([c.mask for c in crops])).to(device),
+            "prompt": torch.tensor([c.prompt for c in crops], dtype=torch.long, device=device)}

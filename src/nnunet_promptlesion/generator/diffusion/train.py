@@ -1,0 +1,296 @@
+"""PromptLesion diffusion training loop (used by ``promptlesion_train_diffusion``).
+
+One step: a class-balanced batch of lesion-centred and healthy crops per rank
+(:class:`~.data.LesionCropSampler`), encoded by the frozen VQGAN into latents z0 (B, 8, d, h, w) in [-1, 1];
+latent lesion region m (max-pool of the crop mask); prompt dropout to the healthy/null prompt; t uniform
+in [0, T-1]; z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; loss = mean((1 + w m) (f(z_t, t, (1-m) z0, m, p) - eps)^2).
+Adam, optional linear warm-up, gradient clipping, EMA of the weights (used for evaluation and sampling),
+bf16 autocast on GPU, DDP under ``torchrun``.
+
+Outputs in ``output_dir``: ``checkpoint_latest.pt`` (atomic; model, EMA, optimizer, scheduler, step,
+per-rank RNG), ``checkpoint_final.pt``, ``train_log.jsonl``, ``train.log``, ``run_settings.json`` and per
+evaluation ``samples/stepNNNNNNNN_<prompt>.png`` (a real lesion of the class if any, a healthy carrier
+with the mask, and the EMA model's inpainting with that prompt, three planes each).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...utils.atomic import write_json_atomic
+from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict
+from .. import train_utils as tu
+from .checkpoint import KIND, build_meta, check_vqgan_pairing
+from .config import DiffusionConfig, PromptVocabulary
+from .data import LesionCropSampler, stack_crops
+from .inpaint import inpaint_lesions, latent_region
+from .preview import save_grid
+from .schedule import NoiseSchedule
+from .unet import PromptLesionUNet, parameter_report
+
+
+@dataclasses.dataclass
+class DiffusionRunConfig:
+    """Settings of one training run (architecture, schedule and loss live in :class:`DiffusionConfig`)."""
+    max_steps: int = 60000          # paper: 60k steps
+    batch_size: int = 4             # per rank; paper: 4
+    lr: float = 1e-4                # paper: 1e-4
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    healthy_fraction: float = 0.25  # share of healthy crops (healthy prompt)
+    jitter: float = 0.25            # lesion crop centre shift, fraction of the patch size
+    eval_every: int = 1000
+    eval_sampler: str = "ddim"
+    eval_steps: int = 50
+    eval_guidance: float = 1.0
+    blend_sigma: float = 1.0        # voxels, for the sample grids
+    checkpoint_every: int = 500
+    keep_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    stop_after: int | None = None   # stop (checkpoint written) after this step; the schedule is unchanged
+    save_png: bool = True
+    progress: bool = True
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._keys = [k for k, v in self.model.state_dict().items() if v.dtype.is_floating_point]
+
+    def decay_at(self, step: int) -> float:
+        # warm-up (1 + n) / (10 + n): early EMA weights follow the model instead of its random init
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        src, dst = model.state_dict(), self.model.state_dict()
+        d = self.decay_at(step)
+        # one fused call instead of a Python loop over a few hundred tensors
+        torch._foreach_lerp_([dst[k] for k in self._keys], [src[k].detach() for k in self._keys], 1.0 - d)
+
+
+class DiffusionTrainer:
+    def __init__(self, cfg: DiffusionConfig, run: DiffusionRunConfig, data: LesionCropSampler, vqgan, vqgan_meta: dict,
+                 vqgan_path, output_dir: str | Path, lesion_spec: dict | None = None, resume: bool = True):
+        self.cfg, self.run, self.data = cfg, run, data
+        self.vocab: PromptVocabulary = data.vocab
+        if cfg.num_classes != len(self.vocab.names) - 1:
+            raise ValueError(f"config has {cfg.num_classes} classes but the vocabulary {self.vocab.names} has "
+                             f"{len(self.vocab.names) - 1}")
+        self.out = Path(output_dir)
+        self.env = tu.setup_distributed(run.device)
+        self.device = self.env.device
+        self.np_rng = tu.seed_everything(run.seed, self.env.rank)
+        self.vqgan = vqgan.to(self.device).eval().requires_grad_(False)
+        self.vqgan_meta, self.vqgan_path = vqgan_meta, vqgan_path
+        self.factor = int(vqgan.downsample_factor)
+        self.lesion_spec = lesion_spec
+        self.schedule = NoiseSchedule.from_config(cfg, self.device)
+        self.model = PromptLesionUNet(cfg).to(self.device)
+        self.ema = EMA(self.model, run.ema_decay)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=run.lr, foreach=True)
+        warm = max(0, int(run.warmup_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0))
+        self.step = 0
+        self.ckpt = tu.CheckpointManager(self.out, keep_every=run.keep_every)
+        if resume:
+            self._maybe_resume()
+        self.model_ddp = tu.wrap_ddp(self.model, self.env)
+        self._eval = self._eval_set()
+
+    # ------------------------------------------------------------------------------------------
+    def source_meta(self) -> dict:
+        return self.data.source.describe()
+
+    def _maybe_resume(self) -> None:
+        state = self.ckpt.load_latest(kind=KIND, map_location=self.device)
+        if state is None:
+            return
+        meta, path = state["meta"], self.ckpt.latest()
+        check_vqgan_pairing(meta, self.vqgan_meta, path, self.vqgan_path)
+        stored = config_from_dict(DiffusionConfig, meta["config"])
+        if stored != self.cfg:
+            diff = {f.name: (getattr(stored, f.name), getattr(self.cfg, f.name)) for f in dataclasses.fields(DiffusionConfig)
+                    if getattr(stored, f.name) != getattr(self.cfg, f.name)}
+            raise CheckpointError(f"{path} was written with other diffusion settings {diff} (stored, requested); "
+                                  "use a new --output-dir or the same settings to resume")
+        if PromptVocabulary.from_dict(meta["vocabulary"]) != self.vocab:
+            raise CheckpointError(f"{path} was trained with prompts {meta['vocabulary']['names']}, the lesion spec now "
+                                  f"gives {self.vocab.names}; use a new --output-dir")
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) != self.env.world_size:
+            self.np_rng = tu.seed_everything(self.run.seed + self.step, self.env.rank)
+            self._resume_note = f"resumed at step {self.step} with world size {self.env.world_size} (was {len(rng)}): new RNG streams"
+        else:
+            tu.restore_rng_state(rng[self.env.rank], self.np_rng)
+            self._resume_note = f"resumed from {path} at step {self.step}"
+
+    def _eval_set(self) -> dict:
+        """Fixed crops (same every run and resume): one healthy carrier and one real crop per available class."""
+        rng = np.random.default_rng(12345)
+        carrier = self.data.healthy_crop(rng)
+        real = {p: self.data.lesion_crop(rng, p) for p in self.data.available}
+        crops = [carrier] + list(real.values())
+        return {"carrier": carrier, "real": real, "batch": stack_crops(crops)}
+
+    def checkpoint_state(self, rng_states: list) -> dict:
+        ema_sd = self.ema.model.state_dict()
+        meta = build_meta(self.cfg, self.vocab, self.vqgan_meta, self.vqgan_path, self.data.patch_size, self.step,
+                          self.source_meta(), ema_sd, self.lesion_spec, {"world_size": self.env.world_size})
+        return {"meta": meta, "model": self.model.state_dict(), "ema": ema_sd, "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "step": int(self.step), "rng": rng_states,
+                "run_config": config_to_dict(self.run)}
+
+    def save(self, final: bool = False) -> None:
+        rng_states = tu.gather_rng_states(tu.capture_rng_state(self.np_rng), self.env)  # collective
+        if self.env.is_main:
+            self.ckpt.save(self.checkpoint_state(rng_states), self.step, final=final)
+
+    # ------------------------------------------------------------------------------------------
+    def loss(self, model, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+             prompt_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        x, mask, ids = batch["image"].to(self.device), batch["mask"].to(self.device), batch["prompt"].to(self.device)
+        b = x.shape[0]
+        with torch.no_grad(), tu.autocast(self.device):
+            z0 = self.vqgan.encode_latent(x).float()
+        region = latent_region(mask, self.factor, z0.shape[2:])
+        p = cfg.prompt_dropout if prompt_dropout is None else prompt_dropout
+        if p > 0:
+            drop = torch.rand(b, device=self.device, generator=generator) < p
+            ids = torch.where(drop, torch.zeros_like(ids), ids)
+        if t is None:
+            t = self.schedule.sample_timesteps(b, self.device, generator)
+        noise = torch.randn(z0.shape, device=self.device, generator=generator)
+        zt = self.schedule.q_sample(z0, t, noise)
+        with tu.autocast(self.device):
+            pred = model(zt, t, (1.0 - region) * z0, region, ids)
+        se = (pred.float() - noise) ** 2
+        w = 1.0 + cfg.lesion_loss_weight * region
+        loss = (w * se).mean()
+        with torch.no_grad():
+            rv = region.expand_as(se)
+            inside = float(se[rv > 0.5].mean()) if bool((rv > 0.5).any()) else float("nan")
+            outside = float(se[rv <= 0.5].mean())
+        return loss, {"loss": float(loss.detach()), "mse_lesion": inside, "mse_background": outside}
+
+    def train_step(self, batch: dict) -> dict:
+        loss, logs = self.loss(self.model_ddp, batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.run.grad_clip > 0:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.ema.update(self.model, self.step)
+        return logs
+
+    @torch.no_grad()
+    def evaluate(self, pngs: bool = True) -> dict:
+        """EMA loss on the fixed crops at fixed timesteps and noise (comparable across steps), plus sample PNGs."""
+        ema = self.ema.model
+        batch = self._eval["batch"]
+        g = torch.Generator(device=self.device).manual_seed(777)
+        n = batch["image"].shape[0]
+        losses = []
+        for t in np.linspace(0, self.schedule.T - 1, 8).round().astype(int):
+            tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
+            _, logs = self.loss(ema, batch, g, tt, prompt_dropout=0.0)
+            losses.append(logs["loss"])
+        res = {"eval_loss": float(np.mean(losses))}
+        if self.run.save_png and pngs:
+            self.sample_pngs()
+        return res
+
+    @torch.no_grad()
+    def sample_pngs(self) -> list[Path]:
+        carrier = self._eval["carrier"]
+        k = len(self.vocab.names)
+        img = torch.from_numpy(carrier.image)[None].expand(k, -1, -1, -1, -1).to(self.device)
+        mask = torch.from_numpy(carrier.mask)[None].expand(k, -1, -1, -1, -1).to(self.device)
+        ids = torch.arange(k, device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(4321)
+        out = inpaint_lesions(self.vqgan, self.ema.model, img, mask, ids, steps=self.run.eval_steps,
+                              sampler=self.run.eval_sampler, guidance=self.run.eval_guidance, generator=g,
+                              blend_sigma=self.run.blend_sigma, schedule=self.schedule,
+                              autocast=lambda: tu.autocast(self.device)).float().cpu().numpy()
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        m = carrier.mask[0]
+        for pid, name in enumerate(self.vocab.names):
+            rows = []
+            if pid in self._eval["real"]:
+                rc = self._eval["real"][pid]
+                rows.append((f"real '{name}' crop ({rc.case_id})", [(rc.image[0], rc.mask[0] > 0.5)]))
+            rows.append((f"healthy carrier ({carrier.case_id}) + mask", [(carrier.image[0], m > 0.5)]))
+            rows.append((f"generated, prompt '{name}'", [(out[pid, 0], m > 0.5)]))
+            p = folder / f"step{self.step:08d}_{pid:02d}_{name}.png"
+            save_grid(rows, p, f"step {self.step}: prompt '{name}' ({self.run.eval_sampler} {self.run.eval_steps})",
+                      aspect=self.data.source.spacing)
+            paths.append(p)
+        return paths
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        run, cfg = self.run, self.cfg
+        log = tu.TrainLogger(self.out, run.max_steps, self.step, self.env, desc="diffusion", progress=run.progress)
+        last: dict[str, Any] = {}
+        try:
+            if self.env.is_main:
+                write_json_atomic({"diffusion_config": config_to_dict(cfg), "run_config": config_to_dict(run),
+                                   "vocabulary": self.vocab.as_dict(), "source": self.source_meta(),
+                                   "vqgan": {"path": str(self.vqgan_path), "checkpoint_id": self.vqgan_meta.get("checkpoint_id")},
+                                   "schedule": self.schedule.as_dict(), "patch_size": list(self.data.patch_size),
+                                   "world_size": self.env.world_size}, self.out / "run_settings.json")
+            log.info(getattr(self, "_resume_note", f"starting a new run in {self.out}"))
+            log.info(f"preset {cfg.preset}, prompt {cfg.prompt_type}: parameters {parameter_report(self.model)}; "
+                     f"device {self.device}, world size {self.env.world_size}, batch {run.batch_size}/rank")
+            log.info(f"prompts {self.vocab.names}; training cases per class {self.data.counts()}; "
+                     f"schedule {self.schedule.as_dict()}")
+            if self.env.is_main and self.step == 0 and run.eval_every > 0:
+                ev = self.evaluate(pngs=False)  # baseline for the eval_loss curve
+                log.log(0, **ev)
+                log.info("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            self.model_ddp.train()
+            while self.step < run.max_steps:
+                if run.stop_after is not None and self.step >= run.stop_after:
+                    break
+                batch = self.data.batch(self.np_rng, run.batch_size, self.device)
+                logs = self.train_step(batch)
+                self.step += 1
+                last = logs
+                log.update(1, loss=logs["loss"])
+                if self.step % run.log_every == 0 or self.step == run.max_steps:
+                    log.log(self.step, lr=self.sched.get_last_lr()[0], **logs)
+                if self.env.is_main and (self.step % run.eval_every == 0 or self.step == run.max_steps):
+                    ev = self.evaluate()
+                    log.log(self.step, **ev)
+                    log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    last = {**last, **ev}
+                if self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
+                    self.save(final=self.step == run.max_steps)
+            if run.stop_after is not None and self.step >= run.stop_after and self.step < run.max_steps:
+                self.save()
+        finally:
+            log.close()
+        return last
+
+    def close(self) -> None:
+        tu.cleanup_distributed(self.env)
