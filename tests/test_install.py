@@ -1,0 +1,61 @@
+"""A real user's path: `pip install .` into a fresh virtual environment, then nnU-Net's own CLI.
+
+No nnUNet_extTrainer is set by hand: the wheel's .pth file must make `-tr PromptLesionTrainer_smoke`
+resolvable, training must run on the CPU, and nnUNetv2_predict must work with the result.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_fresh_venv_pip_install_then_nnunet_train_and_predict(ccta_dataset, tmp_path):
+    root, did, env = ccta_dataset
+    env = dict(env)
+    env.pop("nnUNet_extTrainer", None)
+    env.pop("PYTHONPATH", None)
+    env.update(nnUNet_n_proc_DA="0", nnUNet_results=str(tmp_path / "results"))
+
+    # a clean copy of the sources, so nothing from the developer's tree (build dirs, .venv) leaks in
+    src = tmp_path / "src_copy"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "demo_output", "__pycache__",
+                                                              "*.egg-info", "build", "dist"))
+    fresh = tmp_path / "venv"
+    venv.create(fresh, with_pip=True)
+    vbin = fresh / "bin"
+    run([vbin / "python", "-m", "pip", "install", "-q", str(src)], env, timeout=1500)
+    # it is a real (non-editable) install: the package lives in the fresh site-packages
+    out = run([vbin / "python", "-c", "import nnunet_promptlesion, os; print(nnunet_promptlesion.__file__); "
+               "print(os.environ.get('nnUNet_extTrainer', ''))"], env)
+    pkg_file, ext = out.stdout.strip().splitlines()
+    assert str(fresh) in pkg_file and str(fresh) in ext
+
+    run([vbin / "nnUNetv2_train", did, "3d_fullres", "0", "-tr", "PromptLesionTrainer_smoke", "-device", "cpu"], env)
+    fold = tmp_path / "results" / "Dataset601_PhantomCCTA" / "PromptLesionTrainer_smoke__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "PromptLesion: batch 2 = 1 real + 1 synthetic" in log
+
+    images = Path(env["nnUNet_raw"]) / "Dataset601_PhantomCCTA" / "imagesTs"
+    pred = tmp_path / "pred"
+    run([vbin / "nnUNetv2_predict", "-i", images, "-o", pred, "-d", did, "-c", "3d_fullres", "-f", "0",
+         "-tr", "PromptLesionTrainer_smoke", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    inputs = sorted(images.glob("*_0000.nii.gz"))
+    outputs = sorted(pred.glob("*.nii.gz"))
+    assert [p.name.replace("_0000", "") for p in inputs] == [p.name for p in outputs]
+    for i, o in zip(inputs, outputs):
+        seg = np.asarray(nib.load(o).dataobj)
+        assert seg.shape == nib.load(i).shape
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3}
