@@ -39,7 +39,7 @@ from ..utils.jsonlog import JsonlLogger
 from .raw_writer import FILE_ENDING, dataset_folder_name, existing_dataset_with_id, make_dataset_json, \
     nnunet_raw_dir, write_dataset_metadata
 from .staging import component_radii_mm, radius_ranges, stage_components
-from .validation import ConversionError, VolumeInfo, duplicate_problems, geometry_problems, label_value_problems, \
+from .validation import ConversionError, VolumeInfo, check_readable, duplicate_problems, geometry_problems, label_value_problems, \
     read_info, read_volume
 
 CONVERSION_INFO_FILENAME = "conversion.json"
@@ -238,6 +238,14 @@ def _case_problems(case: SourceCase, scheme: LabelScheme, n_channels: int, allow
                 problems.append(f"{img}: {info.components} components per voxel (RGB?), expected grey values")
         for img, info in zip(case.images[1:], infos[1:]):
             problems += geometry_problems(infos[0], info, str(case.images[0]), str(img), rtol=rtol)
+    if problems:
+        return problems
+    for img in case.images:
+        # headers can be intact while the voxel data is truncated: decode everything once
+        try:
+            check_readable(Path(img), case.spacing)
+        except Exception as e:
+            problems.append(f"{img}: cannot read image voxels ({e})")
     if case.label is None or problems:
         return problems
     lab = Path(case.label)
@@ -253,6 +261,7 @@ def _case_problems(case: SourceCase, scheme: LabelScheme, n_channels: int, allow
     if problems:
         return problems
     try:
+        check_readable(lab, case.spacing)
         arr = sitk.GetArrayFromImage(read_volume(lab, case.spacing))
     except Exception as e:
         return [f"{lab}: cannot read label voxels ({e})"]

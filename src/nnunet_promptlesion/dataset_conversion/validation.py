@@ -146,6 +146,22 @@ def read_volume(path: Path, spacing: Sequence[float] | None = None) -> sitk.Imag
     return img
 
 
+def check_readable(path: Path, spacing: Sequence[float] | None = None) -> None:
+    """Decode all voxel data of ``path``; raise if it is truncated or corrupt.
+
+    SimpleITK silently accepts truncated NIfTI files (.nii and .nii.gz alike, filling the rest),
+    so NIfTI files are decoded with nibabel, which checks the data length and the gzip stream.
+    """
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(str(path), mmap=False)
+        np.asarray(img.dataobj)
+    else:
+        read_volume(path, spacing)
+
+
 def geometry_problems(ref: VolumeInfo, other: VolumeInfo, ref_name: str, other_name: str, rtol: float = 1e-5,
                       atol: float = 1e-5) -> list[str]:
     """Differences in size, spacing, origin, direction between two 3D headers, as readable messages."""
