@@ -58,7 +58,7 @@ class PromptLesionTrainer_smoke(_NoMirroringMixin, PromptLesionTrainer):
 
 # The CPU demo budget: the same for the baseline and PromptLesion so the comparison is fair
 # (both without mirroring, which makes their final validation 8x cheaper on a CPU).
-DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS = 10, 25, 3
+DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS = 6, 20, 2
 
 
 class nnUNetTrainer_promptlesionDemo(_NoMirroringMixin, nnUNetTrainer):
