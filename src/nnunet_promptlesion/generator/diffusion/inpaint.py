@@ -100,7 +100,7 @@ def blend(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, s
 def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: torch.Tensor, region: torch.Tensor,
                      prompt_ids: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
                      guidance: float = 1.0, generator: torch.Generator | None = None, autocast=None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, clip_x0: float | None = 1.0) -> torch.Tensor:
     """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents."""
     z_h = (1.0 - region) * z_known
     tT = torch.full((z_known.shape[0],), schedule.T - 1, device=z_known.device, dtype=torch.long)
@@ -108,7 +108,7 @@ def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: t
     z_T = schedule.q_sample(z_h, tT, noise)
     eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, autocast=autocast)
     return sample(eps_fn, schedule, z_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                  known=z_known, keep=1.0 - region, progress=progress)
+                  known=z_known, keep=1.0 - region, progress=progress, clip_x0=clip_x0)
 
 
 @torch.no_grad()
@@ -116,11 +116,14 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
                     prompt_ids: torch.Tensor, steps: int | None = 50, sampler: str = "ddim", guidance: float = 1.0,
                     generator: torch.Generator | None = None, eta: float = 0.0,
                     blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
-                    autocast=None, progress: bool = False, return_decoded: bool = False):
+                    autocast=None, progress: bool = False, return_decoded: bool = False,
+                    clip_x0: float | None = 1.0):
     """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
 
     Returns the blended image (B, 1, D, H, W) in model space, or (image, decoded, latents) with
     ``return_decoded``. ``schedule`` defaults to the model config's schedule on the image's device.
+    ``clip_x0`` clips the predicted clean latent to the codebook's normalised range [-1, 1] at every step
+    (None = off); decoding snaps to the codebook anyway, so this only stops early-step blow-ups.
     """
     if image.ndim != 5 or image.shape[1] != 1 or lesion_mask.shape != image.shape:
         raise ValueError(f"image and lesion_mask must both be (B, 1, D, H, W); got {tuple(image.shape)} and "
@@ -133,7 +136,7 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     z = vqgan.encode_latent(image).float()
     region = latent_region(lesion_mask, f, z.shape[2:])
     z0 = generate_latents(model, schedule, z, region, prompt_ids, sampler, steps, eta, guidance, generator,
-                          autocast, progress)
+                          autocast, progress, clip_x0)
     decoded = vqgan.decode_latent(z0).float().clamp(-1.0, 1.0)
     out = blend(image, decoded.to(image.dtype), lesion_mask, blend_sigma)
     return (out, decoded, z0) if return_decoded else out

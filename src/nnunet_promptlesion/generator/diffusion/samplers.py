@@ -47,10 +47,24 @@ def _keep_known(z: torch.Tensor, t_prev: int, schedule: NoiseSchedule, known: to
     return torch.where(keep > 0.5, ref, z)
 
 
+def _clip_x0(z: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, clip: float | None):
+    """x0 prediction (optionally clipped to [-clip, clip]) and the eps consistent with it."""
+    x0 = (z - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+    if clip is None or clip <= 0:
+        return x0, eps
+    x0 = x0.clamp(-clip, clip)
+    return x0, (z - abar.sqrt() * x0) / (1.0 - abar).sqrt()
+
+
 def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, generator: torch.Generator | None = None,
                 known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-                progress: bool = False) -> torch.Tensor:
-    """DDPM ancestral sampling through all T steps, starting from ``z_T`` (B, C, D, H, W)."""
+                progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
+    """DDPM ancestral sampling through all T steps, starting from ``z_T`` (B, C, D, H, W).
+
+    ``clip_x0``: clip the predicted clean latent to [-clip_x0, clip_x0] at every step (None = off). The
+    latents are normalised to [-1, 1] by the codebook range and snapped to the codebook at decode, so 1.0
+    only removes excursions an imperfect model would amplify by 1/sqrt(alpha_bar_t) (~165 at t = T-1).
+    """
     z = z_T
     b = z.shape[0]
     it = range(schedule.T - 1, -1, -1)
@@ -61,6 +75,8 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, gener
         tt = torch.full((b,), t, device=z.device, dtype=torch.long)
         eps = eps_fn(z, tt).to(z.dtype)
         beta, alpha, abar = schedule.betas[t], schedule.alphas[t], schedule.alpha_bar[t]
+        if clip_x0:
+            _, eps = _clip_x0(z, eps, abar, clip_x0)
         mean = (z - beta / (1.0 - abar).sqrt() * eps) / alpha.sqrt()
         if t > 0:
             z = mean + schedule.posterior_variance[t].sqrt() * _randn_like(z, generator)
@@ -72,8 +88,11 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, gener
 
 def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps: int = 50, eta: float = 0.0,
                 generator: torch.Generator | None = None, known: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """DDIM sampling with ``steps`` model evaluations; ``eta`` = 0 deterministic, 1 DDPM-like noise."""
+                keep: torch.Tensor | None = None, progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
+    """DDIM sampling with ``steps`` model evaluations; ``eta`` = 0 deterministic, 1 DDPM-like noise.
+
+    ``clip_x0`` as in :func:`ddpm_sample`.
+    """
     z = z_T
     b = z.shape[0]
     ts = ddim_timesteps(schedule.T, steps)
@@ -87,7 +106,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps
         eps = eps_fn(z, tt).to(z.dtype)
         abar = schedule.alpha_bar[t]
         abar_prev = schedule.alpha_bar[t_prev] if t_prev >= 0 else one
-        x0 = (z - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+        x0, eps = _clip_x0(z, eps, abar, clip_x0)
         sigma = eta * ((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)).clamp(min=0).sqrt()
         z = abar_prev.sqrt() * x0 + (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and t_prev >= 0:
@@ -98,14 +117,14 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps
 
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
            eta: float = 0.0, generator: torch.Generator | None = None, known: torch.Tensor | None = None,
-           keep: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+           keep: torch.Tensor | None = None, progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
     """Dispatch to :func:`ddpm_sample` (``steps`` must be None or T) or :func:`ddim_sample`."""
     if sampler == "ddpm":
         if steps not in (None, schedule.T):
             raise ValueError(f"DDPM runs all {schedule.T} steps; use --sampler ddim for {steps} steps")
-        return ddpm_sample(eps_fn, schedule, z_T, generator, known, keep, progress)
+        return ddpm_sample(eps_fn, schedule, z_T, generator, known, keep, progress, clip_x0)
     if sampler == "ddim":
-        return ddim_sample(eps_fn, schedule, z_T, steps or 50, eta, generator, known, keep, progress)
+        return ddim_sample(eps_fn, schedule, z_T, steps or 50, eta, generator, known, keep, progress, clip_x0)
     raise ValueError(f"unknown sampler '{sampler}', choose one of {SAMPLERS}")
 
 

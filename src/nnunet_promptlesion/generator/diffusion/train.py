@@ -279,12 +279,12 @@ class DiffusionTrainer:
                 log.update(1, loss=logs["loss"])
                 if self.step % run.log_every == 0 or self.step == run.max_steps:
                     log.log(self.step, lr=self.sched.get_last_lr()[0], **logs)
-                if self.env.is_main and (self.step % run.eval_every == 0 or self.step == run.max_steps):
+                if self.env.is_main and run.eval_every > 0 and (self.step % run.eval_every == 0 or self.step == run.max_steps):
                     ev = self.evaluate()
                     log.log(self.step, **ev)
                     log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                     last = {**last, **ev}
-                if self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
+                if (run.checkpoint_every > 0 and self.step % run.checkpoint_every == 0) or self.step == run.max_steps:
                     self.save(final=self.step == run.max_steps)
             if run.stop_after is not None and self.step >= run.stop_after and self.step < run.max_steps:
                 self.save()
