@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="VQGAN preset (default paper)")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
                                              "promptlesion_vqgan__PRESET__CONFIG__foldF)")
+    m.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("P0", "P1", "P2"),
+                   help="patch size in voxels (default: preset, 96 96 96 for paper); divisible by 4")
     m.add_argument("--steps", type=int, default=100000, help="total training steps (default 100000)")
     m.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default: preset, 4 for paper)")
     m.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-4)")
@@ -141,7 +143,13 @@ def main(argv=None) -> int:
         overrides["disc_start"] = args.disc_start
     if args.adversarial is not None:
         overrides["adversarial_criterion"] = args.adversarial
-    cfg = VQGANConfig.from_preset(args.preset, **overrides)
+    if args.patch_size is not None:
+        overrides["patch_size"] = tuple(args.patch_size)
+    try:
+        cfg = VQGANConfig.from_preset(args.preset, **overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = VQGANRunConfig(max_steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep_every=args.keep_every,
                          log_every=args.log_every, num_eval_patches=args.num_eval_patches,

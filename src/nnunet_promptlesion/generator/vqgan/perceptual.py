@@ -112,8 +112,10 @@ class StructurePerceptual2D(nn.Module):
     """Weight-free substitute: two-scale (1 - SSIM) + L1 of image gradients."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a, b = a.float(), b.float()
-        loss = (1 - ssim2d(a, b)) + (1 - ssim2d(F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)))
+        # SSIM's luminance term assumes non-negative intensities: near 0 (soft tissue in [-1, 1]) it is
+        # ill-conditioned and fights the L1 term, so compare in [0, 1]
+        a, b = (a.float() + 1) * 0.5, (b.float() + 1) * 0.5
+        loss = (1 - ssim2d(a, b, 1.0)) + (1 - ssim2d(F.avg_pool2d(a, 2), F.avg_pool2d(b, 2), 1.0))
         for dim in (-1, -2):
             loss = loss + (torch.diff(a, dim=dim) - torch.diff(b, dim=dim)).abs().mean()
         return loss
