@@ -4,8 +4,13 @@ Two named presets:
 
 ``paper``
     For 96^3 patches at ~1 mm encoded by the paper VQGAN into 8 x 24^3 latents: a three-level 3D UNet
-    (24^3, 12^3, 6^3 latent voxels = 1/4, 1/8, 1/16 of the image grid) with self-attention at 12^3, 6^3
-    and in the middle block, prompts injected at all three decoder levels.
+    (24^3, 12^3, 6^3 latent voxels = 1/4, 1/8, 1/16 of the image grid), channels (64, 128, 256), two
+    ResNet blocks per level, self-attention at 12^3, 6^3 and in the middle block, prompts injected at all
+    three decoder levels (41.4M parameters, of which 0.19M in the PromptGenBlocks).
+
+The MaskTransformer uses FF 128 rather than the paper's FF 256: three pre-norm blocks of width 64 with
+FF 256 alone hold 150k parameters, so the stated ~136k total cannot include FF 256 and a patch embedding;
+with FF 128 the whole prompt encoder has 139.4k (within 3% of 136k). ``mt_ff=256`` restores it (188k).
 ``tiny``
     For tests and CPU demos: 8 x (6..8)^3 latents (24^3..32^3 image patches with the tiny VQGAN),
     channels (32, 64, 64), attention only at the coarsest level.
