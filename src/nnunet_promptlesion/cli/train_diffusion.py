@@ -120,11 +120,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ..generator.diffusion.config import DiffusionConfig, PromptVocabulary, make_config
+    from ..generator.diffusion.config import PromptVocabulary, make_config
     from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
     from ..generator.vqgan import check_meta, load_vqgan
-    from ..generator.intensity import IntensitySpace
     from ..synthesis.lesion_spec import LesionSpec, LesionSpecError
     from ..utils.checkpoint import CheckpointError
 
