@@ -153,3 +153,43 @@ def test_cli_errors(tmp_path, trained, capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "torchrun" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_from_nnunet_preprocessed_with_mask_prompt(tmp_path, trained, monkeypatch, capsys):
+    """-d path: nnU-Net preprocessing of the phantom, fold 'all', MaskTransformer prompt, per-class mask."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from nnunet_promptlesion.cli.train_diffusion import main
+    from nnunet_promptlesion.generator.data import PreprocessedPatchSource
+    from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig, save_vqgan
+    from nnunet_promptlesion.utils.checkpoint import load_checkpoint
+
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res")}
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    shutil.copytree(trained["dataset"], tmp_path / "raw" / trained["dataset"].name)
+    exe = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
+    r = subprocess.run([str(exe), "-d", "901", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    src = PreprocessedPatchSource(901, fold="all")
+    torch.manual_seed(0)
+    vq = tmp_path / "vq_pre.pt"
+    save_vqgan(VQGAN(VQGANConfig.tiny(patch_size=(24, 24, 24))), vq, spacing=src.spacing, intensity=src.intensity,
+               step=0, source=src.describe())
+    args = ["-d", "901", "-f", "all", "--steps", "2", "--eval-every", "2", "--prompt-type", "mask", "--per-class-mask",
+            *TRAIN_ARGS]
+    assert main([*args, "--vqgan", str(vq)]) == 0
+    ck = tmp_path / "res" / "Dataset901_PhantomAbdomen" / "promptlesion_diffusion__tiny__3d_fullres__foldall" / "checkpoint_final.pt"
+    meta = load_checkpoint(ck, kind="promptlesion_diffusion")["meta"]
+    assert meta["source"]["type"] == "nnunet_preprocessed" and meta["prompt_type"] == "mask"
+    assert meta["intensity"]["kind"] == "nnunet_ct" and meta["spacing"] == list(src.spacing)
+    assert meta["lesion_spec"]["lesions"][0]["name"] == "liver_tumor"  # found in nnUNet_raw
+    # a VQGAN trained in another intensity space (HU window) is refused with a clear message
+    assert main([*args, "--vqgan", str(trained["vqgan"]), "-o", str(tmp_path / "other")]) == 2
+    assert "intensity space" in capsys.readouterr().err
