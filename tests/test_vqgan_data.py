@@ -53,7 +53,7 @@ def preprocessed(tmp_path_factory):
     (ds / "imagesTr").mkdir(parents=True)
     (ds / "labelsTr").mkdir()
     for i in range(5):
-        hu, lab = synthetic_ct((32, 32, 32), seed=i)
+        hu, lab = synthetic_ct((32, 32, 24), seed=i)  # not cubic: axis order matters
         save_nifti(hu, (1.0, 1.0, 1.0), ds / "imagesTr" / f"vq_{i:03d}_0000.nii.gz")
         save_nifti(lab, (1.0, 1.0, 1.0), ds / "labelsTr" / f"vq_{i:03d}.nii.gz", dtype=np.uint8)
     (ds / "dataset.json").write_text(json.dumps(make_dataset_json({"background": 0, "organ": 1, "lesion": 2}, 5)))
@@ -130,6 +130,7 @@ def test_train_and_reconstruct_commands(preprocessed, tmp_path, monkeypatch, cap
                          "-o", str(rec), "--num-threads", "1"]) == 0
     rep = json.loads((tmp_path / "rec.json").read_text())
     assert np.isfinite(rep["psnr_db"]) and -1 <= rep["ssim"] <= 1 and rep["checkpoint_id"] == meta["checkpoint_id"]
-    assert nib.load(str(rec)).shape == (32, 32, 32)
+    assert nib.load(str(rec)).shape == (32, 32, 24)
+    assert rec_cli.model_axis_permutation(meta) == [2, 1, 0]  # nibabel (x, y, z) -> nnU-Net (z, y, x)
     with pytest.raises(CheckpointError):
         load_vqgan(out / "checkpoint_final.pt", expect_preset="paper")

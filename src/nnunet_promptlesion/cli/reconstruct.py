@@ -1,6 +1,7 @@
 """promptlesion_reconstruct: encode and decode a CT NIfTI with a trained VQGAN; write the reconstruction and its PSNR/SSIM.
 
-The CT (in HU) is resampled to the checkpoint's spacing, mapped to [-1, 1] with the checkpoint's intensity space
+The CT (in HU) is put into the checkpoint's array axis order (nnU-Net's order for a VQGAN trained on nnU-Net
+preprocessed data), resampled to the checkpoint's spacing, mapped to [-1, 1] with the checkpoint's intensity space
 (HU window or nnU-Net CT normalisation), reconstructed patch-wise (MONAI sliding window, Gaussian blending),
 mapped back to HU (values outside the intensity window come back clipped to it) and resampled to the input grid.
 PSNR (dB) and 3D SSIM are computed in model space [-1, 1] (data range 2) at the checkpoint's spacing, MAE in HU
@@ -62,6 +63,21 @@ def reconstruct_volume(model, meta: dict, hu, zooms, overlap: float = 0.25, sw_b
     return {"reconstruction_hu": out, "metrics": metrics}
 
 
+def model_axis_permutation(meta: dict) -> list[int]:
+    """Axis permutation from a nibabel (x, y, z) array to the checkpoint's array order.
+
+    A VQGAN trained on nnU-Net preprocessed data saw nnU-Net's order: (z, y, x) as nnU-Net's readers
+    return it, then permuted by the plans' ``transpose_forward``. A VQGAN trained on a NIfTI folder saw
+    nibabel's order (identity).
+    """
+    src = (meta.get("source") or {}).get("train") or {}
+    if src.get("type") != "nnunet_preprocessed":
+        return [0, 1, 2]
+    tf = src.get("transpose_forward") or [0, 1, 2]
+    zyx = [2, 1, 0]
+    return [zyx[i] for i in tf]
+
+
 def _fit_shape(a, shape):
     import numpy as np
 
@@ -108,7 +124,10 @@ def main(argv=None) -> int:
         print(f"error: {inp} is not a 3D volume (shape {hu.shape})", file=sys.stderr)
         return 2
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    r = reconstruct_volume(model, meta, hu, zooms, args.overlap, args.sw_batch_size, device)
+    perm = model_axis_permutation(meta)
+    hu_m = np.ascontiguousarray(hu.transpose(perm))
+    r = reconstruct_volume(model, meta, hu_m, [zooms[i] for i in perm], args.overlap, args.sw_batch_size, device)
+    r["reconstruction_hu"] = np.ascontiguousarray(r["reconstruction_hu"].transpose(np.argsort(perm)))
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = nib.Nifti1Image(r["reconstruction_hu"].astype(np.float32), img.affine, img.header)
     rec.set_data_dtype(np.float32)

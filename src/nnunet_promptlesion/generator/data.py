@@ -8,7 +8,9 @@ Two sources with one API:
     chooses them (``splits_final.json`` when present, else nnU-Net's seeded 5-fold split or its seeded 80:20
     split for a fold beyond the file; ``fold="all"`` uses every case), so the fold's validation cases never
     reach the generator. ``subset="val"`` gives the validation cases (used for held-out metrics only).
-    Spacing is the configuration's spacing (mm, array axis order); intensities are nnU-Net's CTNormalization
+    Arrays are in nnU-Net's axis order: the reader's order (nnU-Net reads NIfTI as (z, y, x), the reverse of
+    nibabel) permuted by the plans' ``transpose_forward``. Spacing is the configuration's spacing (mm, that
+    array axis order); intensities are nnU-Net's CTNormalization
     z-scores, mapped to [-1, 1] by ``IntensitySpace.from_nnunet_plans``.
 ``NiftiPatchSource(folder, spacing_mm, hu_window=(-175, 250), label_folder=None, cases=None)``
     CT NIfTI files (``*.nii.gz`` / ``*.nii``; ``case_0000.nii.gz`` or ``case.nii.gz``) resampled to
@@ -250,7 +252,10 @@ class PreprocessedPatchSource(PatchSource):
     def describe(self) -> dict:
         return {"type": "nnunet_preprocessed", "dataset": self.dataset_folder.name, "configuration": self.configuration,
                 "plans": self.plans_name, "fold": str(self.fold), "subset": self.subset,
-                "num_cases": len(self.case_ids)}
+                "num_cases": len(self.case_ids),
+                # arrays are in nnU-Net's order: reader order (z, y, x for NIfTI) permuted by transpose_forward
+                "axis_order": "nnunet", "transpose_forward": list(self.plans.get("transpose_forward", [0, 1, 2])),
+                "image_reader_writer": self.plans.get("image_reader_writer")}
 
 
 # ------------------------------------------------------------------------------------------------
