@@ -48,8 +48,9 @@ def test_tiny_overfits_a_handful_of_patches(tmp_path):
     print(f"overfit: L1 {l1_0:.3f} -> {l1_1:.3f}, PSNR {psnr_0:.2f} -> {psnr_1:.2f} dB, {codes} codes")
     assert l1_1 * 5 <= l1_0, f"L1 fell only {l1_0 / l1_1:.1f}x"
     assert psnr_1 - psnr_0 >= 8.0
-    # 4 patches x 4^3 latent tokens = 256 tokens; without dead-code restart ~51 distinct codes
-    assert codes >= 48
+    # 4 patches x 4^3 latent tokens = 256 tokens. Measured here: 66 distinct codes with dead-code restart,
+    # 54 with restart_every=0, so the floor of 60 fails when the restart does not work.
+    assert codes >= 60
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     ev = [r for r in log if "eval_psnr" in r]
     assert ev and ev[-1]["step"] == 200 and "eval_ssim" in ev[-1] and "eval_code_usage" in ev[-1]
