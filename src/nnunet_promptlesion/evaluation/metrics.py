@@ -1,0 +1,179 @@
+"""Array-level segmentation metrics: Dice (nnU-Net's definition), normalised surface Dice, lesion matching.
+
+All functions take boolean masks of one class with the *same* axis order as ``spacing``: for images read
+with nnU-Net's reader/writers that is the array order of ``read_seg`` (SimpleITK: z, y, x) and the
+``spacing`` entry of its properties, in mm.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+from scipy import ndimage
+
+
+def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict:
+    """nnU-Net's per-class numbers: {"Dice", "TP", "FP", "FN", "n_ref", "n_pred"} (voxel counts).
+
+    Dice is NaN when the class is absent from both reference and prediction (nnU-Net leaves such cases
+    out of its class means; so do we).
+    """
+    tp, fp, fn, _ = compute_tp_fp_fn_tn(ref, pred, ignore)
+    tp, fp, fn = int(tp), int(fp), int(fn)
+    dice = float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    return {"Dice": dice, "TP": tp, "FP": fp, "FN": fn, "n_ref": tp + fn, "n_pred": tp + fp}
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    # A surface voxel is a foreground voxel with a background voxel among its 6 face neighbours
+    # (voxels on the array border count as surface: the outside is background).
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
+    """Normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``, in [0, 1].
+
+    Surfaces are the boundary voxels of each mask; a boundary voxel counts as matched when the Euclidean
+    distance (in mm, using ``spacing``) from its centre to the nearest boundary voxel of the other mask is
+    <= ``tolerance_mm``. NSD = matched boundary voxels of both masks / all boundary voxels. This is the
+    voxel-based definition of MONAI's ``compute_surface_dice`` (``use_subvoxels=False``).
+    NaN when both masks are empty, 0 when exactly one is.
+    """
+    ref = np.asarray(ref, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if ref.shape != pred.shape or len(spacing) != ref.ndim:
+        raise ValueError(f"shapes {ref.shape} vs {pred.shape} and spacing {tuple(spacing)} do not match")
+    if not ref.any() and not pred.any():
+        return float("nan")
+    if not ref.any() or not pred.any():
+        return 0.0
+    # Crop to the union bounding box plus one voxel of zero padding: all boundary voxels lie inside, and the
+    # Euclidean distance transform gives the same nearest-boundary distances as on the full volume.
+    idx = np.argwhere(ref | pred)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ref_c = np.pad(ref[sl], 1)
+    pred_c = np.pad(pred[sl], 1)
+    e_ref, e_pred = _edges(ref_c), _edges(pred_c)
+    d_to_ref = ndimage.distance_transform_edt(~e_ref, sampling=spacing)
+    d_to_pred = ndimage.distance_transform_edt(~e_pred, sampling=spacing)
+    matched = int((d_to_ref[e_pred] <= tolerance_mm).sum()) + int((d_to_pred[e_ref] <= tolerance_mm).sum())
+    return matched / float(e_ref.sum() + e_pred.sum())
+
+
+#: 26-connectivity in 3D (8 in 2D): lesions touching at an edge or corner are one lesion.
+def _structure(ndim: int) -> np.ndarray:
+    return ndimage.generate_binary_structure(ndim, ndim)
+
+
+def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:
+    """Radius (mm) of the sphere with the same volume as ``n_voxels`` voxels of size ``spacing`` (mm)."""
+    volume = n_voxels * float(np.prod(spacing))
+    return (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+
+@dataclass
+class SizeBins:
+    """Contiguous equivalent-radius bins (mm): bin i holds radii in (upper[i-1], upper[i]]; the last bin is open.
+
+    Built from the lesion spec's ``radius_mm`` ranges: their upper bounds become the bin edges, and one
+    more bin catches lesions larger than every range (real lesions may exceed the synthesis ranges).
+    """
+
+    upper: list[float]  # increasing; the last bin (> upper[-1]) is implicit
+
+    @classmethod
+    def from_ranges(cls, ranges: Sequence[Sequence[float]] | None) -> "SizeBins":
+        if not ranges:
+            return cls(upper=[])
+        return cls(upper=sorted({float(r[1]) for r in ranges}))
+
+    @property
+    def names(self) -> list[str]:
+        if not self.upper:
+            return ["all"]
+        names = [f"<={self.upper[0]:g}mm"]
+        names += [f"{a:g}-{b:g}mm" for a, b in zip(self.upper[:-1], self.upper[1:])]
+        names.append(f">{self.upper[-1]:g}mm")
+        return names
+
+    def assign(self, radius_mm: float) -> str:
+        names = self.names
+        for i, u in enumerate(self.upper):
+            if radius_mm <= u:
+                return names[i]
+        return names[-1]
+
+
+@dataclass
+class LesionMatch:
+    """Lesion-wise result of one class in one case.
+
+    lesions: one dict per ground-truth connected component: {"id", "voxels", "radius_mm", "dice", "detected",
+        "centroid" (voxel indices, array axis order)}.
+    false_positives: one dict per predicted component that touches no ground-truth lesion:
+        {"voxels", "radius_mm", "centroid"}.
+    n_pred: number of predicted components.
+    """
+
+    lesions: list[dict] = field(default_factory=list)
+    false_positives: list[dict] = field(default_factory=list)
+    n_pred: int = 0
+
+
+def match_lesions(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], min_dice: float = 0.0) -> LesionMatch:
+    """Match connected components (26-connectivity) of reference and prediction of one class.
+
+    A ground-truth lesion's Dice is computed against the union of the predicted components that overlap
+    it (DiffTumor/LiTS style); it is *detected* when that Dice is > ``min_dice`` (default 0: any overlap).
+    A missed lesion has Dice 0. Predicted components that overlap no ground-truth lesion are false
+    positives.
+    """
+    ref = np.asarray(ref, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    st = _structure(ref.ndim)
+    ref_lab, n_ref = ndimage.label(ref, structure=st)
+    pred_lab, n_pred = ndimage.label(pred, structure=st)
+    out = LesionMatch(n_pred=int(n_pred))
+    if n_ref == 0 and n_pred == 0:
+        return out
+    # Overlap table between reference and predicted components: one pass over the overlapping voxels.
+    both = ref & pred
+    pairs = np.unique(np.stack([ref_lab[both], pred_lab[both]]), axis=1) if both.any() else np.zeros((2, 0), int)
+    ref_sizes = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)
+    pred_sizes = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)
+    ref_slices = ndimage.find_objects(ref_lab)
+    pred_slices = ndimage.find_objects(pred_lab)
+    for i in range(1, n_ref + 1):
+        touching = pairs[1][pairs[0] == i]
+        if touching.size:
+            # Overlap of lesion i with the union of its touching predicted components.
+            sl = _union_slice([ref_slices[i - 1]] + [pred_slices[j - 1] for j in touching])
+            les = ref_lab[sl] == i
+            pr = np.isin(pred_lab[sl], touching)
+            inter = int((les & pr).sum())
+            dice = 2.0 * inter / (ref_sizes[i] + pred_sizes[touching].sum())
+        else:
+            dice = 0.0
+        out.lesions.append({"id": i, "voxels": int(ref_sizes[i]), "radius_mm": equivalent_radius_mm(ref_sizes[i], spacing),
+                            "dice": float(dice), "detected": bool(dice > min_dice),
+                            "centroid": _centroid(ref_slices[i - 1], ref_lab, i)})
+    matched_pred = set(int(j) for j in pairs[1])
+    for j in range(1, n_pred + 1):
+        if j not in matched_pred:
+            out.false_positives.append({"voxels": int(pred_sizes[j]),
+                                        "radius_mm": equivalent_radius_mm(pred_sizes[j], spacing),
+                                        "centroid": _centroid(pred_slices[j - 1], pred_lab, j)})
+    return out
+
+
+def _union_slice(slices: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    return tuple(slice(min(s[d].start for s in slices), max(s[d].stop for s in slices)) for d in range(len(slices[0])))
+
+
+def _centroid(sl: tuple[slice, ...], lab: np.ndarray, i: int) -> list[float]:
+    idx = np.argwhere(lab[sl] == i)
+    return [round(float(c + s.start), 1) for c, s in zip(idx.mean(0), sl)]
