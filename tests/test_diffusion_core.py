@@ -10,7 +10,7 @@ from nnunet_promptlesion.generator.diffusion.inpaint import blend, blend_weights
 from nnunet_promptlesion.generator.diffusion.prompts import MaskTransformer, PromptGenBlock
 from nnunet_promptlesion.generator.diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, guided_eps_fn
 from nnunet_promptlesion.generator.diffusion.schedule import NoiseSchedule
-from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet, count_parameters
+from nnunet_promptlesion.generator.diffusion.unet import PromptInjection, PromptLesionUNet, count_parameters
 
 torch.set_num_threads(1)  # robust under CPU contention (other test runs in parallel)
 
@@ -101,7 +101,8 @@ def test_guidance_scale_one_equals_conditional_prediction():
     t = torch.tensor([10, 300])
     with torch.no_grad():
         cond = m(z, t, zh, region, ids)
-        null = m(z, t, zh, region, torch.zeros_like(ids))
+        null = m(z, t, zh, region, torch.full_like(ids, m.config.null_id))
+        healthy = m(z, t, zh, region, torch.zeros_like(ids))
         batched_1 = guided_eps_fn(m, zh, region, ids, 1.0, always_batch_null=True)(z, t)
         fast_1 = guided_eps_fn(m, zh, region, ids, 1.0)(z, t)
         g3 = guided_eps_fn(m, zh, region, ids, 3.0)(z, t)
@@ -109,16 +110,21 @@ def test_guidance_scale_one_equals_conditional_prediction():
     torch.testing.assert_close(fast_1, cond)
     torch.testing.assert_close(g3, null + 3.0 * (cond - null), rtol=1e-4, atol=1e-5)
     assert (g3 - cond).abs().max() > 1e-4
+    # the guidance null token is its own prompt, not "healthy"
+    assert m.config.null_id == 3 and (null - healthy).abs().max() > 1e-4
 
 
 def test_mask_transformer_parameter_count_and_tokens():
+    # paper settings: 24^3, 8^3 patches, 3 blocks, width 64, 4 heads, FF 256 (the documented counts)
     for k in (1, 2, 3):
-        mt = MaskTransformer(num_classes=k)  # paper settings: 24^3, 8^3 patches, 3 blocks, width 64, 4 heads
-        n = count_parameters(mt)
-        assert abs(n - 136_000) / 136_000 < 0.10, n
+        mt = MaskTransformer(num_classes=k)
+        assert count_parameters(mt) == 221_760 + 64 * (k - 2)
+        assert count_parameters(MaskTransformer(num_classes=k, ff=128)) == 172_224 + 64 * (k - 2)
         assert mt.num_tokens == 27
-    out = MaskTransformer(2)(torch.rand(3, 2, 24, 24, 24))
+    out = MaskTransformer(2)(torch.rand(3, 4, 24, 24, 24))  # parent, region, 2 classes
     assert out.shape == (3, 64)
+    with pytest.raises(ValueError, match="channels"):
+        MaskTransformer(2)(torch.rand(3, 2, 24, 24, 24))  # the old region + class input
 
 
 @pytest.mark.parametrize("prompt_type", ["onehot", "mask"])
@@ -126,7 +132,7 @@ def test_prompt_injected_at_exactly_three_decoder_levels(prompt_type):
     m = _tiny_model(prompt_type)
     sizes = []
     hooks = [mod.register_forward_hook(lambda mod, inp, out: sizes.append(tuple(out.shape[2:])))
-             for mod in m.modules() if isinstance(mod, PromptGenBlock)]
+             for mod in m.modules() if isinstance(mod, PromptInjection)]
     with torch.no_grad():
         m(torch.randn(2, 8, 8, 8, 8), torch.tensor([0, 5]), torch.randn(2, 8, 8, 8, 8), torch.ones(2, 1, 8, 8, 8),
           torch.tensor([1, 2]))
@@ -139,10 +145,10 @@ def test_prompt_injected_at_exactly_three_decoder_levels(prompt_type):
 def test_paper_preset_shapes_and_parameter_count():
     cfg = DiffusionConfig.paper(num_classes=2, prompt_type="mask", per_class_mask=True)
     m = PromptLesionUNet(cfg).eval()
-    assert cfg.in_channels == 8 + 8 + 3
+    assert cfg.in_channels == 8 + 8 + 3 and cfg.mt_ff == 256 and cfg.vocab_size == 4
     sizes = []
     hooks = [mod.register_forward_hook(lambda mod, inp, out: sizes.append(tuple(out.shape[2:])))
-             for mod in m.modules() if isinstance(mod, PromptGenBlock)]
+             for mod in m.modules() if isinstance(mod, PromptInjection)]
     with torch.no_grad():
         out = m(torch.randn(1, 8, 24, 24, 24), torch.tensor([399]), torch.randn(1, 8, 24, 24, 24),
                 torch.zeros(1, 1, 24, 24, 24), torch.tensor([2]))

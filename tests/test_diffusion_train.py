@@ -91,6 +91,10 @@ def test_checkpoint_metadata_pngs_and_prompts(trained):
     assert meta["vocabulary"]["names"] == ["healthy", "liver_tumor", "kidney_tumor", "pancreas_tumor"]
     assert meta["vocabulary"]["labels"] == [0, 4, 5, 6]
     assert meta["prompt_type"] == "onehot"
+    # the CFG null token is its own id after the classes; the MaskTransformer channel layout is recorded
+    assert meta["format_version"] == 2 and meta["null_prompt_id"] == 4
+    assert meta["mask_prompt_channels"] == ["parent", "region", "class:liver_tumor", "class:kidney_tumor",
+                                            "class:pancreas_tumor"]
     assert meta["schedule"]["timesteps"] == 400 and meta["schedule"]["alpha_bar_T"] < 1e-3
     assert meta["spacing"] == [2.5, 2.5, 3.0] and meta["patch_size"] == [24, 24, 24]
     assert meta["source"]["type"] == "nifti_folder" and meta["step"] == TRAIN_STEPS

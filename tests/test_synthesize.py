@@ -103,3 +103,91 @@ def test_synthesize_real_ct_with_mask_and_errors(tmp_path, trained, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--size-mm" in capsys.readouterr().out
+
+
+def _nnunet_generator_pair(tmp_path, spacing_g, transpose_forward):
+    """A VQGAN + diffusion checkpoint pair whose metadata says: trained with -d (nnU-Net order, spacing
+    ``spacing_g`` mm in that order). Untrained weights: the geometry test replaces the sampler."""
+    import torch
+
+    from nnunet_promptlesion.generator.diffusion.checkpoint import build_meta
+    from nnunet_promptlesion.generator.diffusion.config import DiffusionConfig, PromptVocabulary
+    from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
+    from nnunet_promptlesion.generator.intensity import IntensitySpace
+    from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig, save_vqgan
+    from nnunet_promptlesion.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    source = {"type": "nnunet_preprocessed", "axis_order": "nnunet", "transpose_forward": list(transpose_forward)}
+    vq = tmp_path / "vq.pt"
+    save_vqgan(VQGAN(VQGANConfig.tiny(patch_size=(24, 24, 24))), vq, spacing=spacing_g,
+               intensity=IntensitySpace.hu_window(-175, 250), step=0, source={"train": source, "eval": source})
+    cfg = DiffusionConfig.tiny(num_classes=1, channels=(16, 32, 32))
+    model = PromptLesionUNet(cfg)
+    vocab = PromptVocabulary(names=["healthy", "tumor"], labels=[0, 2])
+    meta = build_meta(cfg, vocab, load_checkpoint(vq)["meta"], vq, (24, 24, 24), 0, source, model.state_dict())
+    ck = tmp_path / "diff.pt"
+    save_checkpoint({"meta": meta, "model": model.state_dict()}, ck)
+    return ck
+
+
+def test_synthesize_uses_the_generators_axis_order_and_spacing(tmp_path, monkeypatch):
+    """Anisotropic CT (0.8 x 0.8 x 3 mm, NIfTI x, y, z), generator trained on nnU-Net data: arrays (z, y, x) at
+    (3.0, 1.6, 0.8) mm. The generator must see the patch in its own order and scale; the result must land
+    on the lesion in the CT."""
+    import nibabel as nib
+    import torch
+
+    from nnunet_promptlesion.cli.synthesize import main
+    from nnunet_promptlesion.generator.diffusion import inpaint
+
+    ck = _nnunet_generator_pair(tmp_path, (3.0, 1.6, 0.8), (0, 1, 2))
+    shape = (48, 40, 14)
+    x = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    ct = np.broadcast_to(-150.0 + 8.0 * x, shape).astype(np.int16)  # HU ramp along x only: asymmetric
+    organ = np.zeros(shape, np.uint8)
+    organ[5:43, 5:35, 2:12] = 1
+    lesion = np.zeros(shape, np.uint8)
+    lesion[20:30, 17:23, 6:8] = 1  # 8 mm along x, 4.8 mm along y, 6 mm along z
+    aff = np.diag([0.8, 0.8, 3.0, 1.0])
+    for name, arr in (("ct", ct), ("organ", organ), ("lesion", lesion)):
+        nib.save(nib.Nifti1Image(arr, aff), str(tmp_path / f"{name}.nii.gz"))
+
+    seen = {}
+    bright = float(np.asarray(inpaint_space_value(200.0)))
+
+    def fake_inpaint(vqgan, model, image, lesion_mask, prompt_ids, **kw):
+        seen.update(image=image.numpy(), mask=lesion_mask.numpy(), parent=kw.get("parent_mask"))
+        decoded = torch.full_like(image, bright)
+        return image, decoded, None
+
+    monkeypatch.setattr(inpaint, "inpaint_lesions", fake_inpaint)
+    rc = main(["-i", str(tmp_path / "ct.nii.gz"), "--parent-mask", str(tmp_path / "organ.nii.gz"), "--parent-label", "1",
+               "--prompt", "tumor", "--mask", str(tmp_path / "lesion.nii.gz"), "--diffusion", str(ck),
+               "--device", "cpu", "-o", str(tmp_path / "out")])
+    assert rc == 0
+    m = seen["mask"][0, 0] > 0.5
+    extent = [int(np.ptp(np.nonzero(m.any(axis=tuple(a for a in range(3) if a != k)))[0])) + 1 for k in range(3)]
+    # (z, y, x) in generator voxels: 6 / 3.0, 4.8 / 1.6 (+1 from the 0.5 threshold at the edges), 8 / 0.8
+    assert extent[0] == 2 and extent[1] in (3, 4) and extent[2] == 10, extent
+    img = seen["image"][0, 0]
+    c = 12
+    assert np.all(np.diff(img[c, c, 4:20]) > 0)          # the ramp runs along the generator's last axis (x)
+    assert np.ptp(img[:, c, c]) < 1e-5 and np.ptp(img[c, :, c]) < 1e-5
+    parent = seen["parent"].numpy()  # the organ reaches the generator (MaskTransformer prompts read it)
+    assert (parent >= seen["mask"]).all() and parent.sum() > 5 * seen["mask"].sum()
+
+    syn = _load(tmp_path / "out" / "ct_synthetic.nii.gz")
+    lab = _load(tmp_path / "out" / "ct_lesions.nii.gz")
+    assert np.array_equal(lab > 0, lesion > 0)
+    assert syn[lesion > 0].mean() > 180  # the generated content (200 HU) lands on the lesion (was 10-82 HU)
+    any_change, outside = _changed_within_dilated_masks(ct, syn, lesion > 0, [0.8, 0.8, 3.0], [3.0, 1.6, 0.8])
+    assert any_change and not outside
+    rec = json.loads((tmp_path / "out" / "ct_synthesis.json").read_text())
+    assert rec["generator_axes"] == [2, 1, 0]
+
+
+def inpaint_space_value(hu: float) -> float:
+    from nnunet_promptlesion.generator.intensity import IntensitySpace
+
+    return float(IntensitySpace.hu_window(-175, 250).hu_to_model(np.float32(hu)))

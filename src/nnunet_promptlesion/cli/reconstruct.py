@@ -68,9 +68,10 @@ def model_axis_permutation(meta: dict) -> list[int]:
 
     A VQGAN trained on nnU-Net preprocessed data saw nnU-Net's order: (z, y, x) as nnU-Net's readers
     return it, then permuted by the plans' ``transpose_forward``. A VQGAN trained on a NIfTI folder saw
-    nibabel's order (identity).
+    nibabel's order (identity). Works for VQGAN and diffusion checkpoint metadata.
     """
-    src = (meta.get("source") or {}).get("train") or {}
+    src = meta.get("source") or {}
+    src = src.get("train") or src  # VQGAN meta: {"train": ..., "eval": ...}; diffusion meta: the source itself
     if src.get("type") != "nnunet_preprocessed":
         return [0, 1, 2]
     tf = src.get("transpose_forward") or [0, 1, 2]

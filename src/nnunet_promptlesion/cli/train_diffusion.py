@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onehot: class prompt; mask: implicit MaskTransformer prompt over the class mask (default onehot)")
     m.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                    help="UNet channels per level, overriding the preset (e.g. 16 32 32 for a CPU smoke test)")
+    m.add_argument("--mt-ff", type=int, default=None, metavar="N",
+                   help="MaskTransformer feed-forward width (default 256, the paper's; 128 is the smaller option)")
     m.add_argument("--per-class-mask", action="store_true", help="feed one mask channel per class (plus the region) to the UNet")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
                                              "promptlesion_diffusion__PRESET__CONFIG__foldF)")
@@ -139,14 +141,13 @@ def main(argv=None) -> int:
         vocab = PromptVocabulary.from_lesion_spec(spec)
         overrides = {}
         for name, key in (("lesion_loss_weight", "lesion_loss_weight"), ("prompt_dropout", "prompt_dropout"),
-                          ("timesteps", "timesteps"), ("channels", "channels")):
+                          ("timesteps", "timesteps"), ("channels", "channels"), ("mt_ff", "mt_ff")):
             if getattr(args, name) is not None:
                 overrides[key] = getattr(args, name)
-        f = int(vqgan.downsample_factor)
         patch = tuple(int(x) for x in vqgan.config.patch_size)
         cfg = make_config(args.preset, num_classes=len(spec.lesions), prompt_type=args.prompt_type,
                           per_class_mask=args.per_class_mask, latent_channels=int(vqgan.config.latent_dim),
-                          latent_size=tuple(s // f for s in patch), **overrides)
+                          **overrides)
         data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction)
     except (CheckpointError, FileNotFoundError, ValueError, LesionSpecError, NoLesionsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

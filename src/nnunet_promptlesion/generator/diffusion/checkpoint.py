@@ -7,7 +7,11 @@ also hold ``ema``, optimizer, scheduler, step and RNG). ``meta`` keys:
 (prompt names and labels, id 0 = healthy); ``prompt_type`` ("onehot" / "mask"); ``schedule`` (T, betas,
 alpha_bar_T); ``vqgan`` (checkpoint_id, preset, path, downsample factor, latent_dim); ``spacing`` (mm, array
 axis order) and ``intensity`` (IntensitySpace dict) copied from the VQGAN; ``patch_size`` (image voxels);
-``lesion_spec``; ``source``; ``step``; ``checkpoint_id`` (sha256 of the sampling weights, EMA if present).
+``lesion_spec``; ``source``; ``step``; ``checkpoint_id`` (sha256 of the sampling weights, EMA if present);
+``format_version`` (:data:`~.config.FORMAT_VERSION`); ``null_prompt_id`` (the classifier-free-guidance null
+token, K + 1); ``mask_prompt_channels`` (names of the MaskTransformer input channels: parent, region, one per
+class; recorded for every prompt type). Checkpoints written before format 2 (healthy prompt doubling as the
+null prompt, MaskTransformer over the lesion region only, lesion-leaking healthy context) are refused.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint
-from .config import DiffusionConfig, PromptVocabulary
+from .config import FORMAT_VERSION, DiffusionConfig, PromptVocabulary, mask_prompt_channels
 from .schedule import NoiseSchedule
 from .unet import PromptLesionUNet
 
@@ -54,6 +58,9 @@ def build_meta(cfg: DiffusionConfig, vocab: PromptVocabulary, vqgan_meta: dict, 
         "source": source,
         "step": int(step),
         "checkpoint_id": weights_id(sampling_state),
+        "format_version": FORMAT_VERSION,
+        "null_prompt_id": cfg.null_id,
+        "mask_prompt_channels": mask_prompt_channels(vocab.names[1:]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "package_version": __version__,
     }
@@ -72,15 +79,40 @@ def check_vqgan_pairing(meta: dict, vqgan_meta: dict, path, vqgan_path) -> None:
             f"{vqgan_path} holds VQGAN {have}. Pass the VQGAN checkpoint the diffusion model was trained with.")
 
 
+def check_format(meta: dict, path) -> None:
+    """Refuse checkpoints of an older layout with a message that says what changed and what to do."""
+    version = meta.get("format_version", 1)
+    if version != FORMAT_VERSION or "null_prompt_id" not in meta or "mask_prompt_channels" not in meta:
+        raise CheckpointError(
+            f"{path} is a diffusion checkpoint of format {version}; this nnunet_promptlesion reads format "
+            f"{FORMAT_VERSION} only (separate classifier-free-guidance null token, MaskTransformer over parent + "
+            "region + class channels, feature-driven PromptGenBlocks, healthy context encoded from the masked "
+            "image). Its weights were trained for other inputs and would be misread: retrain it with "
+            "promptlesion_train_diffusion (the VQGAN checkpoint stays valid).")
+    cfg = meta.get("config", {})
+    if meta["null_prompt_id"] != cfg.get("num_classes", -2) + 1:
+        raise CheckpointError(f"{path}: null_prompt_id {meta['null_prompt_id']} does not match the stored config")
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """"auto" -> bfloat16 on CUDA, float32 elsewhere; a torch.dtype or its name ("bfloat16", "float32")."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True,
-                   expect_vqgan_id: str | None = None) -> tuple[PromptLesionUNet, dict]:
+                   expect_vqgan_id: str | None = None, dtype: str | torch.dtype = "float32") -> tuple[PromptLesionUNet, dict]:
     """Load a diffusion checkpoint safely (``weights_only=True``) -> (eval-mode denoiser, meta).
 
     ``use_ema`` picks the EMA weights when the file holds them (training checkpoints). With
-    ``expect_vqgan_id`` a checkpoint trained on another VQGAN is refused.
+    ``expect_vqgan_id`` a checkpoint trained on another VQGAN is refused. ``dtype`` ("auto" = bf16 on
+    CUDA, fp32 elsewhere) casts the weights once, for inference without autocast. Checkpoints of an older
+    format are refused (:func:`check_format`).
     """
     state = load_checkpoint(path, map_location=map_location, kind=KIND)
     meta = dict(state["meta"])
+    check_format(meta, path)
     cfg = config_from_dict(DiffusionConfig, meta["config"])
     if expect_vqgan_id is not None and meta.get("vqgan", {}).get("checkpoint_id") != expect_vqgan_id:
         raise CheckpointError(f"{path} was trained with VQGAN {meta.get('vqgan', {}).get('checkpoint_id')}, "
@@ -91,20 +123,23 @@ def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the stored diffusion config: {e}") from e
-    model.to(map_location).eval().requires_grad_(False)
+    model.to(device=map_location, dtype=resolve_dtype(dtype, map_location)).eval().requires_grad_(False)
     meta["weights"] = "ema" if weights is state.get("ema") else "model"
     return model, meta
 
 
 def load_generator_pair(diffusion_path: str | os.PathLike, vqgan_path: str | os.PathLike | None = None,
-                        map_location: str | torch.device = "cpu"):
+                        map_location: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"):
     """(vqgan, vqgan_meta, model, meta, vocabulary): a diffusion checkpoint and its VQGAN, identity checked.
 
-    ``vqgan_path`` defaults to the path stored in the diffusion checkpoint.
+    ``vqgan_path`` defaults to the path stored in the diffusion checkpoint. ``dtype`` is the denoiser's
+    weight dtype ("auto": bf16 on CUDA, fp32 on CPU; cast once here, so sampling needs no autocast for it);
+    the VQGAN stays fp32 (its codebook snap needs it; run it under autocast on CUDA). ``meta`` holds
+    ``null_prompt_id`` and ``mask_prompt_channels`` besides the keys listed in the module docstring.
     """
     from ..vqgan import load_vqgan
 
-    model, meta = load_diffusion(diffusion_path, map_location)
+    model, meta = load_diffusion(diffusion_path, map_location, dtype=dtype)
     if vqgan_path is None:
         vqgan_path = meta.get("vqgan", {}).get("path")
         if not vqgan_path or not Path(vqgan_path).is_file():

@@ -6,18 +6,23 @@ Two named presets:
     For 96^3 patches at ~1 mm encoded by the paper VQGAN into 8 x 24^3 latents: a three-level 3D UNet
     (24^3, 12^3, 6^3 latent voxels = 1/4, 1/8, 1/16 of the image grid), channels (64, 128, 256), two
     ResNet blocks per level, self-attention at 12^3, 6^3 and in the middle block, prompts injected at all
-    three decoder levels (41.4M parameters, of which 0.19M in the PromptGenBlocks).
-
-The MaskTransformer uses FF 128 rather than the paper's FF 256: three pre-norm blocks of width 64 with
-FF 256 alone hold 150k parameters, so the stated ~136k total cannot include FF 256 and a patch embedding;
-with FF 128 the whole prompt encoder has 139.4k (within 3% of 136k). ``mt_ff=256`` restores it (188k).
+    three decoder levels.
 ``tiny``
     For tests and CPU demos: 8 x (6..8)^3 latents (24^3..32^3 image patches with the tiny VQGAN),
     channels (32, 64, 64), attention only at the coarsest level.
 
-The prompt vocabulary is ``("healthy", *lesion class names)``; prompt id 0 ("healthy") is also the
-null prompt of classifier-free guidance. Class names live in the checkpoint metadata, the config only
-holds their number (``num_classes``).
+Prompt ids: 0 = "healthy" (an identity prompt trained only on healthy targets), 1..K = the lesion classes
+(``num_classes`` = K), and ``null_id`` = K + 1, the classifier-free-guidance null token that prompt dropout
+substitutes. The null token never names a class: a healthy crop keeps id 0 and is never dropped to it.
+Class names live in the checkpoint metadata (:class:`PromptVocabulary`), the config only holds K.
+
+The MaskTransformer (``prompt_type="mask"``) reads the multi-class segmentation mask of the crop on the
+latent grid, channels :func:`mask_prompt_channels`: the parent structure (organ / vessel wall, including the
+lesion), the region to generate, and one channel per lesion class (the region, in the prompt's class channel;
+all zero for the healthy prompt). Its FF width is the paper's 256 by default: 221,760 parameters with two
+lesion classes (+64 per further class), of which 65,600 in the 8^3 patch embedding of the two shape channels
+and 149,952 in the three blocks; ``mt_ff=128`` is the smaller option (172,224). The paper's "about 136k" fits
+neither FF 256 nor a two-channel patch embedding (three FF-256 blocks alone hold 150k).
 """
 from __future__ import annotations
 
@@ -25,6 +30,14 @@ from dataclasses import dataclass, field
 
 PROMPT_TYPES = ("onehot", "mask")
 HEALTHY = "healthy"
+#: Version of the checkpoint layout this code writes and reads. 2: separate CFG null token, MaskTransformer
+#: over parent + region + class channels, feature-driven PromptGenBlocks, masked-image healthy context.
+FORMAT_VERSION = 2
+
+
+def mask_prompt_channels(class_names) -> list[str]:
+    """Names of the MaskTransformer input channels, in order: parent, region, one per lesion class."""
+    return ["parent", "region", *[f"class:{n}" for n in class_names]]
 
 
 @dataclass
@@ -60,7 +73,7 @@ class DiffusionConfig:
     mt_depth: int = 3
     mt_width: int = 64
     mt_heads: int = 4
-    mt_ff: int = 128
+    mt_ff: int = 256  # the paper's FF width; 128 is the smaller option
     # noise schedule
     timesteps: int = 400
     beta_start: float = 1e-4
@@ -69,14 +82,12 @@ class DiffusionConfig:
     scale_betas_to_1000: bool = True
     # loss
     lesion_loss_weight: float = 1.0  # extra MSE weight inside the (latent) lesion region: w = 1 + this * m
-    prompt_dropout: float = 0.1      # probability of replacing the prompt by the healthy/null prompt
-    latent_size: tuple[int, int, int] = (8, 8, 8)  # nominal training latent grid (reporting, sample grids)
+    prompt_dropout: float = 0.1      # probability of replacing a prompt by the CFG null token (null_id)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         self.prompt_levels = tuple(int(p) for p in self.prompt_levels)
-        self.latent_size = tuple(int(s) for s in self.latent_size)
         if self.prompt_type not in PROMPT_TYPES:
             raise ValueError(f"prompt_type must be one of {PROMPT_TYPES}, got '{self.prompt_type}'")
         if len(self.attention_levels) != len(self.channels):
@@ -92,8 +103,18 @@ class DiffusionConfig:
 
     @property
     def vocab_size(self) -> int:
-        """Number of prompt ids: healthy (0) + one per lesion class."""
+        """Number of prompt ids: healthy (0), one per lesion class (1..K) and the CFG null token (K + 1)."""
+        return self.num_classes + 2
+
+    @property
+    def null_id(self) -> int:
+        """Prompt id of the classifier-free-guidance null token (never a class, never "healthy")."""
         return self.num_classes + 1
+
+    @property
+    def mt_channels(self) -> int:
+        """MaskTransformer input channels: parent, region, one per lesion class."""
+        return 2 + self.num_classes
 
     @property
     def mask_channels(self) -> int:
@@ -108,7 +129,7 @@ class DiffusionConfig:
     def paper(cls, num_classes: int = 2, prompt_type: str = "onehot", **kw) -> "DiffusionConfig":
         base = dict(preset="paper", num_classes=num_classes, prompt_type=prompt_type, channels=(64, 128, 256),
                     num_res_blocks=2, attention_levels=(False, True, True), head_channels=64, norm_groups=32,
-                    prompt_channels=32, prompt_base_size=6, mt_grid=24, mt_patch=8, latent_size=(24, 24, 24))
+                    prompt_channels=32, prompt_base_size=6, mt_grid=24, mt_patch=8)
         base.update(kw)
         return cls(**base)
 
@@ -116,7 +137,7 @@ class DiffusionConfig:
     def tiny(cls, num_classes: int = 2, prompt_type: str = "onehot", **kw) -> "DiffusionConfig":
         base = dict(preset="tiny", num_classes=num_classes, prompt_type=prompt_type, channels=(32, 64, 64),
                     num_res_blocks=1, attention_levels=(False, False, True), head_channels=32, norm_groups=8,
-                    prompt_channels=8, prompt_base_size=4, mt_grid=8, mt_patch=4, latent_size=(8, 8, 8))
+                    prompt_channels=8, prompt_base_size=4, mt_grid=8, mt_patch=4)
         base.update(kw)
         return cls(**base)
 

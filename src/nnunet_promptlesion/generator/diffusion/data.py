@@ -6,6 +6,8 @@ the source) with
 
 * ``image`` (1, X, Y, Z) float32 in the VQGAN model space [-1, 1],
 * ``mask``  (1, X, Y, Z) float32 in {0, 1}: the region the model has to generate,
+* ``parent`` (1, X, Y, Z) float32 in {0, 1}: the parent structure of the lesion class (organ / vessel wall
+  labels of the lesion spec), lesion voxels included (they grew inside it); the MaskTransformer reads it,
 * ``prompt`` the prompt id (0 = healthy, k = k-th lesion class of the :class:`~.config.PromptVocabulary`).
 
 Lesion crop of class k: a case containing label k, centred on a random voxel of that label (from the
@@ -36,6 +38,7 @@ class Crop:
     mask: np.ndarray   # (1, X, Y, Z) float32 {0, 1}
     prompt: int
     case_id: str
+    parent: np.ndarray | None = None  # (1, X, Y, Z) float32 {0, 1}; None = unknown (treated as the mask)
 
 
 class NoLesionsError(RuntimeError):
@@ -81,7 +84,9 @@ class LesionCropSampler:
         shift = np.round(rng.uniform(-self.jitter, self.jitter, 3) * np.asarray(self.patch_size)).astype(int)
         p = self.source.patch_around(cid, centre + shift, self.patch_size)
         mask = (p.seg == label).astype(np.float32)
-        return Crop(p.image.astype(np.float32), mask, prompt, cid)
+        lesion = next((l for l in self.spec.lesions if l.label == label), None)
+        parent = np.isin(p.seg, lesion.parents) if lesion is not None else np.zeros_like(mask, bool)
+        return Crop(p.image.astype(np.float32), mask, prompt, cid, (parent | (mask > 0.5)).astype(np.float32))
 
     def healthy_crop(self, rng: np.random.Generator) -> Crop:
         p = None
@@ -101,7 +106,8 @@ class LesionCropSampler:
             mask = self.mask_sampler.sample(free, anywhere, rng, central)
         if p.seg is not None:  # never ask for healthy tissue outside the image (padded voxels)
             mask &= p.seg[0] >= 0
-        return Crop(p.image.astype(np.float32), mask[None].astype(np.float32), 0, p.case_id)
+        return Crop(p.image.astype(np.float32), mask[None].astype(np.float32), 0, p.case_id,
+                    (parent | mask)[None].astype(np.float32))
 
     def sample(self, rng: np.random.Generator) -> Crop:
         if not self.available or rng.random() < self.healthy_fraction:
@@ -109,12 +115,14 @@ class LesionCropSampler:
         return self.lesion_crop(rng, self.available[int(rng.integers(len(self.available)))])
 
     def batch(self, rng: np.random.Generator, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """``n`` crops stacked: image (n, 1, X, Y, Z), mask (n, 1, X, Y, Z), prompt (n,) long."""
+        """``n`` crops stacked: image, mask, parent (n, 1, X, Y, Z), prompt (n,) long."""
         crops = [self.sample(rng) for _ in range(n)]
         return stack_crops(crops, device)
 
 
 def stack_crops(crops: list[Crop], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """image, mask, parent (n, 1, X, Y, Z) float32 and prompt (n,) long on ``device``."""
     return {"image": torch.from_numpy(np.stack([c.image for c in crops])).to(device),
             "mask": torch.from_numpy(np.stack([c.mask for c in crops])).to(device),
+            "parent": torch.from_numpy(np.stack([c.parent if c.parent is not None else c.mask for c in crops])).to(device),
             "prompt": torch.tensor([c.prompt for c in crops], dtype=torch.long, device=device)}

@@ -3,23 +3,31 @@
 :func:`inpaint_lesions` is the entry point used by the single-CT command and the nnU-Net synthesizer::
 
     out = inpaint_lesions(vqgan, model, image, lesion_mask, prompt_ids, steps=50, sampler="ddim",
-                          guidance=1.0, generator=torch.Generator(device).manual_seed(0))
+                          guidance=1.0, generator=torch.Generator(device).manual_seed(0),
+                          parent_mask=organ)
 
 ``image`` (B, 1, D, H, W) in the VQGAN's model intensity space [-1, 1] (D, H, W divisible by the VQGAN
 downsampling factor 4), ``lesion_mask`` (B, 1, D, H, W) binary, ``prompt_ids`` (B,) long (0 = healthy,
-see :class:`~.config.PromptVocabulary`). Steps:
+1..K lesion classes, see :class:`~.config.PromptVocabulary`), ``parent_mask`` (B, 1, D, H, W) binary organ /
+vessel-wall mask (used by MaskTransformer-prompt models; None = the lesion mask itself). Steps:
 
-1. encode: z = vqgan.encode_latent(image); lesion region on the latent grid m = max-pool of the mask
-   (a latent voxel belongs to the region if any of its 4^3 image voxels does);
-2. start from the healthy latent z_h = (1 - m) z noised to step T-1, and run the reverse process with the
-   known latent kept outside m at every step (noised to that step);
+1. encode (:func:`encode_inputs`, the same function the training uses): z = vqgan.encode_latent(image);
+   the healthy context z_ctx = (1 - m) * encode_latent(image with the mask voxels set to ``MASK_FILL``),
+   which depends on no voxel under the mask; lesion region on the latent grid m = max-pool of the mask (a
+   latent voxel belongs to the region if any of its 4^3 image voxels does), the parent likewise;
+2. start from the healthy context noised to step T-1, and run the reverse process with the known latent z
+   kept outside m at every step (noised to that step);
 3. decode with the codebook snap (vqgan.decode_latent);
 4. blend: out = (1 - g) image + g decoded, g = the mask Gaussian-blurred with sigma (voxels, per sample)
    and held at 1 inside the mask, forced to exactly 0 outside the mask dilated by ``blend_margin(sigma)`` voxels (the same rule as
    :mod:`nnunet_promptlesion.synthesis.blending`), so those voxels are returned bit-identical.
+
+VQGAN encode/decode run in chunks of ``vae_chunk`` samples, so large batches fit; the denoiser runs in its
+own dtype (bf16 weights on CUDA when loaded with ``load_generator_pair(..., dtype="auto")``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -29,6 +37,10 @@ import torch.nn.functional as F
 from ...synthesis.blending import blend_margin
 from .samplers import guided_eps_fn, sample
 from .schedule import NoiseSchedule
+
+#: Model-space value written into the masked voxels before the healthy context is encoded (DiffTumor: the
+#: volume times (1 - mask), i.e. 0 in [-1, 1]). Training and inference must use the same value.
+MASK_FILL = 0.0
 
 
 def latent_region(mask: torch.Tensor, factor: int, size: Sequence[int] | None = None) -> torch.Tensor:
@@ -96,17 +108,51 @@ def blend(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, s
     return torch.where(support, mixed, original)
 
 
+def _chunked(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    if not chunk or x.shape[0] <= chunk:
+        return fn(x)
+    return torch.cat([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+
+@torch.no_grad()
+def encode_inputs(vqgan, image: torch.Tensor, lesion_mask: torch.Tensor, parent_mask: torch.Tensor | None = None,
+                  autocast=None, chunk: int | None = 8) -> dict[str, torch.Tensor]:
+    """Latent-grid model inputs of a batch; used by training and inference alike.
+
+    Returns ``z`` (B, C, d, h, w) the latent of the image, ``context`` (B, C, d, h, w) the healthy context
+    (1 - region) * latent(image with the mask voxels set to :data:`MASK_FILL`), ``region`` (B, 1, d, h, w)
+    and ``parent`` (B, 1, d, h, w, or None) binary. All float32. The context is a function of the voxels
+    outside the mask only: the encoder's receptive field cannot carry a lesion into the kept cells.
+    """
+    f = int(vqgan.downsample_factor)
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    masked = torch.where(lesion_mask > 0.5, torch.full_like(image, MASK_FILL), image)
+    with ctx():
+        both = _chunked(vqgan.encode_latent, torch.cat([image, masked]), chunk).float()
+    z, z_masked = both.chunk(2)
+    region = latent_region(lesion_mask, f, z.shape[2:])
+    parent = None if parent_mask is None else latent_region(parent_mask, f, z.shape[2:])
+    return {"z": z, "context": (1.0 - region) * z_masked, "region": region, "parent": parent}
+
+
 @torch.no_grad()
 def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: torch.Tensor, region: torch.Tensor,
                      prompt_ids: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
                      guidance: float = 1.0, generator: torch.Generator | None = None, autocast=None,
-                     progress: bool = False, clip_x0: float | None = 1.0) -> torch.Tensor:
-    """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents."""
-    z_h = (1.0 - region) * z_known
+                     progress: bool = False, clip_x0: float | None = 1.0, context: torch.Tensor | None = None,
+                     parent: torch.Tensor | None = None, null_prompt: int | None = None,
+                     compile: bool = False) -> torch.Tensor:
+    """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents (fp32).
+
+    ``context`` is the healthy context (default (1 - region) * z_known, for callers without an image);
+    ``parent`` the latent-grid parent mask for MaskTransformer prompts.
+    """
+    z_h = (1.0 - region) * z_known if context is None else context
     tT = torch.full((z_known.shape[0],), schedule.T - 1, device=z_known.device, dtype=torch.long)
     noise = torch.randn(z_known.shape, generator=generator, device=z_known.device, dtype=z_known.dtype)
     z_T = schedule.q_sample(z_h, tT, noise)
-    eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, autocast=autocast)
+    eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, null_prompt=null_prompt,
+                           autocast=autocast, parent=parent, compile=compile)
     return sample(eps_fn, schedule, z_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                   known=z_known, keep=1.0 - region, progress=progress, clip_x0=clip_x0)
 
@@ -117,26 +163,48 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
                     generator: torch.Generator | None = None, eta: float = 0.0,
                     blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
                     autocast=None, progress: bool = False, return_decoded: bool = False,
-                    clip_x0: float | None = 1.0):
+                    clip_x0: float | None = 1.0, parent_mask: torch.Tensor | None = None,
+                    null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool = False):
     """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
 
-    Returns the blended image (B, 1, D, H, W) in model space, or (image, decoded, latents) with
-    ``return_decoded``. ``schedule`` defaults to the model config's schedule on the image's device.
-    ``clip_x0`` clips the predicted clean latent to the codebook's normalised range [-1, 1] at every step
-    (None = off); decoding snaps to the codebook anyway, so this only stops early-step blow-ups.
+    Signature (all tensors on one device; sizes in voxels of the generator grid, axis order of its arrays):
+
+    - ``image`` (B, 1, D, H, W) float, model space [-1, 1]; ``lesion_mask`` (B, 1, D, H, W) {0, 1};
+      ``prompt_ids`` (B,) long: 0 healthy, 1..K lesion classes;
+    - ``steps``/``sampler``/``eta``: DDIM with ``steps`` evaluations, or "ddpm" (all T steps, ``steps`` None);
+    - ``guidance``: classifier-free guidance scale (1 = off, one pass per step; otherwise two, the second
+      with ``null_prompt``, default the model's CFG null token ``config.null_id``);
+    - ``generator``: torch.Generator on the image's device (reproducible noise);
+    - ``blend_sigma``: float or (B,) tensor, Gaussian sigma of the blend weight in voxels;
+    - ``schedule``: defaults to the model config's schedule on the image's device;
+    - ``autocast``: a zero-argument context-manager factory for the VQGAN (and an fp32 denoiser), e.g.
+      ``lambda: torch.autocast("cuda", torch.bfloat16)``; a denoiser loaded in bf16 needs none;
+    - ``clip_x0``: clip the predicted clean latent to the codebook's normalised range [-clip_x0, clip_x0] at
+      every step (None = off); decoding snaps to the codebook anyway, so this only stops early-step blow-ups;
+    - ``parent_mask`` (B, 1, D, H, W) {0, 1} organ / vessel wall, read by MaskTransformer-prompt models (None:
+      the lesion mask stands in for it); ignored by one-hot models;
+    - ``vae_chunk``: samples per VQGAN encode/decode call (None = the whole batch at once);
+    - ``compile``: run the denoiser step through torch.compile (eager fallback), worth it for long runs.
+
+    Returns the blended image (B, 1, D, H, W) in model space (the image's dtype), or (image, decoded, latents)
+    with ``return_decoded``.
     """
     if image.ndim != 5 or image.shape[1] != 1 or lesion_mask.shape != image.shape:
         raise ValueError(f"image and lesion_mask must both be (B, 1, D, H, W); got {tuple(image.shape)} and "
                          f"{tuple(lesion_mask.shape)}")
+    if parent_mask is not None and parent_mask.shape != image.shape:
+        raise ValueError(f"parent_mask must be (B, 1, D, H, W) like the image; got {tuple(parent_mask.shape)}")
     f = int(vqgan.downsample_factor)
     if any(s % f for s in image.shape[2:]):
         raise ValueError(f"image size {tuple(image.shape[2:])} must be divisible by the VQGAN factor {f}")
     if schedule is None:
         schedule = NoiseSchedule.from_config(model.config, device=image.device)
-    z = vqgan.encode_latent(image).float()
-    region = latent_region(lesion_mask, f, z.shape[2:])
-    z0 = generate_latents(model, schedule, z, region, prompt_ids, sampler, steps, eta, guidance, generator,
-                          autocast, progress, clip_x0)
-    decoded = vqgan.decode_latent(z0).float().clamp(-1.0, 1.0)
+    enc = encode_inputs(vqgan, image, lesion_mask, parent_mask, autocast, vae_chunk)
+    z0 = generate_latents(model, schedule, enc["z"], enc["region"], prompt_ids, sampler, steps, eta, guidance,
+                          generator, autocast, progress, clip_x0, context=enc["context"], parent=enc["parent"],
+                          null_prompt=null_prompt, compile=compile)
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    with ctx():
+        decoded = _chunked(vqgan.decode_latent, z0, vae_chunk).float().clamp(-1.0, 1.0)
     out = blend(image, decoded.to(image.dtype), lesion_mask, blend_sigma)
     return (out, decoded, z0) if return_decoded else out

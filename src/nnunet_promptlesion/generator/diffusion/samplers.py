@@ -11,6 +11,7 @@ from the caller's ``torch.Generator`` (on that device) so results are reproducib
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -134,32 +135,70 @@ def cfg_combine(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) ->
 
 
 def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
-                  guidance_scale: float = 1.0, null_prompt: int = 0, autocast=None,
-                  always_batch_null: bool = False) -> EpsFn:
+                  guidance_scale: float = 1.0, null_prompt: int | None = None, autocast=None,
+                  always_batch_null: bool = False, parent: torch.Tensor | None = None, compile: bool = False) -> EpsFn:
     """An ``eps_fn`` for the denoiser with fixed conditioning and classifier-free guidance.
 
-    With ``guidance_scale`` == 1 only the conditional pass runs (identical to the conditional prediction);
-    otherwise conditional and null (healthy) prompts run as one doubled batch per step.
+    The step-invariant conditioning (prompt encoder, PromptGenBlock bases, constant input channels) is
+    computed here, once, with :meth:`PromptLesionUNet.prepare`; each call runs one
+    :meth:`~PromptLesionUNet.forward_prepared`. With ``guidance_scale`` == 1 only the conditional pass runs
+    (identical to the conditional prediction); otherwise conditional and null prompts run as one doubled
+    batch per step. ``null_prompt`` defaults to the model's CFG null token (``config.null_id``), never the
+    healthy prompt. ``compile`` uses :func:`compiled_step` (torch.compile of the fixed-shape step, eager
+    fallback when compilation fails).
     """
-    null = torch.full_like(prompt_ids, null_prompt)
+    if null_prompt is None:
+        null_prompt = model.config.null_id
     use_null = always_batch_null or guidance_scale != 1.0
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    with ctx(), torch.no_grad():
+        if use_null:
+            null = torch.full_like(prompt_ids, null_prompt)
+            two = (lambda x: None if x is None else torch.cat([x, x]))
+            cond = model.prepare(two(z_healthy), two(region), torch.cat([prompt_ids, null]), two(parent))
+        else:
+            cond = model.prepare(z_healthy, region, prompt_ids, parent)
+    step = compiled_step(model) if compile else model.forward_prepared
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ctx = autocast() if autocast is not None else _null_ctx()
-        with ctx:
+        with ctx():
             if not use_null:
-                return model(z_t, t, z_healthy, region, prompt_ids).float()
-            out = model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([z_healthy, z_healthy]),
-                        torch.cat([region, region]), torch.cat([prompt_ids, null])).float()
-        cond, unc = out.chunk(2)
-        return cfg_combine(cond, unc, guidance_scale)
+                return step(z_t, t, cond).float()
+            out = step(torch.cat([z_t, z_t]), torch.cat([t, t]), cond).float()
+        c, u = out.chunk(2)
+        return cfg_combine(c, u, guidance_scale)
 
     return eps_fn
 
 
-class _null_ctx:
-    def __enter__(self):
-        return self
+def compiled_step(model: torch.nn.Module) -> Callable:
+    """``model.forward_prepared`` through ``torch.compile`` (cached on the model), falling back to eager.
 
-    def __exit__(self, *a):
-        return False
+    Default inductor mode with static shapes (one graph per batch/latent shape); the first call compiles
+    (tens of seconds), so it pays off for long runs (DDPM-400, a training-time producer); a failure at any call to the compiled function (no compiler,
+    unsupported op) is reported once as a warning and the eager step is used from then on.
+    """
+    import warnings
+
+    fn = getattr(model, "_promptlesion_compiled", None)
+    if fn is None:
+        try:
+            fn = torch.compile(model.forward_prepared, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+            warnings.warn(f"torch.compile unavailable ({e}); using the eager denoiser", RuntimeWarning)
+            fn = model.forward_prepared
+        object.__setattr__(model, "_promptlesion_compiled", fn)
+    eager = model.forward_prepared
+    state = {"ok": fn is not eager}
+
+    def step(z_t, t, cond):
+        if state["ok"]:
+            try:
+                return fn(z_t, t, cond)
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"compiled denoiser failed ({type(e).__name__}: {e}); falling back to eager", RuntimeWarning)
+                state["ok"] = False
+                object.__setattr__(model, "_promptlesion_compiled", eager)
+        return eager(z_t, t, cond)
+
+    return step

@@ -1,9 +1,11 @@
 """PromptLesion diffusion training loop (used by ``promptlesion_train_diffusion``).
 
-One step: a class-balanced batch of lesion-centred and healthy crops per rank
-(:class:`~.data.LesionCropSampler`), encoded by the frozen VQGAN into latents z0 (B, 8, d, h, w) in [-1, 1];
-latent lesion region m (max-pool of the crop mask); prompt dropout to the healthy/null prompt; t uniform
-in [0, T-1]; z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; loss = mean((1 + w m) (f(z_t, t, (1-m) z0, m, p) - eps)^2).
+One step (:func:`diffusion_loss`): a class-balanced batch of lesion-centred and healthy crops per rank
+(:class:`~.data.LesionCropSampler`), encoded by the frozen VQGAN (:func:`~.inpaint.encode_inputs`, the same
+code as inference) into latents z0 (B, 8, d, h, w) in [-1, 1], the healthy context c = (1 - m) E(x with the
+mask blanked) (no lesion voxel reaches it), the latent region m and parent; prompt dropout to the CFG null
+token (never to "healthy", which only ever sees healthy crops); t uniform in [0, T-1];
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; loss = mean((1 + w m) (f(z_t, t, c, m, p, parent) - eps)^2).
 Adam, optional linear warm-up, gradient clipping, EMA of the weights (used for evaluation and sampling),
 bf16 autocast on GPU, DDP under ``torchrun``.
 
@@ -28,7 +30,7 @@ from .. import train_utils as tu
 from .checkpoint import KIND, build_meta, check_vqgan_pairing
 from .config import DiffusionConfig, PromptVocabulary
 from .data import LesionCropSampler, stack_crops
-from .inpaint import inpaint_lesions, latent_region
+from .inpaint import encode_inputs, inpaint_lesions
 from .preview import save_grid
 from .schedule import NoiseSchedule
 from .unet import PromptLesionUNet, parameter_report
@@ -78,6 +80,42 @@ class EMA:
         d = self.decay_at(step)
         # one fused call instead of a Python loop over a few hundred tensors
         torch._foreach_lerp_([dst[k] for k in self._keys], [src[k].detach() for k in self._keys], 1.0 - d)
+
+
+def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, batch: dict, device,
+                   generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                   prompt_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Weighted epsilon MSE of one batch (``image``, ``mask``, optional ``parent`` (B, 1, X, Y, Z), ``prompt`` (B,)).
+
+    Prompt dropout (probability ``cfg.prompt_dropout`` unless given) replaces ids by ``cfg.null_id``.
+    Returns (loss, logs with loss, mse_lesion, mse_background).
+    """
+    x, mask, ids = batch["image"].to(device), batch["mask"].to(device), batch["prompt"].to(device)
+    parent = batch.get("parent")
+    parent = None if parent is None else parent.to(device)
+    b = x.shape[0]
+    device = torch.device(device)
+    with torch.no_grad():
+        enc = encode_inputs(vqgan, x, mask, parent, autocast=lambda: tu.autocast(device), chunk=None)
+    z0, region = enc["z"], enc["region"]
+    p = cfg.prompt_dropout if prompt_dropout is None else prompt_dropout
+    if p > 0:
+        drop = torch.rand(b, device=device, generator=generator) < p
+        ids = torch.where(drop, torch.full_like(ids, cfg.null_id), ids)
+    if t is None:
+        t = schedule.sample_timesteps(b, device, generator)
+    noise = torch.randn(z0.shape, device=device, generator=generator)
+    zt = schedule.q_sample(z0, t, noise)
+    with tu.autocast(device):
+        pred = model(zt, t, enc["context"], region, ids, enc["parent"])
+    se = (pred.float() - noise) ** 2
+    w = 1.0 + cfg.lesion_loss_weight * region
+    loss = (w * se).mean()
+    with torch.no_grad():
+        rv = region.expand_as(se)
+        inside = float(se[rv > 0.5].mean()) if bool((rv > 0.5).any()) else float("nan")
+        outside = float(se[rv <= 0.5].mean())
+    return loss, {"loss": float(loss.detach()), "mse_lesion": inside, "mse_background": outside}
 
 
 class DiffusionTrainer:
@@ -165,30 +203,8 @@ class DiffusionTrainer:
     # ------------------------------------------------------------------------------------------
     def loss(self, model, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
              prompt_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        x, mask, ids = batch["image"].to(self.device), batch["mask"].to(self.device), batch["prompt"].to(self.device)
-        b = x.shape[0]
-        with torch.no_grad(), tu.autocast(self.device):
-            z0 = self.vqgan.encode_latent(x).float()
-        region = latent_region(mask, self.factor, z0.shape[2:])
-        p = cfg.prompt_dropout if prompt_dropout is None else prompt_dropout
-        if p > 0:
-            drop = torch.rand(b, device=self.device, generator=generator) < p
-            ids = torch.where(drop, torch.zeros_like(ids), ids)
-        if t is None:
-            t = self.schedule.sample_timesteps(b, self.device, generator)
-        noise = torch.randn(z0.shape, device=self.device, generator=generator)
-        zt = self.schedule.q_sample(z0, t, noise)
-        with tu.autocast(self.device):
-            pred = model(zt, t, (1.0 - region) * z0, region, ids)
-        se = (pred.float() - noise) ** 2
-        w = 1.0 + cfg.lesion_loss_weight * region
-        loss = (w * se).mean()
-        with torch.no_grad():
-            rv = region.expand_as(se)
-            inside = float(se[rv > 0.5].mean()) if bool((rv > 0.5).any()) else float("nan")
-            outside = float(se[rv <= 0.5].mean())
-        return loss, {"loss": float(loss.detach()), "mse_lesion": inside, "mse_background": outside}
+        return diffusion_loss(model, self.vqgan, self.schedule, self.cfg, batch, self.device, generator, t,
+                              prompt_dropout)
 
     def train_step(self, batch: dict) -> dict:
         loss, logs = self.loss(self.model_ddp, batch)
@@ -224,11 +240,13 @@ class DiffusionTrainer:
         k = len(self.vocab.names)
         img = torch.from_numpy(carrier.image)[None].expand(k, -1, -1, -1, -1).to(self.device)
         mask = torch.from_numpy(carrier.mask)[None].expand(k, -1, -1, -1, -1).to(self.device)
+        parent = torch.from_numpy(carrier.parent if carrier.parent is not None else carrier.mask)[None].expand(
+            k, -1, -1, -1, -1).to(self.device)
         ids = torch.arange(k, device=self.device)
         g = torch.Generator(device=self.device).manual_seed(4321)
         out = inpaint_lesions(self.vqgan, self.ema.model, img, mask, ids, steps=self.run.eval_steps,
                               sampler=self.run.eval_sampler, guidance=self.run.eval_guidance, generator=g,
-                              blend_sigma=self.run.blend_sigma, schedule=self.schedule,
+                              blend_sigma=self.run.blend_sigma, schedule=self.schedule, parent_mask=parent,
                               autocast=lambda: tu.autocast(self.device)).float().cpu().numpy()
         folder = self.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The PromptLesion denoiser: a compact 3D UNet on VQGAN latents.
 
-Input channels are concatenated: noisy latent z_t (8), healthy latent (1 - m) * z (8) and the lesion
-mask on the latent grid (1, or 1 + one per class). The UNet has ``len(channels)`` levels (paper: 24^3,
+Input channels are concatenated: noisy latent z_t (8), healthy context latent (8; the VQGAN latent of
+the image with the region blanked, zero inside the region, see :func:`~.inpaint.healthy_context`) and the
+lesion mask on the latent grid (1, or 1 + one per class). The UNet has ``len(channels)`` levels (paper: 24^3,
 12^3, 6^3 latent voxels); every level holds ``num_res_blocks`` time-conditioned ResNet blocks, optionally
 followed by self-attention (``torch.nn.functional.scaled_dot_product_attention``, so 24^3 = 13,824 tokens
 fit in memory on a GPU). A middle block (ResNet, attention, ResNet) sits at the coarsest level.
@@ -16,6 +17,12 @@ Decoder level l, coarsest first (one skip per level)::
 so the prompt enters at exactly ``len(prompt_levels)`` (three) decoder resolutions, before the skip merge.
 A compact own UNet keeps that injection point explicit; MONAI's DiffusionModelUNet would need its
 up-block internals overridden for it.
+
+Sampling calls the denoiser hundreds of times with the same conditioning. :meth:`PromptLesionUNet.prepare`
+computes everything that does not depend on the step once (prompt encoder, the PromptGenBlocks' prompt
+logits and resized/convolved components, and the input conv's response to the constant channels: the conv
+is linear, so conv_in(cat(z_t, c)) = conv_in[z_t part](z_t) + conv_in[c part](c) + bias), and
+:meth:`PromptLesionUNet.forward_prepared` runs one step from it. ``forward`` = prepare + forward_prepared.
 """
 from __future__ import annotations
 
@@ -71,22 +78,30 @@ def _groups(c: int, groups: int) -> int:
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all voxels of a feature map (scaled_dot_product_attention)."""
+    """Multi-head self-attention over all voxels of a feature map (scaled_dot_product_attention).
+
+    q, k and v are views of one Linear output laid out (B, N, 3, heads, d), so each reaches SDPA as
+    (B, heads, N, d) with a unit-stride last dimension: the layout the fused flash / memory-efficient
+    CUDA kernels require (a strided last dimension silently falls back to the math kernel).
+    """
 
     def __init__(self, channels: int, head_channels: int, groups: int):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
-        self.qkv = nn.Conv3d(channels, 3 * channels, 1)
-        self.proj = _zero(nn.Conv3d(channels, channels, 1))
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = _zero(nn.Linear(channels, channels))
+
+    def qkv_views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c = x.shape[:2]
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.qkv(tokens).view(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *sp = x.shape
-        n = x[0, 0].numel()
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, n).permute(1, 0, 2, 4, 3)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, d)
-        a = a.permute(0, 1, 3, 2).reshape(b, c, *sp)
-        return x + self.proj(a)
+        q, k, v = self.qkv_views(x)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)  # (B, N, C)
+        return x + self.proj(a).transpose(1, 2).reshape(b, c, *sp)
 
 
 class PromptInjection(nn.Module):
@@ -95,23 +110,33 @@ class PromptInjection(nn.Module):
     def __init__(self, channels: int, prompt_dim: int, prompt_channels: int, temb_dim: int, groups: int,
                  n_components: int, base_size: int):
         super().__init__()
-        self.gen = PromptGenBlock(prompt_dim, prompt_channels, n_components, base_size)
+        self.gen = PromptGenBlock(prompt_dim, channels, prompt_channels, n_components, base_size)
         self.res1 = ResBlock(channels + prompt_channels, channels, temb_dim, groups)
         self.res2 = ResBlock(channels, channels, temb_dim, groups)
         self.out = nn.Conv3d(channels, channels, 1)
 
-    def forward(self, h: torch.Tensor, prompt: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        p = self.gen(prompt, tuple(h.shape[2:]))
+    def forward(self, h: torch.Tensor, prompt_logits: torch.Tensor, basis: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        p = self.gen.mix(h, prompt_logits, basis)
         h = self.res1(torch.cat([h, p.to(h.dtype)], 1), temb)
         return self.out(self.res2(h, temb))
 
 
-class PromptLesionUNet(nn.Module):
-    """Epsilon predictor f(z_t, t, z_healthy, region, prompt_ids).
+def level_sizes(size, levels: int) -> list[tuple[int, ...]]:
+    """Spatial size of every UNet level for a latent grid ``size`` (stride-2 convs: ceil halving)."""
+    sizes = [tuple(int(s) for s in size)]
+    for _ in range(levels - 1):
+        sizes.append(tuple((s + 1) // 2 for s in sizes[-1]))
+    return sizes
 
-    forward(z_t (B, 8, D, H, W), t (B,) timesteps, z_healthy (B, 8, D, H, W), region (B, 1, D, H, W) in [0, 1]
-    on the latent grid, prompt_ids (B,) long with 0 = healthy) -> predicted noise (B, 8, D, H, W).
-    Any latent grid size works: skips are matched by interpolation, so odd sizes (6^3 -> 3^3 -> 2^3) are fine.
+
+class PromptLesionUNet(nn.Module):
+    """Epsilon predictor f(z_t, t, z_healthy, region, prompt_ids, parent).
+
+    forward(z_t (B, 8, D, H, W), t (B,) timesteps, z_healthy (B, 8, D, H, W) healthy context, region
+    (B, 1, D, H, W) in [0, 1] on the latent grid, prompt_ids (B,) long (0 healthy, 1..K classes, K + 1 null
+    token), parent (B, 1, D, H, W) or None, used by the MaskTransformer prompt only) -> predicted noise
+    (B, 8, D, H, W). Any latent grid size works: skips are matched by interpolation, so odd sizes
+    (6^3 -> 3^3 -> 2^3) are fine.
     """
 
     def __init__(self, config: DiffusionConfig):
@@ -124,8 +149,8 @@ class PromptLesionUNet(nn.Module):
         if cfg.prompt_type == "onehot":
             self.prompt_encoder: nn.Module = OneHotPrompt(cfg.vocab_size, cfg.prompt_dim)
         else:
-            self.prompt_encoder = MaskPrompt(cfg.num_classes, grid=cfg.mt_grid, patch=cfg.mt_patch, width=cfg.mt_width,
-                                             depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff, out_dim=cfg.prompt_dim)
+            self.prompt_encoder = MaskPrompt(cfg.num_classes, out_dim=cfg.prompt_dim, grid=cfg.mt_grid, patch=cfg.mt_patch,
+                                             width=cfg.mt_width, depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff)
         self.conv_in = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -175,8 +200,8 @@ class PromptLesionUNet(nn.Module):
             return region
         return torch.cat([region, class_mask_from_prompt(region, prompt_ids, self.config.num_classes)], 1)
 
-    def encode_prompt(self, prompt_ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        return self.prompt_encoder(prompt_ids, region)
+    def encode_prompt(self, prompt_ids: torch.Tensor, region: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prompt_encoder(prompt_ids, region, parent)
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -184,12 +209,32 @@ class PromptLesionUNet(nn.Module):
             h = b(h, temb) if isinstance(b, ResBlock) else b(h)
         return h
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, z_healthy: torch.Tensor, region: torch.Tensor,
-                prompt_ids: torch.Tensor) -> torch.Tensor:
-        region = region.to(z_t.dtype)
-        temb = self.temb(timestep_embedding(t, self.config.channels[0]).to(z_t.dtype))
-        prompt = self.encode_prompt(prompt_ids, region)
-        h = self.conv_in(torch.cat([z_t, z_healthy, self.mask_input(region, prompt_ids)], 1))
+    def prepare(self, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
+                parent: torch.Tensor | None = None) -> dict:
+        """Step-invariant conditioning for :meth:`forward_prepared` (tensors in the model's dtype).
+
+        Keys: ``const_in`` (B, C0, D, H, W) input-conv response to [z_healthy, mask channels] incl. bias;
+        ``logits_<l>`` (B, n) and ``basis_<l>`` (n, C_p, *size_l) for every prompt level l.
+        """
+        dtype = self.conv_in.weight.dtype
+        region = region.to(dtype)
+        c = self.config.latent_channels
+        const = torch.cat([z_healthy.to(dtype), self.mask_input(region, prompt_ids)], 1)
+        cond = {"const_in": F.conv3d(const, self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)}
+        prompt = self.encode_prompt(prompt_ids, region, None if parent is None else parent.to(dtype))
+        sizes = level_sizes(z_healthy.shape[2:], len(self.config.channels))
+        for key, inj in self.inject.items():
+            cond[f"logits_{key}"] = inj.gen.prompt_logits(prompt)
+            cond[f"basis_{key}"] = inj.gen.basis(sizes[int(key)])
+        return cond
+
+    def forward_prepared(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One denoiser evaluation from :meth:`prepare`'s conditioning (same batch size, or a multiple of
+        it is not allowed: repeat the conditioning instead)."""
+        dtype = self.conv_in.weight.dtype
+        c = self.config.latent_channels
+        temb = self.temb(timestep_embedding(t, self.config.channels[0]).to(dtype))
+        h = F.conv3d(z_t.to(dtype), self.conv_in.weight[:, :c], None, padding=1) + cond["const_in"]
         skips = []
         for lvl, blocks in enumerate(self.down):
             h = self._run(blocks, h, temb)
@@ -200,10 +245,15 @@ class PromptLesionUNet(nn.Module):
             skip = skips[lvl]
             if lvl < len(self.down) - 1:
                 h = self.upsample[lvl](F.interpolate(h, size=tuple(skip.shape[2:]), mode="nearest"))
-            if str(lvl) in self.inject:
-                h = self.inject[str(lvl)](h, prompt, temb)
+            key = str(lvl)
+            if key in self.inject:
+                h = self.inject[key](h, cond[f"logits_{key}"], cond[f"basis_{key}"], temb)
             h = self._run(self.up[lvl], torch.cat([h, skip], 1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, z_healthy: torch.Tensor, region: torch.Tensor,
+                prompt_ids: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_prepared(z_t, t, self.prepare(z_healthy, region, prompt_ids, parent))
 
 
 def count_parameters(module: nn.Module) -> int:
