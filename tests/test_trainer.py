@@ -12,7 +12,7 @@ from scipy import stats as sps
 
 from nnunet_promptlesion.synthesis.blending import blend_margin, dilate
 from nnunet_promptlesion.synthesis.lesion_spec import LesionSpecError
-from nnunet_promptlesion.trainers.lesion_index import NoHealthyRegionError, centre_box
+from nnunet_promptlesion.trainers.lesion_index import NoHealthyRegionError, centre_box, centre_slices
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionConfigError, PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV, SettingsError
 
@@ -101,9 +101,8 @@ def test_ratio_setting_and_odd_batches_round_synthetic_down(nnunet_paths, tmp_pa
 def test_synthetic_lesions_inside_parent_with_right_label_and_healthy_carriers(loader_and_data):
     trainer, loader, ds = loader_and_data
     spec = loader.index.spec
-    ps = np.asarray(loader.patch_size)
     box = centre_box(loader.final_patch_size, loader.centre_fraction)
-    lo = (ps - box) // 2
+    centre = centre_slices(loader.patch_size, box)
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     np.random.seed(2)
     seen = set()
@@ -114,9 +113,9 @@ def test_synthetic_lesions_inside_parent_with_right_label_and_healthy_carriers(l
         data, seg, _, _ = ds.load_case(s.case)
         orig_seg = crop_and_pad_nd(seg, s.bbox, -1)[0]
         orig_img = crop_and_pad_nd(data, s.bbox, 0)
-        new_seg = s.seg[0].numpy()
-        # the carrier's central region held no real lesion of any class
-        centre = tuple(slice(a, a + b) for a, b in zip(lo, box))
+        new_seg = s.seg[0]
+        # the carrier's central region held no real lesion of any class, and the lesion is centred inside it
+        assert all(sl.start <= c < sl.stop for sl, c in zip(centre, s.placement.centre))
         assert not np.isin(orig_seg[centre], spec.labels).any()
         # the painted lesion lies in the parent structure and carries its label; nothing else changed in the labels
         assert s.mask.any()
@@ -125,8 +124,8 @@ def test_synthetic_lesions_inside_parent_with_right_label_and_healthy_carriers(l
         assert np.array_equal(new_seg[~s.mask], orig_seg[~s.mask])
         # the image changed only near the lesion
         outside = ~dilate(s.mask, blend_margin(max(trainer.promptlesion_settings.blend_sigma_voxels)))
-        assert np.array_equal(s.data.numpy()[:, outside], orig_img[:, outside])
-        assert not np.array_equal(s.data.numpy()[:, s.mask], orig_img[:, s.mask])
+        assert np.array_equal(s.data[:, outside], orig_img[:, outside])
+        assert not np.array_equal(s.data[:, s.mask], orig_img[:, s.mask])
     assert seen == set(spec.labels)
 
 

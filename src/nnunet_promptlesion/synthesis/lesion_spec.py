@@ -9,7 +9,9 @@ editable by users. Example::
         {"name": "noncalcified_plaque", "label": 4, "parents": [2],
          "radius_mm": [[0.8, 1.5], [1.5, 2.5]], "radius_weights": [0.5, 0.5],
          "shape": "ellipsoid", "elastic": true, "bank_probability": 0.5,
-         "may_leave_parent": false, "prompt": "noncalcified_plaque"}
+         "may_leave_parent": false, "prompt": "noncalcified_plaque"},
+        {"name": "liver_tumor", "label": 5, "parents": [1], "radius_mm": [[3, 5], [6, 10]],
+         "contrast_hu": [-60, -20], "texture_hu": [5, 15]}
       ]
     }
 
@@ -53,7 +55,13 @@ class LesionClass:
     radius_weights: probability of each range (normalised on load).
     shape: "ellipsoid" (elastic ellipsoid prior), "bank" (real masks harvested from the
         training labels) or "mixed" (bank with probability ``bank_probability``).
-    may_leave_parent: if False the mask is clipped to the parent structure (exophytic lesions: True).
+    may_leave_parent: if False the mask is clipped to the parent structure (exophytic lesions: True);
+        if True it may also cover background (label 0), never another label or nnU-Net's padding.
+    contrast_hu: optional [min, max] intensity change in HU relative to the surrounding parent
+        (e.g. [-60, -20] for a hypodense liver tumour). Rule-based synthesis uses it for classes without
+        real lesions in the training cases (it needs CT data: CTNormalization maps HU to z-scores).
+    texture_hu: optional [min, max] standard deviation of the lesion texture in HU (default [5, 15] when
+        ``contrast_hu`` is given).
     """
 
     name: str
@@ -66,6 +74,8 @@ class LesionClass:
     bank_probability: float = 0.5
     may_leave_parent: bool = False
     prompt: str | None = None
+    contrast_hu: list[float] | None = None
+    texture_hu: list[float] | None = None
 
     def __post_init__(self):
         self.label = int(self.label)
@@ -92,6 +102,19 @@ class LesionClass:
             raise LesionSpecError(f"lesion '{self.name}': bank_probability must lie in [0, 1]")
         if self.prompt is None:
             self.prompt = self.name
+        for key in ("contrast_hu", "texture_hu"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if not isinstance(v, (list, tuple)) or len(v) != 2 or not float(v[0]) <= float(v[1]):
+                raise LesionSpecError(f"lesion '{self.name}': {key} must be [min, max] in HU with min <= max, got {v}")
+            setattr(self, key, [float(v[0]), float(v[1])])
+        if self.texture_hu is not None and self.texture_hu[0] < 0:
+            raise LesionSpecError(f"lesion '{self.name}': texture_hu is a standard deviation and cannot be negative")
+        if self.texture_hu is not None and self.contrast_hu is None:
+            raise LesionSpecError(f"lesion '{self.name}': texture_hu needs contrast_hu")
+        if self.contrast_hu is not None and self.texture_hu is None:
+            self.texture_hu = [5.0, 15.0]
 
 
 @dataclass

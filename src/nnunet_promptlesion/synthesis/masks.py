@@ -2,7 +2,8 @@
 
 All arrays are in the array axis order of the patch they are placed into (nnU-Net's
 preprocessed order, usually (z, y, x) or (x, y, z) as stored); ``spacing`` is given in mm in that
-same order, so sizes in mm become the right voxel extents on anisotropic grids.
+same order, so sizes in mm become the right voxel extents on anisotropic grids. 2D arrays with two
+spacings (nnU-Net 2D configurations, one slice) work the same way.
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def sample_radius_mm(lesion: LesionClass, rng: np.random.Generator) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+def _random_rotation(ndim: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random rotation matrix (ndim x ndim, ndim 2 or 3)."""
+    if ndim == 2:
+        a = rng.uniform(0, 2 * np.pi)
+        return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     q = rng.normal(size=4)
     q /= np.linalg.norm(q)
     a, b, c, d = q
@@ -39,36 +44,71 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     ])
 
 
+def _spline_weights(n: int, n_ctrl: int) -> np.ndarray:
+    """(n, n_ctrl) float32: cubic-spline interpolation of ``n_ctrl`` control points onto ``n`` samples.
+
+    Spline zooming is linear and separable, so a zoomed control grid equals the tensor product of
+    these 1-D weights: the deformation field can be evaluated slab by slab without building it whole.
+    """
+    return ndimage.zoom(np.eye(n_ctrl), (n / n_ctrl, 1), order=3, mode="nearest")[:n].astype(np.float32)
+
+
+#: voxels per slab when drawing a mask; bounds the float32 temporaries to a few MB each
+_SLAB_VOXELS = 1 << 21
+
+
 def elastic_ellipsoid(radius_mm: float, spacing: Sequence[float], rng: np.random.Generator,
                       elastic: bool = True, axis_ratio: tuple[float, float] = (0.7, 1.3),
                       elastic_strength: float = 0.25) -> np.ndarray:
-    """A randomly oriented ellipsoid of equivalent radius ``radius_mm``, optionally deformed.
+    """A randomly oriented ellipsoid (ellipse for 2 spacings) of equivalent radius ``radius_mm``.
 
-    The semi-axes are ``radius_mm`` scaled by random factors in ``axis_ratio`` (renormalised
-    so the volume matches the sphere of ``radius_mm``). The elastic deformation perturbs the
-    implicit surface with smooth low-frequency noise (a few control points per axis, as in
-    DiffTumor), with an amplitude of ``elastic_strength`` times the radius.
+    spacing: mm per voxel, one value per array axis (2 or 3 axes). The semi-axes are ``radius_mm``
+    scaled by random factors in ``axis_ratio`` (renormalised so the volume matches the sphere of
+    ``radius_mm``). The elastic deformation perturbs the implicit surface with smooth low-frequency
+    noise (3 control points per axis, as in DiffTumor), amplitude ``elastic_strength`` x the radius.
 
-    Returns a bool array (tight bounding box, odd side lengths, lesion centred).
+    Memory: drawn on a grid the size of the lesion, slab by slab in float32; the peak is the bool
+    output plus a few MB (a 64 mm lesion at 0.8 mm: ~20 MB output, < 100 MB peak).
+
+    Returns a bool array (odd side lengths, lesion centred).
     """
     spacing = np.asarray(spacing, dtype=float)
-    f = rng.uniform(*axis_ratio, size=3)
-    f /= np.prod(f) ** (1.0 / 3.0)
+    ndim = len(spacing)
+    f = rng.uniform(*axis_ratio, size=ndim)
+    f /= np.prod(f) ** (1.0 / ndim)
     semi = radius_mm * f
     half = np.ceil(semi.max() * (1.0 + elastic_strength + 0.05) / spacing).astype(int) + 1
-    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
-    pts = np.stack([g.ravel() for g in grids], axis=0)  # (3, N) mm
-    local = _random_rotation(rng) @ pts
-    r = np.sqrt(((local / semi[:, None]) ** 2).sum(0)).reshape(grids[0].shape)
+    shape = tuple(int(2 * h + 1) for h in half)
+    rot = _random_rotation(ndim, rng)
+    axes = [(np.arange(-h, h + 1) * s).astype(np.float32) for h, s in zip(half, spacing)]  # mm
+    coarse = rng.normal(size=(3,) * ndim).astype(np.float32) if elastic else None
+    weights = [_spline_weights(n, 3) for n in shape] if elastic else None
+    plane = int(np.prod(shape[1:]))
+    step = max(1, _SLAB_VOXELS // plane)
+    slabs = [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+    def field(sl: slice) -> np.ndarray:
+        sub = [weights[0][sl]] + weights[1:]
+        spec = "abc,xa,yb,zc->xyz" if ndim == 3 else "ab,xa,yb->xy"
+        return np.einsum(spec, coarse, *sub, optimize=True)
+
+    scale = 0.0
     if elastic:
-        coarse = rng.normal(size=(3, 3, 3))
-        zoom = [n / 3.0 for n in r.shape]
-        field = ndimage.zoom(coarse, zoom, order=3, mode="nearest")[: r.shape[0], : r.shape[1], : r.shape[2]]
-        field /= max(np.abs(field).max(), 1e-6)
-        r = r + elastic_strength * field
-    mask = r <= 1.0
+        scale = max(max(float(np.abs(field(sl)).max()) for sl in slabs), 1e-6)
+    mask = np.empty(shape, dtype=bool)
+    bshape = [[-1 if a == b else 1 for b in range(ndim)] for a in range(ndim)]
+    for sl in slabs:
+        ax = [axes[0][sl]] + axes[1:]
+        r2 = np.zeros((sl.stop - sl.start,) + shape[1:], dtype=np.float32)
+        for i in range(ndim):
+            local = sum(np.float32(rot[i, j]) * ax[j].reshape(bshape[j]) for j in range(ndim))
+            r2 += (local / np.float32(semi[i])) ** 2
+        r = np.sqrt(r2, out=r2)
+        if elastic:
+            r += np.float32(elastic_strength / scale) * field(sl)
+        mask[sl] = r <= 1.0
     if not mask.any():
-        mask[tuple(h for h in half)] = True
+        mask[tuple(half)] = True
     return mask
 
 
@@ -79,10 +119,11 @@ def random_flip_rotate(mask: np.ndarray, spacing: Sequence[float], rng: np.rando
     is preserved on anisotropic grids.
     """
     out = mask
-    for ax in range(3):
+    for ax in range(out.ndim):
         if rng.random() < 0.5:
             out = np.flip(out, axis=ax)
-    pairs = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if abs(spacing[a] - spacing[b]) <= 0.05 * max(spacing[a], spacing[b])]
+    pairs = [(a, b) for a in range(out.ndim) for b in range(a + 1, out.ndim)
+             if abs(spacing[a] - spacing[b]) <= 0.05 * max(spacing[a], spacing[b])]
     if pairs:
         a, b = pairs[rng.integers(len(pairs))]
         out = np.rot90(out, k=int(rng.integers(4)), axes=(a, b))
@@ -121,7 +162,7 @@ class MaskBank:
 
 def connected_components(mask: np.ndarray, min_voxels: int = 1) -> list[np.ndarray]:
     """Tight bool crops of the 26-connected components of ``mask``, largest first."""
-    labelled, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labelled, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     out = []
     for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
         if sl is None:
@@ -170,23 +211,32 @@ class MaskSampler:
         return elastic_ellipsoid(sample_radius_mm(lesion, rng), self.spacing, rng, elastic=lesion.elastic)
 
     def sample(self, lesion: LesionClass, parent: np.ndarray, rng: np.random.Generator,
-               centre_region: tuple[slice, ...] | None = None) -> np.ndarray | None:
-        """A bool mask (shape of ``parent``) of a lesion centred on a parent voxel.
+               centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None
+               ) -> np.ndarray | None:
+        """A bool mask (shape of ``parent``) of a lesion centred on a parent voxel, or None."""
+        out = self.sample_with_centre(lesion, parent, rng, centre_region, allowed)
+        return None if out is None else out[0]
 
-        The centre is drawn among parent voxels inside ``centre_region`` (default: anywhere);
-        unless ``lesion.may_leave_parent`` the mask is clipped to the parent. Returns None when
-        the region holds no parent voxel or every try came out empty.
+    def sample_with_centre(self, lesion: LesionClass, parent: np.ndarray, rng: np.random.Generator,
+                           centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mask, centre voxel): a lesion centred on a parent voxel inside ``centre_region``.
+
+        The mask is clipped to ``allowed`` (default: the parent, or everything when
+        ``lesion.may_leave_parent``). Returns None when the region holds no parent voxel or every try
+        came out empty.
         """
-        region = np.zeros_like(parent, dtype=bool)
-        region[centre_region if centre_region is not None else (slice(None),) * parent.ndim] = True
-        candidates = np.argwhere(parent & region)
+        if allowed is None:
+            allowed = parent if not lesion.may_leave_parent else np.ones_like(parent, dtype=bool)
+        sub = parent[centre_region] if centre_region is not None else parent
+        candidates = np.argwhere(sub)
         if len(candidates) == 0:
             return None
+        offset = np.array([s.start or 0 for s in centre_region]) if centre_region is not None else 0
         for _ in range(self.max_tries):
-            centre = candidates[rng.integers(len(candidates))]
+            centre = candidates[rng.integers(len(candidates))] + offset
             mask = paste_centered(parent.shape, self._shape(lesion, rng), centre)
-            if not lesion.may_leave_parent:
-                mask &= parent
+            mask &= allowed
             if mask.any():
-                return mask
+                return mask, centre
         return None

@@ -3,7 +3,12 @@
 Per-class intensity statistics are *estimated from the real lesions of the training set* in the
 data's own intensity space (nnU-Net CT-normalised values), so the synthesizer works on any dataset
 without hand-set HU: a lesion's contrast is its mean minus the mean of the surrounding parent
-structure, its texture the standard deviation inside it.
+structure, its texture the standard deviation inside it. A class without real lesions in the
+training cases uses the lesion spec's intensity prior (``contrast_hu``, ``texture_hu``, relative to
+the parent), mapped from HU to the data's z-scores with the plans' CTNormalization properties.
+
+:class:`RuleBasedSource` is the ``"rule_based"`` sample source (see :mod:`.sources`): placement by
+the loader, painting here, both in the loader worker.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from scipy import ndimage
 from .blending import blend, dilate
 from .lesion_spec import LesionClass
 from .masks import MaskSampler, connected_components
-from .synthesizer import Synthesizer
+from .sources import SampleSource, SourceContext, SyntheticSample, register_source
+from .synthesizer import SynthesisError, Synthesizer
 
 
 @dataclass
@@ -50,14 +56,15 @@ def measure_lesions(image: np.ndarray, seg: np.ndarray, lesion: LesionClass, sta
     image: (C, X, Y, Z); seg: (X, Y, Z). The parent reference is the parent-labelled voxels in a
     ring of ``ring_voxels`` around the component. Returns the component crops (for a mask bank).
     """
-    labelled, _ = ndimage.label(seg == lesion.label, structure=np.ones((3, 3, 3), bool))
+    labelled, _ = ndimage.label(seg == lesion.label, structure=np.ones((3,) * seg.ndim, bool))
     parent = np.isin(seg, lesion.parents)
     comps = []
     for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
         if sl is None:
             continue
         grown = tuple(slice(max(s.start - ring_voxels, 0), s.stop + ring_voxels) for s in sl)
-        comp = labelled[grown] == i
+        grown_l = labelled[grown]
+        comp = grown_l == i
         if comp.sum() < min_voxels:
             continue
         ring = dilate(comp, ring_voxels) & ~comp & parent[grown]
@@ -70,6 +77,31 @@ def measure_lesions(image: np.ndarray, seg: np.ndarray, lesion: LesionClass, sta
     return comps
 
 
+@dataclass
+class IntensityPrior:
+    """A lesion class's intensity from the spec, in the data's units (z-scores per channel).
+
+    contrast: (C, 2) [min, max] change relative to the parent; texture: (C, 2) [min, max] texture std.
+    """
+
+    contrast: np.ndarray
+    texture: np.ndarray
+
+    @classmethod
+    def from_hu(cls, lesion: LesionClass, intensity: list[dict]) -> "IntensityPrior":
+        """Map the spec's HU ranges to z-scores: CTNormalization divides by the foreground std."""
+        std = np.array([float(p["std"]) for p in intensity])[:, None]
+        return cls(contrast=np.asarray(lesion.contrast_hu, float)[None] / std,
+                   texture=np.asarray(lesion.texture_hu, float)[None] / std)
+
+
+def ct_window_z(intensity: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per channel: the z-score range CTNormalization can produce (its clip window)."""
+    lo = np.array([(p["percentile_00_5"] - p["mean"]) / p["std"] for p in intensity], dtype=np.float32)
+    hi = np.array([(p["percentile_99_5"] - p["mean"]) / p["std"] for p in intensity], dtype=np.float32)
+    return lo, hi
+
+
 class RuleBasedSynthesizer(Synthesizer):
     """Textured intensity change relative to the local parent intensity.
 
@@ -77,13 +109,25 @@ class RuleBasedSynthesizer(Synthesizer):
     thresholded by a Bernoulli draw and smoothed again (SynTumor's recipe), rescaled to the real
     lesions' std. It replaces the carrier under a Gaussian-blurred mask (sigma drawn from
     ``blend_sigma_voxels``); voxels outside the dilated mask stay bit-identical.
+
+    stats: per label, measured on real lesions (preferred); priors: per label, from the spec's HU
+    ranges (used when a class has no real lesion); window: per-channel (lo, hi) clip of the painted
+    values (CTNormalization's range), or None.
     """
 
-    def __init__(self, mask_sampler: MaskSampler, stats: dict[int, LesionIntensityStats],
-                 blend_sigma_voxels: tuple[float, float] = (0.5, 1.5)):
+    def __init__(self, mask_sampler: MaskSampler | None, stats: dict[int, LesionIntensityStats],
+                 blend_sigma_voxels: tuple[float, float] = (0.5, 1.5),
+                 priors: dict[int, IntensityPrior] | None = None,
+                 window: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__(mask_sampler)
         self.stats = stats
+        self.priors = priors or {}
+        self.window = window
         self.blend_sigma_voxels = tuple(blend_sigma_voxels)
+
+    def can_paint(self, label: int) -> bool:
+        st = self.stats.get(label)
+        return (st is not None and st.n > 0) or label in self.priors
 
     def _texture(self, shape, rng: np.random.Generator) -> np.ndarray:
         t = ndimage.gaussian_filter(rng.uniform(size=shape).astype(np.float32), 1.0)
@@ -91,14 +135,21 @@ class RuleBasedSynthesizer(Synthesizer):
         t -= t.mean()
         return t / max(float(t.std()), 1e-6)
 
-    def paint(self, carrier, mask, parent, lesion: LesionClass, rng: np.random.Generator) -> np.ndarray:
+    def _intensity(self, lesion: LesionClass, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         st = self.stats.get(lesion.label)
-        if st is None or st.n == 0:
-            raise KeyError(f"no intensity statistics for lesion '{lesion.name}' (label {lesion.label}): "
-                           "the training set holds no real lesion of that class")
-        k = int(rng.integers(st.n))
-        contrast = np.asarray(st.contrast[k], dtype=np.float32)
-        tex_std = np.asarray(st.texture_std[k], dtype=np.float32)
+        if st is not None and st.n > 0:
+            k = int(rng.integers(st.n))
+            return np.asarray(st.contrast[k], dtype=np.float32), np.asarray(st.texture_std[k], dtype=np.float32)
+        prior = self.priors.get(lesion.label)
+        if prior is None:
+            raise KeyError(f"no intensity for lesion '{lesion.name}' (label {lesion.label}): the training set holds no "
+                           "real lesion of that class and its lesion spec entry has no 'contrast_hu'")
+        return (rng.uniform(prior.contrast[:, 0], prior.contrast[:, 1]).astype(np.float32),
+                rng.uniform(prior.texture[:, 0], prior.texture[:, 1]).astype(np.float32))
+
+    def paint(self, carrier, mask, parent, lesion: LesionClass, rng: np.random.Generator) -> np.ndarray:
+        """carrier (C, *spatial) -> a copy with the lesion painted under ``mask`` (*spatial bool)."""
+        contrast, tex_std = self._intensity(lesion, rng)
         # Only the neighbourhood of the mask is touched; work on its bounding box for speed.
         sigma = float(rng.uniform(*self.blend_sigma_voxels))
         margin = int(np.ceil(3 * sigma)) + 2
@@ -112,7 +163,57 @@ class RuleBasedSynthesizer(Synthesizer):
         ref_vals = sub[:, ref] if ref.any() else sub[:, sub_mask]
         local_mean = ref_vals.mean(1)
         tex = self._texture(sub_mask.shape, rng)
-        target = (local_mean + contrast)[:, None, None, None] + tex_std[:, None, None, None] * tex[None]
+        chan = (-1,) + (1,) * mask.ndim
+        target = (local_mean + contrast).reshape(chan) + tex_std.reshape(chan) * tex[None]
+        if self.window is not None:
+            target = np.clip(target, self.window[0].reshape(chan), self.window[1].reshape(chan))
         out = carrier.copy()
         out[(slice(None),) + box] = blend(sub, target.astype(sub.dtype), sub_mask, sigma)
         return out
+
+
+class RuleBasedSource(SampleSource):
+    """The ``"rule_based"`` source: placement by the loader, SynTumor-style painting, all in the worker."""
+
+    name = "rule_based"
+
+    def __init__(self, painter: RuleBasedSynthesizer, spec):
+        self.painter = painter
+        self.spec = spec
+
+    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+        placed = loader.place(class_idx, rng)
+        if placed is None:
+            return None
+        placement, data, seg = placed
+        lesion = self.spec.lesions[class_idx]
+        parent = np.isin(seg[0], lesion.parents)
+        try:
+            image = self.painter.paint(data, placement.mask(), parent, lesion, np.random.default_rng(placement.seed))
+        except SynthesisError:
+            return None
+        return SyntheticSample(data=image.astype(np.float32, copy=False), seg=loader.write_label(seg, placement),
+                               placement=placement)
+
+    def check(self, index, class_probs: np.ndarray) -> None:
+        missing = [l.name for l, p in zip(self.spec.lesions, class_probs) if p > 0 and not self.painter.can_paint(l.label)]
+        if missing:
+            from ..trainers.errors import PromptLesionConfigError
+            raise PromptLesionConfigError(
+                f"rule-based synthesis needs an intensity for every drawn class, but the scanned training cases hold no "
+                f"real lesion of {missing} and their lesion spec entries give no 'contrast_hu'. Add an intensity prior "
+                "(e.g. \"contrast_hu\": [-60, -20], relative to the parent, in lesion_spec.json), give these classes "
+                "weight 0 in 'class_weights' (promptlesion_settings.json), or remove them from lesion_spec.json.")
+
+
+def build_rule_based_source(ctx: SourceContext) -> RuleBasedSource:
+    s = ctx.settings
+    priors = {l.label: IntensityPrior.from_hu(l, ctx.intensity) for l in ctx.spec.lesions
+              if l.contrast_hu is not None and ctx.intensity}
+    window = ct_window_z(ctx.intensity) if ctx.intensity else None
+    painter = RuleBasedSynthesizer(None, ctx.index.stats, blend_sigma_voxels=tuple(s.blend_sigma_voxels),
+                                   priors=priors, window=window)
+    return RuleBasedSource(painter, ctx.spec)
+
+
+register_source("rule_based", build_rule_based_source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +22,29 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from torch import distributed as dist
 
 from ..synthesis.lesion_spec import LESION_SPEC_FILENAME, LesionSpec
 from ..synthesis.masks import MaskSampler
-from ..synthesis.rule_based import RuleBasedSynthesizer
-from .lesion_index import LesionIndex, build_lesion_index, class_probabilities
-from .mixing_loader import PromptLesionDataLoader
-from .settings import PromptLesionSettings, load_settings
+from ..synthesis.sources import SampleSource, SourceContext, build_source
+from .errors import PromptLesionConfigError
+from .lesion_index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
+                           load_or_build_index)
+from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_per_rank
+from .early_stopping import EarlyStoppingMixin
+from .settings import load_settings
+
+__all__ = ["PromptLesionTrainer", "PromptLesionConfigError"]
 
 
-class PromptLesionConfigError(RuntimeError):
-    """The dataset or settings cannot be used for lesion synthesis; the message says what to fix."""
-
-
-class PromptLesionTrainer(nnUNetTrainer):
+class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.promptlesion_settings, self.promptlesion_settings_source = load_settings(self.preprocessed_dataset_folder_base)
         self.lesion_index: LesionIndex | None = None
+        self.promptlesion_source: SampleSource | None = None
+        self._promptlesion_epoch_stats: Counter = Counter()
 
     # ---------------------------------------------------------------- set-up checks
     def _find_lesion_spec(self) -> Path:
@@ -70,53 +75,168 @@ class PromptLesionTrainer(nnUNetTrainer):
                 f"channels with {schemes}. Set channel_names to {{\"0\": \"CT\"}} in dataset.json and re-run "
                 "nnUNetv2_plan_and_preprocess.")
 
+    def check_configuration(self) -> None:
+        """Refuse configurations the synthetic-sample path cannot serve, before anything is built."""
+        if self.is_cascaded:
+            raise PromptLesionConfigError(
+                f"PromptLesionTrainer does not support the cascade ('{self.configuration_name}' uses the segmentation of "
+                f"'{self.configuration_manager.previous_stage_name}' as input): a synthetic lesion has no previous-stage "
+                "prediction, so the network would learn that lesions are absent from that input. Train 3d_fullres "
+                "(or 3d_lowres, 2d) with PromptLesionTrainer instead.")
+        dims = len(self.configuration_manager.patch_size)
+        if dims not in (2, 3):
+            raise PromptLesionConfigError(f"configuration '{self.configuration_name}' has a {dims}-D patch; "
+                                          "PromptLesionTrainer supports 2D and 3D configurations")
+
     def initialize(self):
         if not self.was_initialized:
+            self.check_configuration()
             self.check_ct_normalisation()
             self.promptlesion_spec = self.load_lesion_spec()
+            # nnU-Net rewrites the oversampling rate per DDP rank for its last-33%-of-the-batch rule; the real
+            # share here is oversampled per sample, at the configured (global) rate.
+            self._promptlesion_oversample = float(self.oversample_foreground_percent)
         super().initialize()
 
     # ---------------------------------------------------------------- synthesis
-    def build_synthesizer(self, index: LesionIndex):
-        s = self.promptlesion_settings
-        sampler = MaskSampler(self.configuration_manager.spacing, bank=index.bank)
-        return RuleBasedSynthesizer(sampler, index.stats, blend_sigma_voxels=tuple(s.blend_sigma_voxels))
+    def _intensity_properties(self) -> list[dict]:
+        props = self.plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
+        return [props[k] for k in sorted(props, key=int)] if props else []
 
     def build_lesion_index(self, dataset_tr) -> LesionIndex:
+        """The start-up scan, loaded from / saved to the cache next to the preprocessed data (rank 0 builds)."""
         s = self.promptlesion_settings
-        return build_lesion_index(dataset_tr, dataset_tr.identifiers, self.promptlesion_spec,
-                                  spacing=self.configuration_manager.spacing,
-                                  patch_size=self.configuration_manager.patch_size,
-                                  centre_fraction=s.centre_fraction, max_cases=s.max_scan_cases,
-                                  progress=self.local_rank == 0)
+        cm = self.configuration_manager
+        ids = list(dataset_tr.identifiers)
+
+        def build():
+            return build_lesion_index(dataset_tr, ids, self.promptlesion_spec, spacing=cm.spacing,
+                                      patch_size=cm.patch_size, centre_fraction=s.centre_fraction,
+                                      max_cases=s.max_scan_cases, progress=self.local_rank == 0)
+
+        path = None
+        fingerprint = ""
+        if s.index_cache:
+            fingerprint = index_fingerprint(self.preprocessed_dataset_folder, ids, self.promptlesion_spec, cm.spacing,
+                                            cm.patch_size, s.centre_fraction, s.max_scan_cases)
+            path = Path(self.preprocessed_dataset_folder_base) / INDEX_DIRNAME / \
+                f"{cm.data_identifier}__fold{self.fold}__{fingerprint[:16]}.pkl"
+        world = dist.get_world_size() if self.is_ddp else 1
+        index, how = load_or_build_index(path, fingerprint, build, rank=self.local_rank, world_size=world)
+        self.print_to_log_file(f"PromptLesion: lesion index {how}" + (f" ({path})" if path else "") +
+                               f"; scan {json.dumps(index.scan_info)}", also_print_to_console=True)
+        return index
 
     def _class_probabilities(self, index: LesionIndex) -> np.ndarray:
-        probs = class_probabilities(index.spec, index.counts, self.promptlesion_settings.class_weights)
-        if self.promptlesion_settings.synthesizer == "rule_based":
-            no_stats = [l.name for l, p in zip(index.spec.lesions, probs) if p > 0 and index.stats[l.label].n == 0]
-            if no_stats:
-                raise PromptLesionConfigError(
-                    f"rule-based synthesis learns each class's intensity from real lesions, but the training cases of "
-                    f"fold {self.fold} hold none of {no_stats}. Give these classes weight 0 in 'class_weights' "
-                    "(promptlesion_settings.json) or remove them from lesion_spec.json.")
-        return probs
+        return class_probabilities(index.spec, index.counts, self.promptlesion_settings.class_weights)
+
+    def synthetic_per_batch(self) -> int:
+        """Synthetic samples in this rank's batch; with DDP the configured share holds over the global batch."""
+        s = self.promptlesion_settings
+        if not self.is_ddp:
+            n = s.n_synthetic(self.batch_size)
+            layout = f"batch {self.batch_size} = {self.batch_size - n} real + {n} synthetic"
+            total, n_global = self.batch_size, n
+        else:
+            sizes = [None] * dist.get_world_size()
+            dist.all_gather_object(sizes, int(self.batch_size))
+            total = int(sum(sizes))
+            n_global = s.n_synthetic(total)
+            per_rank = synthetic_slots_per_rank(sizes, n_global)
+            n = per_rank[self.local_rank]
+            layout = (f"global batch {total} over {len(sizes)} ranks (per rank {sizes}) = {total - n_global} real + "
+                      f"{n_global} synthetic; synthetic per rank {per_rank}; this rank {self.local_rank}: "
+                      f"{self.batch_size - n} real + {n} synthetic")
+        self.print_to_log_file(f"PromptLesion: {layout}", also_print_to_console=True)
+        if n_global == 0 and float(s.synthetic_fraction) > 0:
+            self.print_to_log_file(
+                f"PromptLesion: WARNING synthetic_fraction {s.synthetic_fraction} x global batch {total} rounds to 0 "
+                "synthetic samples: this run trains on real samples only. Raise the batch size or synthetic_fraction.",
+                also_print_to_console=True)
+        return n
+
+    def build_sample_source(self, index: LesionIndex, initial_patch_size) -> SampleSource:
+        s = self.promptlesion_settings
+        cm = self.configuration_manager
+        ctx = SourceContext(settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
+                            patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
+                            intensity=self._intensity_properties(), trainer=self,
+                            log=lambda msg: self.print_to_log_file(msg, also_print_to_console=True))
+        return build_source(s.synthesizer, ctx)
 
     def build_train_loader(self, dataset_tr, initial_patch_size, tr_transforms):
         s = self.promptlesion_settings
         self.lesion_index = index = self.build_lesion_index(dataset_tr)
         probs = self._class_probabilities(index)
-        n_syn = s.n_synthetic(self.batch_size)
+        self.close_sample_source()
+        source = self.build_sample_source(index, initial_patch_size)
+        self.promptlesion_source = source
+        source.check(index, probs)
+        n_syn = self.synthetic_per_batch()
         self.print_to_log_file(
-            f"PromptLesion: settings from {self.promptlesion_settings_source}: {json.dumps(s.__dict__)}\n"
-            f"PromptLesion: batch {self.batch_size} = {self.batch_size - n_syn} real + {n_syn} synthetic; "
-            f"class probabilities {dict(zip([l.name for l in index.spec.lesions], np.round(probs, 4).tolist()))}\n"
+            f"PromptLesion: settings from {self.promptlesion_settings_source}: {json.dumps(s.to_json_dict())}\n"
+            f"PromptLesion: source {source.describe()}; class probabilities "
+            f"{dict(zip([l.name for l in index.spec.lesions], np.round(probs, 4).tolist()))}\n"
             f"PromptLesion: lesion index {json.dumps(index.summary())}", also_print_to_console=True)
-        return PromptLesionDataLoader(dataset_tr, self.batch_size, initial_patch_size,
-                                      self.configuration_manager.patch_size, self.label_manager, index=index,
-                                      synthesizer=self.build_synthesizer(index), class_probs=probs,
-                                      n_synthetic=n_syn, centre_fraction=s.centre_fraction,
-                                      oversample_foreground_percent=self.oversample_foreground_percent,
-                                      transforms=tr_transforms)
+        loader = PromptLesionDataLoader(
+            dataset_tr, self.batch_size, initial_patch_size, self.configuration_manager.patch_size, self.label_manager,
+            index=index, source=source, mask_sampler=MaskSampler(self.configuration_manager.spacing, bank=index.bank),
+            class_probs=probs, n_synthetic=n_syn, centre_fraction=s.centre_fraction,
+            oversample_foreground_percent=getattr(self, "_promptlesion_oversample", self.oversample_foreground_percent),
+            transforms=tr_transforms, placement_tries=s.placement_tries, draw_tries=s.draw_tries)
+        source.attach(loader)
+        return loader
+
+    def close_sample_source(self) -> None:
+        src, self.promptlesion_source = self.promptlesion_source, None
+        if src is not None:
+            src.close()
+
+    # ---------------------------------------------------------------- per-epoch accounting
+    def train_step(self, batch: dict) -> dict:
+        stats = batch.pop(STATS_KEY, None)
+        if stats:
+            self._promptlesion_epoch_stats.update(stats)
+        return super().train_step(batch)
+
+    def promptlesion_epoch_summary(self) -> dict:
+        """This epoch's loader counters summed over batches, workers (and DDP ranks), and the source's stats."""
+        counts = dict(self._promptlesion_epoch_stats)
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, counts)
+            total: Counter = Counter()
+            for g in gathered:
+                total.update(g)
+            counts = dict(total)
+        out = {"loader": {k: counts[k] for k in sorted(counts)}}
+        if self.promptlesion_source is not None:
+            out["source"] = self.promptlesion_source.epoch_stats()
+        return out
+
+    def on_epoch_end(self):
+        summary = self.promptlesion_epoch_summary()
+        self._promptlesion_epoch_stats.clear()
+        loader = summary["loader"]
+        fallback = loader.get("fallback_real", 0)
+        self.print_to_log_file(f"PromptLesion: epoch stats {json.dumps(summary, default=str)}" +
+                               (f" ({fallback} synthetic slot(s) filled with real samples after failed placements)"
+                                if fallback else ""))
+        super().on_epoch_end()
+
+    def on_train_end(self):
+        try:
+            super().on_train_end()
+        finally:
+            self.close_sample_source()
+
+    def run_training(self):
+        # The source may own processes or files (a producer, an open cache): they end with the run, also when
+        # it crashes or is interrupted.
+        try:
+            super().run_training()
+        finally:
+            self.close_sample_source()
 
     def get_dataloaders(self):
         # Same steps as nnUNetTrainer.get_dataloaders; only the training loader differs.

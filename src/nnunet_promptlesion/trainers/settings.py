@@ -4,7 +4,9 @@ Looked up, first match wins:
   1. the file named by the environment variable ``PROMPTLESION_SETTINGS``;
   2. ``$nnUNet_preprocessed/DatasetXXX/promptlesion_settings.json``;
   3. the defaults below.
-Unknown keys are an error (a typo must not silently fall back to a default).
+Unknown keys are an error (a typo must not silently fall back to a default). Sample sources
+(:mod:`nnunet_promptlesion.synthesis.sources`) may register extra keys with defaults; those land in
+``settings.extra``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class PromptLesionSettings:
     #: "inverse_frequency" (1 / number of real lesions of the class in the training cases), "uniform",
     #: or a dict {lesion name or label: weight}
     class_weights: Union[str, dict] = "inverse_frequency"
-    #: "rule_based" (statistics from the real lesions); the diffusion synthesizer plugs in here later
+    #: the sample source: "rule_based" (statistics from the real lesions, or the spec's intensity priors);
+    #: further sources register themselves in nnunet_promptlesion.synthesis.sources
     synthesizer: str = "rule_based"
     #: side of the carrier's central region, as a fraction of the patch size, that must hold no real lesion;
     #: synthetic lesions are centred inside it
@@ -41,20 +44,47 @@ class PromptLesionSettings:
     max_scan_cases: int = 1000
     #: path to a lesion spec; default: lesion_spec.json in nnUNet_preprocessed/DatasetXXX, else nnUNet_raw/DatasetXXX
     lesion_spec: Union[str, None] = None
+    #: stop training once nnU-Net's EMA pseudo-Dice has not improved for this many epochs (the paper: 25);
+    #: null = off. Read by trainers.early_stopping (also by the plain baseline nnUNetTrainer_earlyStopping)
+    early_stopping_patience: Union[int, None] = None
+    #: carrier patches tried per synthetic sample before the draw counts as failed
+    placement_tries: int = 20
+    #: failed draws per synthetic slot before the slot is filled with a real sample (counted, logged per epoch)
+    draw_tries: int = 2
+    #: cache the start-up scan next to the preprocessed data (promptlesion_index/), keyed by a fingerprint
+    index_cache: bool = True
+    #: extra keys registered by sample sources (filled by from_dict; not a key of the JSON file itself)
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.early_stopping_patience is not None and (isinstance(self.early_stopping_patience, bool) or
+                not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1):
+            raise SettingsError(f"early_stopping_patience must be a positive integer or null, got {self.early_stopping_patience!r}")
         if not 0.0 <= float(self.synthetic_fraction) <= 1.0:
             raise SettingsError(f"synthetic_fraction must lie in [0, 1], got {self.synthetic_fraction}")
         if isinstance(self.class_weights, str) and self.class_weights not in ("inverse_frequency", "uniform"):
             raise SettingsError("class_weights must be 'inverse_frequency', 'uniform' or a {class: weight} dict, "
                                 f"got '{self.class_weights}'")
-        if self.synthesizer not in ("rule_based",):
-            raise SettingsError(f"unknown synthesizer '{self.synthesizer}' (available: rule_based)")
+        from ..synthesis.sources import available_sources, registered_settings
+        if self.synthesizer not in available_sources():
+            raise SettingsError(f"unknown synthesizer '{self.synthesizer}' (available: {available_sources()})")
+        extras = registered_settings()
+        unknown = set(self.extra) - set(extras)
+        if unknown:
+            raise SettingsError(f"unknown settings {sorted(unknown)}")
+        self.extra = {k: self.extra.get(k, default) for k, (_, default) in extras.items()}
+        if int(self.placement_tries) < 1 or int(self.draw_tries) < 1:
+            raise SettingsError("placement_tries and draw_tries must be >= 1")
         if not 0.0 < float(self.centre_fraction) <= 1.0:
             raise SettingsError(f"centre_fraction must lie in (0, 1], got {self.centre_fraction}")
         lo, hi = self.blend_sigma_voxels
         if not 0 <= lo <= hi:
             raise SettingsError(f"blend_sigma_voxels must be [lo, hi] with 0 <= lo <= hi, got {self.blend_sigma_voxels}")
+
+    def to_json_dict(self) -> dict:
+        """The settings as one flat dict (extra keys merged in), for the training log."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return {**d, **self.extra}
 
     def n_synthetic(self, batch_size: int) -> int:
         """Synthetic samples per batch: the synthetic share rounded down."""
@@ -62,12 +92,15 @@ class PromptLesionSettings:
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "PromptLesionSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        from ..synthesis.sources import registered_settings
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extras = registered_settings()
+        unknown = set(d) - known - set(extras)
         if unknown:
-            raise SettingsError(f"{source}: unknown settings {sorted(unknown)}; known settings: {sorted(known)}")
+            raise SettingsError(f"{source}: unknown settings {sorted(unknown)}; known settings: "
+                                f"{sorted(known | set(extras))}")
         try:
-            return cls(**d)
+            return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k in extras})
         except SettingsError as e:
             raise SettingsError(f"{source}: {e}") from e
 
