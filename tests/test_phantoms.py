@@ -150,6 +150,34 @@ def test_plan_lesion_presence_stratifies():
     assert P.plan_lesion_presence(1, {"a": 0.7, "b": 0.25}, 0.2, rng) == [{"a"}]
 
 
+
+def test_split_fractions_enrich_only_the_test_split():
+    kind = P.phantom_kinds()["ccta"]
+    cfg = P.get_config("ccta", "demo")
+    tr, tr_h = P.split_fractions(kind, cfg, P.TRAIN)
+    ts, ts_h = P.split_fractions(kind, cfg, P.TEST)
+    assert tr == {"calcified_plaque": 0.75, "noncalcified_plaque": 0.2} and tr_h == 0.15
+    assert ts == {"calcified_plaque": 0.6, "noncalcified_plaque": 0.6} and ts_h == 0.1
+    assert P.split_fractions(kind, P.get_config("ccta"), P.TEST) == P.split_fractions(kind, P.get_config("ccta"), P.TRAIN)
+    with pytest.raises(ValueError, match="unknown classes"):
+        P.split_fractions(kind, P.get_config("ccta", test_fractions={"plaque": 0.5}), P.TEST)
+
+
+def test_ccta_demo_preset_keeps_the_imbalance_and_has_larger_calcium():
+    cfg = P.get_config("ccta", "demo")
+    tr = P.generate_split("ccta", 16, seed=0, split=P.TRAIN, config=cfg)
+    ts = P.generate_split("ccta", 10, seed=0, split=P.TEST, config=cfg)
+    assert tr[0].image.shape == (48, 48, 40)
+    lesions = lambda cases, cls: [l for c in cases for l in c.lesions if l["class"] == cls]
+    calc, ncp = lesions(tr, "calcified_plaque"), lesions(tr, "noncalcified_plaque")
+    assert len(ncp) <= 4 < 3 * len(ncp) < len(calc)  # the non-calcified class stays rare in training
+    assert np.median([l["voxels"] for l in calc]) >= 60  # the default preset's median is ~50
+    assert all(l["voxels"] >= cfg.min_plaque_voxels for l in calc)
+    assert len(lesions(ts, "noncalcified_plaque")) == 6  # 60 % of 10 test cases
+    for c in tr + ts:  # same HU design as the default preset
+        if (c.label == 2).any():
+            assert c.image[c.label == 2].max() >= 600
+
 # ---------------------------------------------------------------------------------------------- abdomen content
 def test_abdomen_labels_hu_and_placement(abdomen_cases):
     lab = phantoms_abdomen.LABELS

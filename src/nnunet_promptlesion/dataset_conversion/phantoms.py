@@ -318,8 +318,23 @@ def generate_split(kind: str, n_cases: int, seed: int, split: int = TRAIN, confi
     """Generate all cases of one split in memory (used by tests and notebooks)."""
     k = _kinds()[kind]
     cfg = config if config is not None else get_config(kind)
-    plan = plan_lesion_presence(n_cases, k.class_fractions(cfg), k.healthy_fraction(cfg), plan_rng(seed, split))
+    fractions, healthy = split_fractions(k, cfg, split)
+    plan = plan_lesion_presence(n_cases, fractions, healthy, plan_rng(seed, split))
     return [k.generate(cfg, plan[i], case_rng(seed, split, i)) for i in range(n_cases)]
+
+
+def split_fractions(k: PhantomKind, cfg, split: int) -> tuple[dict[str, float], float]:
+    """(class fractions, healthy fraction) of a split: the config's ``test_fractions`` (if it has them)
+    replace the training fractions on the test split; classes it does not name keep theirs."""
+    fractions, healthy = dict(k.class_fractions(cfg)), float(k.healthy_fraction(cfg))
+    override = getattr(cfg, "test_fractions", None) if split == TEST else None
+    if override:
+        unknown = set(override) - set(fractions) - {"healthy"}
+        if unknown:
+            raise ValueError(f"test_fractions names unknown classes {sorted(unknown)}; known: {sorted(fractions)}")
+        healthy = float(override.get("healthy", healthy))
+        fractions.update({c: float(v) for c, v in override.items() if c != "healthy"})
+    return fractions, healthy
 
 
 def default_test_cases(n_train: int) -> int:
@@ -379,7 +394,8 @@ def write_phantom_dataset(kind: str, dataset_id: int, n_cases: int, seed: int, n
                 continue
             (tmp / f"images{sub}").mkdir()
             (tmp / f"labels{sub}").mkdir()
-            plan = plan_lesion_presence(n, k.class_fractions(cfg), k.healthy_fraction(cfg), plan_rng(seed, split))
+            fractions, healthy = split_fractions(k, cfg, split)
+            plan = plan_lesion_presence(n, fractions, healthy, plan_rng(seed, split))
             bar = tqdm(range(n), desc=f"{folder_name} {'train' if split == TRAIN else 'test'}", unit="case",
                        disable=not progress)
             for i in bar:
@@ -406,6 +422,8 @@ def write_phantom_dataset(kind: str, dataset_id: int, n_cases: int, seed: int, n
             "config": dataclasses.asdict(cfg),
             "class_fractions": k.class_fractions(cfg),
             "healthy_fraction": k.healthy_fraction(cfg),
+            "test_class_fractions": split_fractions(k, cfg, TEST)[0],
+            "test_healthy_fraction": split_fractions(k, cfg, TEST)[1],
             **records,
         }, tmp / MANIFEST_FILENAME)
         for f in tmp.glob("*.json"):

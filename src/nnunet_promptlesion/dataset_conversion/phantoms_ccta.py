@@ -79,12 +79,33 @@ class CCTAPhantomConfig:
     min_plaque_voxels: int = 16
     psf_sigma_mm: tuple[float, float, float] = (0.3, 0.3, 0.35)
     noise_sd_hu: tuple[float, float] = (12.0, 20.0)
+    #: fractions used for the *test* split instead of the ones above ({class name or "healthy": fraction});
+    #: None = the same as training. Lets an evaluation set hold enough rare lesions for a paired test
+    #: while the training set keeps the intended imbalance.
+    test_fractions: dict | None = None
 
+
+# The demo preset: what a 2-core CPU can learn in a few minutes (see docs/phantoms.md, "demo preset").
+# Smaller field of view (fewer sliding windows at inference, denser vessels), calcified plaques larger and
+# more numerous (moderate calcification, 2.5-5 mm across) so the common class is learnable at a small
+# budget, non-calcified plaques rarer and still subtle, and a test split enriched in non-calcified plaques.
+DEMO = CCTAPhantomConfig(
+    shape=(48, 48, 40),
+    calcified_fraction=0.75,
+    noncalcified_fraction=0.2,
+    healthy_fraction=0.15,
+    calcified_count=(2, 4),
+    calcified_radius_mm=(1.25, 2.5),
+    noncalcified_radius_mm=(1.5, 2.5),
+    min_plaque_voxels=24,
+    test_fractions={CALCIFIED: 0.6, NONCALCIFIED: 0.6, "healthy": 0.1},
+)
 
 PRESETS = {
     "default": CCTAPhantomConfig(),
     # Twice the field of view per axis at the same resolution; for users with more compute.
     "large": CCTAPhantomConfig(shape=(96, 96, 64)),
+    "demo": DEMO,
 }
 
 
