@@ -1,0 +1,136 @@
+"""promptlesion_pretrain: VQGAN, then PromptLesion diffusion, then (optionally) the lesion cache, for one fold.
+
+Runs the three bundled commands in order on the fold's training cases of an nnU-Net preprocessed dataset:
+
+1. promptlesion_train_vqgan      -> $nnUNet_results/DatasetXXX/promptlesion_vqgan__PRESET__CONFIG__foldF/
+2. promptlesion_train_diffusion  -> $nnUNet_results/DatasetXXX/promptlesion_diffusion__PRESET__CONFIG__foldF/
+3. promptlesion_build_cache      -> $nnUNet_preprocessed/DatasetXXX/promptlesion_cache/... (with --cache-per-class N)
+
+Each step is skipped when its output exists (checkpoint_final.pt, a complete cache manifest) and resumes from
+its own checkpoint / shards when interrupted: re-run the same command after a stop. The generators are trained
+on the dataset's own preprocessed patches, so the trainer uses them with the identity space mapping. The last
+line printed is the settings snippet for promptlesion_settings.json (diffusion_cache with a cache, else
+diffusion_online). For several GPUs run the steps one by one under torchrun (each command supports it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  promptlesion_pretrain -d 502 -c 3d_fullres -f 0 --preset tiny --device cpu            # CPU demo scale
+  promptlesion_pretrain -d 502 -f 0 --preset paper --cache-per-class 2000 --device cuda  # paper scale
+  promptlesion_pretrain -d 502 -f 0 --preset tiny --dry-run                              # print the plan only"""
+
+PRESET_STEPS = {"tiny": (2000, 2000), "paper": (100000, 60000)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptlesion_pretrain", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name (preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
+    p.add_argument("-f", "--fold", default="0", help="fold (default 0): only its training cases are used")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="paper", help="generator preset for both models")
+    p.add_argument("--vqgan-steps", type=int, default=None, help="VQGAN steps (default tiny 2000, paper 100000)")
+    p.add_argument("--diffusion-steps", type=int, default=None, help="diffusion steps (default tiny 2000, paper 60000)")
+    p.add_argument("--prompt-type", choices=["onehot", "mask"], default="onehot", help="diffusion prompt (default onehot)")
+    p.add_argument("--cache-per-class", type=int, default=0, help="also build a lesion cache with N samples per class")
+    p.add_argument("--cache-steps", type=int, default=50, help="DDIM steps for the cache (default 50)")
+    p.add_argument("--cache-batch", type=int, default=8, help="lesions per generator call for the cache (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--vqgan-args", default="", help="extra arguments for promptlesion_train_vqgan (one quoted string)")
+    p.add_argument("--diffusion-args", default="", help="extra arguments for promptlesion_train_diffusion (one quoted string)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    return p
+
+
+def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
+    import shlex
+
+    vq_steps, df_steps = PRESET_STEPS[args.preset]
+    vq_steps = args.vqgan_steps or vq_steps
+    df_steps = args.diffusion_steps or df_steps
+    tag = f"{args.preset}__{args.configuration}__fold{args.fold}"
+    vq_dir = results / dataset_name / f"promptlesion_vqgan__{tag}"
+    df_dir = results / dataset_name / f"promptlesion_diffusion__{tag}"
+    common = ["-d", str(args.dataset), "-c", args.configuration, "-f", str(args.fold), "-p", args.plans,
+              "--device", args.device] + (["--num-threads", str(args.num_threads)] if args.num_threads else [])
+    steps = [
+        {"name": "vqgan", "module": "train_vqgan", "output": vq_dir / "checkpoint_final.pt",
+         "argv": [*common, "--preset", args.preset, "--steps", str(vq_steps), "-o", str(vq_dir),
+                  *shlex.split(args.vqgan_args)]},
+        {"name": "diffusion", "module": "train_diffusion", "output": df_dir / "checkpoint_final.pt",
+         "argv": [*common, "--preset", args.preset, "--steps", str(df_steps), "-o", str(df_dir),
+                  "--vqgan", str(vq_dir / "checkpoint_final.pt"), "--prompt-type", args.prompt_type,
+                  *shlex.split(args.diffusion_args)]},
+    ]
+    if args.cache_per_class > 0:
+        steps.append({"name": "cache", "module": "build_cache", "output": None,
+                      "argv": [*common, "--diffusion", str(df_dir / "checkpoint_final.pt"),
+                               "--per-class", str(args.cache_per_class), "--steps", str(args.cache_steps),
+                               "--batch", str(args.cache_batch)]})
+    return steps
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import importlib
+
+    from ..generator.data import resolve_preprocessed_dataset
+
+    try:
+        ds = resolve_preprocessed_dataset(args.dataset)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = os.environ.get("nnUNet_results")
+    if not res:
+        print("error: nnUNet_results is not set", file=sys.stderr)
+        return 2
+    steps = plan_steps(args, ds.name, Path(res))
+    settings = None
+    for i, st in enumerate(steps, 1):
+        out = st["output"]
+        cmd = f"promptlesion_{st['module']} {' '.join(st['argv'])}"
+        if out is not None and Path(out).is_file():
+            print(f"[{i}/{len(steps)}] {st['name']}: {out} exists, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(steps)}] {st['name']}: {cmd}", flush=True)
+        if args.dry_run:
+            continue
+        mod = importlib.import_module(f"nnunet_promptlesion.cli.{st['module']}")
+        if st["module"] == "build_cache":
+            from contextlib import redirect_stdout
+            import io
+
+            buf = io.StringIO()
+            with redirect_stdout(buf):
+                rc = mod.main(st["argv"])
+            sys.stdout.write(buf.getvalue())
+            lines = [l for l in buf.getvalue().splitlines() if l.startswith("{")]
+            if rc == 0 and lines:
+                settings = json.loads(lines[-1])
+        else:
+            rc = mod.main(st["argv"])
+        if rc not in (0, None):
+            print(f"error: step '{st['name']}' failed (exit {rc}); fix the cause and re-run the same command: "
+                  "finished steps are skipped, interrupted ones resume", file=sys.stderr)
+            return int(rc)
+        if out is not None and not Path(out).is_file():
+            print(f"error: step '{st['name']}' did not write {out}", file=sys.stderr)
+            return 1
+    if settings is None:
+        settings = {"synthesizer": "diffusion_online", "diffusion": str(Path(steps[1]["output"]).resolve())}
+    print("paste into promptlesion_settings.json:")
+    print(json.dumps(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Batched diffusion rendering of placed lesions into nnU-Net preprocessed cases.
+
+Input: :class:`LesionRequest` (case, lesion class label, mask in the case's voxel grid, seed, blend sigma).
+Output: :class:`RenderedLesion`, the only voxels that change: a box around the lesion (case grid, nnU-Net
+axis order), the lesion mask inside it, the blend support (mask dilated by ``blend_margin(sigma)``) and the
+new z-score values at the support voxels. Pasting those values into any crop of the case that holds them
+reproduces the synthetic sample exactly; every other voxel is the case's own.
+
+Used by the cache builder (``promptlesion_build_cache``) and the online producer; both own the generator on
+one device. Never used inside nnU-Net's forked loader workers.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .blending import blend_margin, dilate
+from .space import DoesNotFitError, GridSpec, SpaceMapping, prompt_ids_for
+
+
+@dataclass
+class LesionRequest:
+    """A placed lesion to render. mask_lo: (3,) case-grid corner of ``mask`` (bool box); centre: case voxel."""
+
+    case: str
+    label: int
+    mask_lo: np.ndarray
+    mask: np.ndarray
+    seed: int
+    sigma: float
+
+
+@dataclass
+class RenderedLesion:
+    """A rendered lesion in the case grid (nnU-Net axis order, voxels).
+
+    box_lo: (3,) int corner of the box; mask / support: bool arrays of the box shape; values: float32 z-scores
+    at the support voxels (C order of ``np.argwhere(support)``); centre: (3,) int lesion centre voxel.
+    """
+
+    case: str
+    label: int
+    seed: int
+    box_lo: np.ndarray
+    mask: np.ndarray
+    support: np.ndarray
+    values: np.ndarray
+    centre: np.ndarray
+
+    @property
+    def box_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.mask.shape)
+
+    def paste(self, data: np.ndarray, crop_lo: Sequence[int]) -> np.ndarray:
+        """Write the lesion into ``data`` (C, X, Y, Z), a crop whose corner is ``crop_lo`` (case grid). In place.
+
+        Returns the lesion mask in crop coordinates (bool, crop shape; voxels of the lesion outside the crop drop).
+        """
+        shape = data.shape[1:]
+        rel = np.asarray(self.box_lo) - np.asarray(crop_lo)
+        src, dst = [], []
+        for r, b, s in zip(rel, self.mask.shape, shape):
+            lo, hi = max(r, 0), min(r + b, s)
+            if hi <= lo:
+                return np.zeros(shape, bool)
+            dst.append(slice(lo, hi))
+            src.append(slice(lo - r, hi - r))
+        src, dst = tuple(src), tuple(dst)
+        full = np.zeros(self.support.shape, np.float32)
+        full[self.support] = self.values
+        sup = self.support[src]
+        region = data[(0,) + dst]
+        region[sup] = full[src][sup]
+        out = np.zeros(shape, bool)
+        out[dst] = self.mask[src]
+        return out
+
+
+class CaseReader:
+    """Crops of nnU-Net preprocessed cases (blosc2/npy, read lazily), data padded at the edges, seg with -1."""
+
+    def __init__(self, data_folder: str | os.PathLike, identifiers: Sequence[str]):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        cls = infer_dataset_class(str(data_folder))
+        self._ds = cls(str(data_folder), list(identifiers))
+
+    def shape(self, case: str) -> tuple[int, int, int]:
+        data, _, _, _ = self._ds.load_case(case)
+        return tuple(int(s) for s in data.shape[1:])
+
+    def crop(self, case: str, lo: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        data, seg, _, _ = self._ds.load_case(case)
+        shape = data.shape[1:]
+        lo = [int(v) for v in lo]
+        size = [int(v) for v in size]
+        a = [max(l, 0) for l in lo]
+        b = [min(l + s, sh) for l, s, sh in zip(lo, size, shape)]
+        img = np.asarray(data[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]], dtype=np.float32)
+        sg = np.asarray(seg[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]], dtype=np.int16)
+        pads = [(x - l, l + s - y) for l, s, x, y in zip(lo, size, a, b)]
+        img = np.pad(img, [(0, 0)] + pads, mode="edge")
+        sg = np.pad(sg, [(0, 0)] + pads, mode="constant", constant_values=-1)
+        return img, sg
+
+
+class DiffusionRenderer:
+    """Owns one generator pair on ``device`` and renders batches of :class:`LesionRequest`.
+
+    data_grid: the dataset side (:meth:`GridSpec.from_nnunet`); spec: the dataset's LesionSpec; reader: a
+    :class:`CaseReader` over the carrier cases. Sampler options are passed to ``inpaint_lesions``.
+    """
+
+    def __init__(self, diffusion: str | os.PathLike, data_grid: GridSpec, spec, reader: CaseReader,
+                 vqgan: str | os.PathLike | None = None, device: str = "cpu", sampler: str = "ddim",
+                 steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, labels: Sequence[int] | None = None):
+        import torch
+
+        from ..generator.diffusion.checkpoint import load_generator_pair
+
+        self.device = torch.device(device)
+        kw = {}
+        if "dtype" in inspect.signature(load_generator_pair).parameters:
+            kw["dtype"] = "auto"
+        self.vqgan, self.vqgan_meta, self.model, self.meta, self.vocab = load_generator_pair(
+            diffusion, vqgan, map_location=self.device, **kw)
+        self.diffusion_path = str(Path(diffusion).resolve())
+        self.mapping = SpaceMapping(data_grid, GridSpec.from_generator_meta(self.meta), self.meta["patch_size"])
+        self.spec = spec
+        self.prompt_ids = prompt_ids_for(spec, self.vocab, labels)
+        self.reader = reader
+        self.sampler, self.steps, self.guidance, self.eta = sampler, (steps if sampler == "ddim" else None), guidance, eta
+        self._inpaint_kw = set(inspect.signature(_inpaint_fn()).parameters)
+
+    def identity(self) -> dict:
+        """What makes two renderers produce the same samples (stored in cache manifests)."""
+        return {"diffusion_checkpoint_id": self.meta.get("checkpoint_id"),
+                "vqgan_checkpoint_id": self.vqgan_meta.get("checkpoint_id"), "preset": self.meta.get("preset"),
+                "patch_size": list(self.meta["patch_size"]), "sampler": self.sampler, "steps": self.steps,
+                "guidance": self.guidance, "eta": self.eta, "mapping": self.mapping.describe()}
+
+    def _prepare(self, req: LesionRequest):
+        m = self.mapping
+        margin = blend_margin(req.sigma)
+        lo = np.asarray(req.mask_lo, int) - margin
+        full = np.zeros(np.asarray(req.mask.shape) + 2 * margin, bool)
+        full[tuple(slice(margin, margin + s) for s in req.mask.shape)] = req.mask
+        support = dilate(full, margin)
+        centre = m.centre_for(support) + lo  # case grid
+        fp = m.footprint()
+        r_lo = np.floor(centre - (fp - 1) / 2.0).astype(int) - 1
+        r_size = fp + 3
+        img, seg = self.reader.crop(req.case, r_lo, r_size)
+        mask_r = np.zeros(tuple(r_size), bool)
+        off = lo - r_lo
+        if (off < 0).any() or (off + full.shape > r_size).any():
+            raise DoesNotFitError("lesion larger than the generator patch")
+        mask_r[tuple(slice(o, o + s) for o, s in zip(off, full.shape))] = full
+        lesion = self.spec.by_label(req.label)
+        parent_r = np.isin(seg[0], lesion.parents)
+        c_rel = centre - r_lo
+        m.check_fits(dilate(mask_r, margin), c_rel)
+        model_img, (gmask, gparent) = m.to_generator(img[0], [mask_r, parent_r], c_rel)
+        return dict(req=req, img=img, seg=seg, r_lo=r_lo, mask_r=mask_r, c_rel=c_rel, model_img=model_img,
+                    gmask=gmask, gparent=gparent)
+
+    def render(self, requests: Sequence[LesionRequest], progress: Callable | None = None) -> list[RenderedLesion | None]:
+        """Render a batch; None for requests whose lesion does not fit the generator patch."""
+        import torch
+
+        prepared: list[dict | None] = []
+        for r in requests:
+            try:
+                prepared.append(self._prepare(r))
+            except DoesNotFitError:
+                prepared.append(None)
+        ok = [p for p in prepared if p is not None]
+        out: list[RenderedLesion | None] = [None] * len(requests)
+        if not ok:
+            return out
+        dev = self.device
+        image = torch.from_numpy(np.stack([p["model_img"] for p in ok])[:, None]).to(dev)
+        mask = torch.from_numpy(np.stack([p["gmask"] for p in ok])[:, None].astype(np.float32)).to(dev)
+        parent = torch.from_numpy(np.stack([p["gparent"] for p in ok])[:, None].astype(np.float32)).to(dev)
+        prompts = torch.tensor([self.prompt_ids[p["req"].label] for p in ok], dtype=torch.long, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(int(ok[0]["req"].seed))
+        kw = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, generator=gen, eta=self.eta,
+                  return_decoded=True)
+        if "parent_mask" in self._inpaint_kw:
+            kw["parent_mask"] = parent
+        if "autocast" in self._inpaint_kw and dev.type == "cuda":
+            kw["autocast"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        _, decoded, _ = _inpaint_fn()(self.vqgan, self.model, image, mask, prompts, **kw)
+        decoded = decoded[:, 0].float().cpu().numpy()
+        it = iter(range(len(ok)))
+        for i, p in enumerate(prepared):
+            if p is None:
+                continue
+            j = next(it)
+            req = p["req"]
+            try:
+                blended = self.mapping.from_generator(p["img"][0], decoded[j], p["mask_r"], p["c_rel"], req.sigma)
+            except DoesNotFitError:
+                continue
+            out[i] = _to_rendered(req, p, blended)
+        return out
+
+
+def _inpaint_fn():
+    from ..generator.diffusion.inpaint import inpaint_lesions
+
+    return inpaint_lesions
+
+
+def _to_rendered(req: LesionRequest, p: dict, blended: np.ndarray) -> RenderedLesion:
+    margin = blend_margin(req.sigma)
+    support = dilate(p["mask_r"], margin) & (p["seg"][0] >= 0)  # never write into padding outside the case
+    idx = np.argwhere(support)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sup = support[box]
+    vals = blended[box][sup].astype(np.float32)
+    mask = p["mask_r"][box] & sup
+    mi = np.argwhere(mask)
+    centre = np.round(mi.mean(0)).astype(int) + lo + p["r_lo"] if len(mi) else lo + p["r_lo"]
+    return RenderedLesion(case=req.case, label=int(req.label), seed=int(req.seed), box_lo=(lo + p["r_lo"]).astype(int),
+                          mask=np.ascontiguousarray(mask), support=np.ascontiguousarray(sup), values=vals,
+                          centre=np.asarray(centre, int))

@@ -1,0 +1,380 @@
+"""Diffusion lesions as PromptLesionTrainer sample sources: ``diffusion_cache`` and ``diffusion_online``.
+
+``"synthesizer": "diffusion_cache"``, ``"cache": FOLDER``
+    Samples from a cache built by ``promptlesion_build_cache`` for this dataset/plans/configuration/fold (the
+    fingerprint is checked at start-up). The cache is loaded once in the trainer process before nnU-Net forks
+    its workers; a worker draws a cached lesion of the drawn class, crops the carrier patch around it from the
+    preprocessed case (the lesion centre at a random position inside the patch's central region, as for
+    rule-based lesions) and pastes the stored voxels: everything outside the blend support is the case's own.
+
+``"synthesizer": "diffusion_online"``, ``"diffusion": CHECKPOINT``
+    A producer process (spawned) owns the generator on ``"synthesis_device"`` (default: the training device)
+    and keeps a shared-memory ring of freshly rendered lesions (:mod:`..trainers.online_producer`). Each
+    draw in a worker sends one placement request (the loader's own ``place``: healthy carrier, mask inside the
+    parent) without waiting and takes a ready ring sample of the drawn class; a class with nothing ready yet is
+    served by the rule-based source (counted). Start-up waits (at most ``"online_warmup_s"``) until every drawn
+    class has a sample, so training starts on diffusion lesions.
+
+Both take the optional DiffAug-style quality filter (``"quality_model"``, ``"quality_fold"``,
+``"quality_min_iou"``): the online producer applies it to every rendered lesion; a cache must have been built
+with the same filter (``--quality-model``), else start-up refuses it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .sources import Placement, SampleSource, SourceContext, SyntheticSample, build_source, register_source
+
+QUALITY_SETTINGS = {"quality_model": None, "quality_fold": "0", "quality_min_iou": 0.7}
+CACHE_SETTINGS = {"cache": None, **QUALITY_SETTINGS}
+ONLINE_SETTINGS = {"diffusion": None, "vqgan": None, "synthesis_device": None, "sampler": "ddim", "steps": 50,
+                   "guidance": 1.0, "online_batch": 8, "ring_slots_per_class": 16, "online_warmup_s": 300.0,
+                   "producer_threads": 1, **QUALITY_SETTINGS}
+
+
+def _config_error(msg: str) -> Exception:
+    from ..trainers.errors import PromptLesionConfigError
+
+    return PromptLesionConfigError(msg)
+
+
+def _quality_cfg(extra: dict) -> dict | None:
+    if not extra.get("quality_model"):
+        return None
+    return {"model": str(Path(extra["quality_model"]).resolve()), "fold": str(extra.get("quality_fold", "0")),
+            "min_iou": float(extra.get("quality_min_iou", 0.7))}
+
+
+def _carrier_sample(loader, rendered, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+    """Crop the carrier patch around a rendered lesion and paste it (shared by both sources)."""
+    box = np.asarray(loader.centre_box)
+    shift = np.array([int(rng.integers(-(b // 2), b // 2 + 1)) for b in box])
+    centre = np.asarray(rendered.centre) - shift
+    bbox = loader.carrier_bbox(centre)
+    data, seg = loader.load_crop(rendered.case, bbox)
+    lo = [b[0] for b in bbox]
+    mask = rendered.paste(data, lo)
+    if not mask.any():
+        return None
+    placement = Placement.from_mask(rendered.case, bbox, class_idx, rendered.label, mask,
+                                    np.asarray(rendered.centre) - np.asarray(lo), rendered.seed)
+    return SyntheticSample(data=data, seg=loader.write_label(seg, placement), placement=placement)
+
+
+def _check_3d(ctx: SourceContext, name: str) -> None:
+    if len(ctx.patch_size) != 3:
+        raise _config_error(f"'{name}' needs a 3D configuration (the generators are 3D); this one has patch size "
+                            f"{list(ctx.patch_size)}. Use 3d_fullres / 3d_lowres or the rule_based synthesizer.")
+
+
+def _run_fingerprint(ctx: SourceContext) -> dict:
+    from .cache import run_fingerprint
+
+    t = ctx.trainer
+    tr, _ = t.do_split()
+    return run_fingerprint(t.plans_manager.plans, t.configuration_name, t.fold, tr, t.plans_manager.dataset_name)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class DiffusionCacheSource(SampleSource):
+    name = "diffusion_cache"
+
+    def __init__(self, ctx: SourceContext):
+        from .cache import CacheError, LesionCache
+
+        _check_3d(ctx, self.name)
+        folder = ctx.settings.extra.get("cache")
+        if not folder:
+            raise _config_error("'synthesizer': 'diffusion_cache' needs \"cache\": \"<folder>\" in "
+                                "promptlesion_settings.json (the folder promptlesion_build_cache printed)")
+        try:
+            self.cache = LesionCache(folder)
+            self.cache.check_run(_run_fingerprint(ctx))
+        except CacheError as e:
+            raise _config_error(str(e)) from e
+        want_q = _quality_cfg(ctx.settings.extra)
+        have_q = self.cache.manifest.get("build", {}).get("quality")
+        if want_q is not None and (have_q is None or have_q["model"] != want_q["model"] or str(have_q["fold"]) != want_q["fold"]
+                                   or float(have_q["min_iou"]) > want_q["min_iou"] + 1e-9):
+            raise _config_error(f"the settings ask for the quality filter {want_q}, but cache {folder} was built with "
+                                f"{have_q}. Rebuild it with promptlesion_build_cache --quality-model ... (the filter "
+                                "runs when the cache is built).")
+        self.spec = ctx.spec
+        self._draws: dict[str, int] = {}
+        self.ctx_log = ctx.log
+        ctx.log(f"PromptLesion: diffusion cache {folder}: {json.dumps(self.cache.manifest.get('counts'))} samples per "
+                f"class label, {self.cache.nbytes() / 2**20:.1f} MiB, generator "
+                f"{self.cache.manifest['generator'].get('diffusion_checkpoint_id')}")
+
+    def check(self, index, class_probs: np.ndarray) -> None:
+        missing = [l.name for l, p in zip(self.spec.lesions, class_probs) if p > 0 and self.cache.count(l.label) == 0]
+        if missing:
+            raise _config_error(f"lesion cache {self.cache.folder} holds no sample of {missing}, which this run draws. "
+                                "Rebuild it including these classes or give them weight 0 in 'class_weights'.")
+
+    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+        label = self.spec.lesions[class_idx].label
+        pool = self.cache.samples.get(label)
+        if not pool:
+            return None
+        k = int(rng.integers(len(pool)))
+        self._draws["draws"] = self._draws.get("draws", 0) + 1
+        return _carrier_sample(loader, pool[k], class_idx, rng)
+
+    def worker_stats(self) -> dict[str, float]:
+        out, self._draws = self._draws, {}
+        return out
+
+    def epoch_stats(self) -> dict[str, Any]:
+        return {"cache": str(self.cache.folder), "samples_per_label": self.cache.manifest.get("counts")}
+
+    def describe(self) -> str:
+        return f"diffusion_cache ({self.cache.folder})"
+
+
+# ---------------------------------------------------------------------------------------------- online
+class DiffusionOnlineSource(SampleSource):
+    name = "diffusion_online"
+
+    def __init__(self, ctx: SourceContext):
+        import multiprocessing as mp
+
+        from ..trainers.online_producer import ProducerConfig, RingSpec, SharedRing
+        from .blending import blend_margin
+        from .space import GridSpec, SpaceMapping, SpaceMismatchError
+
+        _check_3d(ctx, self.name)
+        ex = ctx.settings.extra
+        if not ex.get("diffusion"):
+            raise _config_error("'synthesizer': 'diffusion_online' needs \"diffusion\": \"<checkpoint_final.pt>\" in "
+                                "promptlesion_settings.json (promptlesion_train_diffusion / promptlesion_pretrain output)")
+        if not Path(ex["diffusion"]).is_file():
+            raise _config_error(f"diffusion checkpoint {ex['diffusion']} does not exist")
+        t = ctx.trainer
+        self.spec = ctx.spec
+        self.log = ctx.log
+        # The generator geometry decides the ring's slot size: read it from the checkpoint's metadata only.
+        from ..utils.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(ex["diffusion"], map_location="cpu", kind="promptlesion_diffusion")["meta"]
+        plans = t.plans_manager.plans
+        try:
+            mapping = SpaceMapping(GridSpec.from_nnunet(plans, t.configuration_name), GridSpec.from_generator_meta(meta),
+                                   meta["patch_size"])
+        except SpaceMismatchError as e:
+            raise _config_error(str(e)) from e
+        margin = blend_margin(max(ctx.settings.blend_sigma_voxels))
+        max_vox = int(np.prod(mapping.footprint() + 2 * margin + 2))
+        device = ex.get("synthesis_device") or str(t.device)
+        tr, _ = t.do_split()
+        self.train_ids = sorted(tr)
+        self.labels = [l.label for l in ctx.spec.lesions]
+        self._ctx = mp.get_context("spawn")
+        self.lock = self._ctx.Lock()
+        self.ring_spec = RingSpec(name=f"pl_ring_{os.getpid()}_{uuid.uuid4().hex[:8]}", labels=self.labels,
+                                  slots_per_class=int(ex["ring_slots_per_class"]), max_voxels=max_vox)
+        self.ring = SharedRing(self.ring_spec, self.lock, create=True, cases=self.train_ids)
+        self.requests = self._ctx.Queue(maxsize=max(4 * int(ex["online_batch"]), 8))
+        self.status = self._ctx.Queue()
+        self.stop = self._ctx.Event()
+        self.cfg = ProducerConfig(diffusion=str(Path(ex["diffusion"]).resolve()),
+                                  vqgan=str(Path(ex["vqgan"]).resolve()) if ex.get("vqgan") else None, device=device,
+                                  sampler=str(ex["sampler"]), steps=int(ex["steps"]), guidance=float(ex["guidance"]),
+                                  batch=int(ex["online_batch"]), plans=plans, configuration=t.configuration_name,
+                                  data_folder=str(t.preprocessed_dataset_folder), train_ids=self.train_ids,
+                                  spec=ctx.spec.to_dict(), parent_pid=os.getpid(),
+                                  num_threads=int(ex["producer_threads"]), quality=_quality_cfg(ex))
+        self.warmup_s = float(ex["online_warmup_s"])
+        self.sigma_range = tuple(float(v) for v in ctx.settings.blend_sigma_voxels)
+        self.fallback = build_source("rule_based", ctx)
+        self.process = None
+        self.producer_error: str | None = None
+        self.identity: dict | None = None
+        self._owner_pid = os.getpid()
+        self._local: dict[str, float] = {}
+        self._class_probs = None
+        self._epoch_t = time.time()
+        self.log(f"PromptLesion: online diffusion on {device}: ring {self.ring_spec.n_slots} slots "
+                 f"({self.ring_spec.slots_per_class} per class, {max_vox} voxels each, "
+                 f"{self.ring_spec.layout()['_size'][0] / 2**20:.1f} MiB shared), mapping {json.dumps(mapping.describe())}")
+
+    # -------------------------------------------------------------- lifetime (main process)
+    def check(self, index, class_probs: np.ndarray) -> None:
+        from .space import SpaceMismatchError, prompt_ids_for
+        from ..generator.diffusion.config import PromptVocabulary
+        from ..utils.checkpoint import load_checkpoint
+
+        self._class_probs = np.asarray(class_probs, float)
+        meta = load_checkpoint(self.cfg.diffusion, map_location="cpu", kind="promptlesion_diffusion")["meta"]
+        drawn = [l.label for l, p in zip(self.spec.lesions, class_probs) if p > 0]
+        try:
+            prompt_ids_for(self.spec, PromptVocabulary.from_dict(meta["vocabulary"]), drawn)
+        except SpaceMismatchError as e:
+            raise _config_error(str(e)) from e
+        self.fallback.check(index, class_probs)
+
+    def attach(self, loader) -> None:
+        from ..trainers.online_producer import producer_main
+
+        self.process = self._ctx.Process(target=producer_main, name="promptlesion-producer", daemon=True,
+                                         args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status, self.stop))
+        self.process.start()
+        self.log(f"PromptLesion: producer pid {self.process.pid} loading the generator")
+        t0 = time.time()
+        while True:
+            msg = self._poll_status(timeout=1.0)
+            if msg == "ready":
+                break
+            if self.producer_error:
+                self.close()
+                raise _config_error(f"the diffusion producer failed to start: {self.producer_error}")
+            if not self.process.is_alive():
+                self.close()
+                raise _config_error("the diffusion producer exited during start-up (see above)")
+            if time.time() - t0 > max(self.warmup_s, 60.0):
+                self.close()
+                raise _config_error("the diffusion producer did not start within the warm-up time")
+        # warm-up: requests for every drawn class, then wait (bounded) until each has a ready sample
+        rng = np.random.default_rng(12345)
+        drawn = [i for i, p in enumerate(self._class_probs if self._class_probs is not None else
+                                         np.ones(len(self.spec.lesions))) if p > 0]
+        deadline = time.time() + self.warmup_s
+        while time.time() < deadline:
+            missing = [i for i in drawn if self.ring.ready(self.spec.lesions[i].label) == 0]
+            if not missing:
+                break
+            for i in missing:
+                self._request(loader, i, rng)
+            self._poll_status(timeout=0.5)
+            if self.producer_error:
+                break
+        ready = {l.name: self.ring.ready(l.label) for l in self.spec.lesions}
+        self.log(f"PromptLesion: producer ready ({json.dumps(self.identity)}); ring after warm-up {ready} "
+                 f"in {time.time() - t0:.1f} s")
+        self.ring.snapshot_and_reset()  # warm-up does not count towards epoch 1
+
+    def _poll_status(self, timeout: float) -> str | None:
+        import queue as queue_mod
+
+        try:
+            kind, payload = self.status.get(timeout=timeout)
+        except queue_mod.Empty:
+            return None
+        except (EOFError, OSError):
+            return None
+        if kind == "ready":
+            self.identity = payload
+        elif kind == "error":
+            self.producer_error = payload
+            self.log(f"PromptLesion: producer error: {payload}")
+        return kind
+
+    def close(self) -> None:
+        if os.getpid() != self._owner_pid:
+            return
+        self.stop.set()
+        p, self.process = self.process, None
+        if p is not None:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for q in (self.requests, self.status):
+            try:
+                q.cancel_join_thread()
+                q.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self.fallback.close()
+
+    def __getstate__(self):
+        # spawned loader workers (rare on Linux) re-attach to the ring by name
+        d = dict(self.__dict__)
+        d["ring"] = None
+        d["process"] = None
+        return d
+
+    # -------------------------------------------------------------- workers
+    def _attach_ring(self):
+        if self.ring is None:
+            from ..trainers.online_producer import SharedRing
+
+            self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids)
+        return self.ring
+
+    def _request(self, loader, class_idx: int, rng: np.random.Generator) -> None:
+        import queue as queue_mod
+
+        from .diffusion_render import LesionRequest
+
+        placed = loader.place(class_idx, rng)
+        if placed is None:
+            return
+        pl, _, _ = placed
+        lo = np.array([b[0] for b in pl.bbox]) + np.array([b[0] for b in pl.lesion_box])
+        sigma = float(rng.uniform(*self.sigma_range))
+        req = LesionRequest(case=pl.case, label=pl.label, mask_lo=lo, mask=pl.lesion_mask, seed=pl.seed, sigma=sigma)
+        try:
+            self.requests.put_nowait(req)
+            self._local["requests"] = self._local.get("requests", 0) + 1
+        except queue_mod.Full:
+            self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
+
+    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+        ring = self._attach_ring()
+        self._request(loader, class_idx, rng)
+        r = ring.take(self.spec.lesions[class_idx].label, rng)
+        if r is None:
+            self._local["fallback_rule_based"] = self._local.get("fallback_rule_based", 0) + 1
+            return self.fallback.draw(loader, class_idx, rng)
+        self._local["diffusion"] = self._local.get("diffusion", 0) + 1
+        return _carrier_sample(loader, r, class_idx, rng)
+
+    def worker_stats(self) -> dict[str, float]:
+        out, self._local = self._local, {}
+        return out
+
+    def epoch_stats(self) -> dict[str, Any]:
+        from ..trainers.online_producer import COUNTERS
+
+        if self.ring is None:
+            return {"producer": "closed"}
+        self._poll_status(timeout=0.0)
+        c, cc, ready = self.ring.snapshot_and_reset()
+        d = dict(zip(COUNTERS, c.tolist()))
+        draws = max(d["draws"], 1.0)
+        now = time.time()
+        out = {"producer_alive": bool(self.process is not None and self.process.is_alive()),
+               "rendered": int(d["rendered"]), "rendered_per_s": d["rendered"] / max(now - self._epoch_t, 1e-9),
+               "draws": int(d["draws"]), "reuse_rate": d["reused_draws"] / draws,
+               "mean_age_s": d["age_sum_s"] / draws, "max_age_s": d["age_max_s"],
+               "empty_class_draws": int(d["empty_class"]), "did_not_fit": int(d["did_not_fit"]),
+               "producer_busy_s": d["producer_busy_s"],
+               "ring_ready": {l.name: r for l, r in zip(self.spec.lesions, ready)}}
+        if self.cfg.quality:
+            out["quality_acceptance"] = {l.name: (cc[i, 2] / cc[i, 1] if cc[i, 1] else None)
+                                         for i, l in enumerate(self.spec.lesions)}
+        if self.producer_error:
+            out["producer_error"] = self.producer_error.splitlines()[0]
+        self._epoch_t = now
+        return out
+
+    def describe(self) -> str:
+        return f"diffusion_online ({self.cfg.diffusion} on {self.cfg.device}, {self.cfg.sampler} {self.cfg.steps})"
+
+
+register_source("diffusion_cache", DiffusionCacheSource, settings=CACHE_SETTINGS)
+register_source("diffusion_online", DiffusionOnlineSource, settings=ONLINE_SETTINGS)

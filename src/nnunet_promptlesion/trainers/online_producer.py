@@ -1,0 +1,326 @@
+"""The online diffusion producer: one spawned process that owns the generator and keeps a ring of fresh lesions.
+
+Data flow (``"synthesizer": "diffusion_online"``)::
+
+    loader workers (forked, CPU)                      producer (spawned, owns the GPU model)
+      place(class) -> LesionRequest --- queue -->       render a batch (space mapping, inpainting, blend)
+      take(class)  <-- shared-memory ring <------------ optional quality filter, write into the ring
+
+:class:`SharedRing` is a bounded block of shared memory: ``slots_per_class`` slots per lesion class, each
+large enough for the biggest lesion box the generator patch allows. The producer overwrites the oldest slot
+of a class; workers copy a random ready slot of the drawn class (a slot may be read many times: the reuse
+rate and the age of the samples read are counted in shared counters and logged per epoch). One lock guards
+slot copies (a few kB to a few MB, microseconds to milliseconds), so a reader never sees half a sample. Nothing
+in the workers ever waits for the producer: an empty class is served by the fallback source.
+
+The producer ends with the trainer: the trainer's ``close()`` sets the stop event and joins it (killing it
+after a timeout); if the trainer process dies without that (SIGKILL, crash), the producer notices through
+``PR_SET_PDEATHSIG`` (Linux) and a watchdog thread that polls its parent id, and exits.
+"""
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Sequence
+
+import numpy as np
+
+from ..synthesis.diffusion_render import LesionRequest, RenderedLesion
+
+# header layout (int64 per slot)
+_H_SEQ, _H_LABEL, _H_LO, _H_SHAPE, _H_CENTRE, _H_SEED, _H_USES, _H_CASE, _H_NVALS = 0, 1, 2, 5, 8, 11, 12, 13, 14
+_HEADER = 16
+# counters (float64)
+COUNTERS = ("draws", "reused_draws", "age_sum_s", "age_max_s", "empty_class", "rendered", "did_not_fit",
+            "requests_dropped", "quality_tested", "quality_accepted", "producer_batches", "producer_busy_s")
+_C = {n: i for i, n in enumerate(COUNTERS)}
+
+
+@dataclass
+class RingSpec:
+    """Geometry of a ring; picklable, passed to the producer (which attaches by name)."""
+
+    name: str
+    labels: list[int]
+    slots_per_class: int
+    max_voxels: int
+    n_counters: int = len(COUNTERS)
+    n_class_counters: int = 3  # per class: rendered, quality_tested, quality_accepted
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.labels) * self.slots_per_class
+
+    def layout(self) -> dict[str, tuple[int, tuple, type]]:
+        """name -> (byte offset, shape, dtype)."""
+        out, off = {}, 0
+        for key, shape, dt in (("header", (self.n_slots, _HEADER), np.int64), ("created", (self.n_slots,), np.float64),
+                               ("counters", (self.n_counters,), np.float64),
+                               ("class_counters", (len(self.labels), self.n_class_counters), np.float64),
+                               ("next_slot", (len(self.labels),), np.int64),
+                               ("values", (self.n_slots, self.max_voxels), np.float32),
+                               ("mask", (self.n_slots, self.max_voxels), np.uint8),
+                               ("support", (self.n_slots, self.max_voxels), np.uint8)):
+            off = (off + 63) // 64 * 64
+            out[key] = (off, shape, dt)
+            off += int(np.prod(shape)) * np.dtype(dt).itemsize
+        out["_size"] = (off, (), np.uint8)
+        return out
+
+
+class SharedRing:
+    """Shared-memory ring of rendered lesions (see the module docstring). Create in the trainer, attach elsewhere."""
+
+    def __init__(self, spec: RingSpec, lock, create: bool = False, cases: Sequence[str] = ()):
+        self.spec = spec
+        self.lock = lock
+        self.cases = list(cases)
+        self._case_idx = {c: i for i, c in enumerate(self.cases)}
+        lay = spec.layout()
+        if create:
+            self.shm = shared_memory.SharedMemory(name=spec.name, create=True, size=lay["_size"][0])
+            self.owner = True
+        else:
+            self.shm = shared_memory.SharedMemory(name=spec.name)
+            self.owner = False
+            _untrack(self.shm)
+        self._arrays = {}
+        for key, (off, shape, dt) in lay.items():
+            if key.startswith("_"):
+                continue
+            self._arrays[key] = np.ndarray(shape, dtype=dt, buffer=self.shm.buf, offset=off)
+        if create:
+            for a in self._arrays.values():
+                a[...] = 0
+        self._class = {l: i for i, l in enumerate(spec.labels)}
+
+    def __getstate__(self):
+        raise TypeError("SharedRing is not picklable; pass its RingSpec and attach")
+
+    @property
+    def header(self) -> np.ndarray:
+        return self._arrays["header"]
+
+    @property
+    def counters(self) -> np.ndarray:
+        return self._arrays["counters"]
+
+    def add(self, name: str, value: float = 1.0, maximum: bool = False) -> None:
+        with self.lock:
+            i = _C[name]
+            self.counters[i] = max(self.counters[i], value) if maximum else self.counters[i] + value
+
+    def add_class(self, label: int, col: int, value: float = 1.0) -> None:
+        with self.lock:
+            self._arrays["class_counters"][self._class[label], col] += value
+
+    # ------------------------------------------------------------------ producer side
+    def put(self, r: RenderedLesion) -> bool:
+        """Write a rendered lesion into the oldest slot of its class. False if it does not fit a slot."""
+        n = int(np.prod(r.mask.shape))
+        if n > self.spec.max_voxels or r.label not in self._class or r.case not in self._case_idx:
+            return False
+        ci = self._class[r.label]
+        full = np.zeros(r.support.shape, np.float32)
+        full[r.support] = r.values
+        with self.lock:
+            k = int(self._arrays["next_slot"][ci])
+            self._arrays["next_slot"][ci] = (k + 1) % self.spec.slots_per_class
+            s = ci * self.spec.slots_per_class + k
+            h = self.header[s]
+            h[_H_SEQ] += 1
+            h[_H_LABEL] = r.label
+            h[_H_LO:_H_LO + 3] = r.box_lo
+            h[_H_SHAPE:_H_SHAPE + 3] = r.mask.shape
+            h[_H_CENTRE:_H_CENTRE + 3] = r.centre
+            h[_H_SEED] = r.seed
+            h[_H_USES] = 0
+            h[_H_CASE] = self._case_idx[r.case]
+            h[_H_NVALS] = n
+            self._arrays["values"][s, :n] = full.ravel()
+            self._arrays["mask"][s, :n] = r.mask.ravel()
+            self._arrays["support"][s, :n] = r.support.ravel()
+            self._arrays["created"][s] = time.time()
+        return True
+
+    # ------------------------------------------------------------------ worker side
+    def ready(self, label: int) -> int:
+        ci = self._class[label]
+        sl = slice(ci * self.spec.slots_per_class, (ci + 1) * self.spec.slots_per_class)
+        return int((self.header[sl, _H_SEQ] > 0).sum())
+
+    def take(self, label: int, rng: np.random.Generator) -> RenderedLesion | None:
+        """A copy of a random ready sample of ``label`` (counts the draw, its reuse and age); None if none."""
+        if label not in self._class:
+            return None
+        ci = self._class[label]
+        base = ci * self.spec.slots_per_class
+        with self.lock:
+            seqs = self.header[base:base + self.spec.slots_per_class, _H_SEQ]
+            ready = np.flatnonzero(seqs > 0)
+            c = self.counters
+            if len(ready) == 0:
+                c[_C["empty_class"]] += 1
+                return None
+            s = base + int(ready[rng.integers(len(ready))])
+            h = self.header[s].copy()
+            n = int(h[_H_NVALS])
+            shape = tuple(int(v) for v in h[_H_SHAPE:_H_SHAPE + 3])
+            vals = self._arrays["values"][s, :n].copy()
+            mask = self._arrays["mask"][s, :n].astype(bool)
+            sup = self._arrays["support"][s, :n].astype(bool)
+            age = time.time() - float(self._arrays["created"][s])
+            c[_C["draws"]] += 1
+            c[_C["reused_draws"]] += float(h[_H_USES] > 0)
+            c[_C["age_sum_s"]] += age
+            c[_C["age_max_s"]] = max(c[_C["age_max_s"]], age)
+            self.header[s, _H_USES] += 1
+        support = sup.reshape(shape)
+        return RenderedLesion(case=self.cases[int(h[_H_CASE])], label=int(h[_H_LABEL]), seed=int(h[_H_SEED]),
+                              box_lo=h[_H_LO:_H_LO + 3].astype(int), mask=mask.reshape(shape), support=support,
+                              values=vals.reshape(shape)[support], centre=h[_H_CENTRE:_H_CENTRE + 3].astype(int))
+
+    def snapshot_and_reset(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(counters, per-class counters, ready slots per class) since the last call; counters reset."""
+        with self.lock:
+            c = self.counters.copy()
+            cc = self._arrays["class_counters"].copy()
+            self.counters[...] = 0
+            self._arrays["class_counters"][...] = 0
+            ready = [self.ready(l) for l in self.spec.labels]
+        return c, cc, ready
+
+    def close(self) -> None:
+        self._arrays = {}
+        try:
+            self.shm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _untrack(shm) -> None:
+    # Python < 3.13 registers attached segments with the resource tracker, which would unlink the trainer's
+    # segment when this process exits; only the creator owns it.
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- producer
+@dataclass
+class ProducerConfig:
+    diffusion: str
+    vqgan: str | None
+    device: str
+    sampler: str
+    steps: int
+    guidance: float
+    batch: int
+    plans: dict
+    configuration: str
+    data_folder: str
+    train_ids: list[str]
+    spec: dict
+    parent_pid: int
+    num_threads: int = 1
+    quality: dict | None = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: the kernel sends SIGTERM when the parent dies
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+    def watchdog():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(0.5)
+
+    threading.Thread(target=watchdog, daemon=True, name="promptlesion-producer-watchdog").start()
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def producer_main(cfg: ProducerConfig, ring_spec: RingSpec, lock, requests, status, stop) -> None:
+    """Entry point of the spawned producer process."""
+    _die_with_parent(cfg.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which stops us through `stop`
+    ring = None
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.num_threads)))
+        from ..synthesis.diffusion_render import CaseReader, DiffusionRenderer
+        from ..synthesis.lesion_spec import LesionSpec
+        from ..synthesis.space import GridSpec
+
+        spec = LesionSpec.from_dict(cfg.spec)
+        reader = CaseReader(cfg.data_folder, cfg.train_ids)
+        renderer = DiffusionRenderer(cfg.diffusion, GridSpec.from_nnunet(cfg.plans, cfg.configuration), spec, reader,
+                                     vqgan=cfg.vqgan, device=cfg.device, sampler=cfg.sampler, steps=cfg.steps,
+                                     guidance=cfg.guidance, labels=ring_spec.labels)
+        quality = None
+        if cfg.quality:
+            from ..synthesis.quality import QualityFilter
+
+            quality = QualityFilter(cfg.quality["model"], cfg.quality["fold"], device=cfg.device,
+                                    min_iou=cfg.quality["min_iou"], expect_plans=cfg.plans,
+                                    configuration=cfg.configuration)
+        ring = SharedRing(ring_spec, lock, create=False, cases=cfg.train_ids)
+        status.put(("ready", renderer.identity()))
+        while not stop.is_set():
+            reqs: list[LesionRequest] = []
+            try:
+                reqs.append(requests.get(timeout=0.2))
+                while len(reqs) < cfg.batch:
+                    reqs.append(requests.get_nowait())
+            except queue_mod.Empty:
+                pass
+            if not reqs:
+                continue
+            t0 = time.perf_counter()
+            rendered = renderer.render(reqs)
+            ok = [r for r in rendered if r is not None]
+            ring.add("did_not_fit", len(rendered) - len(ok))
+            if quality is not None and ok:
+                verdicts = quality.accept(ok, reader)
+                for r, v in zip(ok, verdicts):
+                    ring.add_class(r.label, 1)
+                    ring.add_class(r.label, 2, float(v))
+                ring.add("quality_tested", len(ok))
+                ring.add("quality_accepted", float(sum(verdicts)))
+                ok = [r for r, v in zip(ok, verdicts) if v]
+            for r in ok:
+                if ring.put(r):
+                    ring.add_class(r.label, 0)
+            ring.add("rendered", len(ok))
+            ring.add("producer_batches", 1)
+            ring.add("producer_busy_s", time.perf_counter() - t0)
+    except BaseException as e:  # noqa: BLE001 - report anything to the trainer, then exit
+        try:
+            status.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        except Exception:  # noqa: BLE001
+            pass
+        raise SystemExit(1)
+    finally:
+        if ring is not None:
+            ring.close()

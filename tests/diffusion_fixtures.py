@@ -1,0 +1,54 @@
+"""Shared set-up for the diffusion-in-the-trainer tests (no test functions here).
+
+One tiny trained generator (the session's, from test_diffusion_train.build_trained_run: NIfTI-trained, nibabel
+axis order, HU window, so every mapping path runs) and a 6-case abdomen phantom preprocessed by nnU-Net with a
+small custom 3d_fullres plan (32^3 patch, narrow UNet) so that real nnUNetv2_train runs stay short on a CPU.
+Built once per pytest session (cached under the session's base temp folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from conftest import BIN, nnunet_env, run
+from test_diffusion_train import build_trained_run
+
+DID = 903
+NAME = f"Dataset{DID}_PhantomAbdomen"
+EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
+
+
+def small_plans(plans_file: Path) -> None:
+    """A CPU-sized 3d_fullres plan: 32^3 patches and 8..64 features (same data, same spacing)."""
+    d = json.loads(plans_file.read_text())
+    c = d["configurations"]["3d_fullres"]
+    c["patch_size"] = [32, 32, 32]
+    c["batch_size"] = 2
+    c["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64, 64]
+    plans_file.write_text(json.dumps(d, indent=1))
+
+
+def diffusion_setup(base: Path) -> dict:
+    gen = build_trained_run(base)
+    root = base / "pl_diffusion_nnunet"
+    env = nnunet_env(root, OMP_NUM_THREADS="1")
+    env.pop("nnUNet_n_proc_DA", None)
+    env["nnUNet_extTrainer"] = os.pathsep.join(
+        [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
+    marker = root / ".ready"
+    if not marker.is_file():
+        run([BIN / "promptlesion_make_phantoms", "--kind", "abdomen", "--dataset-id", DID, "--cases", 6,
+             "--test-cases", 0, "--seed", 1, "--quiet", "--overwrite"], env)
+        run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DID, "-c", "3d_fullres", "-np", 1, "-npfp", 1], env)
+        small_plans(root / "preprocessed" / NAME / "nnUNetPlans.json")
+        marker.write_text("ok")
+    return {"root": root, "env": env, "did": DID, "name": NAME, "pre": root / "preprocessed" / NAME,
+            "checkpoint": gen["checkpoint"], "vqgan": gen["vqgan"]}
+
+
+def build_cache_cmd(setup: dict, out: Path, per_class=2, shard_size=2, extra=()) -> list:
+    return [sys.executable, "-m", "nnunet_promptlesion.cli.build_cache", "-d", setup["did"], "-f", "0",
+            "--diffusion", setup["checkpoint"], "--per-class", per_class, "--steps", 2, "--batch", 2,
+            "--shard-size", shard_size, "--device", "cpu", "--num-threads", 1, "--no-progress", "-o", out, *extra]

@@ -1,0 +1,142 @@
+"""promptlesion_build_cache and the diffusion_cache source on a real nnU-Net preprocessed phantom (CPU, tiny generator)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, run
+from diffusion_fixtures import build_cache_cmd, diffusion_setup
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return diffusion_setup(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def cache_a(setup, tmp_path_factory):
+    """An uninterrupted cache: 3 classes x 2 samples in 3 shards of 2."""
+    out = tmp_path_factory.mktemp("cache") / "a"
+    p = run(build_cache_cmd(setup, out), setup["env"])
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"synthesizer": "diffusion_cache", "cache": str(out.resolve())}
+    return out
+
+
+def _shards(folder: Path) -> dict:
+    from nnunet_promptlesion.synthesis.cache import read_shard
+
+    return {p.name: read_shard(p) for p in sorted((folder / "shards").glob("shard_*.npz"))}
+
+
+def _env_paths(setup, monkeypatch):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, setup["env"][k])
+
+
+def test_cache_holds_only_training_cases_of_the_fold_and_a_montage(setup, cache_a, monkeypatch):
+    from nnunet_promptlesion.generator.data import nnunet_fold_split
+    from nnunet_promptlesion.synthesis.cache import read_manifest
+
+    _env_paths(setup, monkeypatch)
+    m = read_manifest(cache_a)
+    assert m["complete"] and m["counts"] == {"4": 2, "5": 2, "6": 2}
+    ids = sorted(p.name[:-5] for p in (setup["pre"] / "nnUNetPlans_3d_fullres").glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
+    tr, val = nnunet_fold_split(setup["pre"], ids, 0)
+    assert val and set(m["fingerprint"]["train_cases"]) == set(tr)
+    cases = {str(c) for s in _shards(cache_a).values() for c in s["case"]}
+    assert cases and cases <= set(tr) and not cases & set(val)
+    assert (cache_a / "montage.png").stat().st_size > 5000
+    assert m["generator"]["mapping"]["identity_grid"] is False  # NIfTI-trained generator: axes/intensity mapped
+
+
+def test_cached_sample_rebuilds_exactly_outside_its_blend_support(setup, cache_a, monkeypatch):
+    from nnunet_promptlesion.synthesis.cache import LesionCache
+    from nnunet_promptlesion.synthesis.diffusion_render import CaseReader
+    from nnunet_promptlesion.synthesis.lesion_spec import LesionSpec
+
+    _env_paths(setup, monkeypatch)
+    cache = LesionCache(cache_a)
+    spec = LesionSpec.from_dict(cache.manifest["build"]["lesion_spec"])
+    reader = CaseReader(setup["pre"] / "nnUNetPlans_3d_fullres", cache.manifest["fingerprint"]["train_cases"])
+    changed_any = False
+    for label, samples in cache.samples.items():
+        for s in samples:
+            lo = np.asarray(s.box_lo) - 5
+            size = np.asarray(s.mask.shape) + 10
+            img, seg = reader.crop(s.case, lo, size)
+            new = img.copy()
+            mask = s.paste(new, lo)
+            support = np.zeros(mask.shape, bool)
+            support[tuple(slice(5, 5 + n) for n in s.mask.shape)] = s.support
+            assert np.array_equal(new[0][~support], img[0][~support])
+            changed_any |= not np.array_equal(new[0][mask], img[0][mask])
+            lesion = spec.by_label(label)
+            allowed = np.isin(seg[0], lesion.parents) | ((seg[0] == 0) if lesion.may_leave_parent else False)
+            assert mask.any() and allowed[mask].all()
+    assert changed_any
+
+
+def test_kill_and_resume_equals_uninterrupted(setup, cache_a, tmp_path):
+    out = tmp_path / "b"
+    # a first run stopped cleanly after one shard, then a run killed (SIGKILL) while rendering, then a resume
+    run([*build_cache_cmd(setup, out), "--stop-after-shards", 1], setup["env"])
+    assert [p.name for p in (out / "shards").glob("*.npz")] == ["shard_000000.npz"]
+    p = subprocess.Popen([str(c) for c in build_cache_cmd(setup, out)], env=setup["env"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 300 and not (out / "shards" / "shard_000001.npz").exists() and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for f in (out / "shards").iterdir():  # whatever is on disk is complete (partials are hidden temp files)
+        if f.name.startswith("shard_"):
+            _shards(out)
+    run(build_cache_cmd(setup, out), setup["env"])
+    a, b = _shards(cache_a), _shards(out)
+    assert list(a) == list(b) == ["shard_000000.npz", "shard_000001.npz", "shard_000002.npz"]
+    for name in a:
+        for key in ("case", "label", "seed", "item", "box_lo", "box_shape", "centre", "mask_bits", "support_bits"):
+            assert np.array_equal(a[name][key], b[name][key]), (name, key)
+        np.testing.assert_allclose(a[name]["values"], b[name]["values"], rtol=0, atol=1e-5)
+    assert not [f for f in (out / "shards").iterdir() if f.name.startswith(".")]
+    ma, mb = json.loads((cache_a / "manifest.json").read_text()), json.loads((out / "manifest.json").read_text())
+    assert ma["fingerprint"] == mb["fingerprint"] and ma["counts"] == mb["counts"]
+    # the same folder with other build settings is refused
+    r = subprocess.run([str(c) for c in build_cache_cmd(setup, out, per_class=3)], env=setup["env"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "other build settings" in r.stderr
+
+
+def test_fingerprint_mismatch_is_refused(setup, cache_a, monkeypatch):
+    from nnunet_promptlesion.synthesis.cache import CacheError, LesionCache, run_fingerprint
+
+    _env_paths(setup, monkeypatch)
+    cache = LesionCache(cache_a)
+    plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
+    fp = cache.manifest["fingerprint"]
+    same = run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"])
+    cache.check_run(same)
+    with pytest.raises(CacheError, match=r"differs in \['fold', 'train_cases'\].*promptlesion_build_cache"):
+        cache.check_run(run_fingerprint(plans, "3d_fullres", 1, fp["train_cases"][1:] + ["x"], setup["name"]))
+    plans["configurations"]["3d_fullres"]["spacing"] = [1.0, 1.0, 1.0]
+    with pytest.raises(CacheError, match="spacing"):
+        cache.check_run(run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"]))
+
+
+def test_cli_help_and_errors(setup, tmp_path):
+    r = subprocess.run([str(BIN / "python"), "-m", "nnunet_promptlesion.cli.build_cache", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--per-class" in r.stdout and "torchrun" in r.stdout
+    r = subprocess.run([str(c) for c in build_cache_cmd(setup, tmp_path / "x", extra=["--classes", "nope"])],
+                       env=setup["env"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--classes" in r.stderr
