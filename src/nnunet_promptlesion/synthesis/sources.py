@@ -54,6 +54,7 @@ import numpy as np
 #: Modules imported by :func:`load_builtin_sources`; each registers its sources on import.
 BUILTIN_SOURCE_MODULES: tuple[str, ...] = (
     "nnunet_promptlesion.synthesis.rule_based",
+    "nnunet_promptlesion.synthesis.diffusion_source",
 )
 
 Box = tuple[tuple[int, int], ...]
