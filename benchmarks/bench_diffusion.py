@@ -1,25 +1,50 @@
-"""Benchmark PromptLesion synthesis speed: volumes per minute for 96^3 patches (DDPM-400 and DDIM-50).
+"""Benchmark PromptLesion synthesis speed: volumes/min for 96^3 patches (DDPM-400 and DDIM-50), per preset and batch.
 
-One "volume" is the full inpainting pipeline of :func:`inpaint_lesions` for a 96^3 patch: VQGAN encode
-(-> 8 x 24^3 latents), K denoiser evaluations at 24^3, VQGAN decode with the codebook snap, blending.
-Untrained weights (speed does not depend on them). The per-step time is measured over ``--measure-steps``
-sampler steps; the fixed part (encode + decode + blend) is measured separately, and
+One "volume" is the full inpainting pipeline of :func:`inpaint_lesions` for one 96^3 patch: VQGAN encode of the
+image and of the masked image (-> 8 x 24^3 latents), K denoiser evaluations at 24^3, VQGAN decode with the
+codebook snap, blending. Untrained weights (speed does not depend on them). Per batch size it measures
 
-    volumes/min = 60 * batch / (fixed + K * per_step)
+* ``fixed``: encode + decode + blend for the batch (seconds);
+* ``per_step``: one sampler step (denoiser + DDIM update + known-region resampling) over ``--measure-steps``
+  steps, with the step-invariant conditioning computed once (as :func:`inpaint_lesions` does);
+* ``flops_step``: FLOPs of one denoiser evaluation, counted from the model with
+  ``torch.utils.flop_counter.FlopCounterMode`` (convs, matmuls, attention; 2 FLOPs per multiply-add);
 
-for K = 400 (DDPM, the paper's setting) and K = 50 (DDIM). ``--full`` additionally runs DDIM-50 end to
-end as a check of the extrapolation. Paper reference: 3.1 volumes/min (400 steps, V100).
+and reports volumes/min = 60 * batch / (fixed + K * per_step) for K = 400 (DDPM, the paper's setting) and
+K = 50 (DDIM), achieved TFLOP/s = flops_step / per_step, % of the device's dense bf16 peak (a table of known
+GPUs; ``--peak-tflops`` overrides), and peak memory (CUDA: max allocated; CPU: process peak RSS).
+``--full`` also runs DDIM-50 end to end through :func:`inpaint_lesions` as a check of the extrapolation.
+``--eager-step`` times the step the way the sampler ran before step-invariant conditioning existed (full
+forward with the prompt encoder and PromptGenBlock bases recomputed every step), for a before/after ratio.
 
     python benchmarks/bench_diffusion.py --preset tiny --batch 1 --threads 2
-    python benchmarks/bench_diffusion.py --preset paper --batch 4 --device cuda
+    python benchmarks/bench_diffusion.py --preset paper --batch 1 8 32 --device cuda --compile --full \\
+        --json benchmarks/results/diffusion_h100.json
+
+Paper reference: 3.1 volumes/min (400 steps, V100).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 
 import torch
+
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets
+PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "V100": 125.0}
+
+
+def device_peak(dev: torch.device) -> tuple[str, float | None]:
+    if dev.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(dev)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+            return name, PEAK_BF16_TFLOPS[key]
+    return name, None
 
 
 def sync(device):
@@ -27,78 +52,146 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def peak_memory_mb(dev) -> float:
+    from nnunet_promptlesion.generator.train_utils import peak_memory_mb as pm
+
+    return pm(dev)
+
+
+def bench_batch(vq, model, sched, b: int, s: int, dev, args, ac) -> dict:
+    from nnunet_promptlesion.generator.diffusion.inpaint import blend, encode_inputs, inpaint_lesions
+    from nnunet_promptlesion.generator.diffusion.samplers import ddim_sample, guided_eps_fn
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    img = torch.rand(b, 1, s, s, s, device=dev) * 2 - 1
+    mask = torch.zeros_like(img)
+    c = s // 2
+    mask[:, :, c - 8:c + 8, c - 8:c + 8, c - 8:c + 8] = 1
+    parent = torch.zeros_like(img)
+    parent[:, :, c - 24:c + 24, c - 24:c + 24, c - 24:c + 24] = 1
+    ids = torch.ones(b, dtype=torch.long, device=dev)
+    res = {"batch": b}
+    with torch.no_grad():
+        inpaint_lesions(vq, model, img, mask, ids, steps=2, schedule=sched, autocast=ac, parent_mask=parent,
+                        vae_chunk=args.vae_chunk, compile=args.compile)  # warm-up (allocator, kernels, compile)
+        sync(dev)
+        t0 = time.perf_counter()
+        enc = encode_inputs(vq, img, mask, parent, ac, args.vae_chunk)
+        with ac():
+            dec = vq.decode_latent(enc["z"]).float()
+        blend(img, dec, mask, 1.0)
+        sync(dev)
+        res["fixed_seconds"] = time.perf_counter() - t0
+        z, region = enc["z"], enc["region"]
+        eps = guided_eps_fn(model, enc["context"], region, ids, args.guidance, autocast=ac, parent=enc["parent"],
+                            compile=args.compile)
+        zt = torch.randn_like(z)
+        ddim_sample(eps, sched, zt, steps=2, known=z, keep=1 - region, clip_x0=1.0)  # warm-up at this shape
+        sync(dev)
+        t0 = time.perf_counter()
+        ddim_sample(eps, sched, zt, steps=args.measure_steps, known=z, keep=1 - region, clip_x0=1.0)
+        sync(dev)
+        per_step = (time.perf_counter() - t0) / args.measure_steps
+        res["per_step_seconds"] = per_step
+        if args.eager_step:
+            n = max(2, args.measure_steps // 2)
+            tt = torch.full((b,), 100, device=dev, dtype=torch.long)
+            zin = z.to(next(model.parameters()).dtype)
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                with ac():
+                    model(zin, tt, enc["context"], region, ids, enc["parent"])
+            sync(dev)
+            res["eager_full_forward_seconds"] = (time.perf_counter() - t0) / n
+        passes = 2 if args.guidance != 1.0 else 1
+        cond = model.prepare(enc["context"], region, ids, enc["parent"])
+        tt = torch.full((b,), 100, device=dev, dtype=torch.long)
+        flops = count_flops(lambda: model.forward_prepared(z, tt, cond)) * passes
+        res["flops_per_step"] = flops
+        res["tflops_achieved"] = flops / per_step / 1e12
+        for name, k in (("ddpm400", 400), ("ddim50", 50)):
+            res[f"{name}_volumes_per_min"] = 60.0 * b / (res["fixed_seconds"] + k * per_step)
+        if args.full:
+            sync(dev)
+            t0 = time.perf_counter()
+            inpaint_lesions(vq, model, img, mask, ids, steps=50, schedule=sched, autocast=ac, parent_mask=parent,
+                            vae_chunk=args.vae_chunk, compile=args.compile, guidance=args.guidance)
+            sync(dev)
+            res["ddim50_measured_volumes_per_min"] = 60.0 * b / (time.perf_counter() - t0)
+    res["peak_memory_mb"] = peak_memory_mb(dev)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="diffusion and VQGAN preset")
-    ap.add_argument("--batch", type=int, default=1, help="volumes per batch")
+    ap.add_argument("--preset", choices=["tiny", "paper"], nargs="+", default=["tiny"], help="diffusion and VQGAN preset(s)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="volumes per batch (several: one row each)")
     ap.add_argument("--size", type=int, default=96, help="patch side in voxels (default 96)")
     ap.add_argument("--measure-steps", type=int, default=10, help="sampler steps timed for the per-step cost")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="denoiser weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    ap.add_argument("--prompt-type", choices=["onehot", "mask"], default="mask")
+    ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1 = one pass per step)")
+    ap.add_argument("--vae-chunk", type=int, default=8, help="samples per VQGAN encode/decode call")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="torch.compile the denoiser step (eager fallback); optional mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--eager-step", action="store_true", help="also time the full forward per step (the pre-caching path)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the %% column (default: table)")
     ap.add_argument("--full", action="store_true", help="also run DDIM-50 end to end")
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
 
+    from nnunet_promptlesion.generator.diffusion.checkpoint import resolve_dtype
     from nnunet_promptlesion.generator.diffusion.config import make_config
-    from nnunet_promptlesion.generator.diffusion.inpaint import blend, inpaint_lesions, latent_region
-    from nnunet_promptlesion.generator.diffusion.samplers import ddim_sample, guided_eps_fn
     from nnunet_promptlesion.generator.diffusion.schedule import NoiseSchedule
     from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet, parameter_report
     from nnunet_promptlesion.generator.train_utils import autocast
     from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig
 
-    torch.manual_seed(0)
+    name, peak = device_peak(dev)
+    peak = args.peak_tflops or peak
+    dtype = resolve_dtype(args.dtype, dev)
+    out = {"device": str(dev), "device_name": name, "peak_tflops": peak, "threads": args.threads,
+           "torch": torch.__version__, "dtype": str(dtype), "compile": args.compile, "guidance": args.guidance,
+           "prompt_type": args.prompt_type, "patch": [args.size] * 3, "rows": []}
     s = args.size
-    vq = VQGAN(VQGANConfig.from_preset(args.preset, patch_size=(s, s, s))).to(dev).eval()
-    cfg = make_config(args.preset, num_classes=2)
-    model = PromptLesionUNet(cfg).to(dev).eval()
-    sched = NoiseSchedule.from_config(cfg, dev)
-    b = args.batch
-    img = torch.rand(b, 1, s, s, s, device=dev) * 2 - 1
-    mask = torch.zeros_like(img)
-    c = s // 2
-    mask[:, :, c - 8:c + 8, c - 8:c + 8, c - 8:c + 8] = 1
-    ids = torch.ones(b, dtype=torch.long, device=dev)
-    ac = (lambda: autocast(dev))
-    res = {"preset": args.preset, "batch": b, "patch": [s] * 3, "device": str(dev), "threads": args.threads,
-           "parameters": parameter_report(model), "vqgan_parameters": vq.num_parameters()}
-    with torch.no_grad():
-        # warm-up (allocator, kernels)
-        inpaint_lesions(vq, model, img, mask, ids, steps=1, schedule=sched, autocast=ac)
-        sync(dev)
-        t0 = time.perf_counter()
-        with ac():
-            z = vq.encode_latent(img).float()
-            region = latent_region(mask, vq.downsample_factor, z.shape[2:])
-            dec = vq.decode_latent(z).float()
-        out = blend(img, dec, mask, 1.0)
-        sync(dev)
-        fixed = time.perf_counter() - t0
-        res["latent_shape"] = list(z.shape[1:])
-        eps = guided_eps_fn(model, (1 - region) * z, region, ids, 1.0, autocast=ac)
-        zt = torch.randn_like(z)
-        sync(dev)
-        t0 = time.perf_counter()
-        ddim_sample(eps, sched, zt, steps=args.measure_steps, known=z, keep=1 - region, clip_x0=1.0)
-        sync(dev)
-        per_step = (time.perf_counter() - t0) / args.measure_steps
-        res.update(fixed_seconds=fixed, per_step_seconds=per_step)
-        for name, k in (("ddpm400", 400), ("ddim50", 50)):
-            res[f"{name}_volumes_per_min"] = 60.0 * b / (fixed + k * per_step)
-        if args.full:
-            t0 = time.perf_counter()
-            inpaint_lesions(vq, model, img, mask, ids, steps=50, schedule=sched, autocast=ac)
-            sync(dev)
-            res["ddim50_measured_volumes_per_min"] = 60.0 * b / (time.perf_counter() - t0)
-        if dev.type == "cuda":
-            res["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    res["paper_reference_volumes_per_min"] = 3.1
-    print(json.dumps(res, indent=2))
+    for preset in args.preset:
+        torch.manual_seed(0)
+        vq = VQGAN(VQGANConfig.from_preset(preset, patch_size=(s, s, s))).to(dev).eval()
+        cfg = make_config(preset, num_classes=2, prompt_type=args.prompt_type)
+        model = PromptLesionUNet(cfg).to(device=dev, dtype=dtype).eval().requires_grad_(False)
+        sched = NoiseSchedule.from_config(cfg, dev)
+        ac = (lambda: autocast(dev))
+        for b in args.batch:
+            r = bench_batch(vq, model, sched, b, s, dev, args, ac)
+            r.update(preset=preset, parameters=parameter_report(model)["total"])
+            r["percent_of_peak"] = 100.0 * r["tflops_achieved"] / peak if peak else None
+            out["rows"].append(r)
+            print(json.dumps(r), flush=True)
+    out["paper_reference_volumes_per_min"] = 3.1
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump(out, f, indent=2)
+    print(f"\n| preset | batch | per step (s) | DDPM-400 vol/min | DDIM-50 vol/min | GFLOP/step | TFLOP/s | % peak | peak mem (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in out["rows"]:
+        pct = f"{r['percent_of_peak']:.1f}" if r["percent_of_peak"] is not None else "-"
+        print(f"| {r['preset']} | {r['batch']} | {r['per_step_seconds']:.4g} | {r['ddpm400_volumes_per_min']:.3g} | "
+              f"{r['ddim50_volumes_per_min']:.3g} | {r['flops_per_step'] / 1e9:.1f} | {r['tflops_achieved']:.3g} | {pct} | "
+              f"{r['peak_memory_mb']:.0f} |")
     return 0
 
 

@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     from ..generator.diffusion.config import PromptVocabulary, make_config
     from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
+    from ..generator.train_utils import run_trainer
     from ..generator.vqgan import check_meta, load_vqgan
     from ..synthesis.lesion_spec import LesionSpec, LesionSpecError
     from ..utils.checkpoint import CheckpointError
@@ -163,29 +164,14 @@ def main(argv=None) -> int:
     else:
         print("error: --output-dir is required with --nifti-folder", file=sys.stderr)
         return 2
-    if args.no_resume and (out / "checkpoint_latest.pt").exists():
-        print(f"error: {out} already holds a run (checkpoint_latest.pt); drop --no-resume to continue it "
-              "or choose another --output-dir", file=sys.stderr)
-        return 2
     run = DiffusionRunConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                              ema_decay=args.ema_decay, healthy_fraction=args.healthy_fraction, eval_every=args.eval_every,
                              eval_steps=args.eval_steps, checkpoint_every=args.checkpoint_every, keep_every=args.keep_every,
                              log_every=args.log_every, seed=args.seed, device=args.device, stop_after=args.stop_after,
                              progress=not args.no_progress)
-    try:
-        trainer = DiffusionTrainer(cfg, run, data, vqgan, vqgan_meta, args.vqgan, out, lesion_spec=spec.to_dict(),
-                                   resume=not args.no_resume)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        last = trainer.fit()
-    finally:
-        trainer.close()
-    if trainer.env.is_main:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
-        print(f"done at step {trainer.step}; {summary}\ncheckpoint: {out / 'checkpoint_latest.pt'}")
-    return 0
+    return run_trainer(lambda: DiffusionTrainer(cfg, run, data, vqgan, vqgan_meta, args.vqgan, out,
+                                                lesion_spec=spec.to_dict(), resume=not args.no_resume),
+                       out, args.no_resume, errors=(CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

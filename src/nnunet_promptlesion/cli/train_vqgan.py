@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from ..generator.train_utils import run_trainer
     from ..generator.vqgan.config import VQGANConfig
     from ..generator.vqgan.train import VQGANRunConfig, VQGANTrainer
-    from ..utils.checkpoint import CheckpointError
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -157,23 +157,8 @@ def main(argv=None) -> int:
                          seed=args.seed, device=args.device, perceptual_weights=args.perceptual_weights,
                          stop_after=args.stop_after, progress=not args.no_progress)
     out = default_output_dir(args, train_src)
-    if args.no_resume and (out / "checkpoint_latest.pt").exists():
-        print(f"error: {out} already holds a run (checkpoint_latest.pt); drop --no-resume to continue it "
-              "or choose another --output-dir", file=sys.stderr)
-        return 2
-    try:
-        trainer = VQGANTrainer(cfg, run, train_src, eval_src, out, resume=not args.no_resume)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        last = trainer.fit()
-    finally:
-        trainer.close()
-    if trainer.env.is_main:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
-        print(f"done at step {trainer.step}; {summary}\ncheckpoint: {out / 'checkpoint_latest.pt'}")
-    return 0
+    return run_trainer(lambda: VQGANTrainer(cfg, run, train_src, eval_src, out, resume=not args.no_resume), out,
+                       args.no_resume)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ API (all functions are safe to call in a single process without ``torchrun``):
     dict of tensors/ints/strings, so it goes into a ``weights_only`` checkpoint.
 ``gather_rng_states(state, env) -> list``    every rank's RNG state on every rank (store it on rank 0);
     on resume each rank restores ``states[env.rank]``.
-``all_reduce_mean(t, env)`` / ``broadcast_(t, env, src=0)``  in-place collective helpers.
 ``CheckpointManager(folder, keep_every=0)``
     ``save(state, step)`` writes ``checkpoint_latest.pt`` atomically (plus ``checkpoint_step{N}.pt`` every
     ``keep_every`` steps), ``latest()`` returns its path or None, ``load_latest(kind)`` loads it with
@@ -26,10 +25,10 @@ API (all functions are safe to call in a single process without ``torchrun``):
 ``peak_memory_mb(device)``                   peak CUDA memory allocated, or the process peak RSS on CPU (MiB).
 ``reset_peak_memory(device)``
 
-A training loop built on this: ``env = setup_distributed()``; build model, ``wrap_ddp``; on start
-``state = ckpt.load_latest(kind)`` and restore model/optimizer/scheduler/step/RNG from it; each step
-under ``with autocast(env.device):``; every N steps ``if env.is_main: ckpt.save(...)`` after
-``gather_rng_states`` (a collective: all ranks must call it).
+``GeneratorTrainer``                         the base of the VQGAN and diffusion trainers: distributed setup,
+    seeding, exact resume (config check, state dicts, step, per-rank RNG), atomic checkpoints and the
+    ``fit`` loop (logging, evaluation, checkpoints, ``stop_after``); subclasses supply the model parts.
+``run_trainer(make_trainer, out, no_resume)`` the shared tail of the training CLIs (exit status 0 / 2).
 """
 from __future__ import annotations
 
@@ -42,13 +41,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..utils.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.atomic import write_json_atomic
+from ..utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint
 from ..utils.jsonlog import JsonlLogger
 
 
@@ -182,19 +182,6 @@ def gather_rng_states(state: dict, env: DistEnv) -> list[dict]:
     return out
 
 
-def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= env.world_size
-    return t
-
-
-def broadcast_(t: torch.Tensor, env: DistEnv, src: int = 0) -> torch.Tensor:
-    if env.distributed:
-        dist.broadcast(t, src)
-    return t
-
-
 class CheckpointManager:
     """Atomic training checkpoints in one folder: ``checkpoint_latest.pt`` (+ optional snapshots)."""
 
@@ -295,3 +282,168 @@ def timed() -> Iterator[dict]:
     t = {"start": time.perf_counter()}
     yield t
     t["seconds"] = time.perf_counter() - t["start"]
+
+
+class GeneratorTrainer:
+    """Resume / save / fit logic shared by the VQGAN and diffusion trainers.
+
+    A subclass sets ``KIND`` (checkpoint kind), builds ``self.cfg`` (a dataclass config), ``self.run`` (run
+    settings with max_steps, batch, eval_every, checkpoint_every, log_every, keep_every, seed, device,
+    stop_after, progress) and its modules between :meth:`_setup` and :meth:`_resume_or_start`, and implements
+    ``components`` (checkpoint key -> object with state_dict/load_state_dict), ``checkpoint_meta``,
+    ``check_resume``, ``next_batch``, ``train_step``, ``evaluate``, ``settings``, ``describe``, ``current_lr``
+    and ``postfix``. The checkpoint holds ``meta``, every component's state dict, ``step``, ``rng`` (one entry
+    per rank) and ``run_config``.
+    """
+
+    KIND = ""
+    DESC = "train"
+    eval_at_start = False  # evaluate before the first step (baseline of an eval curve)
+
+    def _setup(self, run, output_dir) -> None:
+        self.run = run
+        self.out = Path(output_dir)
+        self.env = setup_distributed(run.device)
+        self.device = self.env.device
+        self.np_rng = seed_everything(run.seed, self.env.rank)
+        self.step = 0
+        self.ckpt = CheckpointManager(self.out, keep_every=run.keep_every)
+
+    # ---- subclass interface -----------------------------------------------------------------
+    def components(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def checkpoint_meta(self) -> dict:
+        raise NotImplementedError
+
+    def check_resume(self, meta: dict, path: Path) -> None:
+        """Raise CheckpointError when the stored run cannot continue here (other data, VQGAN...)."""
+
+    def next_batch(self):
+        raise NotImplementedError
+
+    def train_step(self, batch) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {}
+
+    def describe(self) -> list[str]:
+        return []
+
+    def current_lr(self) -> float:
+        raise NotImplementedError
+
+    def postfix(self, logs: dict) -> dict:
+        return {}
+
+    # ---- shared logic -----------------------------------------------------------------------
+    def _resume_or_start(self, resume: bool) -> None:
+        if resume:
+            self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        state = self.ckpt.load_latest(kind=self.KIND, map_location=self.device)
+        if state is None:
+            return
+        meta, path = state["meta"], self.ckpt.latest()
+        self.check_resume(meta, path)
+        cls = type(self.cfg)
+        stored = config_from_dict(cls, meta["config"])
+        if stored != self.cfg:
+            diff = {f.name: (getattr(stored, f.name), getattr(self.cfg, f.name)) for f in dataclasses.fields(cls)
+                    if getattr(stored, f.name) != getattr(self.cfg, f.name)}
+            raise CheckpointError(f"{path} was written with other {self.DESC} settings {diff} (stored, requested); "
+                                  "use a new --output-dir or the same settings to resume")
+        for key, obj in self.components().items():
+            obj.load_state_dict(state[key])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) != self.env.world_size:
+            # another world size: RNG streams cannot continue exactly; keep fresh per-rank seeds
+            self.np_rng = seed_everything(self.run.seed + self.step, self.env.rank)
+            self._resume_note = f"resumed at step {self.step} with world size {self.env.world_size} (was {len(rng)}): new RNG streams"
+        else:
+            restore_rng_state(rng[self.env.rank], self.np_rng)
+            self._resume_note = f"resumed from {path} at step {self.step}"
+
+    def checkpoint_state(self, rng_states: list) -> dict:
+        state = {"meta": self.checkpoint_meta()}
+        state.update({key: obj.state_dict() for key, obj in self.components().items()})
+        state.update(step=int(self.step), rng=rng_states, run_config=config_to_dict(self.run))
+        return state
+
+    def save(self, final: bool = False) -> None:
+        rng_states = gather_rng_states(capture_rng_state(self.np_rng), self.env)  # collective
+        if self.env.is_main:
+            self.ckpt.save(self.checkpoint_state(rng_states), self.step, final=final)
+
+    def _evaluate_and_log(self, log: "TrainLogger") -> dict:
+        ev = self.evaluate()
+        log.log(self.step, **ev)
+        log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+        return ev
+
+    def fit(self) -> dict:
+        run = self.run
+        log = TrainLogger(self.out, run.max_steps, self.step, self.env, desc=self.DESC, progress=run.progress)
+        last: dict[str, Any] = {}
+        every = (lambda n: n > 0 and self.step % n == 0)
+        try:
+            if self.env.is_main:
+                write_json_atomic({**self.settings(), "world_size": self.env.world_size}, self.out / "run_settings.json")
+            log.info(getattr(self, "_resume_note", f"starting a new run in {self.out}"))
+            for line in self.describe():
+                log.info(line)
+            if self.eval_at_start and self.env.is_main and self.step == 0 and run.eval_every > 0:
+                self._evaluate_and_log(log)
+            self.train_mode()
+            while self.step < run.max_steps:
+                if run.stop_after is not None and self.step >= run.stop_after:
+                    break
+                logs = self.train_step(self.next_batch())
+                self.step += 1
+                last = logs
+                log.update(1, **self.postfix(logs))
+                if every(run.log_every) or self.step == run.max_steps:
+                    log.log(self.step, lr=self.current_lr(), **logs)
+                if self.env.is_main and (every(run.eval_every) or (run.eval_every > 0 and self.step == run.max_steps)):
+                    last = {**last, **self._evaluate_and_log(log)}
+                if every(run.checkpoint_every) or self.step == run.max_steps:
+                    self.save(final=self.step == run.max_steps)
+            if run.stop_after is not None and run.stop_after <= self.step < run.max_steps:
+                self.save()
+        finally:
+            log.close()
+        return last
+
+    def train_mode(self) -> None:
+        """Put the trained modules in training mode before the loop."""
+
+    def close(self) -> None:
+        cleanup_distributed(self.env)
+
+
+def run_trainer(make_trainer: Callable[[], GeneratorTrainer], out: Path, no_resume: bool,
+                errors: tuple = (CheckpointError, FileNotFoundError, ValueError)) -> int:
+    """The training CLIs' tail: refuse an existing run with --no-resume, build, fit, close, print a summary."""
+    if no_resume and (Path(out) / CheckpointManager.LATEST).exists():
+        print(f"error: {out} already holds a run ({CheckpointManager.LATEST}); drop --no-resume to continue it "
+              "or choose another --output-dir", file=sys.stderr)
+        return 2
+    try:
+        trainer = make_trainer()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        last = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        print(f"done at step {trainer.step}; {summary}\ncheckpoint: {Path(out) / CheckpointManager.LATEST}")
+    return 0

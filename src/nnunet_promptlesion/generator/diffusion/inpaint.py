@@ -141,7 +141,7 @@ def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: t
                      guidance: float = 1.0, generator: torch.Generator | None = None, autocast=None,
                      progress: bool = False, clip_x0: float | None = 1.0, context: torch.Tensor | None = None,
                      parent: torch.Tensor | None = None, null_prompt: int | None = None,
-                     compile: bool = False) -> torch.Tensor:
+                     compile: bool | str = False) -> torch.Tensor:
     """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents (fp32).
 
     ``context`` is the healthy context (default (1 - region) * z_known, for callers without an image);
@@ -164,7 +164,7 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
                     blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
                     autocast=None, progress: bool = False, return_decoded: bool = False,
                     clip_x0: float | None = 1.0, parent_mask: torch.Tensor | None = None,
-                    null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool = False):
+                    null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool | str = False):
     """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
 
     Signature (all tensors on one device; sizes in voxels of the generator grid, axis order of its arrays):
@@ -184,7 +184,8 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     - ``parent_mask`` (B, 1, D, H, W) {0, 1} organ / vessel wall, read by MaskTransformer-prompt models (None:
       the lesion mask stands in for it); ignored by one-hot models;
     - ``vae_chunk``: samples per VQGAN encode/decode call (None = the whole batch at once);
-    - ``compile``: run the denoiser step through torch.compile (eager fallback), worth it for long runs.
+    - ``compile``: run the denoiser step through torch.compile (eager fallback), worth it for long runs;
+      "reduce-overhead" adds CUDA graphs.
 
     Returns the blended image (B, 1, D, H, W) in model space (the image's dtype), or (image, decoded, latents)
     with ``return_decoded``.

@@ -136,7 +136,8 @@ def cfg_combine(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) ->
 
 def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
                   guidance_scale: float = 1.0, null_prompt: int | None = None, autocast=None,
-                  always_batch_null: bool = False, parent: torch.Tensor | None = None, compile: bool = False) -> EpsFn:
+                  always_batch_null: bool = False, parent: torch.Tensor | None = None,
+                  compile: bool | str = False) -> EpsFn:
     """An ``eps_fn`` for the denoiser with fixed conditioning and classifier-free guidance.
 
     The step-invariant conditioning (prompt encoder, PromptGenBlock bases, constant input channels) is
@@ -144,8 +145,8 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     :meth:`~PromptLesionUNet.forward_prepared`. With ``guidance_scale`` == 1 only the conditional pass runs
     (identical to the conditional prediction); otherwise conditional and null prompts run as one doubled
     batch per step. ``null_prompt`` defaults to the model's CFG null token (``config.null_id``), never the
-    healthy prompt. ``compile`` uses :func:`compiled_step` (torch.compile of the fixed-shape step, eager
-    fallback when compilation fails).
+    healthy prompt. ``compile`` (True, or a torch.compile mode such as "reduce-overhead" for CUDA graphs) uses
+    :func:`compiled_step` (torch.compile of the fixed-shape step, eager fallback when compilation fails).
     """
     if null_prompt is None:
         null_prompt = model.config.null_id
@@ -158,7 +159,7 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
             cond = model.prepare(two(z_healthy), two(region), torch.cat([prompt_ids, null]), two(parent))
         else:
             cond = model.prepare(z_healthy, region, prompt_ids, parent)
-    step = compiled_step(model) if compile else model.forward_prepared
+    step = compiled_step(model, compile if isinstance(compile, str) else None) if compile else model.forward_prepared
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with ctx():
@@ -171,23 +172,26 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     return eps_fn
 
 
-def compiled_step(model: torch.nn.Module) -> Callable:
-    """``model.forward_prepared`` through ``torch.compile`` (cached on the model), falling back to eager.
+def compiled_step(model: torch.nn.Module, mode: str | None = None) -> Callable:
+    """``model.forward_prepared`` through ``torch.compile`` (cached on the model per mode), falling back to eager.
 
-    Default inductor mode with static shapes (one graph per batch/latent shape); the first call compiles
-    (tens of seconds), so it pays off for long runs (DDPM-400, a training-time producer); a failure at any call to the compiled function (no compiler,
+    ``mode`` is torch.compile's: None (default inductor, static shapes: one graph per batch / latent shape) or
+    "reduce-overhead" (adds CUDA graphs: the whole step replays as one graph, no per-kernel launch cost; the
+    fast path for small batches on a GPU). The first call compiles (tens of seconds), so it pays off for long
+    runs (DDPM-400, a training-time producer); a failure at any call to the compiled function (no compiler,
     unsupported op) is reported once as a warning and the eager step is used from then on.
     """
     import warnings
 
-    fn = getattr(model, "_promptlesion_compiled", None)
+    cache = model.__dict__.setdefault("_promptlesion_compiled", {})
+    fn = cache.get(mode)
     if fn is None:
         try:
-            fn = torch.compile(model.forward_prepared, dynamic=False)
+            fn = torch.compile(model.forward_prepared, dynamic=False, mode=mode)
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
             warnings.warn(f"torch.compile unavailable ({e}); using the eager denoiser", RuntimeWarning)
             fn = model.forward_prepared
-        object.__setattr__(model, "_promptlesion_compiled", fn)
+        cache[mode] = fn
     eager = model.forward_prepared
     state = {"ok": fn is not eager}
 
@@ -198,7 +202,7 @@ def compiled_step(model: torch.nn.Module) -> Callable:
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"compiled denoiser failed ({type(e).__name__}: {e}); falling back to eager", RuntimeWarning)
                 state["ok"] = False
-                object.__setattr__(model, "_promptlesion_compiled", eager)
+                cache[mode] = eager
         return eager(z_t, t, cond)
 
     return step

@@ -19,15 +19,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ...utils.atomic import write_json_atomic
-from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict
+from ...utils.checkpoint import CheckpointError, config_to_dict
 from .. import train_utils as tu
-from .checkpoint import KIND, build_meta, check_vqgan_pairing
+from .checkpoint import KIND, build_meta, check_format, check_vqgan_pairing
 from .config import DiffusionConfig, PromptVocabulary
 from .data import LesionCropSampler, stack_crops
 from .inpaint import encode_inputs, inpaint_lesions
@@ -118,18 +116,19 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
     return loss, {"loss": float(loss.detach()), "mse_lesion": inside, "mse_background": outside}
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(tu.GeneratorTrainer):
+    KIND = KIND
+    DESC = "diffusion"
+    eval_at_start = True  # baseline of the eval_loss curve
+
     def __init__(self, cfg: DiffusionConfig, run: DiffusionRunConfig, data: LesionCropSampler, vqgan, vqgan_meta: dict,
                  vqgan_path, output_dir: str | Path, lesion_spec: dict | None = None, resume: bool = True):
-        self.cfg, self.run, self.data = cfg, run, data
+        self.cfg, self.data = cfg, data
         self.vocab: PromptVocabulary = data.vocab
         if cfg.num_classes != len(self.vocab.names) - 1:
             raise ValueError(f"config has {cfg.num_classes} classes but the vocabulary {self.vocab.names} has "
                              f"{len(self.vocab.names) - 1}")
-        self.out = Path(output_dir)
-        self.env = tu.setup_distributed(run.device)
-        self.device = self.env.device
-        self.np_rng = tu.seed_everything(run.seed, self.env.rank)
+        self._setup(run, output_dir)
         self.vqgan = vqgan.to(self.device).eval().requires_grad_(False)
         self.vqgan_meta, self.vqgan_path = vqgan_meta, vqgan_path
         self.factor = int(vqgan.downsample_factor)
@@ -140,10 +139,7 @@ class DiffusionTrainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=run.lr, foreach=True)
         warm = max(0, int(run.warmup_steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0))
-        self.step = 0
-        self.ckpt = tu.CheckpointManager(self.out, keep_every=run.keep_every)
-        if resume:
-            self._maybe_resume()
+        self._resume_or_start(resume)
         self.model_ddp = tu.wrap_ddp(self.model, self.env)
         self._eval = self._eval_set()
 
@@ -151,33 +147,20 @@ class DiffusionTrainer:
     def source_meta(self) -> dict:
         return self.data.source.describe()
 
-    def _maybe_resume(self) -> None:
-        state = self.ckpt.load_latest(kind=KIND, map_location=self.device)
-        if state is None:
-            return
-        meta, path = state["meta"], self.ckpt.latest()
+    def components(self) -> dict:
+        return {"model": self.model, "ema": self.ema.model, "opt": self.opt, "sched": self.sched}
+
+    def check_resume(self, meta: dict, path) -> None:
+        check_format(meta, path)
         check_vqgan_pairing(meta, self.vqgan_meta, path, self.vqgan_path)
-        stored = config_from_dict(DiffusionConfig, meta["config"])
-        if stored != self.cfg:
-            diff = {f.name: (getattr(stored, f.name), getattr(self.cfg, f.name)) for f in dataclasses.fields(DiffusionConfig)
-                    if getattr(stored, f.name) != getattr(self.cfg, f.name)}
-            raise CheckpointError(f"{path} was written with other diffusion settings {diff} (stored, requested); "
-                                  "use a new --output-dir or the same settings to resume")
         if PromptVocabulary.from_dict(meta["vocabulary"]) != self.vocab:
             raise CheckpointError(f"{path} was trained with prompts {meta['vocabulary']['names']}, the lesion spec now "
                                   f"gives {self.vocab.names}; use a new --output-dir")
-        self.model.load_state_dict(state["model"])
-        self.ema.model.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.step = int(state["step"])
-        rng = state["rng"]
-        if len(rng) != self.env.world_size:
-            self.np_rng = tu.seed_everything(self.run.seed + self.step, self.env.rank)
-            self._resume_note = f"resumed at step {self.step} with world size {self.env.world_size} (was {len(rng)}): new RNG streams"
-        else:
-            tu.restore_rng_state(rng[self.env.rank], self.np_rng)
-            self._resume_note = f"resumed from {path} at step {self.step}"
+
+    def checkpoint_meta(self) -> dict:
+        return build_meta(self.cfg, self.vocab, self.vqgan_meta, self.vqgan_path, self.data.patch_size, self.step,
+                          self.source_meta(), self.ema.model.state_dict(), self.lesion_spec,
+                          {"world_size": self.env.world_size})
 
     def _eval_set(self) -> dict:
         """Fixed crops (same every run and resume): one healthy carrier and one real crop per available class."""
@@ -187,18 +170,30 @@ class DiffusionTrainer:
         crops = [carrier] + list(real.values())
         return {"carrier": carrier, "real": real, "batch": stack_crops(crops)}
 
-    def checkpoint_state(self, rng_states: list) -> dict:
-        ema_sd = self.ema.model.state_dict()
-        meta = build_meta(self.cfg, self.vocab, self.vqgan_meta, self.vqgan_path, self.data.patch_size, self.step,
-                          self.source_meta(), ema_sd, self.lesion_spec, {"world_size": self.env.world_size})
-        return {"meta": meta, "model": self.model.state_dict(), "ema": ema_sd, "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "step": int(self.step), "rng": rng_states,
-                "run_config": config_to_dict(self.run)}
+    def settings(self) -> dict:
+        return {"diffusion_config": config_to_dict(self.cfg), "run_config": config_to_dict(self.run),
+                "vocabulary": self.vocab.as_dict(), "source": self.source_meta(),
+                "vqgan": {"path": str(self.vqgan_path), "checkpoint_id": self.vqgan_meta.get("checkpoint_id")},
+                "schedule": self.schedule.as_dict(), "patch_size": list(self.data.patch_size)}
 
-    def save(self, final: bool = False) -> None:
-        rng_states = tu.gather_rng_states(tu.capture_rng_state(self.np_rng), self.env)  # collective
-        if self.env.is_main:
-            self.ckpt.save(self.checkpoint_state(rng_states), self.step, final=final)
+    def describe(self) -> list[str]:
+        cfg, run = self.cfg, self.run
+        return [f"preset {cfg.preset}, prompt {cfg.prompt_type}: parameters {parameter_report(self.model)}; "
+                f"device {self.device}, world size {self.env.world_size}, batch {run.batch_size}/rank",
+                f"prompts {self.vocab.names} (+ CFG null token id {cfg.null_id}); training cases per class "
+                f"{self.data.counts()}; schedule {self.schedule.as_dict()}"]
+
+    def next_batch(self) -> dict:
+        return self.data.batch(self.np_rng, self.run.batch_size, self.device)
+
+    def current_lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def postfix(self, logs: dict) -> dict:
+        return {"loss": logs["loss"]}
+
+    def train_mode(self) -> None:
+        self.model_ddp.train()
 
     # ------------------------------------------------------------------------------------------
     def loss(self, model, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
@@ -218,7 +213,7 @@ class DiffusionTrainer:
         return logs
 
     @torch.no_grad()
-    def evaluate(self, pngs: bool = True) -> dict:
+    def evaluate(self, pngs: bool | None = None) -> dict:
         """EMA loss on the fixed crops at fixed timesteps and noise (comparable across steps), plus sample PNGs."""
         ema = self.ema.model
         batch = self._eval["batch"]
@@ -230,6 +225,8 @@ class DiffusionTrainer:
             _, logs = self.loss(ema, batch, g, tt, prompt_dropout=0.0)
             losses.append(logs["loss"])
         res = {"eval_loss": float(np.mean(losses))}
+        if pngs is None:
+            pngs = self.step > 0  # no sample grid of the untrained model at step 0
         if self.run.save_png and pngs:
             self.sample_pngs()
         return res
@@ -266,49 +263,3 @@ class DiffusionTrainer:
         return paths
 
     # ------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        run, cfg = self.run, self.cfg
-        log = tu.TrainLogger(self.out, run.max_steps, self.step, self.env, desc="diffusion", progress=run.progress)
-        last: dict[str, Any] = {}
-        try:
-            if self.env.is_main:
-                write_json_atomic({"diffusion_config": config_to_dict(cfg), "run_config": config_to_dict(run),
-                                   "vocabulary": self.vocab.as_dict(), "source": self.source_meta(),
-                                   "vqgan": {"path": str(self.vqgan_path), "checkpoint_id": self.vqgan_meta.get("checkpoint_id")},
-                                   "schedule": self.schedule.as_dict(), "patch_size": list(self.data.patch_size),
-                                   "world_size": self.env.world_size}, self.out / "run_settings.json")
-            log.info(getattr(self, "_resume_note", f"starting a new run in {self.out}"))
-            log.info(f"preset {cfg.preset}, prompt {cfg.prompt_type}: parameters {parameter_report(self.model)}; "
-                     f"device {self.device}, world size {self.env.world_size}, batch {run.batch_size}/rank")
-            log.info(f"prompts {self.vocab.names}; training cases per class {self.data.counts()}; "
-                     f"schedule {self.schedule.as_dict()}")
-            if self.env.is_main and self.step == 0 and run.eval_every > 0:
-                ev = self.evaluate(pngs=False)  # baseline for the eval_loss curve
-                log.log(0, **ev)
-                log.info("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-            self.model_ddp.train()
-            while self.step < run.max_steps:
-                if run.stop_after is not None and self.step >= run.stop_after:
-                    break
-                batch = self.data.batch(self.np_rng, run.batch_size, self.device)
-                logs = self.train_step(batch)
-                self.step += 1
-                last = logs
-                log.update(1, loss=logs["loss"])
-                if self.step % run.log_every == 0 or self.step == run.max_steps:
-                    log.log(self.step, lr=self.sched.get_last_lr()[0], **logs)
-                if self.env.is_main and run.eval_every > 0 and (self.step % run.eval_every == 0 or self.step == run.max_steps):
-                    ev = self.evaluate()
-                    log.log(self.step, **ev)
-                    log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-                    last = {**last, **ev}
-                if (run.checkpoint_every > 0 and self.step % run.checkpoint_every == 0) or self.step == run.max_steps:
-                    self.save(final=self.step == run.max_steps)
-            if run.stop_after is not None and self.step >= run.stop_after and self.step < run.max_steps:
-                self.save()
-        finally:
-            log.close()
-        return last
-
-    def close(self) -> None:
-        tu.cleanup_distributed(self.env)

@@ -151,6 +151,7 @@ class PromptLesionUNet(nn.Module):
         else:
             self.prompt_encoder = MaskPrompt(cfg.num_classes, out_dim=cfg.prompt_dim, grid=cfg.mt_grid, patch=cfg.mt_patch,
                                              width=cfg.mt_width, depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff)
+        self.prompt_temb = nn.Linear(cfg.prompt_dim, temb_dim) if cfg.prompt_to_temb else None
         self.conv_in = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -214,7 +215,8 @@ class PromptLesionUNet(nn.Module):
         """Step-invariant conditioning for :meth:`forward_prepared` (tensors in the model's dtype).
 
         Keys: ``const_in`` (B, C0, D, H, W) input-conv response to [z_healthy, mask channels] incl. bias;
-        ``logits_<l>`` (B, n) and ``basis_<l>`` (n, C_p, *size_l) for every prompt level l.
+        ``logits_<l>`` (B, n) and ``basis_<l>`` (n, C_p, *size_l) for every prompt level l; ``temb_prompt``
+        (B, 4 C0) the prompt's share of the time embedding (``prompt_to_temb``).
         """
         dtype = self.conv_in.weight.dtype
         region = region.to(dtype)
@@ -223,6 +225,8 @@ class PromptLesionUNet(nn.Module):
         cond = {"const_in": F.conv3d(const, self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)}
         prompt = self.encode_prompt(prompt_ids, region, None if parent is None else parent.to(dtype))
         sizes = level_sizes(z_healthy.shape[2:], len(self.config.channels))
+        if self.prompt_temb is not None:
+            cond["temb_prompt"] = self.prompt_temb(prompt)
         for key, inj in self.inject.items():
             cond[f"logits_{key}"] = inj.gen.prompt_logits(prompt)
             cond[f"basis_{key}"] = inj.gen.basis(sizes[int(key)])
@@ -234,6 +238,8 @@ class PromptLesionUNet(nn.Module):
         dtype = self.conv_in.weight.dtype
         c = self.config.latent_channels
         temb = self.temb(timestep_embedding(t, self.config.channels[0]).to(dtype))
+        if "temb_prompt" in cond:
+            temb = temb + cond["temb_prompt"]
         h = F.conv3d(z_t.to(dtype), self.conv_in.weight[:, :c], None, padding=1) + cond["const_in"]
         skips = []
         for lvl, blocks in enumerate(self.down):
@@ -261,9 +267,10 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def parameter_report(model: PromptLesionUNet) -> dict[str, int]:
-    """Parameter counts of the denoiser's parts (total, prompt encoder, prompt injection, UNet body)."""
+    """Parameter counts of the denoiser's parts (total, prompt encoder incl. its time-embedding projection,
+    prompt injection, UNet body)."""
     total = count_parameters(model)
-    prompt = count_parameters(model.prompt_encoder)
+    prompt = count_parameters(model.prompt_encoder) + (count_parameters(model.prompt_temb) if model.prompt_temb is not None else 0)
     inject = count_parameters(model.inject)
     gen = sum(count_parameters(m.gen) for m in model.inject.values())
     return {"total": total, "prompt_encoder": prompt, "prompt_injection": inject, "prompt_gen_blocks": gen,

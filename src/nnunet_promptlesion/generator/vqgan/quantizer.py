@@ -67,10 +67,6 @@ class EMAVectorQuantizer(nn.Module):
         q = self.embed[idx].view(*z.movedim(1, -1).shape).movedim(-1, 1)
         return q.to(z.dtype)
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for an index tensor (B, ...) -> (B, dim, ...)."""
-        return self.embed[indices].movedim(-1, 1)
-
     # ------------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Quantize ``z`` (B, dim, D, H, W). Returns (straight-through z_q, commitment loss, info).

@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...utils.atomic import atomic_path, write_json_atomic
-from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict
+from ...utils.atomic import atomic_path
+from ...utils.checkpoint import config_to_dict
 from .. import train_utils as tu
 from ..data import PatchSource
 from .config import VQGANConfig
@@ -96,15 +95,15 @@ def batch_from_source(source: PatchSource, rng: np.random.Generator, batch: int,
     return torch.from_numpy(np.stack(patches)).to(device)
 
 
-class VQGANTrainer:
+class VQGANTrainer(tu.GeneratorTrainer):
+    KIND = KIND
+    DESC = "vqgan"
+
     def __init__(self, cfg: VQGANConfig, run: VQGANRunConfig, source: PatchSource, eval_source: PatchSource | None,
                  output_dir: str | Path, resume: bool = True):
-        self.cfg, self.run, self.source = cfg, run, source
+        self.cfg, self.source = cfg, source
         self.eval_source = eval_source if eval_source is not None and len(eval_source) else source
-        self.out = Path(output_dir)
-        self.env = tu.setup_distributed(run.device)
-        self.device = self.env.device
-        self.np_rng = tu.seed_everything(run.seed, self.env.rank)
+        self._setup(run, output_dir)
         self.model = VQGAN(cfg).to(self.device)
         self.discs = VQGANDiscriminators(cfg).to(self.device)
         self.perceptual = build_perceptual(run.perceptual_weights).to(self.device)
@@ -115,49 +114,29 @@ class VQGANTrainer:
         lam = (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lam)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lam)
-        self.step = 0
-        self.ckpt = tu.CheckpointManager(self.out, keep_every=run.keep_every)
-        if resume:
-            self._maybe_resume()
+        self._resume_or_start(resume)
         # broadcast rank 0's initial weights (DDP does it at wrap time) before wrapping
         self.model_ddp = tu.wrap_ddp(self.model, self.env)
         self.discs_ddp = tu.wrap_ddp(self.discs, self.env)
         self.eval_batch = self._eval_patches()
+        self.batch_size = int(run.batch_size or cfg.batch_size)
 
     # ------------------------------------------------------------------------------------------
     def source_meta(self) -> dict:
         return {"train": self.source.describe(), "eval": self.eval_source.describe(),
                 "eval_is_held_out": self.eval_source is not self.source}
 
-    def _maybe_resume(self) -> None:
-        state = self.ckpt.load_latest(kind=KIND, map_location=self.device)
-        if state is None:
-            return
-        meta = state["meta"]
-        path = self.ckpt.latest()
+    def components(self) -> dict:
+        return {"model": self.model, "discriminators": self.discs, "opt_g": self.opt_g, "opt_d": self.opt_d,
+                "sched_g": self.sched_g, "sched_d": self.sched_d}
+
+    def check_resume(self, meta: dict, path) -> None:
         check_meta(meta, path, expect_preset=self.cfg.preset, expect_intensity=self.source.intensity,
                    expect_spacing=self.source.spacing)
-        stored = config_from_dict(VQGANConfig, meta["config"])
-        if stored != self.cfg:
-            diff = {f.name: (getattr(stored, f.name), getattr(self.cfg, f.name)) for f in dataclasses.fields(VQGANConfig)
-                    if getattr(stored, f.name) != getattr(self.cfg, f.name)}
-            raise CheckpointError(f"{path} was written with other VQGAN settings {diff} (stored, requested); "
-                                  "use a new --output-dir or the same settings to resume")
-        self.model.load_state_dict(state["model"])
-        self.discs.load_state_dict(state["discriminators"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_d.load_state_dict(state["sched_d"])
-        self.step = int(state["step"])
-        rng = state["rng"]
-        if len(rng) != self.env.world_size:
-            # another world size: RNG streams cannot continue exactly; keep fresh per-rank seeds
-            self.np_rng = tu.seed_everything(self.run.seed + self.step, self.env.rank)
-            self._resume_note = f"resumed at step {self.step} with world size {self.env.world_size} (was {len(rng)}): new RNG streams"
-        else:
-            tu.restore_rng_state(rng[self.env.rank], self.np_rng)
-            self._resume_note = f"resumed from {path} at step {self.step}"
+
+    def checkpoint_meta(self) -> dict:
+        return build_meta(self.model, self.source.spacing, self.source.intensity, self.step, self.source_meta(),
+                          {"perceptual": self.perceptual.description, "world_size": self.env.world_size})
 
     def _eval_patches(self) -> torch.Tensor:
         rng = np.random.default_rng(12345)  # fixed: every run and every resume evaluates the same patches
@@ -165,20 +144,32 @@ class VQGANTrainer:
                    for _ in range(max(1, self.run.num_eval_patches))]
         return torch.from_numpy(np.stack(patches))
 
-    def checkpoint_state(self, rng_states: list) -> dict:
-        meta = build_meta(self.model, self.source.spacing, self.source.intensity, self.step, self.source_meta(),
-                          {"perceptual": self.perceptual.description, "world_size": self.env.world_size})
-        return {
-            "meta": meta, "model": self.model.state_dict(), "discriminators": self.discs.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-            "step": int(self.step), "rng": rng_states, "run_config": config_to_dict(self.run),
-        }
+    def settings(self) -> dict:
+        return {"vqgan_config": config_to_dict(self.cfg), "run_config": config_to_dict(self.run),
+                "source": self.source_meta(), "intensity": self.source.intensity.as_dict(),
+                "spacing": list(self.source.spacing)}
 
-    def save(self, final: bool = False) -> None:
-        rng_states = tu.gather_rng_states(tu.capture_rng_state(self.np_rng), self.env)  # collective
-        if self.env.is_main:
-            self.ckpt.save(self.checkpoint_state(rng_states), self.step, final=final)
+    def describe(self) -> list[str]:
+        cfg = self.cfg
+        return [f"preset {cfg.preset}: {self.model.num_parameters()} parameters, latent {cfg.latent_shape}, "
+                f"device {self.device}, world size {self.env.world_size}, batch {self.batch_size}/rank",
+                f"intensity space: {self.source.intensity.describe()}; spacing {self.source.spacing} mm",
+                f"perceptual term: {self.perceptual.description}",
+                f"held-out patches: {self.eval_source.describe()}"
+                + ("" if self.eval_source is not self.source else " (no held-out cases: evaluating on training cases)")]
+
+    def next_batch(self) -> torch.Tensor:
+        return batch_from_source(self.source, self.np_rng, self.batch_size, self.cfg.patch_size, self.run, self.device)
+
+    def current_lr(self) -> float:
+        return self.sched_g.get_last_lr()[0]
+
+    def postfix(self, logs: dict) -> dict:
+        return {"l1": logs["l1"], "usage": logs["active_codes"]}
+
+    def train_mode(self) -> None:
+        self.model_ddp.train()
+        self.discs_ddp.train()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -231,49 +222,3 @@ class VQGANTrainer:
         logs.update(perplexity=info["perplexity"], batch_code_usage=info["usage"],
                     active_codes=info["active_codes"], restarted_codes=info["restarted"])
         return logs
-
-    def fit(self) -> dict:
-        run, cfg = self.run, self.cfg
-        batch = int(run.batch_size or cfg.batch_size)
-        log = tu.TrainLogger(self.out, run.max_steps, self.step, self.env, desc="vqgan", progress=run.progress)
-        last: dict[str, Any] = {}
-        try:
-            if self.env.is_main:
-                write_json_atomic({"vqgan_config": config_to_dict(cfg), "run_config": config_to_dict(run),
-                                   "source": self.source_meta(), "intensity": self.source.intensity.as_dict(),
-                                   "spacing": list(self.source.spacing), "world_size": self.env.world_size},
-                                  self.out / "run_settings.json")
-            log.info(getattr(self, "_resume_note", f"starting a new run in {self.out}"))
-            log.info(f"preset {cfg.preset}: {self.model.num_parameters()} parameters, latent {cfg.latent_shape}, "
-                     f"device {self.device}, world size {self.env.world_size}, batch {batch}/rank")
-            log.info(f"intensity space: {self.source.intensity.describe()}; spacing {self.source.spacing} mm")
-            log.info(f"perceptual term: {self.perceptual.description}")
-            log.info(f"held-out patches: {self.eval_source.describe()}"
-                     + ("" if self.eval_source is not self.source else " (no held-out cases: evaluating on training cases)"))
-            self.model_ddp.train()
-            self.discs_ddp.train()
-            while self.step < run.max_steps:
-                if run.stop_after is not None and self.step >= run.stop_after:
-                    break
-                x = batch_from_source(self.source, self.np_rng, batch, cfg.patch_size, run, self.device)
-                logs = self.train_step(x)
-                self.step += 1
-                last = logs
-                log.update(1, l1=logs["l1"], usage=logs["active_codes"])
-                if self.step % run.log_every == 0 or self.step == run.max_steps:
-                    log.log(self.step, lr=self.sched_g.get_last_lr()[0], **logs)
-                if self.env.is_main and (self.step % run.eval_every == 0 or self.step == run.max_steps):
-                    ev = self.evaluate()
-                    log.log(self.step, **ev)
-                    log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-                    last = {**last, **ev}
-                if self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
-                    self.save(final=self.step == run.max_steps)
-            if run.stop_after is not None and self.step >= run.stop_after and self.step < run.max_steps:
-                self.save()
-        finally:
-            log.close()
-        return last
-
-    def close(self) -> None:
-        tu.cleanup_distributed(self.env)
