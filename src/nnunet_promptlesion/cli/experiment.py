@@ -1,0 +1,96 @@
+"""promptlesion_experiment: arms x repeats of nnU-Net training, prediction and evaluation, then the comparison."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+CONFIG is a JSON file or the name of a shipped config:
+  paper_ablation    real-only, rule-based, diffusion one-hot / MaskTransformer / no prompt, 1:1 vs 1:3
+  rule_based_vs_real  real-only vs rule-based PromptLesion (runs anywhere, no generator needed)
+(see docs/evaluation.md for the format, and `--show-config NAME` to print one).
+
+examples:
+  export nnUNet_raw=... nnUNet_preprocessed=...      # dataset planned and preprocessed beforehand
+  promptlesion_experiment rule_based_vs_real --dataset 501 --device cpu -o runs/exp501
+  promptlesion_experiment my_config.json -o runs/exp --arms real_only rule_based --repeats 2
+  promptlesion_experiment my_config.json -o runs/exp --report-only     # table from what is finished
+
+Re-running the same command resumes: finished trainings/predictions/evaluations are skipped, an
+interrupted training continues from its last checkpoint with nnUNetv2_train --c, an interrupted
+prediction is redone. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
+nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. Results: OUT/results/results.md (one table per
+class: mean ± sd over repeats, paired t-test and Wilcoxon of per-case Dice against the reference arm),
+comparison.json, per_class_<class>.csv, dice_by_arm.png, nsd_by_arm.png.
+"""
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="promptlesion_experiment", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Run a segmentation experiment: for every arm (an nnU-Net trainer + optional PromptLesion "
+                    "settings) and repeat, nnUNetv2_train (each fold), nnUNetv2_predict on the test images with "
+                    "checkpoint_best.pth, and promptlesion_evaluate; then per-class tables with significance tests.")
+    ap.add_argument("config", nargs="?", help="experiment config (JSON file or shipped config name)")
+    ap.add_argument("-o", "--output", help="experiment folder (default: ./experiments/<config name>)")
+    ap.add_argument("--dataset", help="dataset id or name (overrides the config's)")
+    ap.add_argument("--device", help="cpu, cuda or mps (overrides the config's)")
+    ap.add_argument("--repeats", type=int, help="number of repeats (overrides the config's)")
+    ap.add_argument("--folds", nargs="+", help="folds to train (overrides the config's)")
+    ap.add_argument("--budget", nargs="+", metavar="KEY=VALUE", help="override budget entries: epochs, "
+                    "iterations_per_epoch, val_iterations_per_epoch, early_stopping_patience (0: off), mirroring (0/1), "
+                    "save_every; e.g. --budget epochs=50 iterations_per_epoch=25")
+    ap.add_argument("--arms", nargs="+", help="run only these arms")
+    ap.add_argument("--check", action="store_true", help="only check the config, dataset and arms, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="only (re)build the results from finished evaluations")
+    ap.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    ap.add_argument("--show-config", metavar="NAME", help="print a shipped config and exit")
+    args = ap.parse_args(argv)
+
+    from ..experiments.runner import SHIPPED_CONFIGS, ExperimentError, ExperimentRunner, load_config, resolve_config_path
+
+    if args.list_configs:
+        import json
+        for p in sorted(SHIPPED_CONFIGS.glob("*.json")):
+            print(f"{p.stem:22s} {json.loads(p.read_text()).get('description', '')}")
+        return
+    if args.show_config:
+        print(resolve_config_path(args.show_config).read_text())
+        return
+    if not args.config:
+        ap.error("CONFIG is required (or --list-configs)")
+    budget = None
+    if args.budget:
+        budget = {}
+        for item in args.budget:
+            k, sep, v = item.partition("=")
+            if not sep:
+                ap.error(f"--budget expects KEY=VALUE, got '{item}'")
+            try:
+                budget[k] = int(v)
+            except ValueError:
+                ap.error(f"--budget {k}: '{v}' is not an integer")
+    try:
+        cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
+                                        "folds": args.folds, "budget": budget})
+        out = args.output or f"experiments/{cfg.name}"
+        runner = ExperimentRunner(cfg, out, arms=args.arms)
+        if args.check:
+            for line in runner.check():
+                print(f"[experiment] {line}")
+            print("[experiment] config OK")
+        elif args.report_only:
+            if runner.report() is None:
+                raise SystemExit(1)
+        else:
+            runner.run()
+    except ExperimentError as e:
+        print(f"promptlesion_experiment: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("promptlesion_experiment: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""The experiment runner behind ``promptlesion_experiment``: arms x repeats x folds of nnU-Net training,
+prediction of the test cases and evaluation, resumable, then the comparison table.
+
+Config (JSON; relative paths are relative to the config file)::
+
+    {
+      "name": "ccta_ablation",
+      "dataset": 501,                      # id or DatasetXXX_Name (needs nnUNet_raw and nnUNet_preprocessed)
+      "configuration": "3d_fullres",       # nnU-Net configuration
+      "plans": "nnUNetPlans",              # plans identifier (-p)
+      "folds": [0],                        # trained per repeat; the test cases are predicted by their ensemble
+      "repeats": 3,                        # independent trainings per arm (own results folder, own seed)
+      "seed": 0,                           # repeat r, fold f trains with seed + 1000 * r + f (the same in every arm)
+      "device": "cuda",
+      "budget": {"epochs": 1000, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
+                 "early_stopping_patience": 25, "mirroring": true, "save_every": 10},
+      "checkpoint": "checkpoint_best.pth", # what nnUNetv2_predict uses (-chk)
+      "reference_arm": "real_only",        # paired tests of every other arm against this one
+      "test_images": null, "test_labels": null,   # default nnUNet_raw/<dataset>/imagesTs, labelsTs
+      "predict": {"disable_tta": false},
+      "evaluation": {"nsd_tolerance_mm": 2.0, "detection_min_dice": 0.0},
+      "env": {"nnUNet_n_proc_DA": "4"},    # extra environment for every nnU-Net command
+      "arms": [
+        {"name": "real_only", "trainer": "nnUNetTrainer_earlyStopping"},
+        {"name": "rule_based", "trainer": "PromptLesionTrainer", "settings": {"synthesizer": "rule_based"}},
+        {"name": "diffusion", "trainer": "PromptLesionTrainer", "settings": "diffusion_settings.json"}
+      ]
+    }
+
+The budget reaches the trainers through environment variables read by
+:class:`nnunet_promptlesion.trainers.early_stopping.EarlyStoppingMixin` (PromptLesionTrainer and
+nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refused before anything runs.
+``"${VAR}"`` in a settings value is replaced by the environment variable VAR (e.g. a checkpoint path).
+
+Layout of the output folder::
+
+    experiment.json            the resolved config
+    experiment.log             every step with its command and outcome (progress lines are printed too)
+    runs/<arm>/repeat_<r>/
+        settings.json          PROMPTLESION_SETTINGS of the arm (PromptLesion trainers)
+        nnUNet_results/        nnUNet_results of this training (folds, checkpoints, nnU-Net's logs)
+        predictions/           nnUNetv2_predict output for the test images (+ .complete when finished)
+        evaluation/            promptlesion_evaluate output
+        logs/                  train_fold<f>.log, predict.log
+    results/                   comparison.json, results.md, per-class CSVs, dice_by_arm.png, nsd_by_arm.png
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..utils.atomic import atomic_dir, write_json_atomic, write_text_atomic
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DONE_MARKER = ".complete"
+_PATH_SETTINGS = ("cache", "diffusion", "vqgan", "quality_model", "lesion_spec")
+
+
+class ExperimentError(RuntimeError):
+    """The experiment cannot run as configured; the message says what to fix."""
+
+
+@dataclass
+class Arm:
+    name: str
+    trainer: str
+    settings: dict | None = None
+    settings_source: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: str
+    arms: list[Arm]
+    name: str = "experiment"
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    folds: list[str] = field(default_factory=lambda: ["0"])
+    repeats: int = 3
+    seed: int = 0
+    device: str = "cuda"
+    budget: dict = field(default_factory=dict)
+    checkpoint: str = "checkpoint_best.pth"
+    reference_arm: str | None = None
+    test_images: str | None = None
+    test_labels: str | None = None
+    predict: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "arms"}
+        d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings} for a in self.arms]
+        return d
+
+
+BUDGET_KEYS = {"epochs": "PROMPTLESION_NUM_EPOCHS", "iterations_per_epoch": "PROMPTLESION_NUM_ITERATIONS_PER_EPOCH",
+               "val_iterations_per_epoch": "PROMPTLESION_NUM_VAL_ITERATIONS_PER_EPOCH",
+               "save_every": "PROMPTLESION_SAVE_EVERY", "early_stopping_patience": "PROMPTLESION_EARLY_STOPPING_PATIENCE",
+               "mirroring": "PROMPTLESION_MIRRORING"}
+TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "budget", "checkpoint",
+            "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description"}
+
+
+def resolve_config_path(config: str) -> Path:
+    """A config file path, or the name of a shipped config (``paper_ablation``)."""
+    p = Path(config)
+    if p.is_file():
+        return p
+    shipped = SHIPPED_CONFIGS / (config if config.endswith(".json") else config + ".json")
+    if shipped.is_file():
+        return shipped
+    raise ExperimentError(f"config '{config}' is neither a file nor a shipped config "
+                          f"(shipped: {sorted(q.stem for q in SHIPPED_CONFIGS.glob('*.json'))})")
+
+
+def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
+    """Parse and check a config file (or shipped config name); ``overrides`` replaces top-level keys."""
+    path = resolve_config_path(config)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExperimentError(f"{path} is not valid JSON: {e}") from e
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k == "budget":   # merged key by key, so "--budget epochs=5" keeps the other budget entries
+            d["budget"] = {**d.get("budget", {}), **v}
+        else:
+            d[k] = v
+    unknown = set(d) - TOP_KEYS
+    if unknown:
+        raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
+    if d.get("dataset") in (None, ""):
+        raise ExperimentError(f"{path}: no dataset; set \"dataset\" in the config or pass --dataset")
+    bad_budget = set(d.get("budget", {})) - set(BUDGET_KEYS)
+    if bad_budget:
+        raise ExperimentError(f"{path}: unknown budget keys {sorted(bad_budget)}; known: {sorted(BUDGET_KEYS)}")
+    if not d.get("arms"):
+        raise ExperimentError(f"{path}: no arms")
+    arms = []
+    for i, a in enumerate(d["arms"]):
+        if not isinstance(a, dict) or "name" not in a or "trainer" not in a:
+            raise ExperimentError(f"{path}: arm #{i} needs a \"name\" and a \"trainer\"")
+        extra = set(a) - {"name", "trainer", "settings", "description"}
+        if extra:
+            raise ExperimentError(f"{path}: arm '{a['name']}' has unknown keys {sorted(extra)}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", a["name"]):
+            raise ExperimentError(f"{path}: arm name '{a['name']}' may only hold letters, digits, '_', '-', '.'")
+        settings, src = a.get("settings"), None
+        if isinstance(settings, str):
+            sp = Path(settings) if Path(settings).is_absolute() else path.parent / settings
+            if not sp.is_file():
+                raise ExperimentError(f"{path}: arm '{a['name']}': settings file {sp} not found")
+            settings, src = json.loads(sp.read_text()), str(sp)
+        elif settings is not None and not isinstance(settings, dict):
+            raise ExperimentError(f"{path}: arm '{a['name']}': settings must be a dict or a JSON file path")
+        arms.append(Arm(a["name"], a["trainer"], settings, src))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ExperimentError(f"{path}: arm names must be unique: {names}")
+    ref = d.get("reference_arm")
+    if ref is not None and ref not in names:
+        raise ExperimentError(f"{path}: reference_arm '{ref}' is not an arm ({names})")
+    if int(d.get("repeats", 3)) < 1:
+        raise ExperimentError(f"{path}: repeats must be >= 1")
+    folds = [str(f) for f in d.get("folds", [0])]
+    for k in ("test_images", "test_labels"):
+        if d.get(k) and not Path(d[k]).is_absolute():
+            d[k] = str((path.parent / d[k]).resolve())
+    return ExperimentConfig(dataset=str(d["dataset"]), arms=arms, name=d.get("name", path.stem),
+                            configuration=d.get("configuration", "3d_fullres"), plans=d.get("plans", "nnUNetPlans"),
+                            folds=folds, repeats=int(d.get("repeats", 3)), seed=int(d.get("seed", 0)),
+                            device=d.get("device", "cuda"), budget=dict(d.get("budget", {})),
+                            checkpoint=d.get("checkpoint", "checkpoint_best.pth"), reference_arm=ref,
+                            test_images=d.get("test_images"), test_labels=d.get("test_labels"),
+                            predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
+                            env={k: str(v) for k, v in d.get("env", {}).items()}, source=str(path))
+
+
+def _expand(value: Any, arm: str) -> Any:
+    """Replace ${VAR} in strings (recursively) by environment variables; a missing one is an error."""
+    if isinstance(value, dict):
+        return {k: _expand(v, arm) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, arm) for v in value]
+    if isinstance(value, str):
+        def sub(m):
+            var = m.group(1)
+            if var not in os.environ:
+                raise ExperimentError(f"arm '{arm}': settings value '{value}' needs the environment variable {var} "
+                                      "(see docs/evaluation.md for what it should point to)")
+            return os.environ[var]
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, value)
+    return value
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (next to the running interpreter), else from PATH."""
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else (shutil.which(name) or name)
+
+
+class ExperimentRunner:
+    """Runs one experiment config into ``out_dir``. ``log`` receives progress lines (default: print)."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | os.PathLike, arms: list[str] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir).resolve()
+        self.print = log or (lambda s: print(s, flush=True))
+        if arms:
+            unknown = set(arms) - {a.name for a in cfg.arms}
+            if unknown:
+                raise ExperimentError(f"--arms names unknown arm(s) {sorted(unknown)}; arms: {[a.name for a in cfg.arms]}")
+            cfg.arms = [a for a in cfg.arms if a.name in arms]
+        self.t0 = time.time()
+        self._child: subprocess.Popen | None = None
+        self._promptlesion_arms: set[str] = set()   # arms whose trainer reads PROMPTLESION_SETTINGS (set by check)
+        for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+            if not os.environ.get(var):
+                raise ExperimentError(f"environment variable {var} is not set; nnU-Net needs nnUNet_raw and "
+                                      "nnUNet_preprocessed (see nnU-Net's setting_up_paths documentation)")
+        self.raw = Path(os.environ["nnUNet_raw"])
+        self.pre = Path(os.environ["nnUNet_preprocessed"])
+        self.dataset_name = self._dataset_name(cfg.dataset)
+        self.images = Path(cfg.test_images) if cfg.test_images else self.raw / self.dataset_name / "imagesTs"
+        self.labels = Path(cfg.test_labels) if cfg.test_labels else self.raw / self.dataset_name / "labelsTs"
+
+    # ------------------------------------------------------------------ checks
+    def _dataset_name(self, dataset: str) -> str:
+        if dataset.startswith("Dataset"):
+            return dataset
+        try:
+            did = int(dataset)
+        except ValueError:
+            raise ExperimentError(f"dataset must be an id or DatasetXXX_Name, got '{dataset}'") from None
+        for base in (self.pre, self.raw):
+            hits = sorted(base.glob(f"Dataset{did:03d}_*")) if base.is_dir() else []
+            if hits:
+                return hits[0].name
+        raise ExperimentError(f"dataset {did} not found in nnUNet_preprocessed ({self.pre}) or nnUNet_raw ({self.raw})")
+
+    def check(self) -> list[str]:
+        """Check dataset, test folders and every arm before anything runs; returns info lines."""
+        info = []
+        plans_file = self.pre / self.dataset_name / f"{self.cfg.plans}.json"
+        if not plans_file.is_file():
+            raise ExperimentError(f"{plans_file} not found: plan and preprocess first, e.g. nnUNetv2_plan_and_preprocess "
+                                  f"-d {self.dataset_name} -c {self.cfg.configuration} --verify_dataset_integrity")
+        plans = json.loads(plans_file.read_text())
+        if self.cfg.configuration not in plans["configurations"]:
+            raise ExperimentError(f"{plans_file} has no configuration '{self.cfg.configuration}' "
+                                  f"(it has {sorted(plans['configurations'])})")
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        cm = PlansManager(plans).get_configuration(self.cfg.configuration)
+        if not (self.pre / self.dataset_name / cm.data_identifier).is_dir():
+            raise ExperimentError(f"configuration '{self.cfg.configuration}' is planned but not preprocessed "
+                                  f"({self.pre / self.dataset_name / cm.data_identifier} missing): run "
+                                  f"nnUNetv2_preprocess -d {self.dataset_name} -c {self.cfg.configuration} -plans_name "
+                                  f"{self.cfg.plans}")
+        dj = json.loads((self.pre / self.dataset_name / "dataset.json").read_text())
+        ending = dj.get("file_ending", ".nii.gz")
+        for folder, what, pattern in ((self.images, "test images", f"*_0000{ending}"),
+                                      (self.labels, "test labels", f"*{ending}")):
+            if not folder.is_dir() or not any(folder.glob(pattern)):
+                raise ExperimentError(f"{what} folder {folder} is missing or holds no '{pattern}' files; set "
+                                      f"\"test_images\"/\"test_labels\" in the config")
+        n_test = len(list(self.images.glob(f"*_0000{ending}")))
+        info.append(f"dataset {self.dataset_name}, {self.cfg.plans}/{self.cfg.configuration} (patch "
+                    f"{list(cm.patch_size)}, batch {cm.batch_size}), {n_test} test cases in {self.images}")
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        from ..trainers.early_stopping import honours_experiment_controls
+        from ..trainers.promptlesion_trainer import PromptLesionTrainer
+        from ..trainers.settings import PromptLesionSettings
+        import contextlib
+
+        errors = []
+        self._promptlesion_arms = set()
+        for arm in self.cfg.arms:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net prints its search path
+                    cls = recursive_find_trainer_class_by_name(arm.trainer)
+            except (RuntimeError, AssertionError) as e:
+                errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' not found by nnU-Net: {e}")
+                continue
+            if not honours_experiment_controls(cls):
+                errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' ignores the experiment budget, seed and early "
+                              "stopping (it does not derive from EarlyStoppingMixin): use nnUNetTrainer_earlyStopping "
+                              "for a plain nnU-Net arm, or add nnunet_promptlesion.trainers.early_stopping."
+                              "EarlyStoppingMixin to the trainer's bases")
+                continue
+            if issubclass(cls, PromptLesionTrainer):
+                self._promptlesion_arms.add(arm.name)
+                try:
+                    settings = _expand(arm.settings or {}, arm.name)
+                    s = PromptLesionSettings.from_dict(settings, f"arm '{arm.name}' settings")
+                except ExperimentError as e:
+                    errors.append(str(e))
+                    continue
+                except Exception as e:   # SettingsError and friends: the message names the bad key
+                    errors.append(f"arm '{arm.name}': settings cannot run: {e}")
+                    continue
+                missing = [f"{k}={settings[k]}" for k in _PATH_SETTINGS
+                           if isinstance(settings.get(k), str) and not Path(settings[k]).exists()]
+                if missing:
+                    errors.append(f"arm '{arm.name}': settings point to missing files: {missing}")
+                    continue
+                n = s.n_synthetic(cm.batch_size)
+                warn = ""
+                if n == 0:
+                    warn = "  WARNING: no synthetic sample per batch at this batch size"
+                elif abs(n / cm.batch_size - float(s.synthetic_fraction)) > 1e-6:
+                    warn = (f"  WARNING: synthetic_fraction {s.synthetic_fraction} is {n}/{cm.batch_size} at this batch "
+                            "size; raise the batch size (plans) to get the requested ratio")
+                info.append(f"arm {arm.name}: {arm.trainer}, synthesizer {s.synthesizer}, batch {cm.batch_size} = "
+                            f"{cm.batch_size - n} real + {n} synthetic{warn}")
+            else:
+                if arm.settings:
+                    errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' is not a PromptLesionTrainer and does not "
+                                  "read PromptLesion settings; remove \"settings\" or use a PromptLesion trainer")
+                    continue
+                info.append(f"arm {arm.name}: {arm.trainer} (real data only)")
+        if errors:
+            raise ExperimentError("these arms cannot run:\n  " + "\n  ".join(errors))
+        return info
+
+    # ------------------------------------------------------------------ steps
+    def run_dir(self, arm: str, repeat: int) -> Path:
+        return self.out / "runs" / arm / f"repeat_{repeat}"
+
+    def fold_dir(self, arm: Arm, repeat: int, fold: str) -> Path:
+        return (self.run_dir(arm.name, repeat) / "nnUNet_results" / self.dataset_name /
+                f"{arm.trainer}__{self.cfg.plans}__{self.cfg.configuration}" / f"fold_{fold}")
+
+    def _env(self, arm: Arm, repeat: int, fold: str | None) -> dict:
+        env = dict(os.environ)
+        env.update(self.cfg.env)
+        env["nnUNet_results"] = str(self.run_dir(arm.name, repeat) / "nnUNet_results")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for k in BUDGET_KEYS.values():
+            env.pop(k, None)
+        for k, v in self.cfg.budget.items():
+            if k == "mirroring":
+                env[BUDGET_KEYS[k]] = "1" if v else "0"
+            elif k == "early_stopping_patience":
+                env[BUDGET_KEYS[k]] = "none" if not v else str(int(v))
+            else:
+                env[BUDGET_KEYS[k]] = str(int(v))
+        env.pop("PROMPTLESION_SETTINGS", None)
+        settings_file = self.run_dir(arm.name, repeat) / "settings.json"
+        if settings_file.is_file():
+            env["PROMPTLESION_SETTINGS"] = str(settings_file)
+        fold_idx = 0 if fold in (None, "all") else int(fold)
+        env["PROMPTLESION_SEED"] = str(self.cfg.seed + 1000 * repeat + fold_idx)
+        return env
+
+    def _run(self, cmd: list[str], env: dict, log: Path) -> int:
+        """Run a command with output to ``log``; kill its process group if we are interrupted."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            f.flush()
+            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                return self._child.wait()
+            finally:
+                if self._child.poll() is None:
+                    os.killpg(self._child.pid, signal.SIGTERM)
+                    try:
+                        self._child.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(self._child.pid, signal.SIGKILL)
+                self._child = None
+
+    def _fail(self, what: str, log: Path) -> None:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:]) if log.is_file() else ""
+        raise ExperimentError(f"{what} failed; full log: {log}\n{tail}")
+
+    def _progress(self, i: int, n: int, msg: str) -> None:
+        el = int(time.time() - self.t0)
+        line = f"[experiment {i}/{n} {el // 3600:d}:{el // 60 % 60:02d}:{el % 60:02d}] {msg}"
+        self.print(line)
+        with open(self.out / "experiment.log", "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    def train(self, arm: Arm, repeat: int, fold: str) -> str:
+        fd = self.fold_dir(arm, repeat, fold)
+        if (fd / "validation" / "summary.json").is_file() and (fd / "checkpoint_final.pth").is_file():
+            return "skipped (finished)"
+        resume = any((fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
+        cmd = [_bin("nnUNetv2_train"), self.dataset_name, self.cfg.configuration, fold, "-tr", arm.trainer,
+               "-p", self.cfg.plans, "-device", self.cfg.device]
+        if self.cfg.checkpoint == "checkpoint_best.pth":
+            cmd.append("--val_best")   # nnU-Net's own validation then also scores the model we evaluate
+        if resume:
+            cmd.append("--c")
+        log = self.run_dir(arm.name, repeat) / "logs" / f"train_fold{fold}.log"
+        if self._run(cmd, self._env(arm, repeat, fold), log) != 0:
+            self._fail(f"training arm '{arm.name}' repeat {repeat} fold {fold}", log)
+        stop = fd / "early_stopping.json"
+        note = ""
+        if stop.is_file():
+            s = json.loads(stop.read_text())
+            note = f", early stop after epoch {s['stopped_after_epoch']} (best epoch {s['best_epoch']})"
+        return ("resumed with --c" if resume else "trained") + note
+
+    def predict(self, arm: Arm, repeat: int) -> str:
+        pred = self.run_dir(arm.name, repeat) / "predictions"
+        if (pred / DONE_MARKER).is_file():
+            return "skipped (finished)"
+        if pred.exists():
+            # an interrupted prediction may have left a half-written file: predicting again is cheap
+            shutil.rmtree(pred)
+        p = self.cfg.predict
+        cmd = [_bin("nnUNetv2_predict"), "-i", str(self.images), "-o", str(pred), "-d", self.dataset_name,
+               "-c", self.cfg.configuration, "-p", self.cfg.plans, "-tr", arm.trainer, "-f", *self.cfg.folds,
+               "-chk", self.cfg.checkpoint, "-device", self.cfg.device,
+               "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
+        if p.get("disable_tta"):
+            cmd.append("--disable_tta")
+        log = self.run_dir(arm.name, repeat) / "logs" / "predict.log"
+        if self._run(cmd, self._env(arm, repeat, None), log) != 0:
+            self._fail(f"prediction arm '{arm.name}' repeat {repeat}", log)
+        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S\n"), pred / DONE_MARKER)
+        return "predicted"
+
+    def evaluate(self, arm: Arm, repeat: int) -> str:
+        from ..evaluation.evaluate import evaluate_folders, write_outputs
+
+        rd = self.run_dir(arm.name, repeat)
+        target = rd / "evaluation"
+        if (target / "evaluation.json").is_file():
+            return "skipped (finished)"
+        e = self.cfg.evaluation
+        kwargs = {k: e[k] for k in ("nsd_tolerance_mm", "detection_min_dice", "early_radius_mm") if k in e}
+        results = evaluate_folders(rd / "predictions", self.labels,
+                                   dataset_json=self.pre / self.dataset_name / "dataset.json", **kwargs)
+        with atomic_dir(target, overwrite=True) as tmp:
+            write_outputs(results, tmp, title=f"{arm.name} repeat {repeat}")
+        dice = {k: v["Dice"] for k, v in results["summary"].items()}
+        return "evaluated: Dice " + ", ".join(f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in dice.items())
+
+    def run(self, report: bool = True) -> dict | None:
+        """Every step (skipping finished ones), then the report. Returns the comparison dict (or None)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for line in self.check():
+            self.print(f"[experiment] {line}")
+        write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
+        steps = []
+        for r in range(self.cfg.repeats):
+            for arm in self.cfg.arms:
+                steps += [("train", arm, r, f) for f in self.cfg.folds]
+                steps += [("predict", arm, r, None), ("evaluate", arm, r, None)]
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for i, (kind, arm, r, fold) in enumerate(steps, 1):
+                if kind == "train" and arm.name in self._promptlesion_arms:
+                    self._write_settings(arm, r)
+                what = f"{kind:8s} arm={arm.name} repeat={r}" + (f" fold={fold}" if fold is not None else "")
+                self._progress(i, len(steps), what + " ...")
+                t = time.time()
+                if kind == "train":
+                    msg = self.train(arm, r, fold)
+                elif kind == "predict":
+                    msg = self.predict(arm, r)
+                else:
+                    msg = self.evaluate(arm, r)
+                self._progress(i, len(steps), f"{what}: {msg} ({time.time() - t:.0f} s)")
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        return self.report() if report else None
+
+    def _write_settings(self, arm: Arm, repeat: int) -> None:
+        path = self.run_dir(arm.name, repeat) / "settings.json"
+        settings = _expand(arm.settings or {}, arm.name)
+        if not path.is_file() or json.loads(path.read_text()) != settings:
+            write_json_atomic(settings, path)
+
+    # ------------------------------------------------------------------ report
+    def collect(self) -> dict[str, dict[int, dict]]:
+        from ..evaluation.evaluate import load_results
+
+        out = {}
+        for arm in self.cfg.arms:
+            reps = {}
+            for r in range(self.cfg.repeats):
+                f = self.run_dir(arm.name, r) / "evaluation" / "evaluation.json"
+                if f.is_file():
+                    reps[r] = load_results(f)
+            if reps:
+                out[arm.name] = reps
+        return out
+
+    def report(self) -> dict | None:
+        from ..evaluation.statistics import compare_arms, format_comparison_markdown, plot_comparison
+
+        evals = self.collect()
+        if not evals:
+            self.print("[experiment] nothing evaluated yet: no report")
+            return None
+        ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
+        comp = compare_arms(evals, reference=ref)
+        missing = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
+                   if r not in evals.get(a.name, {})]
+        comp["missing"] = missing
+        comp["config"] = self.cfg.to_dict()
+        res = self.out / "results"
+        res.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(comp, res / "comparison.json")
+        b = self.cfg.budget
+        md = format_comparison_markdown(comp, title=f"{self.cfg.name}: {self.dataset_name}")
+        md += (f"\nBudget: {b.get('epochs', 'trainer default')} epochs x {b.get('iterations_per_epoch', 'default')} "
+               f"iterations, early stopping patience {b.get('early_stopping_patience')}, {self.cfg.checkpoint}, "
+               f"{self.cfg.plans}/{self.cfg.configuration}, folds {self.cfg.folds}, device {self.cfg.device}.\n")
+        if missing:
+            md += f"\nNot yet evaluated: {', '.join(missing)}.\n"
+        write_text_atomic(md, res / "results.md")
+        for cls, rows in comp["table"].items():
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["arm", "repeats", "dice_mean", "dice_sd", "nsd_mean", "nsd_sd", "sensitivity_mean",
+                        "sensitivity_sd", "fp_per_case_mean", "fp_per_case_sd", "lesion_dice_mean", "lesion_dice_sd",
+                        "dice_diff_vs_reference", "pairs", "p_ttest", "p_wilcoxon"])
+            for arm, row in rows.items():
+                t = row["test"] or {}
+                w.writerow([arm, row["Dice"]["n"]] + [_blank(row[m][k]) for m in ("Dice", "NSD", "sensitivity",
+                            "fp_per_case", "lesion_dice") for k in ("mean", "sd")] +
+                           [_blank(t.get("mean_diff")), _blank(t.get("n")), _blank(t.get("p_ttest")),
+                            _blank(t.get("p_wilcoxon"))])
+            write_text_atomic(buf.getvalue(), res / f"per_class_{cls}.csv")
+        plot_comparison(comp, res / "dice_by_arm.png", "Dice", title=f"{self.cfg.name}: Dice per class")
+        plot_comparison(comp, res / "nsd_by_arm.png", "NSD", title=f"{self.cfg.name}: NSD per class")
+        self.print(md)
+        self.print(f"[experiment] results in {res}")
+        return comp
+
+
+def _blank(v):
+    return "" if v is None else v
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

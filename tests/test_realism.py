@@ -1,0 +1,95 @@
+"""Lesion realism: Fréchet distance, lesion-centred patches, features, KS tests and the blinded montage.
+(The command end to end, with the encoder of a trained nnU-Net model, runs in test_experiment.py.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_promptlesion.evaluation.realism import (IntensityShapeFeatures, LesionPatch, NnUNetEncoderFeatures,
+                                                    blinded_montage, centre_on_lesion, format_realism_markdown,
+                                                    frechet_distance, realism_report)
+
+
+def test_frechet_distance_hand_computed():
+    # 1-D: means 1 and 4, both variances 2 -> (1 - 4)^2 + 2 + 2 - 2 * sqrt(2 * 2) = 9
+    assert frechet_distance([[0.0], [2.0]], [[3.0], [5.0]]) == pytest.approx(9.0)
+    # 2-D, independent axes: a has mean (1, 1), cov diag(4/3); b = 2a + 5: mean (7, 7), cov diag(16/3)
+    a = np.array([[0, 0], [2, 0], [0, 2], [2, 2]], float)
+    assert frechet_distance(a, 2 * a + 5) == pytest.approx(72 + 2 * (4 / 3 + 16 / 3 - 2 * 8 / 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a[:1], a) is None
+
+
+def test_centre_on_lesion_pads_and_centres():
+    img = np.arange(10 * 12 * 8, dtype=np.float32).reshape(1, 10, 12, 8)
+    m = np.zeros((10, 12, 8), bool)
+    m[0:2, 0:2, 0:2] = True                       # a lesion in the corner: the crop runs past the volume
+    ci, cm = centre_on_lesion(img, m, (6, 6, 6), pad_value=-5)
+    assert ci.shape == (1, 6, 6, 6) and cm.sum() == 8
+    # centroid 0.5 rounds (half to even) to voxel 0, which lands on the centre voxel 3 of the crop
+    assert np.allclose(np.argwhere(cm).mean(0), [3.5, 3.5, 3.5])
+    assert ci[0, 0, 0, 0] == -5 and ci[0, 3, 3, 3] == img[0, 0, 0, 0]
+
+
+def _cube_patch(source, hu, radius, rng, cls="lesion"):
+    img = rng.normal(0.0, 5.0, (1, 16, 16, 16)).astype(np.float32)
+    m = np.zeros((16, 16, 16), bool)
+    m[8 - radius:8 + radius, 8 - radius:8 + radius, 8 - radius:8 + radius] = True
+    img[0][m] += hu
+    return LesionPatch(source, cls, "case", img, m)
+
+
+def test_report_separates_different_lesions_and_not_equal_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    real = [_cube_patch("real", 100.0, 2, rng) for _ in range(12)]
+    same = [_cube_patch("synthetic", 100.0, 2, rng) for _ in range(12)]
+    other = [_cube_patch("synthetic", 300.0, 3, rng) for _ in range(12)]
+    identity = lambda z: z                                            # noqa: E731 (patches are already "HU")
+    r_same = realism_report(real + same, IntensityShapeFeatures(), (1.0, 1.0, 1.0), identity, rng)["classes"]["lesion"]
+    r_other = realism_report(real + other, IntensityShapeFeatures(), (1.0, 1.0, 1.0), identity, rng)["classes"]["lesion"]
+    assert r_other["frechet"] > 100 * r_same["frechet"]
+    assert r_other["ks_mean_hu"]["statistic"] == 1.0 and r_other["ks_mean_hu"]["p"] < 1e-4
+    assert r_same["ks_radius_mm"]["statistic"] == 0.0                 # identical sizes
+    # 64 voxels at 1 mm: equivalent radius (3 * 64 / 4 pi)^(1/3)
+    assert r_same["real_radius_mm_median"] == pytest.approx((3 * 64 / (4 * np.pi)) ** (1 / 3))
+    assert r_other["real_mean_hu_median"] == pytest.approx(100, abs=3) and r_other["synthetic_mean_hu_median"] == \
+        pytest.approx(300, abs=3)
+    md = format_realism_markdown({"extractor": "intensity_shape", "classes": {"lesion": r_other}})
+    assert "| lesion | 12 | 12 |" in md
+
+
+def test_nnunet_encoder_features_pool_over_the_mask():
+    torch = pytest.importorskip("torch")
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 3, [8, 16, 32], torch.nn.Conv3d, 3, [1, 2, 2], [1, 1, 1], 2, [1, 1], conv_bias=True,
+                        norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    ext = NnUNetEncoderFeatures(net)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 1, 16, 16, 16)).astype(np.float32)
+    full = np.ones((3, 16, 16, 16), bool)
+    f = ext(x, full)
+    assert f.shape == (3, 8 + 16 + 32)
+    with torch.no_grad():
+        skips = net.encoder(torch.from_numpy(x))
+    expected = torch.cat([s.mean(dim=(2, 3, 4)) for s in skips], 1).double().numpy()
+    assert np.allclose(f, expected, atol=1e-5)                        # a full mask is the global average
+    part = np.zeros_like(full)
+    part[:, 4:12, 4:12, 4:12] = True
+    assert not np.allclose(ext(x, part), f)
+
+
+def test_blinded_montage_and_key(tmp_path):
+    rng = np.random.default_rng(0)
+    patches = [_cube_patch("real", 100.0, 2, rng) for _ in range(5)] + \
+              [_cube_patch("synthetic", 100.0, 2, rng) for _ in range(4)]
+    key = blinded_montage(patches, tmp_path / "m.png", tmp_path / "key.json", (-50, 200), np.random.default_rng(3))
+    assert open(tmp_path / "m.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "key.json").read_text())
+    assert saved == key and [k["panel"] for k in key] == list(range(1, 10))
+    assert sorted(k["source"] for k in key) == ["real"] * 5 + ["synthetic"] * 4
+    assert [k["source"] for k in key] != ["real"] * 5 + ["synthetic"] * 4   # shuffled (seeded)
