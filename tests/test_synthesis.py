@@ -127,3 +127,104 @@ def test_lesion_spec_validation_names_the_problem(tmp_path):
         LesionSpec.load(p)
     spec.save(p)
     assert LesionSpec.load(p).to_dict() == spec.to_dict()
+
+
+# ------------------------------------------------------------------------------------------- issue 10
+def test_large_lesion_mask_memory_is_bounded():
+    """A 64 mm lesion at 0.8 mm spacing (a ~260^3 grid) is drawn in float32 slabs: well under 200 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    tracemalloc.start()
+    try:
+        m = elastic_ellipsoid(64.0, (0.8, 0.8, 0.8), rng, elastic=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6, f"peak {peak / 1e6:.0f} MB"
+    assert abs(equivalent_radius_mm(m.sum(), (0.8, 0.8, 0.8)) - 64.0) < 6.4
+
+
+def test_two_d_masks_follow_in_plane_spacing():
+    rng = np.random.default_rng(6)
+    spacing = (1.0, 0.5)
+    masks = [elastic_ellipsoid(4.0, spacing, rng, elastic=False) for _ in range(20)]
+    assert all(m.ndim == 2 for m in masks)
+    area = np.mean([m.sum() * np.prod(spacing) for m in masks])
+    assert abs(area - np.pi * 16) < 0.15 * np.pi * 16  # the equivalent disc of radius 4 mm
+    ext = np.mean([[np.ptp(np.nonzero(m)[i]) + 1 for i in range(2)] for m in masks], axis=0)
+    assert ext[1] > 1.5 * ext[0]  # the 0.5 mm axis spans about twice the voxels
+    lesion = LesionClass(name="t", label=2, parents=[1], radius_mm=[(2.0, 3.0)], shape="ellipsoid")
+    parent = np.zeros((40, 40), bool)
+    parent[10:30, 10:30] = True
+    out = MaskSampler(spacing).sample_with_centre(lesion, parent, rng, (slice(15, 25), slice(15, 25)))
+    assert out is not None and out[0].shape == (40, 40) and not (out[0] & ~parent).any()
+    assert 15 <= out[1][0] < 25 and 15 <= out[1][1] < 25
+
+
+def test_masks_never_leave_the_allowed_region_even_when_leaving_the_parent():
+    """may_leave_parent lesions may cover background, never another label or nnU-Net's -1 padding."""
+    from nnunet_promptlesion.trainers.mixing_loader import PromptLesionDataLoader
+
+    rng = np.random.default_rng(7)
+    seg = np.zeros((40, 40, 40), np.int16)
+    seg[12:28, 12:28, 12:28] = 1           # parent organ
+    seg[12:28, 12:28, 24:28] = 5           # another structure inside the box
+    seg[:, :, :6] = -1                     # padding
+    exo = LesionClass(name="exo", label=2, parents=[1], radius_mm=[(9.0, 10.0)], shape="ellipsoid",
+                      may_leave_parent=True)
+    allowed = PromptLesionDataLoader.allowed_region(seg, exo)
+    sampler = MaskSampler((1.0, 1.0, 1.0))
+    left = 0
+    for _ in range(10):
+        m, _ = sampler.sample_with_centre(exo, seg == 1, rng, (slice(14, 26),) * 3, allowed=allowed)
+        assert not (m & np.isin(seg, [5, -1])).any()
+        left += int((m & (seg == 0)).sum())
+    assert left > 0  # it did leave the parent
+
+
+def test_intensity_prior_gives_hu_contrast_in_z_units():
+    from nnunet_promptlesion.synthesis.rule_based import IntensityPrior, ct_window_z
+
+    lesion = LesionClass(name="liver_tumor", label=3, parents=[1], radius_mm=[(4.0, 5.0)], shape="ellipsoid",
+                         contrast_hu=[-60, -40], texture_hu=[0.0, 0.0])
+    props = [{"mean": 100.0, "std": 50.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0}]
+    prior = IntensityPrior.from_hu(lesion, props)
+    np.testing.assert_allclose(prior.contrast, [[-1.2, -0.8]])
+    rng = np.random.default_rng(8)
+    parent = np.zeros((32, 32, 32), bool)
+    parent[4:28, 4:28, 4:28] = True
+    img = np.where(parent, 0.5, -2.0).astype(np.float32)[None]  # liver at 125 HU in z units
+    synth = RuleBasedSynthesizer(MaskSampler((1.0, 1.0, 1.0)), {}, blend_sigma_voxels=(0.0, 0.0),
+                                 priors={3: prior}, window=ct_window_z(props))
+    res = synth.synthesize(img, parent, lesion, rng, (slice(12, 20),) * 3)
+    drop_hu = (res.image[0][res.mask].mean() - 0.5) * 50.0
+    assert -60.5 <= drop_hu <= -39.5
+    # without real statistics and without a prior there is nothing to paint with
+    assert not RuleBasedSynthesizer(None, {}).can_paint(3)
+    with pytest.raises(LesionSpecError, match="contrast_hu"):
+        LesionClass(name="x", label=3, parents=[1], contrast_hu=[-20, -60])
+    # specs without priors keep their old JSON form
+    assert "contrast_hu" not in LesionSpec([LesionClass("a", 2, [1])]).to_dict()["lesions"][0]
+
+
+def test_synthetic_slots_hold_the_global_share_over_ranks():
+    from nnunet_promptlesion.trainers.mixing_loader import synthetic_slots_per_rank
+
+    assert synthetic_slots_per_rank([1, 1], 1) == [0, 1]
+    assert synthetic_slots_per_rank([2], 1) == [1]
+    assert synthetic_slots_per_rank([1, 1, 1, 1], 2) == [0, 1, 0, 1]
+    for sizes in ([3, 2], [2, 2, 1], [5], [1] * 7):
+        for n in range(sum(sizes) + 1):
+            per = synthetic_slots_per_rank(sizes, n)
+            assert sum(per) == n and all(0 <= p <= b for p, b in zip(per, sizes))
+
+
+def test_centre_region_is_symmetric_about_the_carrier_centre():
+    from nnunet_promptlesion.trainers.lesion_index import centre_box, centre_slices
+
+    for p in (7, 8, 64, 65, 1):
+        box = centre_box([p], 0.5)
+        (sl,) = centre_slices([p], box)
+        c = p // 2  # the carrier centre voxel's index in the patch (PromptLesionDataLoader.carrier_bbox)
+        assert c - sl.start == sl.stop - 1 - c == box[0] // 2

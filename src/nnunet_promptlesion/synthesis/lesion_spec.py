@@ -172,7 +172,10 @@ class LesionSpec:
                     )
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "lesions": [dataclasses.asdict(l) for l in self.lesions]}
+        # Optional intensity priors are written only when set, so specs without them keep their old form.
+        lesions = [{k: v for k, v in dataclasses.asdict(l).items()
+                    if not (k in ("contrast_hu", "texture_hu") and v is None)} for l in self.lesions]
+        return {"version": self.version, "lesions": lesions}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "LesionSpec":

@@ -45,6 +45,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         self.lesion_index: LesionIndex | None = None
         self.promptlesion_source: SampleSource | None = None
         self._promptlesion_epoch_stats: Counter = Counter()
+        self.promptlesion_index_origin: str | None = None
 
     # ---------------------------------------------------------------- set-up checks
     def _find_lesion_spec(self) -> Path:
@@ -88,14 +89,18 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             raise PromptLesionConfigError(f"configuration '{self.configuration_name}' has a {dims}-D patch; "
                                           "PromptLesionTrainer supports 2D and 3D configurations")
 
+    def promptlesion_setup(self) -> None:
+        """The checks and state PromptLesion needs before nnU-Net's initialize() (refusals happen here)."""
+        self.check_configuration()
+        self.check_ct_normalisation()
+        self.promptlesion_spec = self.load_lesion_spec()
+        # nnU-Net rewrites the oversampling rate per DDP rank for its last-33%-of-the-batch rule; the real
+        # share here is oversampled per sample, at the configured (global) rate.
+        self._promptlesion_oversample = float(self.oversample_foreground_percent)
+
     def initialize(self):
         if not self.was_initialized:
-            self.check_configuration()
-            self.check_ct_normalisation()
-            self.promptlesion_spec = self.load_lesion_spec()
-            # nnU-Net rewrites the oversampling rate per DDP rank for its last-33%-of-the-batch rule; the real
-            # share here is oversampled per sample, at the configured (global) rate.
-            self._promptlesion_oversample = float(self.oversample_foreground_percent)
+            self.promptlesion_setup()
         super().initialize()
 
     # ---------------------------------------------------------------- synthesis
@@ -123,6 +128,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
                 f"{cm.data_identifier}__fold{self.fold}__{fingerprint[:16]}.pkl"
         world = dist.get_world_size() if self.is_ddp else 1
         index, how = load_or_build_index(path, fingerprint, build, rank=self.local_rank, world_size=world)
+        self.promptlesion_index_origin = how
         self.print_to_log_file(f"PromptLesion: lesion index {how}" + (f" ({path})" if path else "") +
                                f"; scan {json.dumps(index.scan_info)}", also_print_to_console=True)
         return index
