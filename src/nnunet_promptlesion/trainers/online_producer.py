@@ -87,9 +87,11 @@ class SharedRing:
             self.shm = shared_memory.SharedMemory(name=spec.name, create=True, size=lay["_size"][0])
             self.owner = True
         else:
+            # Attaching registers the name with the resource tracker again; spawned children share the creator's
+            # tracker, where names form a set, so this is a no-op and only the creator's unlink unregisters it.
+            # If everything dies without unlinking, the tracker removes the segment when the last process exits.
             self.shm = shared_memory.SharedMemory(name=spec.name)
             self.owner = False
-            _untrack(self.shm)
         self._arrays = {}
         for key, (off, shape, dt) in lay.items():
             if key.startswith("_"):
@@ -207,17 +209,6 @@ class SharedRing:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _untrack(shm) -> None:
-    # Python < 3.13 registers attached segments with the resource tracker, which would unlink the trainer's
-    # segment when this process exits; only the creator owns it.
-    try:
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-    except Exception:  # noqa: BLE001
-        pass
 
 
 # ---------------------------------------------------------------------------------------------- producer
