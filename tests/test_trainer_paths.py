@@ -86,7 +86,7 @@ def test_region_dataset_from_converter_trains_with_synthetic_samples(kits_region
     ds = json.loads((root / "raw" / KITS / "dataset.json").read_text())
     assert isinstance(ds["labels"]["kidney"], list) and "regions_class_order" in ds
     run([BIN / "nnUNetv2_train", KITS_ID, "3d_fullres", 0, "-tr", "PromptLesionTrainer_smoke", "-device", "cpu"],
-        {**env, "nnUNet_n_proc_DA": "2", "OMP_NUM_THREADS": "1"}, timeout=1500)
+        {**env, "nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1"}, timeout=1500)
     out = root / "results" / KITS / "PromptLesionTrainer_smoke__nnUNetPlans__3d_fullres" / "fold_0"
     assert (out / "checkpoint_final.pth").is_file()
     log = next(out.glob("training_log_*.txt")).read_text()
