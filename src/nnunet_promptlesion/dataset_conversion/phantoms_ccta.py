@@ -83,6 +83,10 @@ class CCTAPhantomConfig:
     #: None = the same as training. Lets an evaluation set hold enough rare lesions for a paired test
     #: while the training set keeps the intended imbalance.
     test_fractions: dict | None = None
+    #: lesion spec: may synthetic non-calcified plaques leave the vessel-wall label? The phantom's own soft
+    #: plaques do (they fill part of the unlabelled lumen and bulge outward), so a synthesizer clipped to the
+    #: wall paints something different: a faint darkening inside the wall instead of a filling defect.
+    noncalcified_may_leave_wall: bool = False
 
 
 # The demo preset: what a 2-core CPU can learn in a few minutes (see docs/phantoms.md, "demo preset").
@@ -99,6 +103,7 @@ DEMO = CCTAPhantomConfig(
     noncalcified_radius_mm=(1.5, 2.5),
     min_plaque_voxels=24,
     test_fractions={CALCIFIED: 0.6, NONCALCIFIED: 0.6, "healthy": 0.1},
+    noncalcified_may_leave_wall=True,
 )
 
 PRESETS = {
@@ -311,7 +316,8 @@ def lesion_spec(cfg: CCTAPhantomConfig) -> LesionSpec:
         LesionClass(name=CALCIFIED, label=LABELS[CALCIFIED], parents=[LABELS["vessel_wall"]],
                     radius_mm=two_bins(cfg.calcified_radius_mm), shape="mixed", may_leave_parent=False),
         LesionClass(name=NONCALCIFIED, label=LABELS[NONCALCIFIED], parents=[LABELS["vessel_wall"]],
-                    radius_mm=two_bins(cfg.noncalcified_radius_mm), shape="mixed", may_leave_parent=False),
+                    radius_mm=two_bins(cfg.noncalcified_radius_mm), shape="mixed",
+                    may_leave_parent=bool(cfg.noncalcified_may_leave_wall)),
     ])
 
 
