@@ -186,6 +186,12 @@ def main():
     ap.add_argument("--batches", type=int, default=40, help="batches per loader per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    # options of the diffusion arms (PromptLesionTrainer[diffusion_cache] / PromptLesionTrainer[diffusion_online])
+    ap.add_argument("--diffusion", default=None, help="diffusion checkpoint for the diffusion arms (default: a tiny "
+                    "generator trained for a few steps on the benchmark dataset; loader throughput does not depend on quality)")
+    ap.add_argument("--synthesis-device", default="cpu", help="device of the online producer and the cache build")
+    ap.add_argument("--diffusion-steps", type=int, default=50, help="DDIM steps of the diffusion arms (default 50)")
+    ap.add_argument("--cache-per-class", type=int, default=32, help="cache samples per class (default 32)")
     args = ap.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_loader_"))
@@ -216,6 +222,85 @@ def main():
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- diffusion arms
+def _bench_generator(pre: Path, args) -> Path:
+    """--diffusion, or a tiny generator trained for 5 steps on the benchmark dataset (fold 0, identity mapping)."""
+    if args.diffusion:
+        return Path(args.diffusion)
+    work = pre.parents[1]
+    ckpt = work / "bench_generator" / "diffusion" / "checkpoint_final.pt"
+    if not ckpt.is_file():
+        import torch
+
+        from nnunet_promptlesion.cli.train_diffusion import main as train_diffusion
+        from nnunet_promptlesion.generator.data import PreprocessedPatchSource
+        from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig, save_vqgan
+
+        src = PreprocessedPatchSource(pre.name, fold=0)
+        vq = work / "bench_generator" / "vqgan_tiny.pt"
+        vq.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        save_vqgan(VQGAN(VQGANConfig.tiny(patch_size=(24, 24, 24))), vq, spacing=src.spacing, intensity=src.intensity,
+                   step=0, source=src.describe())
+        rc = train_diffusion(["-d", pre.name, "-f", "0", "--vqgan", str(vq), "--preset", "tiny", "--steps", "5",
+                              "--eval-every", "0", "--checkpoint-every", "5", "--channels", "16", "32", "32",
+                              "--num-threads", "1", "--no-progress", "-o", str(ckpt.parent), "--device", "cpu"])
+        assert rc == 0, "tiny generator training failed"
+    return ckpt
+
+
+def _promptlesion_with_settings(pre: Path, settings: dict, tag: str):
+    from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+
+    sfile = pre.parents[1] / f"bench_settings_{tag}.json"
+    sfile.write_text(json.dumps(settings))
+    os.environ["PROMPTLESION_SETTINGS"] = str(sfile)
+    try:
+        t = _trainer(PromptLesionTrainer, pre)
+        ds_tr, _ = t.get_tr_and_val_datasets()
+        initial, tr = _transforms(t)
+        return t, t.build_train_loader(ds_tr, initial, tr)
+    finally:
+        os.environ.pop("PROMPTLESION_SETTINGS", None)
+
+
+def arm_diffusion_cache(pre: Path, args):
+    """PromptLesionTrainer with a cache built by promptlesion_build_cache (--cache-per-class, --diffusion-steps)."""
+    from nnunet_promptlesion.cli.build_cache import main as build_cache
+
+    ckpt = _bench_generator(pre, args)
+    cache = pre.parents[1] / "bench_cache"
+    rc = build_cache(["-d", pre.name, "-f", "0", "--diffusion", str(ckpt), "--per-class", str(args.cache_per_class),
+                      "--steps", str(args.diffusion_steps), "--batch", "8", "--device", args.synthesis_device,
+                      "--num-threads", "1", "--no-progress", "-o", str(cache)])
+    assert rc == 0, "cache build failed"
+    t, loader = _promptlesion_with_settings(pre, {"synthesizer": "diffusion_cache", "cache": str(cache)}, "cache")
+    return loader, t.batch_size
+
+
+def arm_diffusion_online(pre: Path, args):
+    """PromptLesionTrainer with the online producer on --synthesis-device (its ring stats go to stderr at exit)."""
+    import atexit
+
+    ckpt = _bench_generator(pre, args)
+    t, loader = _promptlesion_with_settings(pre, {"synthesizer": "diffusion_online", "diffusion": str(ckpt),
+                                                  "steps": args.diffusion_steps, "online_warmup_s": 900,
+                                                  "synthesis_device": args.synthesis_device}, "online")
+
+    def _close():
+        src = t.promptlesion_source
+        if src is not None:
+            print("diffusion_online source stats: " + json.dumps(src.epoch_stats(), default=str), file=sys.stderr)
+        t.close_sample_source()
+
+    atexit.register(_close)
+    return loader, t.batch_size
+
+
+ARMS["PromptLesionTrainer[diffusion_cache]"] = arm_diffusion_cache
+ARMS["PromptLesionTrainer[diffusion_online]"] = arm_diffusion_online
 
 
 if __name__ == "__main__":
