@@ -43,14 +43,15 @@ MONTAGE_WINDOW_HU = (-200.0, 700.0)
 class Arm:
     label: str
     trainer: str
+    tag: str  # folder name of this arm's results and predictions
     settings: dict | None = None  # promptlesion_settings.json for this arm (None = the trainer's defaults)
 
 
-REAL_ONLY = Arm("nnU-Net, real only", "nnUNetTrainer_promptlesionDemo")
-RULE_BASED = Arm("PromptLesion rule-based 1:1", "PromptLesionTrainer_demo")
-# The diffusion arm (synthesizer "diffusion_cache") needs a generator pretrained inside the demo; it is
-# opt-in (--diffusion) because it does not fit the 20-minute CPU budget. See docs/results.md.
-DIFFUSION = Arm("PromptLesion diffusion 1:1", "PromptLesionTrainer_demo", {"synthesizer": "diffusion_cache"})
+REAL_ONLY = Arm("nnU-Net, real only", "nnUNetTrainer_promptlesionDemo", "real_only")
+RULE_BASED = Arm("PromptLesion rule-based 1:1", "PromptLesionTrainer_demo", "rule_based")
+# The diffusion arm needs a generator pretrained inside the demo (promptlesion_pretrain: VQGAN, diffusion,
+# lesion cache); it is opt-in (--diffusion) because that does not fit the 20-minute CPU budget.
+DIFFUSION_LABEL = "PromptLesion diffusion 1:1"
 
 
 def _bin(name: str) -> str:
@@ -292,7 +293,12 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="independent trainings per arm (default 2)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--diffusion", action="store_true",
-                    help="add the diffusion arm (synthesizer 'diffusion_cache'); not part of the 20-minute CPU demo")
+                    help="add a diffusion arm: pretrain a tiny generator with promptlesion_pretrain (VQGAN, diffusion, "
+                         "lesion cache) on the same training cases, then train PromptLesionTrainer_demo with it. Not "
+                         "part of the 20-minute CPU demo (the generator's pretraining alone takes longer on a CPU)")
+    ap.add_argument("--diffusion-steps", type=int, default=2000,
+                    help="--diffusion: VQGAN and diffusion training steps each (default 2000, the tiny preset)")
+    ap.add_argument("--diffusion-cache", type=int, default=200, help="--diffusion: cached lesions per class (default 200)")
     ap.add_argument("--montage-samples", type=int, default=6, help="samples per class in the montage")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -308,9 +314,7 @@ def main(argv=None) -> None:
     r = Runner(work, env)
     d = args.dataset_id
     raw = work / "nnUNet_raw"
-    arms = [REAL_ONLY, RULE_BASED] + ([DIFFUSION] if args.diffusion else [])
-    if args.diffusion:
-        _check_diffusion_available()
+    arms = [REAL_ONLY, RULE_BASED]
 
     existing = sorted(raw.glob(f"Dataset{d:03d}_*")) if raw.is_dir() else []
     if existing:
@@ -334,6 +338,17 @@ def main(argv=None) -> None:
             f"{cfg['patch_size']}, batch {cfg['batch_size']}, features "
             f"{cfg['architecture']['arch_kwargs']['features_per_stage']}")
 
+    if args.diffusion:
+        r.stage("2/5 --diffusion: pretraining a tiny generator with promptlesion_pretrain (log: "
+                f"{r.logs / 'pretrain.log'})")
+        r.run("pretrain", [_bin("promptlesion_pretrain"), "-d", str(d), "-c", DEMO_CONFIGURATION, "-f", FOLD,
+                           "--preset", "tiny", "--vqgan-steps", str(args.diffusion_steps),
+                           "--diffusion-steps", str(args.diffusion_steps),
+                           "--cache-per-class", str(args.diffusion_cache), "--device", args.device])
+        # promptlesion_pretrain's last line is the settings snippet for its generator/cache.
+        settings = json.loads((r.logs / "pretrain.log").read_text().strip().splitlines()[-1])
+        arms.append(Arm(DIFFUSION_LABEL, "PromptLesionTrainer_demo", "diffusion", settings))
+
     from ..evaluation.evaluate import evaluate_folders, write_outputs
 
     n_test = len(list((ds_dir / "imagesTs").glob("*_0000.nii.gz")))
@@ -341,10 +356,11 @@ def main(argv=None) -> None:
     for rep in range(1, args.repeats + 1):
         res_root = work / "nnUNet_results" / f"repeat_{rep}"
         for arm in arms:
-            tag = f"{arm.trainer}{'_' + arm.settings['synthesizer'] if arm.settings else ''}"
-            arm_env = dict(env, nnUNet_results=str(res_root / (arm.settings["synthesizer"] if arm.settings else "")))
+            tag = arm.tag
+            # Arms sharing a trainer class need their own nnUNet_results (nnU-Net names folders by trainer).
+            arm_env = dict(env, nnUNet_results=str(res_root / tag))
             if arm.settings:
-                sfile = work / "settings" / f"{arm.settings['synthesizer']}.json"
+                sfile = work / "settings" / f"{tag}.json"
                 sfile.parent.mkdir(exist_ok=True)
                 write_json_atomic(arm.settings, sfile)
                 arm_env["PROMPTLESION_SETTINGS"] = str(sfile)
@@ -406,19 +422,6 @@ def _class_notes(manifest: dict) -> dict[str, str]:
     return notes
 
 
-def _check_diffusion_available() -> None:
-    from ..trainers import settings
-
-    try:
-        settings.PromptLesionSettings(synthesizer="diffusion_cache")
-    except Exception as e:
-        raise SystemExit(f"--diffusion: this installation cannot build the diffusion arm yet ({e}). "
-                         "See docs/results.md for the command that runs it once available.")
-    raise SystemExit("--diffusion: the diffusion arm needs a pretrained generator and a lesion cache; its demo "
-                     "wiring (promptlesion_pretrain / promptlesion_build_cache inside the demo) is not in this "
-                     "version. See docs/results.md.")
-
-
 def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0) -> None:
     """Real lesions and ``per_class`` synthetic samples of every lesion class, with one intensity window.
 
@@ -469,7 +472,7 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0) -> 
         samples = []
         for _ in range(per_class):
             sample = loader.make_synthetic(class_idx=ci)
-            samples.append((sample.data[0].numpy(), sample.mask))
+            samples.append((np.asarray(sample.data[0]), np.asarray(sample.mask)))
         rows.append((f"synthetic {lesion.name}", samples))
     lo, hi = MONTAGE_WINDOW_HU
     save_montage(rows, path, window=window,
