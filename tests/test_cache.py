@@ -140,3 +140,19 @@ def test_cli_help_and_errors(setup, tmp_path):
     r = subprocess.run([str(c) for c in build_cache_cmd(setup, tmp_path / "x", extra=["--classes", "nope"])],
                        env=setup["env"], capture_output=True, text=True)
     assert r.returncode == 2 and "--classes" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_render_disjoint_shards_equal_to_one_process(setup, cache_a, tmp_path):
+    out = tmp_path / "tr"
+    cmd = build_cache_cmd(setup, out)
+    run([BIN / "torchrun", "--nproc_per_node", 2, *cmd[1:]], setup["env"])
+    log = (out / "build.log").read_text()
+    assert "rank0 shard 0 written" in log and "rank1 shard 1 written" in log and "rank0 shard 2 written" in log
+    a, b = _shards(cache_a), _shards(out)
+    assert list(a) == list(b)
+    for name in a:
+        assert np.array_equal(a[name]["seed"], b[name]["seed"]) and np.array_equal(a[name]["case"], b[name]["case"])
+        np.testing.assert_allclose(a[name]["values"], b[name]["values"], rtol=0, atol=1e-5)
+    seeds = np.concatenate([s["seed"] for s in b.values()])
+    assert len(set(seeds.tolist())) == len(seeds)
