@@ -33,7 +33,8 @@ def small_plans(plans_file: Path) -> None:
 def diffusion_setup(base: Path) -> dict:
     gen = build_trained_run(base)
     root = base / "pl_diffusion_nnunet"
-    env = nnunet_env(root, OMP_NUM_THREADS="1")
+    # one export process in nnU-Net's final validation (its default 8 spawned workers cost minutes on 2 cores)
+    env = nnunet_env(root, OMP_NUM_THREADS="1", nnUNet_def_n_proc="1")
     env.pop("nnUNet_n_proc_DA", None)
     env["nnUNet_extTrainer"] = os.pathsep.join(
         [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
