@@ -320,6 +320,10 @@ class DiffusionOnlineSource(SampleSource):
 
         from .diffusion_render import LesionRequest
 
+        if self.requests.full():
+            # the producer is saturated: skip the placement work (a carrier crop and a mask) altogether
+            self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
+            return
         placed = loader.place(class_idx, rng)
         if placed is None:
             return
