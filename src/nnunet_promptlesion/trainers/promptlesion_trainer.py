@@ -129,6 +129,11 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         world = dist.get_world_size() if self.is_ddp else 1
         index, how = load_or_build_index(path, fingerprint, build, rank=self.local_rank, world_size=world)
         self.promptlesion_index_origin = how
+        if how == "built" and path is not None:
+            # one cache file per configuration and fold: drop those of earlier specs/settings/preprocessings
+            for old in path.parent.glob(f"{cm.data_identifier}__fold{self.fold}__*.pkl"):
+                if old != path:
+                    old.unlink(missing_ok=True)
         self.print_to_log_file(f"PromptLesion: lesion index {how}" + (f" ({path})" if path else "") +
                                f"; scan {json.dumps(index.scan_info)}", also_print_to_console=True)
         return index
