@@ -75,12 +75,23 @@ def _case_dice(results: dict, cls: str) -> dict[str, float | None]:
     return {r["case"]: r["metrics"][cls]["Dice"] for r in results["cases"]}
 
 
-def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None = None) -> dict:
+def _cases_with_class(results: dict, cls: str) -> set[str]:
+    return {r["case"] for r in results["cases"] if r["metrics"][cls].get("n_ref", 1) > 0}
+
+
+def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None = None,
+                 paired_cases: str = "defined") -> dict:
     """The comparison table (JSON-ready dict) of ``{arm: {repeat: results}}``; see the module docstring.
+
+    paired_cases: "defined" (every case where both Dice values are defined, nnU-Net's convention: a false
+    positive in a case without the class counts as Dice 0) or "with_class" (only cases whose ground truth
+    holds the class, the per-class protocol of lesion papers).
 
     Returns {reference, arms, classes, repeats: {arm: [repeat ids]}, table: {class: {arm: {<metric>: {mean, sd, n},
     per_repeat: {metric: [values]}, test: paired_tests(...) or None}}}}.
     """
+    if paired_cases not in ("defined", "with_class"):
+        raise ValueError(f"paired_cases must be 'defined' or 'with_class', got '{paired_cases}'")
     arms = list(evaluations)
     if not arms:
         raise ValueError("no evaluated arm to compare")
@@ -109,12 +120,15 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
                 x, y = [], []
                 for r in common:
                     da, db = _case_dice(reps[r], cls), _case_dice(evaluations[reference][r], cls)
+                    keep = _cases_with_class(evaluations[reference][r], cls) if paired_cases == "with_class" else cases
                     for case in cases:
+                        if case not in keep:
+                            continue
                         x.append(da[case])
                         y.append(db[case])
                 row["test"] = {**paired_tests(x, y), "repeats": common}
             table[cls][arm] = row
-    return {"reference": reference, "arms": arms, "classes": classes, "cases": len(cases),
+    return {"reference": reference, "paired_cases": paired_cases, "arms": arms, "classes": classes, "cases": len(cases),
             "repeats": {a: sorted(evaluations[a]) for a in arms}, "table": table}
 
 
@@ -140,8 +154,9 @@ def format_comparison_markdown(comp: dict, title: str | None = None) -> str:
     ref = comp["reference"]
     out.append(f"{comp['cases']} test cases; mean ± sd over repeats (repeats per arm: "
                + ", ".join(f"{a} {len(r)}" for a, r in comp["repeats"].items()) + "). Dice, NSD, sensitivity and "
-               "lesion Dice in %." + (f" Paired tests of per-case Dice against '{ref}', cases pooled over repeats."
-                                      if ref else ""))
+               "lesion Dice in %." + (f" Paired tests of per-case Dice against '{ref}', cases pooled over repeats"
+                                      + (" (cases whose ground truth holds the class)."
+                                         if comp.get("paired_cases") == "with_class" else ".") if ref else ""))
     for cls in comp["classes"]:
         out += ["", f"### {cls}", "",
                 "| arm | Dice | NSD | lesion sensitivity | FP / case | lesion Dice | Δ Dice | pairs | p (t-test) | p (Wilcoxon) |",

@@ -18,7 +18,8 @@ Config (JSON; relative paths are relative to the config file)::
       "reference_arm": "real_only",        # paired tests of every other arm against this one
       "test_images": null, "test_labels": null,   # default nnUNet_raw/<dataset>/imagesTs, labelsTs
       "predict": {"disable_tta": false},
-      "evaluation": {"nsd_tolerance_mm": 2.0, "detection_min_dice": 0.0},
+      "evaluation": {"nsd_tolerance_mm": 2.0, "detection_min_dice": 0.0,
+                     "paired_cases": "defined"},   # or "with_class": pair only cases whose ground truth has the class
       "env": {"nnUNet_n_proc_DA": "4"},    # extra environment for every nnU-Net command
       "arms": [
         {"name": "real_only", "trainer": "nnUNetTrainer_earlyStopping"},
@@ -110,6 +111,7 @@ BUDGET_KEYS = {"epochs": "PROMPTLESION_NUM_EPOCHS", "iterations_per_epoch": "PRO
                "val_iterations_per_epoch": "PROMPTLESION_NUM_VAL_ITERATIONS_PER_EPOCH",
                "save_every": "PROMPTLESION_SAVE_EVERY", "early_stopping_patience": "PROMPTLESION_EARLY_STOPPING_PATIENCE",
                "mirroring": "PROMPTLESION_MIRRORING"}
+EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", "paired_cases"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "budget", "checkpoint",
             "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description"}
 
@@ -148,6 +150,11 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
     bad_budget = set(d.get("budget", {})) - set(BUDGET_KEYS)
     if bad_budget:
         raise ExperimentError(f"{path}: unknown budget keys {sorted(bad_budget)}; known: {sorted(BUDGET_KEYS)}")
+    bad_eval = set(d.get("evaluation", {})) - EVALUATION_KEYS
+    if bad_eval:
+        raise ExperimentError(f"{path}: unknown evaluation keys {sorted(bad_eval)}; known: {sorted(EVALUATION_KEYS)}")
+    if d.get("evaluation", {}).get("paired_cases", "defined") not in ("defined", "with_class"):
+        raise ExperimentError(f"{path}: evaluation.paired_cases must be \"defined\" or \"with_class\"")
     if not d.get("arms"):
         raise ExperimentError(f"{path}: no arms")
     arms = []
@@ -368,21 +375,28 @@ class ExperimentRunner:
         return env
 
     def _run(self, cmd: list[str], env: dict, log: Path) -> int:
-        """Run a command with output to ``log``; kill its process group if we are interrupted."""
+        """Run a command with output to ``log``.
+
+        The child stays in our process group, so Ctrl-C or a kill of the group stops it with us; it is also
+        told to stop when we die (Linux parent-death signal) and is terminated if we are interrupted, so an
+        interrupted experiment never leaves a training running that a re-run would collide with.
+        """
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
             f.flush()
-            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=_die_with_parent)
             try:
                 return self._child.wait()
             finally:
                 if self._child.poll() is None:
-                    os.killpg(self._child.pid, signal.SIGTERM)
+                    self._child.terminate()
                     try:
                         self._child.wait(timeout=30)
                     except subprocess.TimeoutExpired:
-                        os.killpg(self._child.pid, signal.SIGKILL)
+                        self._child.kill()
+                        self._child.wait()
                 self._child = None
 
     def _fail(self, what: str, log: Path) -> None:
@@ -446,6 +460,7 @@ class ExperimentRunner:
             return "skipped (finished)"
         e = self.cfg.evaluation
         kwargs = {k: e[k] for k in ("nsd_tolerance_mm", "detection_min_dice", "early_radius_mm") if k in e}
+
         results = evaluate_folders(rd / "predictions", self.labels,
                                    dataset_json=self.pre / self.dataset_name / "dataset.json", **kwargs)
         with atomic_dir(target, overwrite=True) as tmp:
@@ -512,7 +527,7 @@ class ExperimentRunner:
             self.print("[experiment] nothing evaluated yet: no report")
             return None
         ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
-        comp = compare_arms(evals, reference=ref)
+        comp = compare_arms(evals, reference=ref, paired_cases=self.cfg.evaluation.get("paired_cases", "defined"))
         missing = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
                    if r not in evals.get(a.name, {})]
         comp["missing"] = missing
@@ -550,6 +565,17 @@ class ExperimentRunner:
 
 def _blank(v):
     return "" if v is None else v
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the runner dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
 
 
 def _raise_interrupt(signum, frame):
