@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from .blending import blend, dilate
 from .lesion_spec import LesionClass
-from .masks import MaskSampler, connected_components
+from .masks import MaskSampler
 from .sources import SampleSource, SourceContext, SyntheticSample, register_source
 from .synthesizer import SynthesisError, Synthesizer
 
