@@ -39,7 +39,7 @@ and add the defining module to :data:`BUILTIN_SOURCE_MODULES` so that settings v
 back with ``ctx.settings.extra["cache"]``.
 
 Axis order everywhere: nnU-Net's preprocessed grid (after ``transpose_forward``): data (C, X, Y, Z),
-seg (1, X, Y, Z), boxes ``((lo, hi), ...)`` per spatial axis, half-open, in voxels. 2D configurations
+seg (1, X, Y, Z), boxes ``[[lo, hi], ...]`` per spatial axis, half-open, in voxels. 2D configurations
 use the same pseudo-3D layout with axis 0 of extent 1 (nnU-Net's own loader does the same).
 """
 from __future__ import annotations
