@@ -105,3 +105,30 @@ def test_plot_report_writes_png(tmp_path):
     rep = demo.build_report({"real": ref, "syn": ref}, ["calc", "soft"], ["wall"], "real")
     demo.plot_report(rep, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_trainers_skip_self_validation_only_for_fold_all():
+    from nnunet_promptlesion.trainers.variants import (PromptLesionTrainer_demo, _NoSelfValidationMixin,
+                                                       nnUNetTrainer_promptlesionDemo)
+
+    class Parent:
+        def perform_actual_validation(self, save_probabilities=False):
+            self.validated = True
+
+    class T(_NoSelfValidationMixin, Parent):
+        validated = False
+
+        def __init__(self, fold):
+            self.fold = fold
+
+        def print_to_log_file(self, *args, **kwargs):
+            pass
+
+    t = T("all")
+    t.perform_actual_validation()
+    assert not t.validated
+    t = T(0)
+    t.perform_actual_validation()
+    assert t.validated
+    for cls in (nnUNetTrainer_promptlesionDemo, PromptLesionTrainer_demo):
+        assert cls.__mro__[1] is _NoSelfValidationMixin

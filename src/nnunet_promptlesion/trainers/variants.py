@@ -63,14 +63,26 @@ class PromptLesionTrainer_smoke(_NoMirroringMixin, PromptLesionTrainer):
 DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS = 6, 50, 2
 
 
-class nnUNetTrainer_promptlesionDemo(_NoMirroringMixin, nnUNetTrainer):
+class _NoSelfValidationMixin:
+    """With fold "all" nnU-Net's final validation re-predicts the training cases, which measures nothing
+    and costs minutes on a CPU; the demo evaluates held-out imagesTs instead. Other folds validate as usual."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if str(self.fold) == "all":
+            self.print_to_log_file("fold 'all': final validation on the training cases skipped "
+                                   "(evaluate held-out cases with nnUNetv2_predict + promptlesion_evaluate)")
+            return
+        return super().perform_actual_validation(save_probabilities)
+
+
+class nnUNetTrainer_promptlesionDemo(_NoSelfValidationMixin, _NoMirroringMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _budget(self, DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS)
 
 
-class PromptLesionTrainer_demo(_NoMirroringMixin, PromptLesionTrainer):
+class PromptLesionTrainer_demo(_NoSelfValidationMixin, _NoMirroringMixin, PromptLesionTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
