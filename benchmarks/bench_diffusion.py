@@ -16,6 +16,9 @@ GPUs; ``--peak-tflops`` overrides), and peak memory (CUDA: max allocated; CPU: p
 ``--full`` also runs DDIM-50 end to end through :func:`inpaint_lesions` as a check of the extrapolation.
 ``--eager-step`` times the step the way the sampler ran before step-invariant conditioning existed (full
 forward with the prompt encoder and PromptGenBlock bases recomputed every step), for a before/after ratio.
+``--ab-src DIR`` loads another checkout's ``nnunet_promptlesion`` (DIR = its ``src``) under another name and
+times its sampler step against this one, interleaved round by round in one process (same preset, batch,
+latents; medians), so machine load affects both alike: a before/after ratio for code changes.
 
     python benchmarks/bench_diffusion.py --preset tiny --batch 1 --threads 2
     python benchmarks/bench_diffusion.py --preset paper --batch 1 8 32 --device cuda --compile --full \\
@@ -132,6 +135,63 @@ def bench_batch(vq, model, sched, b: int, s: int, dev, args, ac) -> dict:
     return res
 
 
+def load_other_package(src_dir: str, name: str = "nnunet_promptlesion_other"):
+    """Import ``src_dir/nnunet_promptlesion`` as package ``name`` (its modules import each other relatively)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    init = Path(src_dir) / "nnunet_promptlesion" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return name
+
+
+def ab_step(preset: str, b: int, s: int, dev, args) -> dict:
+    """Median seconds per sampler step, other checkout vs this one, interleaved (onehot prompt, fp32)."""
+    import importlib
+    import statistics
+
+    from nnunet_promptlesion.generator.diffusion.config import make_config
+    from nnunet_promptlesion.generator.diffusion.samplers import ddim_sample, guided_eps_fn
+    from nnunet_promptlesion.generator.diffusion.schedule import NoiseSchedule
+    from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
+
+    other = load_other_package(args.ab_src)
+    o_cfg = importlib.import_module(f"{other}.generator.diffusion.config")
+    o_unet = importlib.import_module(f"{other}.generator.diffusion.unet")
+    o_samp = importlib.import_module(f"{other}.generator.diffusion.samplers")
+    lat = s // 4
+    torch.manual_seed(0)
+    z = torch.rand(b, 8, lat, lat, lat, device=dev) * 2 - 1
+    region = torch.zeros(b, 1, lat, lat, lat, device=dev)
+    c = lat // 2
+    region[..., c - 2:c + 2, c - 2:c + 2, c - 2:c + 2] = 1
+    ids = torch.ones(b, dtype=torch.long, device=dev)
+    cfg = make_config(preset, num_classes=2, prompt_type="onehot")
+    new = PromptLesionUNet(cfg).to(dev).eval()
+    old = o_unet.PromptLesionUNet(o_cfg.make_config(preset, num_classes=2, prompt_type="onehot")).to(dev).eval()
+    sched = NoiseSchedule.from_config(cfg, dev)
+    fns = {"other": (o_samp.ddim_sample, o_samp.guided_eps_fn(old, (1 - region) * z, region, ids, 1.0)),
+           "this": (ddim_sample, guided_eps_fn(new, (1 - region) * z, region, ids, 1.0))}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    zt = torch.randn_like(z)
+    with torch.no_grad():
+        for _ in range(args.ab_rounds + 1):  # the first round warms up and is dropped
+            for k, (sampler, eps) in fns.items():
+                sync(dev)
+                t0 = time.perf_counter()
+                sampler(eps, sched, zt, steps=args.measure_steps, known=z, keep=1 - region, clip_x0=1.0)
+                sync(dev)
+                times[k].append((time.perf_counter() - t0) / args.measure_steps)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"preset": preset, "batch": b, "other_src": args.ab_src, "rounds": args.ab_rounds,
+            "other_per_step_seconds": med["other"], "this_per_step_seconds": med["this"],
+            "speedup": med["other"] / med["this"], "all_seconds": times}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "paper"], nargs="+", default=["tiny"], help="diffusion and VQGAN preset(s)")
@@ -146,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                     help="torch.compile the denoiser step (eager fallback); optional mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--eager-step", action="store_true", help="also time the full forward per step (the pre-caching path)")
+    ap.add_argument("--ab-src", help="src folder of another checkout: time its sampler step against this one (interleaved)")
+    ap.add_argument("--ab-rounds", type=int, default=5, help="interleaved rounds for --ab-src (median; one extra warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the %% column (default: table)")
     ap.add_argument("--full", action="store_true", help="also run DDIM-50 end to end")
@@ -161,6 +223,14 @@ def main(argv=None) -> int:
     from nnunet_promptlesion.generator.train_utils import autocast
     from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig
 
+    if args.ab_src:
+        rows = [ab_step(p, b, args.size, dev, args) for p in args.preset for b in args.batch]
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "all_seconds"}), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": str(dev), "threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        return 0
     name, peak = device_peak(dev)
     peak = args.peak_tflops or peak
     dtype = resolve_dtype(args.dtype, dev)

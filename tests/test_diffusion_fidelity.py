@@ -223,3 +223,19 @@ def test_old_diffusion_checkpoints_are_refused(tmp_path):
     save_checkpoint({"meta": old, "model": m.state_dict()}, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="format 1.*retrain"):
         load_diffusion(tmp_path / "old.pt")
+
+
+def test_bf16_denoiser_inpaints_with_weights_cast_once():
+    from nnunet_promptlesion.generator.diffusion.checkpoint import resolve_dtype
+    from nnunet_promptlesion.generator.diffusion.inpaint import blend_weights, inpaint_lesions
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    vq = _tiny_vqgan()
+    m = _tiny_model("mask").to(torch.bfloat16)
+    img, mask, parent = _lesion_batch(2)
+    out = inpaint_lesions(vq, m, img, mask, torch.tensor([1, 2]), steps=2, guidance=2.0, parent_mask=parent,
+                          generator=torch.Generator().manual_seed(0), vae_chunk=1)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    _, support = blend_weights(mask, 1.0)
+    assert torch.equal(out[~support], img[~support]) and (out[mask > 0] - img[mask > 0]).abs().max() > 1e-3
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())  # no per-call re-cast of the weights

@@ -100,10 +100,12 @@ class MaskTransformer(nn.Module):
         if mask.shape[1] != 2 + self.num_classes:
             raise ValueError(f"MaskTransformer expects {2 + self.num_classes} channels (parent, region, classes), "
                              f"got {mask.shape[1]}")
+        dtype = self.shape_embed.weight.dtype
+        mask = mask.float()  # resampling and pooling of a tiny mask in fp32 (CPU has no bf16 avg_pool3d)
         if tuple(mask.shape[2:]) != (g, g, g):
             mask = F.interpolate(mask, size=(g, g, g), mode="trilinear", align_corners=False)
-        tok = self.shape_embed(mask[:, :2]).flatten(2).transpose(1, 2)  # (B, N, width)
-        frac = F.avg_pool3d(mask[:, 2:], self.patch).flatten(2).transpose(1, 2)  # (B, N, K)
+        frac = F.avg_pool3d(mask[:, 2:], self.patch).flatten(2).transpose(1, 2).to(dtype)  # (B, N, K)
+        tok = self.shape_embed(mask[:, :2].to(dtype)).flatten(2).transpose(1, 2)  # (B, N, width)
         x = tok + self.class_embed(frac) + self.pos
         for blk in self.blocks:
             x = blk(x)
