@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint", default="checkpoint_best.pth", help="checkpoint of the model (default best)")
     ap.add_argument("--stages", type=int, nargs="+", default=None, help="encoder stages to pool (default all)")
     ap.add_argument("--window-hu", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="montage window in HU (default: the 1st-99th percentile of all montage lesions)")
+                    help="montage window in HU (default: 0.5th-99.9th percentile of the displayed slices)")
     ap.add_argument("--montage-per-class", type=int, default=12, help="lesions per class and source in the montage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", required=True, help="output folder")
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from ..evaluation.realism import (IntensityShapeFeatures, NnUNetEncoderFeatures, blinded_montage,
-                                      format_realism_markdown, real_lesion_patches, realism_report,
+                                      format_realism_markdown, lesion_slice, real_lesion_patches, realism_report,
                                       synthetic_lesion_patches, write_report)
     from ..trainers.promptlesion_trainer import PromptLesionTrainer
 
@@ -167,8 +167,9 @@ def main(argv=None) -> None:
         if args.window_hu:
             window = tuple(args.window_hu)
         else:
-            vals = np.concatenate([hu(p.image[0][p.mask]) for p in sel])
-            window = tuple(float(v) for v in np.percentile(vals, [1, 99]))
+            # the displayed slices (lesion and surroundings): a reader judges a lesion against its context
+            vals = np.concatenate([hu(lesion_slice(p)).ravel() for p in sel])
+            window = tuple(float(v) for v in np.percentile(vals, [0.5, 99.9]))
         key = blinded_montage(sel, out / f"blinded_{l.name}.png", out / f"answer_key_{l.name}.json", window, rng,
                               title=f"{l.name}: which are synthetic? window {window[0]:.0f} to {window[1]:.0f} HU",
                               hu=hu)

@@ -278,6 +278,13 @@ def format_realism_markdown(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- montage
+def lesion_slice(p: LesionPatch) -> np.ndarray:
+    """The 2D image to show: for 3D patches the slice along the first axis with most lesion voxels."""
+    if p.mask.ndim == 2:
+        return p.image[0]
+    return p.image[0][int(np.argmax(p.mask.sum(axis=tuple(range(1, p.mask.ndim)))))]
+
+
 def blinded_montage(patches: Sequence[LesionPatch], png: str | os.PathLike, key: str | os.PathLike,
                     window: tuple[float, float], rng: np.random.Generator, title: str = "",
                     hu: Callable[[np.ndarray], np.ndarray] | None = None, ncols: int = 6) -> list[dict]:
@@ -299,9 +306,7 @@ def blinded_montage(patches: Sequence[LesionPatch], png: str | os.PathLike, key:
         if k >= n:
             continue
         p = patches[order[k]]
-        counts = p.mask.sum(axis=tuple(range(1, p.mask.ndim)))
-        z = int(np.argmax(counts))
-        img = p.image[0][z]
+        img = lesion_slice(p)
         if hu is not None:
             img = hu(img)
         ax.imshow(img.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
