@@ -412,7 +412,10 @@ class ExperimentRunner:
 
     def train(self, arm: Arm, repeat: int, fold: str) -> str:
         fd = self.fold_dir(arm, repeat, fold)
-        if (fd / "validation" / "summary.json").is_file() and (fd / "checkpoint_final.pth").is_file():
+        # Finished: nnUNetv2_train returned 0 here before (marker), or nnU-Net's final validation is written
+        # (a training run by hand into this folder). Trainers that skip the final validation need the marker.
+        marker = self.run_dir(arm.name, repeat) / f"train_fold{fold}{DONE_MARKER}"
+        if (fd / "checkpoint_final.pth").is_file() and (marker.is_file() or (fd / "validation" / "summary.json").is_file()):
             return "skipped (finished)"
         resume = any((fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
         cmd = [_bin("nnUNetv2_train"), self.dataset_name, self.cfg.configuration, fold, "-tr", arm.trainer,
@@ -424,6 +427,7 @@ class ExperimentRunner:
         log = self.run_dir(arm.name, repeat) / "logs" / f"train_fold{fold}.log"
         if self._run(cmd, self._env(arm, repeat, fold), log) != 0:
             self._fail(f"training arm '{arm.name}' repeat {repeat} fold {fold}", log)
+        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S\n"), marker)
         stop = fd / "early_stopping.json"
         note = ""
         if stop.is_file():
