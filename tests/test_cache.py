@@ -156,3 +156,27 @@ def test_torchrun_ranks_render_disjoint_shards_equal_to_one_process(setup, cache
         np.testing.assert_allclose(a[name]["values"], b[name]["values"], rtol=0, atol=1e-5)
     seeds = np.concatenate([s["seed"] for s in b.values()])
     assert len(set(seeds.tolist())) == len(seeds)
+
+
+def test_pretrain_plans_skips_finished_steps_and_prints_settings(setup, monkeypatch, capsys):
+    from nnunet_promptlesion.cli.pretrain import main
+
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, setup["env"][k])
+    assert main(["-d", str(setup["did"]), "-f", "0", "--preset", "tiny", "--cache-per-class", "4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/3] vqgan: promptlesion_train_vqgan -d 903" in out and "--steps 2000" in out
+    assert "[3/3] cache: promptlesion_build_cache" in out and "--per-class 4" in out
+    res = Path(setup["env"]["nnUNet_results"]) / setup["name"]
+    for d in ("promptlesion_vqgan__tiny__3d_fullres__fold0", "promptlesion_diffusion__tiny__3d_fullres__fold0"):
+        (res / d).mkdir(parents=True, exist_ok=True)
+        (res / d / "checkpoint_final.pt").write_bytes(b"")
+    try:
+        assert main(["-d", str(setup["did"]), "-f", "0", "--preset", "tiny"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert "exists, skipped" in lines[0] and "exists, skipped" in lines[1]
+        assert json.loads(lines[-1]) == {"synthesizer": "diffusion_online", "diffusion": str(
+            (res / "promptlesion_diffusion__tiny__3d_fullres__fold0" / "checkpoint_final.pt").resolve())}
+    finally:
+        for d in ("promptlesion_vqgan__tiny__3d_fullres__fold0", "promptlesion_diffusion__tiny__3d_fullres__fold0"):
+            (res / d / "checkpoint_final.pt").unlink()
