@@ -125,6 +125,8 @@ def main(argv=None) -> int:
         if out is not None and not Path(out).is_file():
             print(f"error: step '{st['name']}' did not write {out}", file=sys.stderr)
             return 1
+    if args.dry_run:
+        return 0
     if settings is None:
         settings = {"synthesizer": "diffusion_online", "diffusion": str(Path(steps[1]["output"]).resolve())}
     print("paste into promptlesion_settings.json:")
