@@ -178,16 +178,18 @@ def ab_step(preset: str, b: int, s: int, dev, args) -> dict:
            "this": (ddim_sample, guided_eps_fn(new, (1 - region) * z, region, ids, 1.0))}
     times: dict[str, list[float]] = {k: [] for k in fns}
     zt = torch.randn_like(z)
+    # process CPU time is far less disturbed by other jobs on a shared CPU than wall time (use --threads 1)
+    clock = time.process_time if args.ab_clock == "cpu" else time.perf_counter
     with torch.no_grad():
         for _ in range(args.ab_rounds + 1):  # the first round warms up and is dropped
             for k, (sampler, eps) in fns.items():
                 sync(dev)
-                t0 = time.perf_counter()
+                t0 = clock()
                 sampler(eps, sched, zt, steps=args.measure_steps, known=z, keep=1 - region, clip_x0=1.0)
                 sync(dev)
-                times[k].append((time.perf_counter() - t0) / args.measure_steps)
+                times[k].append((clock() - t0) / args.measure_steps)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {"preset": preset, "batch": b, "other_src": args.ab_src, "rounds": args.ab_rounds,
+    return {"preset": preset, "batch": b, "other_src": args.ab_src, "rounds": args.ab_rounds, "clock": args.ab_clock,
             "other_per_step_seconds": med["other"], "this_per_step_seconds": med["this"],
             "speedup": med["other"] / med["this"], "all_seconds": times}
 
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-step", action="store_true", help="also time the full forward per step (the pre-caching path)")
     ap.add_argument("--ab-src", help="src folder of another checkout: time its sampler step against this one (interleaved)")
     ap.add_argument("--ab-rounds", type=int, default=5, help="interleaved rounds for --ab-src (median; one extra warm-up)")
+    ap.add_argument("--ab-clock", choices=["wall", "cpu"], default="wall",
+                    help="--ab-src timing: wall time, or process CPU time (robust on a shared CPU; use --threads 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the %% column (default: table)")
     ap.add_argument("--full", action="store_true", help="also run DDIM-50 end to end")
