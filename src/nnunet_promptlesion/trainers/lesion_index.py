@@ -118,6 +118,8 @@ def _parent_locations(locations: dict, parent: int, absent: set[int]) -> tuple[n
     parent's own key); otherwise the union of a region containing the parent (the smallest), which the
     caller filters by segmentation value.
     """
+    if any(parent in _key_labels(k) and len(v) == 0 for k, v in locations.items()):
+        return None, True  # the parent does not occur in this case
     best = None
     for k, v in locations.items():
         labs = _key_labels(k)
