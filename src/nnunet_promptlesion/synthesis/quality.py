@@ -33,8 +33,8 @@ def _safe_load(path: Path):
     except Exception as first:  # noqa: BLE001 - nnU-Net logs hold numpy scalars: allow exactly those types
         import numpy as _np
 
-        allowed = [_np.dtype, _np.float64, _np.float32, _np.int64, _np.core.multiarray.scalar] \
-            if hasattr(_np, "core") else [_np.dtype, _np.float64, _np.float32, _np.int64]
+        core = getattr(_np, "_core", None) or getattr(_np, "core")
+        allowed = [_np.dtype, _np.float64, _np.float32, _np.int64, core.multiarray.scalar]
         try:
             allowed += [type(_np.dtype(_np.float64)), type(_np.dtype(_np.float32)), type(_np.dtype(_np.int64))]
             with torch.serialization.safe_globals(allowed):
