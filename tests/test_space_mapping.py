@@ -208,3 +208,20 @@ def test_generator_that_cannot_represent_the_dataset_is_refused():
     check_intensity_representable(abdomen, difftumor)  # covered: accepted
     with pytest.raises(SpaceMismatchError, match="data .* generator"):
         SpaceMapping(GridSpec((1, 1, 1), (0, 1, 2), ccta), GridSpec((1, 1, 1), (0, 1, 1), difftumor), (8, 8, 8))
+
+
+def test_no_prompt_model_is_sampled_with_its_null_token_and_others_with_class_prompts():
+    """The "no lesion prompt" ablation model (trained with prompt dropout 1) never saw a class id: sampling must
+    use its null token, while a normal model keeps one prompt per class."""
+    from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary
+    from nnunet_promptlesion.synthesis.diffusion_render import sampling_prompt_ids
+    from nnunet_promptlesion.synthesis.lesion_spec import LesionSpec
+
+    spec = LesionSpec.from_dict({"lesions": [
+        {"name": "calcified_plaque", "label": 2, "parents": [1], "radius_mm": [[1.0, 2.0]]},
+        {"name": "noncalcified_plaque", "label": 3, "parents": [1], "radius_mm": [[1.0, 2.0]]}]})
+    vocab = PromptVocabulary.from_lesion_spec(spec)
+    normal = {"config": {"prompt_dropout": 0.1}, "null_prompt_id": 3}
+    assert sampling_prompt_ids(normal, spec, vocab) == {2: 1, 3: 2}
+    no_prompt = {"config": {"prompt_dropout": 1.0}, "null_prompt_id": 3}
+    assert sampling_prompt_ids(no_prompt, spec, vocab) == {2: 3, 3: 3}

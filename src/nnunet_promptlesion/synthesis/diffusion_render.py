@@ -109,6 +109,21 @@ class CaseReader:
         return img, sg
 
 
+def sampling_prompt_ids(meta: dict, spec, vocab, labels: Sequence[int] | None = None) -> dict[int, int]:
+    """Lesion label -> the prompt id to sample with.
+
+    A model trained with ``prompt_dropout >= 1`` (the paper's "no lesion prompt" ablation,
+    ``promptlesion_train_diffusion --prompt-dropout 1``) has only ever seen its classifier-free-guidance null
+    token; feeding it class ids would condition it on embeddings that were never trained, so every class is
+    sampled with ``meta["null_prompt_id"]`` instead. Any other model gets its class prompts.
+    """
+    ids = prompt_ids_for(spec, vocab, labels)
+    if float(meta.get("config", {}).get("prompt_dropout", 0.0)) >= 1.0:
+        null = int(meta["null_prompt_id"])
+        ids = {label: null for label in ids}
+    return ids
+
+
 class DiffusionRenderer:
     """Owns one generator pair on ``device`` and renders batches of :class:`LesionRequest`.
 
@@ -132,7 +147,7 @@ class DiffusionRenderer:
         self.diffusion_path = str(Path(diffusion).resolve())
         self.mapping = SpaceMapping(data_grid, GridSpec.from_generator_meta(self.meta), self.meta["patch_size"])
         self.spec = spec
-        self.prompt_ids = prompt_ids_for(spec, self.vocab, labels)
+        self.prompt_ids = sampling_prompt_ids(self.meta, spec, self.vocab, labels)
         self.reader = reader
         self.sampler, self.steps, self.guidance, self.eta = sampler, (steps if sampler == "ddim" else None), guidance, eta
         self._inpaint_kw = set(inspect.signature(_inpaint_fn()).parameters)
@@ -142,7 +157,8 @@ class DiffusionRenderer:
         return {"diffusion_checkpoint_id": self.meta.get("checkpoint_id"),
                 "vqgan_checkpoint_id": self.vqgan_meta.get("checkpoint_id"), "preset": self.meta.get("preset"),
                 "patch_size": list(self.meta["patch_size"]), "sampler": self.sampler, "steps": self.steps,
-                "guidance": self.guidance, "eta": self.eta, "mapping": self.mapping.describe()}
+                "guidance": self.guidance, "eta": self.eta, "mapping": self.mapping.describe(),
+                "prompt_ids": {str(k): int(v) for k, v in sorted(self.prompt_ids.items())}}
 
     def _prepare(self, req: LesionRequest):
         m = self.mapping
