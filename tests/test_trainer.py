@@ -48,20 +48,14 @@ def make_loader(trainer, with_transforms=False):
 
 @pytest.fixture(scope="module")
 def loader_and_data(ccta_dataset):
-    import os
     root, did, env = ccta_dataset
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    os.environ.update({k: env[k] for k in old})
-    try:
+    # module scope: pytest's function-scoped monkeypatch fixture is not available here, its context is
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(k, env[k])
         trainer = make_trainer(env)
         loader, ds = make_loader(trainer)
         yield trainer, loader, ds
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_batch_is_half_real_half_synthetic_with_nnunet_transforms(nnunet_paths):

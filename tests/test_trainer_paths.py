@@ -277,19 +277,13 @@ def test_loader_runs_in_a_spawned_process(loader_and_data_ccta):
 @pytest.fixture(scope="module")
 def loader_and_data_ccta(ccta_dataset):
     root, _, env = ccta_dataset
-    old = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", SETTINGS_ENV)}
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    os.environ.pop(SETTINGS_ENV, None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(k, env[k])
+        mp.delenv(SETTINGS_ENV, raising=False)
         trainer = make_trainer(root / "preprocessed" / CCTA)
         loader, ds = build_loader(trainer)
         yield trainer, loader, ds
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ workers
