@@ -62,7 +62,7 @@ def test_cache_holds_only_training_cases_of_the_fold_and_a_montage(setup, cache_
 def test_cached_sample_rebuilds_exactly_outside_its_blend_support(setup, cache_a, monkeypatch):
     from nnunet_promptlesion.synthesis.cache import LesionCache
     from nnunet_promptlesion.synthesis.diffusion_render import CaseReader
-    from nnunet_promptlesion.synthesis.lesion_spec import LesionSpec
+    from nnunet_promptlesion.lesions.spec import LesionSpec
 
     _env_paths(setup, monkeypatch)
     cache = LesionCache(cache_a)

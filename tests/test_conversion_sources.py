@@ -21,7 +21,7 @@ from fake_releases import (CCTA_SPACING_XYZ, KITS_LESIONS, LITS_LESIONS, fake_cc
                            fake_msd)
 
 from nnunet_promptlesion.cli.convert import main as convert_main  # noqa: E402
-from nnunet_promptlesion.synthesis.lesion_spec import LesionSpec  # noqa: E402
+from nnunet_promptlesion.lesions.spec import LesionSpec  # noqa: E402
 
 IDS = {"kits19": 801, "kits21": 802, "kits23": 803, "lits": 804, "liver": 805, "pancreas": 806, "twochannel": 807,
        "ccta": 808, "merge": 809}

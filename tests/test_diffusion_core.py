@@ -184,7 +184,7 @@ def test_different_prompts_give_different_outputs_from_same_noise():
 
 
 def test_blur_and_dilation_match_scipy_blending():
-    from nnunet_promptlesion.synthesis import blending as npb
+    from nnunet_promptlesion.lesions import blending as npb
 
     rng = np.random.default_rng(0)
     mask = np.zeros((2, 20, 20, 20), bool)

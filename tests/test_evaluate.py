@@ -14,7 +14,7 @@ from nnunet_promptlesion.evaluation.evaluate import (EvaluationError, evaluate_f
                                                      load_results, write_outputs)
 from nnunet_promptlesion.evaluation.metrics import (SizeBins, equivalent_radius_mm, match_lesions,
                                                     normalized_surface_dice)
-from nnunet_promptlesion.synthesis.lesion_spec import LesionClass, LesionSpec
+from nnunet_promptlesion.lesions.spec import LesionClass, LesionSpec
 
 LABELS = {"background": 0, "organ": 1, "lesion_a": 2, "lesion_b": 3}
 

@@ -76,7 +76,7 @@ def _check_batches(fold_dir: Path, labels: set[int]) -> list[dict]:
 
 def test_shared_ring_round_trip_reuse_and_unlink():
     from nnunet_promptlesion.synthesis.diffusion_render import RenderedLesion
-    from nnunet_promptlesion.trainers.online_producer import RingSpec, SharedRing
+    from nnunet_promptlesion.synthesis.online_producer import RingSpec, SharedRing
 
     lock = mp.get_context("spawn").Lock()
     spec = RingSpec(name=f"pl_test_{os.getpid()}", labels=[4, 5], slots_per_class=2, max_voxels=1000)
@@ -96,7 +96,7 @@ def test_shared_ring_round_trip_reuse_and_unlink():
     other.take(4, rng)
     assert other.take(5, rng) is None
     c, cc, ready = ring.snapshot_and_reset()
-    from nnunet_promptlesion.trainers.online_producer import COUNTERS
+    from nnunet_promptlesion.synthesis.online_producer import COUNTERS
     d = dict(zip(COUNTERS, c))
     assert d["draws"] == 2 and d["reused_draws"] == 1 and d["empty_class"] == 2 and ready == [1, 0]
     big = RenderedLesion(case="a", label=5, seed=1, box_lo=np.zeros(3, int), mask=np.ones((11, 10, 10), bool),

@@ -17,7 +17,7 @@ from scipy import ndimage
 from nnunet_promptlesion.cli.make_phantoms import main as make_phantoms_main
 from nnunet_promptlesion.dataset_conversion import phantoms as P
 from nnunet_promptlesion.dataset_conversion import phantoms_abdomen, phantoms_ccta
-from nnunet_promptlesion.synthesis.lesion_spec import EARLY_RADIUS_MM, LesionSpec
+from nnunet_promptlesion.lesions.spec import EARLY_RADIUS_MM, LesionSpec
 
 N_CASES = 8
 

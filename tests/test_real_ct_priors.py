@@ -63,7 +63,7 @@ def test_intensity_priors_paint_tumours_into_real_ct_without_real_lesions(real_c
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from nnunet_promptlesion.evaluation.montage import save_montage
-    from nnunet_promptlesion.synthesis.blending import dilate
+    from nnunet_promptlesion.lesions.blending import dilate
     from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
 
     root, env = real_ct_dataset

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nnunet_promptlesion.generator.intensity import IntensitySpace
-from nnunet_promptlesion.synthesis.blending import blend_margin, dilate
+from nnunet_promptlesion.lesions.blending import blend_margin, dilate
 from nnunet_promptlesion.synthesis.space import (DoesNotFitError, GridSpec, SpaceMapping, SpaceMismatchError,
                                                  check_intensity_representable, world_axes)
 
@@ -215,7 +215,7 @@ def test_no_prompt_model_is_sampled_with_its_null_token_and_others_with_class_pr
     use its null token, while a normal model keeps one prompt per class."""
     from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary
     from nnunet_promptlesion.synthesis.diffusion_render import sampling_prompt_ids
-    from nnunet_promptlesion.synthesis.lesion_spec import LesionSpec
+    from nnunet_promptlesion.lesions.spec import LesionSpec
 
     spec = LesionSpec.from_dict({"lesions": [
         {"name": "calcified_plaque", "label": 2, "parents": [1], "radius_mm": [[1.0, 2.0]]},

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from nnunet_promptlesion.synthesis.blending import blend, blend_margin, dilate
-from nnunet_promptlesion.synthesis.lesion_spec import LesionClass, LesionSpec, LesionSpecError
-from nnunet_promptlesion.synthesis.masks import (MaskBank, MaskSampler, elastic_ellipsoid, equivalent_radius_mm,
+from nnunet_promptlesion.lesions.blending import blend, blend_margin, dilate
+from nnunet_promptlesion.lesions.spec import LesionClass, LesionSpec, LesionSpecError
+from nnunet_promptlesion.lesions.masks import (MaskBank, MaskSampler, elastic_ellipsoid, equivalent_radius_mm,
                                                  random_flip_rotate)
 from nnunet_promptlesion.synthesis.rule_based import LesionIntensityStats, RuleBasedSynthesizer, measure_lesions
 from nnunet_promptlesion.trainers.lesion_index import class_probabilities

@@ -38,7 +38,7 @@ def _changed_within_dilated_masks(orig, new, lesions, spacing_ct, spacing_gen, s
     """Every changed voxel lies within the lesions dilated by the blend margin (converted to CT voxels)."""
     from scipy import ndimage
 
-    from nnunet_promptlesion.synthesis.blending import blend_margin
+    from nnunet_promptlesion.lesions.blending import blend_margin
 
     r = int(math.ceil((blend_margin(sigma) + 1) * max(spacing_gen) / min(spacing_ct))) + 1
     allowed = ndimage.maximum_filter(lesions.astype(np.uint8), size=2 * r + 1) > 0

@@ -10,8 +10,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from scipy import stats as sps
 
-from nnunet_promptlesion.synthesis.blending import blend_margin, dilate
-from nnunet_promptlesion.synthesis.lesion_spec import LesionSpecError
+from nnunet_promptlesion.lesions.blending import blend_margin, dilate
+from nnunet_promptlesion.lesions.spec import LesionSpecError
 from nnunet_promptlesion.trainers.lesion_index import NoHealthyRegionError, centre_box, centre_slices
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionConfigError, PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV, SettingsError

@@ -18,7 +18,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from conftest import BIN, nnunet_env, run
 
-from nnunet_promptlesion.trainers.errors import PromptLesionConfigError
+from nnunet_promptlesion.utils.errors import PromptLesionConfigError
 from nnunet_promptlesion.trainers.lesion_index import MAX_CENTRES_PER_CASE, centre_box, centre_slices
 from nnunet_promptlesion.trainers.mixing_loader import STATS_KEY
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer

@@ -76,7 +76,7 @@ def _fail(msg: str) -> int:
 
 
 def find_lesion_spec(arg, dataset_folder: Path) -> Path:
-    from ..synthesis.lesion_spec import LESION_SPEC_FILENAME
+    from ..lesions.spec import LESION_SPEC_FILENAME
 
     cands = [Path(arg)] if arg else [dataset_folder / LESION_SPEC_FILENAME,
                                      Path(os.environ.get("nnUNet_raw", "")) / dataset_folder.name / LESION_SPEC_FILENAME]
@@ -95,7 +95,7 @@ class RunContext:
         from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
         from ..synthesis.cache import run_fingerprint
         from ..synthesis.diffusion_render import CaseReader
-        from ..synthesis.lesion_spec import LesionSpec
+        from ..lesions.spec import LesionSpec
         from ..synthesis.space import GridSpec
 
         self.dataset_folder = resolve_preprocessed_dataset(dataset)
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     from ..synthesis.cache import (FORMAT, VERSION, BuildPlan, CacheError, completed_shards, read_manifest,
                                    shard_name, write_manifest, write_shard)
     from ..synthesis.diffusion_render import DiffusionRenderer
-    from ..synthesis.masks import MaskSampler
+    from ..lesions.masks import MaskSampler
     from ..synthesis.space import SpaceMismatchError
     from ..utils.checkpoint import CheckpointError
 

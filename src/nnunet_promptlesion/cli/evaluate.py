@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = ap.parse_args(argv)
 
-    from ..synthesis.lesion_spec import EARLY_RADIUS_MM, LesionSpecError
+    from ..lesions.spec import EARLY_RADIUS_MM, LesionSpecError
     from ..evaluation.evaluate import EvaluationError, evaluate_folders, format_markdown, write_outputs
 
     try:

@@ -72,7 +72,7 @@ def _stem(path: Path) -> str:
 def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None, lesion, rng, may_leave: bool,
                 parent_label: int = 1) -> list[np.ndarray]:
     """``count`` bool lesion masks on the CT grid (NIfTI axis order (x, y, z), ``spacing`` mm), drawn by the
-    trainer's :class:`~nnunet_promptlesion.synthesis.masks.MaskSampler`: centred on a parent voxel in the middle
+    trainer's :class:`~nnunet_promptlesion.lesions.masks.MaskSampler`: centred on a parent voxel in the middle
     30-70% of the parent's extent along z (the last axis), clipped to the parent unless ``may_leave``.
 
     ``radius_mm`` fixes the equivalent-sphere radius (elastic ellipsoid); None draws it (and the shape prior)
@@ -80,8 +80,8 @@ def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None
     """
     import dataclasses
 
-    from ..synthesis.lesion_spec import LesionClass
-    from ..synthesis.masks import MaskSampler
+    from ..lesions.spec import LesionClass
+    from ..lesions.masks import MaskSampler
 
     if lesion is None:  # "healthy" prompt or a checkpoint without a lesion spec: an elastic ellipsoid of radius_mm
         lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     from ..generator.diffusion.checkpoint import load_generator_pair
     from ..generator.diffusion.preview import save_grid
     from ..generator.intensity import IntensitySpace
-    from ..synthesis.lesion_spec import LesionSpec
+    from ..lesions.spec import LesionSpec
     from ..utils.atomic import write_json_atomic
     from ..utils.checkpoint import CheckpointError
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def find_lesion_spec(args, source) -> Path:
-    from ..synthesis.lesion_spec import LESION_SPEC_FILENAME
+    from ..lesions.spec import LESION_SPEC_FILENAME
 
     if args.lesion_spec:
         return Path(args.lesion_spec)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
     from ..generator.train_utils import run_trainer
     from ..generator.vqgan import check_meta, load_vqgan
-    from ..synthesis.lesion_spec import LesionSpec, LesionSpecError
+    from ..lesions.spec import LesionSpec, LesionSpecError
     from ..utils.checkpoint import CheckpointError
 
     if args.num_threads:

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..synthesis.lesion_spec import LesionClass, LesionSpec
+from ..lesions.spec import LesionClass, LesionSpec
 from ..utils.atomic import atomic_dir, write_json_atomic
 from ..utils.jsonlog import JsonlLogger
 from .raw_writer import FILE_ENDING, dataset_folder_name, existing_dataset_with_id, make_dataset_json, \

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..synthesis.lesion_spec import LESION_SPEC_FILENAME, LesionSpec, LesionSpecError
+from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec, LesionSpecError
 from .core import STAGE_SUFFIXES, ConversionError, ConversionResult, ConvertOptions, LabelScheme, LesionDef, \
     SourceCase, convert_dataset, load_json_file
 from .raw_writer import FILE_ENDING, nnunet_raw_dir

@@ -36,7 +36,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 from scipy.spatial import cKDTree
 
-from ..synthesis.lesion_spec import LesionSpec
+from ..lesions.spec import LesionSpec
 from ..utils.atomic import atomic_dir, write_json_atomic
 from .raw_writer import (
     dataset_folder_name,

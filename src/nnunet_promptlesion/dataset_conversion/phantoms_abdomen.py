@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..synthesis.lesion_spec import EARLY_RADIUS_MM, LesionClass, LesionSpec
+from ..lesions.spec import EARLY_RADIUS_MM, LesionClass, LesionSpec
 from .phantoms import (
     PhantomCase,
     PhantomKind,

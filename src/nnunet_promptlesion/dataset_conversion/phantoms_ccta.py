@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..synthesis.lesion_spec import LesionClass, LesionSpec
+from ..lesions.spec import LesionClass, LesionSpec
 from .phantoms import (
     PhantomCase,
     PhantomKind,

@@ -14,7 +14,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from ..synthesis.lesion_spec import LESION_SPEC_FILENAME, LesionSpec
+from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
 from ..utils.atomic import write_json_atomic
 
 FILE_ENDING = ".nii.gz"

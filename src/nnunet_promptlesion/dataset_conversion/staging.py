@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..synthesis.lesion_spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
+from ..lesions.spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
 
 _STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
 

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..synthesis.lesion_spec import EARLY_RADIUS_MM, LESION_SPEC_FILENAME, LesionSpec
+from ..lesions.spec import EARLY_RADIUS_MM, LESION_SPEC_FILENAME, LesionSpec
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from .metrics import SizeBins, dice_counts, match_lesions, normalized_surface_dice
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .blending import blend_margin, dilate
+from ..lesions.blending import blend_margin, dilate
 from .space import DoesNotFitError, GridSpec, SpaceMapping, prompt_ids_for
 
 

@@ -9,7 +9,7 @@
 
 ``"synthesizer": "diffusion_online"``, ``"diffusion": CHECKPOINT``
     A producer process (spawned) owns the generator on ``"synthesis_device"`` (default: the training device)
-    and keeps a shared-memory ring of freshly rendered lesions (:mod:`..trainers.online_producer`). Each
+    and keeps a shared-memory ring of freshly rendered lesions (:mod:`.online_producer`). Each
     draw in a worker sends one placement request (the loader's own ``place``: healthy carrier, mask inside the
     parent) without waiting and takes a ready ring sample of the drawn class; a class with nothing ready yet is
     served by the rule-based source (counted). Start-up waits (at most ``"online_warmup_s"``) until every drawn
@@ -40,7 +40,7 @@ ONLINE_SETTINGS = {"diffusion": None, "vqgan": None, "synthesis_device": None, "
 
 
 def _config_error(msg: str) -> Exception:
-    from ..trainers.errors import PromptLesionConfigError
+    from ..utils.errors import PromptLesionConfigError
 
     return PromptLesionConfigError(msg)
 
@@ -146,8 +146,8 @@ class DiffusionOnlineSource(SampleSource):
     def __init__(self, ctx: SourceContext):
         import multiprocessing as mp
 
-        from ..trainers.online_producer import ProducerConfig, RingSpec, SharedRing
-        from .blending import blend_margin
+        from .online_producer import ProducerConfig, RingSpec, SharedRing
+        from ..lesions.blending import blend_margin
         from .space import GridSpec, SpaceMapping, SpaceMismatchError
 
         _check_3d(ctx, self.name)
@@ -221,7 +221,7 @@ class DiffusionOnlineSource(SampleSource):
         self.fallback.check(index, class_probs)
 
     def attach(self, loader) -> None:
-        from ..trainers.online_producer import producer_main
+        from .online_producer import producer_main
 
         self.process = self._ctx.Process(target=producer_main, name="promptlesion-producer", daemon=True,
                                          args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status, self.stop))
@@ -310,7 +310,7 @@ class DiffusionOnlineSource(SampleSource):
     # -------------------------------------------------------------- workers
     def _attach_ring(self):
         if self.ring is None:
-            from ..trainers.online_producer import SharedRing
+            from .online_producer import SharedRing
 
             self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids)
         return self.ring
@@ -352,7 +352,7 @@ class DiffusionOnlineSource(SampleSource):
         return out
 
     def epoch_stats(self) -> dict[str, Any]:
-        from ..trainers.online_producer import COUNTERS
+        from .online_producer import COUNTERS
 
         if self.ring is None:
             return {"producer": "closed"}

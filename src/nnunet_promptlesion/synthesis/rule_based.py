@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .blending import blend, dilate
-from .lesion_spec import LesionClass
-from .masks import MaskSampler
+from ..lesions.blending import blend, dilate
+from ..lesions.spec import LesionClass
+from ..lesions.masks import MaskSampler
 from .sources import SampleSource, SourceContext, SyntheticSample, register_source
 from .synthesizer import SynthesisError, Synthesizer
 
@@ -198,7 +198,7 @@ class RuleBasedSource(SampleSource):
     def check(self, index, class_probs: np.ndarray) -> None:
         missing = [l.name for l, p in zip(self.spec.lesions, class_probs) if p > 0 and not self.painter.can_paint(l.label)]
         if missing:
-            from ..trainers.errors import PromptLesionConfigError
+            from ..utils.errors import PromptLesionConfigError
             raise PromptLesionConfigError(
                 f"rule-based synthesis needs an intensity for every drawn class, but the scanned training cases hold no "
                 f"real lesion of {missing} and their lesion spec entries give no 'contrast_hu'. Add an intensity prior "

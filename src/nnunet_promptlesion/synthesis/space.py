@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..generator.intensity import IntensitySpace
-from .blending import blend_margin, blend_weights
+from ..lesions.blending import blend_margin, blend_weights
 
 #: reader -> for each reader array axis, the nibabel axis it is
 _READER_AXES = {"SimpleITKIO": (2, 1, 0), "NibabelIO": (0, 1, 2), "NibabelIOWithReorient": (0, 1, 2)}
@@ -221,7 +221,7 @@ class SpaceMapping:
 
     def support(self, mask: np.ndarray, sigma_voxels: float) -> np.ndarray:
         """Where blending may change voxels: ``mask`` dilated by ``blend_margin(sigma)`` (data grid)."""
-        from .blending import dilate
+        from ..lesions.blending import dilate
 
         return dilate(mask, blend_margin(sigma_voxels))
 

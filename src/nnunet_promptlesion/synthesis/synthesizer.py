@@ -2,7 +2,7 @@
 
 A synthesizer receives a healthy carrier patch, the parent-structure mask, a lesion class and a
 random generator, and returns the patch with a lesion painted in and the lesion mask. Mask drawing
-(:class:`~nnunet_promptlesion.synthesis.masks.MaskSampler`) is shared; implementations only
+(:class:`~nnunet_promptlesion.lesions.masks.MaskSampler`) is shared; implementations only
 decide how the lesion looks (:meth:`Synthesizer.paint`).
 
 Axis order: ``carrier`` is (C, X, Y, Z) in the intensity space of the data it came from (nnU-Net
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lesion_spec import LesionClass
-from .masks import MaskSampler
+from ..lesions.spec import LesionClass
+from ..lesions.masks import MaskSampler
 
 
 @dataclass

@@ -35,8 +35,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..synthesis.lesion_spec import LesionClass, LesionSpec
-from ..synthesis.masks import MaskBank
+from ..lesions.spec import LesionClass, LesionSpec
+from ..lesions.masks import MaskBank
 from ..synthesis.rule_based import LesionIntensityStats, measure_lesions
 from ..utils.atomic import atomic_path
 

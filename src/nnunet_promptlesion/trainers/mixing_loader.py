@@ -31,7 +31,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from ..synthesis.masks import MaskSampler
+from ..lesions.masks import MaskSampler
 from ..synthesis.sources import Placement, SampleSource, SyntheticSample
 from ..synthesis.synthesizer import SynthesisError
 from .lesion_index import LesionIndex, centre_box, centre_slices

@@ -24,10 +24,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 
-from ..synthesis.lesion_spec import LESION_SPEC_FILENAME, LesionSpec
-from ..synthesis.masks import MaskSampler
+from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
+from ..lesions.masks import MaskSampler
 from ..synthesis.sources import SampleSource, SourceContext, build_source
-from .errors import PromptLesionConfigError
+from ..utils.errors import PromptLesionConfigError
 from .lesion_index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
                            load_or_build_index)
 from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_per_rank

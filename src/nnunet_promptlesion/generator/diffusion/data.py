@@ -13,7 +13,7 @@ the source) with
 Lesion crop of class k: a case containing label k, centred on a random voxel of that label (from the
 source's ``class_locations``) shifted by up to ``jitter`` x patch size; ``mask`` = that label in the crop.
 Healthy crop (the "healthy" identity prompt): a random crop without any lesion label, and a pseudo-lesion
-region drawn with the lesion spec's shape prior (:class:`~nnunet_promptlesion.synthesis.masks.MaskSampler`)
+region drawn with the lesion spec's shape prior (:class:`~nnunet_promptlesion.lesions.masks.MaskSampler`)
 inside the parent structure of a random lesion class (anywhere in the central half of the crop when the
 crop holds no parent voxel), so the model learns to fill a masked region with healthy tissue.
 Lesion classes are drawn uniformly (class-balanced): rare classes get as many crops as common ones.
@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ...synthesis.lesion_spec import LesionSpec
-from ...synthesis.masks import MaskSampler
+from ...lesions.spec import LesionSpec
+from ...lesions.masks import MaskSampler
 from ..data import PatchSource
 from .config import PromptVocabulary
 

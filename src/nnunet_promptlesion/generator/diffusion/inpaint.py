@@ -20,7 +20,7 @@ vessel-wall mask (used by MaskTransformer-prompt models; None = the lesion mask 
 3. decode with the codebook snap (vqgan.decode_latent);
 4. blend: out = (1 - g) image + g decoded, g = the mask Gaussian-blurred with sigma (voxels, per sample)
    and held at 1 inside the mask, forced to exactly 0 outside the mask dilated by ``blend_margin(sigma)`` voxels (the same rule as
-   :mod:`nnunet_promptlesion.synthesis.blending`), so those voxels are returned bit-identical.
+   :mod:`nnunet_promptlesion.lesions.blending`), so those voxels are returned bit-identical.
 
 VQGAN encode/decode run in chunks of ``vae_chunk`` samples, so large batches fit; the denoiser runs in its
 own dtype (bf16 weights on CUDA when loaded with ``load_generator_pair(..., dtype="auto")``).
@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ...synthesis.blending import blend_margin
+from ...lesions.blending import blend_margin
 from .samplers import guided_eps_fn, sample
 from .schedule import NoiseSchedule
 
@@ -95,7 +95,7 @@ def blend_weights(mask: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torc
     margin = torch.tensor([blend_margin(float(s)) for s in sigma.tolist()], device=mask.device)
     support = dilate(mask, margin)
     m = (mask > 0.5).float()
-    # held at 1 inside the mask (as synthesis.blending): blurring alone would halve thin lesions' contrast
+    # held at 1 inside the mask (as lesions.blending): blurring alone would halve thin lesions' contrast
     g = torch.maximum(gaussian_blur3d(m, sigma).clamp(0.0, 1.0), m)
     return torch.where(support, g, torch.zeros_like(g)), support
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .lesion_spec import LesionClass
+from .spec import LesionClass
 
 
 def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:

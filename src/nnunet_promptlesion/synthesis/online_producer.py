@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..synthesis.diffusion_render import LesionRequest, RenderedLesion
+from .diffusion_render import LesionRequest, RenderedLesion
 
 # header layout (int64 per slot)
 _H_SEQ, _H_LABEL, _H_LO, _H_SHAPE, _H_CENTRE, _H_SEED, _H_USES, _H_CASE, _H_NVALS = 0, 1, 2, 5, 8, 11, 12, 13, 14
@@ -260,9 +260,9 @@ def producer_main(cfg: ProducerConfig, ring_spec: RingSpec, lock, requests, stat
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_threads)))
-        from ..synthesis.diffusion_render import CaseReader, DiffusionRenderer
-        from ..synthesis.lesion_spec import LesionSpec
-        from ..synthesis.space import GridSpec
+        from .diffusion_render import CaseReader, DiffusionRenderer
+        from ..lesions.spec import LesionSpec
+        from .space import GridSpec
 
         spec = LesionSpec.from_dict(cfg.spec)
         reader = CaseReader(cfg.data_folder, cfg.train_ids)
@@ -271,7 +271,7 @@ def producer_main(cfg: ProducerConfig, ring_spec: RingSpec, lock, requests, stat
                                      guidance=cfg.guidance, labels=ring_spec.labels)
         quality = None
         if cfg.quality:
-            from ..synthesis.quality import QualityFilter
+            from .quality import QualityFilter
 
             quality = QualityFilter(cfg.quality["model"], cfg.quality["fold"], device=cfg.device,
                                     min_iou=cfg.quality["min_iou"], expect_plans=cfg.plans,
