@@ -13,59 +13,9 @@ import numpy as np
 import pytest
 from tiny_plans import write_tiny_plans
 
-from nnunet_promptlesion.evaluation.statistics import compare_arms, format_comparison_markdown, mean_sd, paired_tests
 from nnunet_promptlesion.experiments.runner import ExperimentError, ExperimentRunner, load_config
 
 BIN = Path(sys.executable).parent
-
-
-def test_paired_tests_against_scipy_and_degenerate_cases():
-    from scipy import stats
-
-    x = [0.5, 0.6, None, 0.9, 0.7, 0.8]
-    y = [0.4, 0.65, 0.3, 0.6, 0.5, 0.55]
-    r = paired_tests(x, y)
-    xa, ya = np.array([0.5, 0.6, 0.9, 0.7, 0.8]), np.array([0.4, 0.65, 0.6, 0.5, 0.55])
-    assert r["n"] == 5 and r["mean_diff"] == pytest.approx((xa - ya).mean())
-    assert r["p_ttest"] == pytest.approx(stats.ttest_rel(xa, ya).pvalue)
-    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(xa, ya).pvalue)
-    # hand-computed: differences 0.1, -0.05, 0.3, 0.2, 0.25 -> t = mean / (sd / sqrt(5))
-    d = np.array([0.1, -0.05, 0.3, 0.2, 0.25])
-    assert r["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(5)))
-    same = paired_tests([0.5, 0.6], [0.5, 0.6])
-    assert same["n"] == 2 and same["p_ttest"] is None and same["p_wilcoxon"] is None
-    assert paired_tests([0.5], [0.4])["p_ttest"] is None
-    assert mean_sd([0.2, None, 0.4]) == (pytest.approx(0.3), pytest.approx(np.std([0.2, 0.4], ddof=1)), 2)
-
-
-def _fake_results(dice_by_case: dict[str, float | None], cls="lesion") -> dict:
-    vals = [v for v in dice_by_case.values() if v is not None]
-    return {"classes": [{"name": cls}],
-            "cases": [{"case": c, "metrics": {cls: {"Dice": v}}} for c, v in dice_by_case.items()],
-            "summary": {cls: {"Dice": float(np.mean(vals)), "NSD": None, "sensitivity": 0.5, "fp_per_case": 1.0,
-                              "lesion_dice": None}}}
-
-
-def test_compare_arms_pairs_cases_within_repeats():
-    ev = {"real": {0: _fake_results({"a": 0.2, "b": 0.4}), 1: _fake_results({"a": 0.3, "b": None})},
-          "syn": {0: _fake_results({"a": 0.5, "b": 0.6}), 1: _fake_results({"a": 0.4, "b": 0.7})}}
-    comp = compare_arms(ev, reference="real")
-    row = comp["table"]["lesion"]["syn"]
-    assert row["Dice"]["mean"] == pytest.approx((0.55 + 0.55) / 2) and row["Dice"]["n"] == 2
-    assert row["per_repeat"]["Dice"] == [pytest.approx(0.55), pytest.approx(0.55)]
-    t = row["test"]
-    # pairs (repeat 0: a, b; repeat 1: a; (1, b) dropped: undefined in the reference)
-    assert t["n"] == 3 and t["mean_diff"] == pytest.approx(((0.5 - 0.2) + (0.6 - 0.4) + (0.4 - 0.3)) / 3)
-    assert comp["table"]["lesion"]["real"]["test"] is None
-    md = format_comparison_markdown(comp)
-    assert "| real | 30.0 ± 0.0 |" in md and "| reference |" in md and "| syn | 55.0 ± 0.0 |" in md
-    # only cases whose ground truth holds the class: case b of repeat 0 has no lesion in the ground truth
-    ev["real"][0]["cases"][1]["metrics"]["lesion"]["n_ref"] = 0
-    t2 = compare_arms(ev, reference="real", paired_cases="with_class")["table"]["lesion"]["syn"]["test"]
-    assert t2["n"] == 2 and t2["mean_diff"] == pytest.approx(((0.5 - 0.2) + (0.4 - 0.3)) / 2)
-    ev["syn"][1] = _fake_results({"a": 0.4, "c": 0.7})
-    with pytest.raises(ValueError, match="other test cases"):
-        compare_arms(ev, reference="real")
 
 
 def _config(tmp_path: Path, did: int, plans: str, arms: list[dict], **kw) -> Path:

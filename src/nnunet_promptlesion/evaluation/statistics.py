@@ -1,20 +1,39 @@
-"""Comparing experiment arms: mean ± sd over repeats and paired tests against a reference arm.
+"""Comparing experiment arms without overstating: case-paired tests, bootstrap intervals and "gap closed".
 
 Input: ``{arm: {repeat: results}}`` where ``results`` is the dict of :func:`.evaluate.evaluate_folders`
 (or evaluation.json read back with :func:`.evaluate.load_results`). Every repeat of every arm must have
 evaluated the same test cases.
 
-    from nnunet_promptlesion.evaluation.statistics import compare_arms, format_comparison_markdown, plot_comparison
-    table = compare_arms({"real_only": {0: r0, 1: r1}, "rule_based": {0: s0, 1: s1}}, reference="real_only")
-    print(format_comparison_markdown(table))
-    plot_comparison(table, "dice_by_arm.png")
+    from nnunet_promptlesion.evaluation.statistics import compare_arms, format_comparison_text, plot_comparison
+    comp = compare_arms({"scarce": {0: r0, 1: r1}, "rule_based": {...}, "ceiling": {...}},
+                        reference="scarce", ceiling="ceiling")
+    print(format_comparison_text(comp))
 
-Per class and arm: the repeat-level summaries (Dice, NSD, lesion sensitivity, FP per case, lesion-wise Dice)
-as mean ± sd over repeats (sd with ddof=1; None for one repeat). Against the reference arm: per-case Dice
-paired by (repeat index, case) and pooled over repeats, tested with scipy's paired t-test (``ttest_rel``)
-and Wilcoxon signed-rank test (``wilcoxon``, two-sided). Pairs where either Dice is undefined (class absent
-from reference and prediction) are dropped. p is None when a test is undefined (fewer than 2 pairs, or all
-differences zero).
+What is computed, per class and arm:
+
+* Repeat-level summaries (Dice, NSD, lesion sensitivity, FP per case, lesion-wise Dice) as mean ± sd over
+  repeats (sd with ddof=1; None for one repeat): how much an arm varies from one training to the next.
+* **The unit of the tests is the test case.** Repeats of an arm are independent trainings, and repeat r of
+  one arm has nothing in common with repeat r of another, so (case, repeat) pairs are not independent
+  observations: pooling them multiplies n by the number of repeats and overstates significance. Each case's
+  Dice is averaged over the arm's repeats (where defined), then arm and reference are paired by case
+  (n = cases) for scipy's paired t-test (``ttest_rel``) and Wilcoxon signed-rank test (two-sided).
+* A 95 % bootstrap interval for every difference, resampling test cases and, independently, each arm's
+  repeats as whole trainings (a training's luck is shared by all cases it predicts, so repeats are resampled
+  as units, not within a case): the interval reflects both the test-set and the training-to-training
+  variation. Percentile intervals, ``n_boot`` replicates, a fixed seed (the same numbers on every run).
+* "Gap closed" = (arm - baseline) / (ceiling - baseline) for the case-level Dice and the lesion-wise
+  sensitivity, with a bootstrap interval (the same cases drawn for the three arms in a replicate). Undefined
+  when the ceiling does not beat the baseline ("no ceiling headroom": at this budget even abundant real
+  lesions do not teach the class, so no synthesizer can show an effect); its interval is withheld when more
+  than 2.5 % of the replicates have no headroom (the headroom itself is not established).
+
+Case-level Dice of an arm = mean over the compared cases of the case's Dice averaged over repeats.
+``paired_cases="defined"``: every case where both arms have a defined Dice (nnU-Net's convention: a false
+positive in a case without the class counts 0, absent from both is undefined); ``"with_class"``: only cases
+whose ground truth holds the class (lesion papers' per-class protocol; a miss counts 0).
+Lesion-wise sensitivity = detected / ground-truth lesions pooled over the cases, detections averaged over
+repeats.
 """
 from __future__ import annotations
 
@@ -27,6 +46,9 @@ import numpy as np
 from ..utils.atomic import atomic_path
 
 METRICS = ("Dice", "NSD", "sensitivity", "fp_per_case", "lesion_dice")
+N_BOOT = 2000
+CONFIDENCE = 0.95
+NO_HEADROOM = "no ceiling headroom: the ceiling does not beat the baseline, so at this budget the class cannot be learnt"
 
 
 def mean_sd(values) -> tuple[float | None, float | None, int]:
@@ -39,9 +61,10 @@ def mean_sd(values) -> tuple[float | None, float | None, int]:
 
 
 def paired_tests(x, y) -> dict:
-    """Paired comparison of x (arm) and y (reference), same length; pairs with a None/NaN are dropped.
+    """Paired comparison of x (arm) and y (reference), one value per test case; pairs with a None/NaN are dropped.
 
-    Returns {n, mean_diff (x - y), t, p_ttest, p_wilcoxon}.
+    Returns {n, mean_diff (x - y), t, p_ttest, p_wilcoxon}; p is None when a test is undefined (fewer than
+    2 pairs, or every difference zero).
     """
     from scipy import stats
 
@@ -71,32 +94,136 @@ def _finite(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _case_dice(results: dict, cls: str) -> dict[str, float | None]:
-    return {r["case"]: r["metrics"][cls]["Dice"] for r in results["cases"]}
+# ---------------------------------------------------------------------------------------------- case tables
+def case_matrix(reps: dict[int, dict], cls: str, cases: list[str], paired_cases: str = "defined") -> np.ndarray:
+    """Dice per (case, repeat) of one arm: array (n_cases, n_repeats), NaN where undefined.
+
+    With ``paired_cases="with_class"`` a case whose ground truth holds the class never is undefined (a missing
+    prediction is Dice 0) and cases without the class are NaN (left out).
+    """
+    m = np.full((len(cases), len(reps)), np.nan)
+    for j, r in enumerate(sorted(reps)):
+        by_case = {rec["case"]: rec["metrics"][cls] for rec in reps[r]["cases"]}
+        for i, c in enumerate(cases):
+            rec = by_case[c]
+            v = rec.get("Dice")
+            v = np.nan if v is None else float(v)
+            if paired_cases == "with_class":
+                v = (0.0 if not np.isfinite(v) else v) if rec.get("n_ref", 1) > 0 else np.nan
+            m[i, j] = v
+    return m
 
 
-def _cases_with_class(results: dict, cls: str) -> set[str]:
-    return {r["case"] for r in results["cases"] if r["metrics"][cls].get("n_ref", 1) > 0}
+def detection_matrix(reps: dict[int, dict], cls: str, cases: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(detected per (case, repeat), ground-truth lesions per case) of a lesion class; None if not counted."""
+    det = np.zeros((len(cases), len(reps)))
+    les = np.zeros(len(cases))
+    for j, r in enumerate(sorted(reps)):
+        by_case = {rec["case"]: rec["metrics"][cls] for rec in reps[r]["cases"]}
+        for i, c in enumerate(cases):
+            rec = by_case[c]
+            if rec.get("lesions") is None or rec.get("detected") is None:
+                return None
+            det[i, j] = rec["detected"]
+            les[i] = rec["lesions"]
+    return det, les
 
 
-def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None = None,
-                 paired_cases: str = "defined") -> dict:
-    """The comparison table (JSON-ready dict) of ``{arm: {repeat: results}}``; see the module docstring.
+def _nanmean(a: np.ndarray, axis) -> np.ndarray:
+    with np.errstate(all="ignore"), _quiet():
+        return np.nanmean(a, axis=axis)
 
-    paired_cases: "defined" (every case where both Dice values are defined, nnU-Net's convention: a false
-    positive in a case without the class counts as Dice 0) or "with_class" (only cases whose ground truth
-    holds the class, the per-class protocol of lesion papers).
 
-    Returns {reference, arms, classes, repeats: {arm: [repeat ids]}, table: {class: {arm: {<metric>: {mean, sd, n},
-    per_repeat: {metric: [values]}, test: paired_tests(...) or None}}}}.
+class _quiet:
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *a):
+        self._w.__exit__(*a)
+
+
+def _draws(rng: np.random.Generator, n_boot: int, n_cases: int, n_reps: dict[str, int]):
+    """Bootstrap indices: cases (n_boot, n_cases) shared by all arms, repeats (n_boot, R_arm) per arm."""
+    cases = rng.integers(0, n_cases, size=(n_boot, n_cases))
+    reps = {a: rng.integers(0, r, size=(n_boot, r)) for a, r in n_reps.items()}
+    return cases, reps
+
+
+def _boot_dice(m: np.ndarray, cases: np.ndarray, reps: np.ndarray) -> np.ndarray:
+    """Case-level Dice of one arm in each replicate: (n_boot, n_cases) case means over the drawn repeats."""
+    sub = m[cases[:, :, None], reps[:, None, :]]          # (n_boot, n_cases, R)
+    return _nanmean(sub, axis=2)
+
+
+def _boot_sens(det: np.ndarray, les: np.ndarray, cases: np.ndarray, reps: np.ndarray) -> np.ndarray:
+    """Pooled sensitivity of one arm per replicate: sum of repeat-averaged detections / sum of lesions."""
+    d = det[cases[:, :, None], reps[:, None, :]].mean(axis=2).sum(axis=1)
+    n = les[cases].sum(axis=1)
+    with np.errstate(all="ignore"):
+        return np.where(n > 0, d / np.where(n > 0, n, 1), np.nan)
+
+
+def _ci(values: np.ndarray, confidence: float) -> list[float] | None:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return None
+    a = (1 - confidence) / 2
+    return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+
+
+def gap_closed(arm: float | None, baseline: float | None, ceiling: float | None) -> float | None:
+    """(arm - baseline) / (ceiling - baseline); None when a value is missing or the ceiling has no headroom."""
+    if arm is None or baseline is None or ceiling is None or not ceiling > baseline:
+        return None
+    return (arm - baseline) / (ceiling - baseline)
+
+
+def _gap(point: tuple, boot: tuple, confidence: float) -> dict:
+    """Gap closed with its interval from per-replicate (arm, baseline, ceiling) arrays."""
+    a, b, c = point
+    value = gap_closed(a, b, c)
+    out = {"value": value, "ci": None, "note": None, "headroom": None if b is None or c is None else c - b}
+    if value is None:
+        out["note"] = NO_HEADROOM if (b is not None and c is not None) else "undefined: a value is missing"
+        return out
+    ba, bb, bc = boot
+    head = bc - bb
+    ok = np.isfinite(head) & np.isfinite(ba) & np.isfinite(bb)
+    no_head = float(np.mean(~(head > 0) | ~ok))
+    if no_head > (1 - confidence) / 2:
+        out["note"] = (f"interval withheld: {100 * no_head:.0f}% of bootstrap replicates have no ceiling headroom "
+                       "(the ceiling's advantage over the baseline is not established)")
+        return out
+    sel = ok & (head > 0)
+    out["ci"] = _ci((ba[sel] - bb[sel]) / head[sel], confidence)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None = None, ceiling: str | None = None,
+                 paired_cases: str = "defined", n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
+                 seed: int = 0) -> dict:
+    """The comparison (JSON-ready dict) of ``{arm: {repeat: results}}``; see the module docstring.
+
+    reference: the baseline arm every other arm is tested against; ceiling: the arm that defines 100 % of
+    "gap closed" (needs a reference). Returns {reference, ceiling, paired_cases, arms, classes, cases, repeats,
+    n_boot, confidence, table: {class: {arm: {<metric>: {mean, sd, n}, per_repeat, case_level: {Dice, sensitivity,
+    n_cases}, test: {n, mean_diff, t, p_ttest, p_wilcoxon, ci, sensitivity_diff, sensitivity_ci} or None,
+    gap_closed: {Dice: {value, ci, note, headroom}, sensitivity: {...}} or None}}}}.
     """
     if paired_cases not in ("defined", "with_class"):
         raise ValueError(f"paired_cases must be 'defined' or 'with_class', got '{paired_cases}'")
     arms = list(evaluations)
     if not arms:
         raise ValueError("no evaluated arm to compare")
-    if reference is not None and reference not in evaluations:
-        raise ValueError(f"reference arm '{reference}' has no evaluation (arms: {arms})")
+    for what, a in (("reference", reference), ("ceiling", ceiling)):
+        if a is not None and a not in evaluations:
+            raise ValueError(f"{what} arm '{a}' has no evaluation (arms: {arms})")
+    if ceiling is not None and reference is None:
+        raise ValueError("a ceiling arm needs a reference (baseline) arm")
     first = next(iter(next(iter(evaluations.values())).values()))
     classes = [c["name"] for c in first["classes"]]
     cases = sorted(r["case"] for r in first["cases"])
@@ -106,37 +233,98 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
             if got != cases:
                 raise ValueError(f"arm '{arm}' repeat {rep} evaluated other test cases than the rest "
                                  f"({len(got)} vs {len(cases)}); the paired tests need the same cases")
+    rng = np.random.default_rng(seed)
     table = {}
     for cls in classes:
+        dice = {a: case_matrix(evaluations[a], cls, cases, paired_cases) for a in arms}
+        detm = {a: detection_matrix(evaluations[a], cls, cases) for a in arms}
+        boot_cases, boot_reps = _draws(rng, n_boot, len(cases), {a: len(evaluations[a]) for a in arms})
+        boot_d = {a: _boot_dice(dice[a], boot_cases, boot_reps[a]) for a in arms}
+        boot_s = {a: _boot_sens(*detm[a], boot_cases, boot_reps[a]) if detm[a] else None for a in arms}
+        case_mean = {a: _nanmean(dice[a], axis=1) for a in arms}
         table[cls] = {}
         for arm in arms:
             reps = evaluations[arm]
             per_repeat = {m: [reps[r]["summary"][cls].get(m) for r in sorted(reps)] for m in METRICS}
             row = {m: dict(zip(("mean", "sd", "n"), mean_sd(per_repeat[m]))) for m in METRICS}
             row["per_repeat"] = per_repeat
-            row["test"] = None
+            ok = np.isfinite(case_mean[arm])
+            row["case_level"] = {"Dice": float(case_mean[arm][ok].mean()) if ok.any() else None,
+                                 "n_cases": int(ok.sum()), "sensitivity": _sens(detm[arm]),
+                                 "detected": None if detm[arm] is None else float(detm[arm][0].mean(axis=1).sum()),
+                                 "lesions": None if detm[arm] is None else int(detm[arm][1].sum())}
+            row["test"] = row["gap_closed"] = None
             if reference is not None and arm != reference:
-                common = sorted(set(reps) & set(evaluations[reference]))
-                x, y = [], []
-                for r in common:
-                    da, db = _case_dice(reps[r], cls), _case_dice(evaluations[reference][r], cls)
-                    keep = _cases_with_class(evaluations[reference][r], cls) if paired_cases == "with_class" else cases
-                    for case in cases:
-                        if case not in keep:
-                            continue
-                        x.append(da[case])
-                        y.append(db[case])
-                row["test"] = {**paired_tests(x, y), "repeats": common}
+                row["test"] = _difference(case_mean[arm], case_mean[reference], boot_d[arm], boot_d[reference],
+                                          boot_s[arm], boot_s[reference], detm[arm], detm[reference], confidence)
+                row["test"]["repeats"] = {arm: len(reps), reference: len(evaluations[reference])}
+            if ceiling is not None and arm not in (reference, ceiling):
+                row["gap_closed"] = _gaps(arm, reference, ceiling, case_mean, boot_d, detm, boot_s, confidence)
             table[cls][arm] = row
-    return {"reference": reference, "paired_cases": paired_cases, "arms": arms, "classes": classes, "cases": len(cases),
-            "repeats": {a: sorted(evaluations[a]) for a in arms}, "table": table}
+    return {"reference": reference, "ceiling": ceiling, "paired_cases": paired_cases, "arms": arms, "classes": classes,
+            "cases": len(cases), "repeats": {a: sorted(evaluations[a]) for a in arms}, "n_boot": n_boot,
+            "confidence": confidence, "table": table}
+
+
+def _sens(dm) -> float | None:
+    if dm is None:
+        return None
+    det, les = dm
+    return float(det.mean(axis=1).sum() / les.sum()) if les.sum() > 0 else None
+
+
+def _difference(x, y, bx, by, sx, sy, dx, dy, confidence) -> dict:
+    out = paired_tests(x, y)
+    keep = np.isfinite(x) & np.isfinite(y)
+    # as in the test, a drawn case undefined in either arm (NaN) is left out of the replicate's mean difference
+    out["ci"] = _ci(_nanmean(bx - by, axis=1), confidence) if keep.any() else None
+    sa, sb = _sens(dx), _sens(dy)
+    out["sensitivity_diff"] = None if sa is None or sb is None else sa - sb
+    out["sensitivity_ci"] = _ci(sx - sy, confidence) if sx is not None and sy is not None else None
+    return out
+
+
+def _gaps(arm, ref, ceil, case_mean, boot_d, detm, boot_s, confidence) -> dict:
+    keep = np.isfinite(case_mean[arm]) & np.isfinite(case_mean[ref]) & np.isfinite(case_mean[ceil])
+    if keep.any():
+        point = tuple(float(case_mean[a][keep].mean()) for a in (arm, ref, ceil))
+        # replicate means over the drawn cases that are defined in all three arms
+        stack = np.stack([boot_d[a] for a in (arm, ref, ceil)])
+        joint = np.all(np.isfinite(stack), axis=0)
+        boot = tuple(_nanmean(np.where(joint, s, np.nan), axis=1) for s in stack)
+        dice = _gap(point, boot, confidence)
+    else:
+        dice = _gap((None, None, None), None, confidence)
+    if all(detm[a] is not None for a in (arm, ref, ceil)):
+        sens = _gap(tuple(_sens(detm[a]) for a in (arm, ref, ceil)), tuple(boot_s[a] for a in (arm, ref, ceil)),
+                    confidence)
+    else:
+        sens = None
+    return {"Dice": dice, "sensitivity": sens}
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def format_table(header: list[str], rows: list[list[str]], indent: str = "  ") -> str:
+    """Columns padded to their widest cell, two spaces apart; the first column left-aligned, others right."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return indent + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _pct(v, digits: int = 1, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{100 * v:{'+' if sign else ''}.{digits}f}"
 
 
 def _ms(m: dict, pct: bool = True) -> str:
     if m["mean"] is None:
         return "n/a"
-    f = 100.0 if pct else 1.0
-    digits = 1 if pct else 2
+    f, digits = (100.0, 1) if pct else (1.0, 2)
     return f"{f * m['mean']:.{digits}f}" + (f" ± {f * m['sd']:.{digits}f}" if m["sd"] is not None else "")
 
 
@@ -146,34 +334,100 @@ def _p(v) -> str:
     return f"{v:.2g}" if v >= 1e-3 else f"{v:.1e}"
 
 
-def format_comparison_markdown(comp: dict, title: str | None = None) -> str:
-    """One markdown table per class: arms as rows, mean ± sd over repeats, paired tests vs the reference."""
-    out = []
-    if title:
-        out += [f"## {title}", ""]
-    ref = comp["reference"]
-    out.append(f"{comp['cases']} test cases; mean ± sd over repeats (repeats per arm: "
-               + ", ".join(f"{a} {len(r)}" for a, r in comp["repeats"].items()) + "). Dice, NSD, sensitivity and "
-               "lesion Dice in %." + (f" Paired tests of per-case Dice against '{ref}', cases pooled over repeats"
-                                      + (" (cases whose ground truth holds the class)."
-                                         if comp.get("paired_cases") == "with_class" else ".") if ref else ""))
+def _ci_str(ci, sign: bool = True) -> str:
+    return "" if not ci else f" [{_pct(ci[0], sign=sign)}, {_pct(ci[1], sign=sign)}]"
+
+
+def _gap_str(g: dict | None) -> str:
+    if g is None:
+        return ""
+    if g["value"] is None:
+        return "no headroom" if g["note"] == NO_HEADROOM else "n/a"
+    return f"{100 * g['value']:.0f}%" + (f" [{100 * g['ci'][0]:.0f}, {100 * g['ci'][1]:.0f}]" if g["ci"] else " [n/a]")
+
+
+def _role(comp: dict, arm: str) -> str:
+    return "baseline" if arm == comp["reference"] else "ceiling" if arm == comp.get("ceiling") else ""
+
+
+def format_comparison_text(comp: dict, title: str | None = None, class_notes: dict[str, str] | None = None,
+                           gauges: dict | None = None) -> str:
+    """The report: one aligned text table per class, arms as rows (baseline first, ceiling last).
+
+    gauges: optional {class: {arm: {"max_softmax", "mean_softmax", "synthetic_pseudo_dice", "verdict"}}} (the
+    transfer gauges); shown in extra columns where present.
+    """
+    ref, ceil = comp["reference"], comp.get("ceiling")
+    conf = int(round(100 * comp.get("confidence", CONFIDENCE)))
+    order = ([ref] if ref else []) + [a for a in comp["arms"] if a not in (ref, ceil)] + ([ceil] if ceil else [])
+    lines = [title, ""] if title else []
+    reps = ", ".join(f"{a} {len(r)}" for a, r in comp["repeats"].items())
+    lines += [f"{comp['cases']} test cases; repeats (independent trainings) per arm: {reps}.",
+              "Dice: mean ± sd over repeats of the per-repeat Dice (%). Sens: lesion-wise sensitivity, detected /",
+              "ground-truth lesions (detections averaged over repeats). FP/case: false-positive components per case."]
+    if ref:
+        lines += [f"dDice: case-level Dice minus the baseline's, points, {conf}% bootstrap CI over test cases and",
+                  "trainings; p: paired t-test / Wilcoxon over test cases, each case's Dice averaged over repeats"
+                  + (" (cases whose ground truth holds the class)." if comp.get("paired_cases") == "with_class"
+                     else " (cases where both Dice values are defined).")]
+    if ceil:
+        lines += ["gap: (arm - baseline) / (ceiling - baseline) of the case-level Dice and of the sensitivity,",
+                  f"with its {conf}% bootstrap CI; 'no headroom': the ceiling does not beat the baseline."]
     for cls in comp["classes"]:
-        out += ["", f"### {cls}", "",
-                "| arm | Dice | NSD | lesion sensitivity | FP / case | lesion Dice | Δ Dice | pairs | p (t-test) | p (Wilcoxon) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for arm in comp["arms"]:
-            row = comp["table"][cls][arm]
-            t = row["test"]
-            if arm == ref:
-                tests = ["reference", "", "", ""]
-            elif t is None:
-                tests = ["", "", "", ""]
-            else:
-                diff = "n/a" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.1f}"
-                tests = [diff, str(t["n"]), _p(t["p_ttest"]), _p(t["p_wilcoxon"])]
-            out.append("| " + " | ".join([arm, _ms(row["Dice"]), _ms(row["NSD"]), _ms(row["sensitivity"]),
-                                          _ms(row["fp_per_case"], pct=False), _ms(row["lesion_dice"])] + tests) + " |")
-    return "\n".join(out) + "\n"
+        rows_by_arm = comp["table"][cls]
+        lesion = any(rows_by_arm[a]["case_level"].get("lesions") for a in order)
+        note = (class_notes or {}).get(cls)
+        lines += ["", f"{cls}" + (f"  ({note})" if note else "")]
+        header = ["arm", "role", "Dice", "case Dice"]
+        if lesion:
+            header += ["Sens", "FP/case"]
+        if ref:
+            header += ["dDice [CI]", "n", "p t", "p W"]
+        if ceil:
+            header += ["gap Dice [CI]"] + (["gap Sens [CI]"] if lesion else [])
+        g = (gauges or {}).get(cls) or {}
+        if g:
+            header += ["max sm", "mean sm", "syn pDice", "verdict"]
+        rows = []
+        for arm in order:
+            row = rows_by_arm[arm]
+            cl = row["case_level"]
+            cells = [arm, _role(comp, arm), _ms(row["Dice"]), _pct(cl["Dice"])]
+            if lesion:
+                sens = "n/a" if cl["lesions"] in (None, 0) else \
+                    f"{cl['detected']:g}/{cl['lesions']} ({_pct(cl['sensitivity'], 0)}%)"
+                cells += [sens, _ms(row["fp_per_case"], pct=False)]
+            if ref:
+                t = row["test"]
+                if t is None:
+                    cells += ["", "", "", ""]
+                else:
+                    cells += [_pct(t["mean_diff"], sign=True) + _ci_str(t["ci"]), str(t["n"]), _p(t["p_ttest"]),
+                              _p(t["p_wilcoxon"])]
+            if ceil:
+                gc = row["gap_closed"]
+                cells += [_gap_str(gc and gc["Dice"])] + ([_gap_str(gc and gc["sensitivity"])] if lesion else [])
+            if g:
+                a = g.get(arm) or {}
+                cells += [_num(a.get("max_softmax")), _num(a.get("mean_softmax")), _pct(a.get("synthetic_pseudo_dice")),
+                          a.get("verdict") or ""]
+            rows.append(cells)
+        lines.append(format_table(header, rows))
+        if ceil:
+            gd = [rows_by_arm[a]["gap_closed"] for a in order if rows_by_arm[a]["gap_closed"]]
+            if gd and gd[0]["Dice"]["note"] == NO_HEADROOM:
+                lines.append(f"  {NO_HEADROOM}.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def format_comparison_markdown(comp: dict, title: str | None = None, **kw) -> str:
+    """The text report inside a markdown document (one report format for terminal and file)."""
+    head = f"## {title}\n\n" if title else ""
+    return head + "```\n" + format_comparison_text(comp, **kw) + "```\n"
 
 
 def plot_comparison(comp: dict, path: str | os.PathLike, metric: str = "Dice", title: str | None = None) -> None:
