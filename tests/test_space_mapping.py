@@ -17,7 +17,8 @@ import pytest
 from nnunet_promptlesion.generator.intensity import IntensitySpace
 from nnunet_promptlesion.lesions.blending import blend_margin, dilate
 from nnunet_promptlesion.synthesis.space import (DoesNotFitError, GridSpec, SpaceMapping, SpaceMismatchError,
-                                                 check_intensity_representable, world_axes)
+                                                 check_intensity_representable)
+from nnunet_promptlesion.utils.geometry import array_axes
 
 BIN = Path(sys.executable).parent
 SHAPE = (20, 36, 40)          # nibabel (x, y, z) voxels
@@ -75,7 +76,7 @@ def test_dataset_is_transposed_and_world_axes_follow(aniso):
     plans, data, _ = aniso
     tf = plans["transpose_forward"]
     assert tf != [0, 1, 2], "the test needs a non-trivial transpose_forward"
-    axes = world_axes(None, plans)
+    axes = array_axes(plans).axes
     spacing = plans["configurations"]["3d_fullres"]["spacing"]
     # the preprocessed array runs along nibabel axes `axes`, with their spacings and extents
     assert [SPACING[a] for a in axes] == pytest.approx(spacing)
@@ -86,7 +87,9 @@ def test_dataset_is_transposed_and_world_axes_follow(aniso):
     inside = (ramp_hu() > space.percentile_00_5 + 1) & (ramp_hu() < space.percentile_99_5 - 1)
     np.testing.assert_allclose(hu_back[inside], ramp_hu()[inside], atol=0.5)
     src = {"type": "nnunet_preprocessed", "transpose_forward": tf, "image_reader_writer": plans.get("image_reader_writer")}
-    assert world_axes(src) == axes and world_axes({"type": "nifti_folder"}) == (0, 1, 2)
+    assert array_axes(src).axes == axes and array_axes({"type": "nifti_folder"}).axes == (0, 1, 2)
+    # nnU-Net's NibabelIO reads NIfTI in SimpleITK's (z, y, x) order too: a NibabelIO dataset has the same axes
+    assert array_axes({**src, "image_reader_writer": "NibabelIO"}).axes == axes
 
 
 def _nifti_generator(patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0)) -> GridSpec:

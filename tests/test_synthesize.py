@@ -85,7 +85,8 @@ def test_prompt_changes_the_sampled_latents_inside_the_lesion_only(trained):
     import nibabel as nib
     import torch
 
-    from nnunet_promptlesion.cli.synthesize import extract_patches, generator_axes, place_masks
+    from nnunet_promptlesion.synthesis.single_ct import extract_patches, place_masks
+    from nnunet_promptlesion.utils.geometry import array_axes
     from nnunet_promptlesion.generator.diffusion.checkpoint import load_generator_pair
     from nnunet_promptlesion.generator.diffusion.inpaint import inpaint_lesions, latent_region
     from nnunet_promptlesion.generator.intensity import IntensitySpace
@@ -97,8 +98,7 @@ def test_prompt_changes_the_sampled_latents_inside_the_lesion_only(trained):
     liver = _load(CT / "abdomen_3mm_organs.nii.gz") == 5
     spacing = np.array(img.header.get_zooms()[:3], float)
     masks = place_masks(liver, spacing, 2, 8.0, None, np.random.default_rng(3), False, 5)
-    perm = generator_axes(meta)
-    assert perm == [0, 1, 2]  # trained on a NIfTI folder
+    assert array_axes(meta).axes == (0, 1, 2)  # trained on a NIfTI folder: nibabel order
     p = extract_patches(ct, liver, masks, spacing, np.array(meta["spacing"]), meta["patch_size"],
                         IntensitySpace.from_dict(meta["intensity"]))
     image, mask = torch.from_numpy(p["image"]), torch.from_numpy(p["mask"])
@@ -145,9 +145,9 @@ def test_synthesize_real_ct_with_mask_and_errors(tmp_path, trained, capsys):
     assert e.value.code == 0 and "--size-mm" in capsys.readouterr().out
 
 
-def _nnunet_generator_pair(tmp_path, spacing_g, transpose_forward):
+def _nnunet_generator_pair(tmp_path, spacing_g, transpose_forward, prompt_dropout=0.1, reader=None):
     """A VQGAN + diffusion checkpoint pair whose metadata says: trained with -d (nnU-Net order, spacing
-    ``spacing_g`` mm in that order). Untrained weights: the geometry test replaces the sampler."""
+    ``spacing_g`` mm in that order, read by ``reader``). Untrained weights: the tests replace the sampler."""
     import torch
 
     from nnunet_promptlesion.generator.diffusion.checkpoint import build_meta
@@ -159,14 +159,16 @@ def _nnunet_generator_pair(tmp_path, spacing_g, transpose_forward):
 
     torch.manual_seed(0)
     source = {"type": "nnunet_preprocessed", "axis_order": "nnunet", "transpose_forward": list(transpose_forward)}
+    if reader:
+        source["image_reader_writer"] = reader
     vq = tmp_path / "vq.pt"
     save_vqgan(VQGAN(VQGANConfig.tiny(patch_size=(24, 24, 24))), vq, spacing=spacing_g,
                intensity=IntensitySpace.hu_window(-175, 250), step=0, source={"train": source, "eval": source})
-    cfg = DiffusionConfig.tiny(num_classes=1, channels=(16, 32, 32))
+    cfg = DiffusionConfig.tiny(num_classes=1, channels=(16, 32, 32), prompt_dropout=prompt_dropout)
     model = PromptLesionUNet(cfg)
     vocab = PromptVocabulary(names=["healthy", "tumor"], labels=[0, 2])
     meta = build_meta(cfg, vocab, load_checkpoint(vq)["meta"], vq, (24, 24, 24), 0, source, model.state_dict())
-    ck = tmp_path / "diff.pt"
+    ck = tmp_path / f"diff_{prompt_dropout}.pt"
     save_checkpoint({"meta": meta, "model": model.state_dict()}, ck)
     return ck
 
@@ -231,3 +233,104 @@ def inpaint_space_value(hu: float) -> float:
     from nnunet_promptlesion.generator.intensity import IntensitySpace
 
     return float(IntensitySpace.hu_window(-175, 250).hu_to_model(np.float32(hu)))
+
+
+def _tiny_ct(tmp_path, aff=None):
+    """A small CT (HU ramp along nibabel x), an organ and a lesion mask, written as NIfTI."""
+    import nibabel as nib
+
+    shape = (40, 36, 14)
+    x = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    ct = np.broadcast_to(-150.0 + 8.0 * x, shape).astype(np.int16)
+    organ = np.zeros(shape, np.uint8)
+    organ[5:35, 5:31, 2:12] = 1
+    lesion = np.zeros(shape, np.uint8)
+    lesion[16:22, 15:21, 6:8] = 1
+    aff = np.diag([0.8, 0.8, 3.0, 1.0]) if aff is None else aff
+    for name, arr in (("ct", ct), ("organ", organ), ("lesion", lesion)):
+        nib.save(nib.Nifti1Image(arr, aff), str(tmp_path / f"{name}.nii.gz"))
+    return ct, organ, lesion
+
+
+@pytest.mark.parametrize("prompt_dropout", [0.1, 1.0])
+def test_synthesize_samples_a_no_prompt_model_with_its_null_token(tmp_path, monkeypatch, prompt_dropout):
+    """A model trained with prompt dropout 1 has only seen its null token: single-CT synthesis must sample it
+    with that token (as training-time sources do), and any other model with the requested class prompt; the
+    label map keeps the requested class either way."""
+    import torch
+
+    from nnunet_promptlesion.cli.synthesize import main
+    from nnunet_promptlesion.generator.diffusion import inpaint
+    from nnunet_promptlesion.utils.checkpoint import load_checkpoint
+
+    ck = _nnunet_generator_pair(tmp_path, (3.0, 1.6, 0.8), (0, 1, 2), prompt_dropout=prompt_dropout)
+    meta = load_checkpoint(ck)["meta"]
+    _, _, lesion = _tiny_ct(tmp_path)
+    seen = {}
+
+    def fake_inpaint(vqgan, model, image, lesion_mask, prompt_ids, **kw):
+        seen["ids"] = prompt_ids.tolist()
+        return image, image.clone(), None
+
+    monkeypatch.setattr(inpaint, "inpaint_lesions", fake_inpaint)
+    assert main(["-i", str(tmp_path / "ct.nii.gz"), "--parent-mask", str(tmp_path / "organ.nii.gz"),
+                 "--parent-label", "1", "--prompt", "tumor", "--mask", str(tmp_path / "lesion.nii.gz"),
+                 "--diffusion", str(ck), "--device", "cpu", "-o", str(tmp_path / "out")]) == 0
+    tumor_id = 1  # vocabulary ["healthy", "tumor"]
+    want = int(meta["null_prompt_id"]) if prompt_dropout >= 1 else tumor_id
+    assert want != tumor_id or prompt_dropout < 1
+    assert seen["ids"] == [want]
+    rec = json.loads((tmp_path / "out" / "ct_synthesis.json").read_text())
+    assert rec["sampled_prompt_id"] == want and rec["prompt"] == "tumor"
+    assert np.array_equal(_load(tmp_path / "out" / "ct_lesions.nii.gz") > 0, lesion > 0)
+    del torch
+
+
+def test_synthesize_with_a_nibabel_generator_sees_the_same_patch_as_with_a_simpleitk_one(tmp_path, monkeypatch):
+    """nnU-Net's NibabelIO reads NIfTI in the same (z, y, x) order as SimpleITKIO: a generator trained on a
+    NibabelIO dataset must get the same patch (and the lesion land at the same voxels) as one trained on a
+    SimpleITKIO dataset. A ...WithReorient generator sees the reoriented CT, and the result maps back exactly."""
+    import nibabel as nib
+
+    from nnunet_promptlesion.cli.synthesize import main
+    from nnunet_promptlesion.generator.diffusion import inpaint
+
+    # stored with flipped x and y (LPS-like): the reorienting readers flip these two axes
+    aff = np.diag([-0.8, -0.8, 3.0, 1.0])
+    _, _, lesion = _tiny_ct(tmp_path, aff)
+    seen = {}
+    bright = inpaint_space_value(200.0)
+
+    def fake_inpaint(vqgan, model, image, lesion_mask, prompt_ids, **kw):
+        seen.setdefault("image", []).append(image.numpy().copy())
+        return image, torch.full_like(image, bright), None
+
+    import torch
+
+    monkeypatch.setattr(inpaint, "inpaint_lesions", fake_inpaint)
+    outs = {}
+    for reader in ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient"):
+        d = tmp_path / reader
+        d.mkdir()
+        ck = _nnunet_generator_pair(d, (3.0, 1.6, 0.8), (0, 1, 2), reader=reader)
+        assert main(["-i", str(tmp_path / "ct.nii.gz"), "--parent-mask", str(tmp_path / "organ.nii.gz"),
+                     "--parent-label", "1", "--prompt", "tumor", "--mask", str(tmp_path / "lesion.nii.gz"),
+                     "--diffusion", str(ck), "--device", "cpu", "-o", str(d / "out")]) == 0
+        outs[reader] = _load(d / "out" / "ct_synthetic.nii.gz")
+        assert syn_ok(outs[reader], lesion)
+        rec = json.loads((d / "out" / "ct_synthesis.json").read_text())
+        assert rec["generator_axes"] == [2, 1, 0] and rec["generator_reorients"] == reader.endswith("Reorient")
+        # the recorded world centre is the lesion's centre under the file's affine
+        np.testing.assert_allclose(rec["lesions"][0]["centre_world_mm_ras"],
+                                   nib.affines.apply_affine(aff, np.argwhere(lesion > 0).mean(0)), atol=0.01)
+    sitk_img, nib_img, reo_img = seen["image"]
+    np.testing.assert_array_equal(sitk_img, nib_img)
+    # reoriented to RAS: the generator's last axis (x) runs the other way, the ramp falls along it
+    # (patch coordinates are symmetric about the lesion centre; mirrored, they round a little differently)
+    np.testing.assert_allclose(reo_img[..., ::-1, ::-1], sitk_img, atol=16 * np.finfo(np.float32).eps)
+    np.testing.assert_array_equal(outs["SimpleITKIO"], outs["NibabelIO"])
+
+
+def syn_ok(syn, lesion) -> bool:
+    """The generated content (200 HU) landed on the lesion (the CT ramp there is far below it)."""
+    return bool(syn[lesion > 0].mean() > 180)

@@ -117,11 +117,15 @@ def sampling_prompt_ids(meta: dict, spec, vocab, labels: Sequence[int] | None = 
     token; feeding it class ids would condition it on embeddings that were never trained, so every class is
     sampled with ``meta["null_prompt_id"]`` instead. Any other model gets its class prompts.
     """
-    ids = prompt_ids_for(spec, vocab, labels)
+    return {label: sampling_prompt_id(meta, pid) for label, pid in prompt_ids_for(spec, vocab, labels).items()}
+
+
+def sampling_prompt_id(meta: dict, prompt_id: int) -> int:
+    """The prompt id to sample ``prompt_id`` (a vocabulary id, "healthy" included) with: the null token for a model
+    trained with ``prompt_dropout >= 1`` (see :func:`sampling_prompt_ids`), else ``prompt_id`` itself."""
     if float(meta.get("config", {}).get("prompt_dropout", 0.0)) >= 1.0:
-        null = int(meta["null_prompt_id"])
-        ids = {label: null for label in ids}
-    return ids
+        return int(meta["null_prompt_id"])
+    return int(prompt_id)
 
 
 class DiffusionRenderer:

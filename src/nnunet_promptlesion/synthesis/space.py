@@ -3,17 +3,18 @@
 Two sides:
 
 data side (nnU-Net)
-    arrays (C, X, Y, Z) in nnU-Net's preprocessed axis order: the image reader's order (SimpleITKIO reads
-    NIfTI as (z, y, x), the reverse of nibabel; NibabelIO keeps nibabel's (x, y, z)) permuted by the plans'
-    ``transpose_forward``; spacing = the configuration's spacing (mm, that order); intensities are
+    arrays (C, X, Y, Z) in nnU-Net's preprocessed axis order: the image reader's order (every nnU-Net NIfTI
+    reader returns (z, y, x), the reverse of nibabel) permuted by the plans' ``transpose_forward``
+    (:func:`~nnunet_promptlesion.utils.geometry.array_axes`); spacing = the configuration's spacing (mm, that
+    order); intensities are
     CTNormalization z-scores (:meth:`IntensitySpace.from_nnunet_plans`).
 generator side (checkpoint meta)
     ``spacing`` (mm) and ``patch_size`` (voxels) in the array order of the data it was trained on (nnU-Net
     order of *its* plans for ``source.type == "nnunet_preprocessed"``, nibabel order for a NIfTI folder),
     ``intensity`` (:class:`IntensitySpace`, model space [-1, 1]).
 
-Both array orders are described by :func:`world_axes`: for every array axis, the nibabel (NIfTI voxel) axis
-it runs along. The mapping permutes axes accordingly (no flips: both sides keep the reader's orientation),
+Both array orders are described by :func:`~nnunet_promptlesion.utils.geometry.array_axes`: for every array
+axis, the NIfTI voxel axis it runs along. The mapping permutes axes accordingly (no flips: both sides keep the reader's orientation),
 resamples a local generator patch around the lesion with trilinear interpolation (generator voxel centres
 placed symmetrically around the ROI centre, in mm), converts z-scores -> HU -> model space, and on the way
 back samples the decoded patch only at the data voxels inside the blend support (the lesion mask dilated by
@@ -31,9 +32,7 @@ from scipy import ndimage
 
 from ..generator.intensity import IntensitySpace
 from ..lesions.blending import blend_margin, blend_weights
-
-#: reader -> for each reader array axis, the nibabel axis it is
-_READER_AXES = {"SimpleITKIO": (2, 1, 0), "NibabelIO": (0, 1, 2), "NibabelIOWithReorient": (0, 1, 2)}
+from ..utils.geometry import array_axes
 
 
 class SpaceMismatchError(ValueError):
@@ -44,32 +43,10 @@ class DoesNotFitError(ValueError):
     """The lesion's blend support does not fit into the generator patch (lesion too large for the generator)."""
 
 
-def world_axes(source: dict | None, plans: dict | None = None) -> tuple[int, int, int]:
-    """For each array axis of a data source, the nibabel axis index (0, 1, 2) it runs along.
-
-    ``source``: a ``PatchSource.describe()`` dict (or a VQGAN meta ``source`` dict with a ``train`` entry).
-    ``plans``: nnU-Net plans, used when ``source`` is None (the data side of a training run).
-    """
-    if source is not None and "train" in source and isinstance(source["train"], dict):
-        source = source["train"]
-    if source is None and plans is None:
-        raise ValueError("world_axes needs a source description or nnU-Net plans")
-    if source is not None and source.get("type") != "nnunet_preprocessed":
-        return (0, 1, 2)  # NIfTI folders and anything else: arrays in nibabel order
-    info = source if source is not None else plans
-    reader = info.get("image_reader_writer") or "SimpleITKIO"
-    if reader not in _READER_AXES:
-        # Other readers (tif, png) have no NIfTI axis meaning; treat their order as the reader's own.
-        reader_axes = (0, 1, 2)
-    else:
-        reader_axes = _READER_AXES[reader]
-    tf = list(info.get("transpose_forward") or [0, 1, 2])
-    return tuple(int(reader_axes[t]) for t in tf)
-
-
 @dataclass(frozen=True)
 class GridSpec:
-    """One side of the mapping: spacing (mm) and world axes per array axis, and the intensity space."""
+    """One side of the mapping: spacing (mm) and NIfTI voxel axis per array axis (``array_axes(...).axes``), and
+    the intensity space."""
 
     spacing: tuple[float, float, float]
     axes: tuple[int, int, int]
@@ -80,7 +57,7 @@ class GridSpec:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         cm = PlansManager(plans).get_configuration(configuration)
-        return cls(tuple(float(s) for s in cm.spacing), world_axes(None, plans),
+        return cls(tuple(float(s) for s in cm.spacing), array_axes(plans).axes,
                    IntensitySpace.from_nnunet_plans(plans, configuration))
 
     @classmethod
@@ -88,7 +65,7 @@ class GridSpec:
         if not meta.get("intensity") or not meta.get("spacing"):
             raise SpaceMismatchError("the generator checkpoint records no spacing/intensity space; retrain it with this "
                                      "package's promptlesion_train_vqgan / promptlesion_train_diffusion")
-        return cls(tuple(float(s) for s in meta["spacing"]), world_axes(meta.get("source") or {}),
+        return cls(tuple(float(s) for s in meta["spacing"]), array_axes(meta.get("source") or {}).axes,
                    IntensitySpace.from_dict(meta["intensity"]))
 
 
@@ -295,5 +272,5 @@ def prompt_ids_for(spec, vocabulary, labels: Sequence[int] | None = None) -> dic
     return out
 
 
-__all__ = ["SpaceMapping", "GridSpec", "world_axes", "SpaceMismatchError", "DoesNotFitError",
+__all__ = ["SpaceMapping", "GridSpec", "SpaceMismatchError", "DoesNotFitError",
            "check_intensity_representable", "prompt_ids_for"]
