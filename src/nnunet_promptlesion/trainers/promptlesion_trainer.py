@@ -31,6 +31,7 @@ from ..utils.errors import PromptLesionConfigError
 from .lesion_index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
                            load_or_build_index)
 from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_per_rank
+from .synthetic_validation import SyntheticValidation, prepare_synthetic_validation
 from .early_stopping import EarlyStoppingMixin
 from .settings import load_settings
 
@@ -46,6 +47,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         self.promptlesion_source: SampleSource | None = None
         self._promptlesion_epoch_stats: Counter = Counter()
         self.promptlesion_index_origin: str | None = None
+        # transfer gauge A: pseudo-Dice on held-back synthetic samples (never read by nnU-Net's selection)
+        self.promptlesion_gauges: SyntheticValidation | None = None
 
     # ---------------------------------------------------------------- set-up checks
     def _find_lesion_spec(self) -> Path:
@@ -178,6 +181,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def build_train_loader(self, dataset_tr, initial_patch_size, tr_transforms):
         s = self.promptlesion_settings
         self.lesion_index = index = self.build_lesion_index(dataset_tr)
+        # fold "all": carriers held back for synthetic validation leave the index training places lesions with
+        self.promptlesion_gauges, index = prepare_synthetic_validation(self, index)
         probs = self._class_probabilities(index)
         self.close_sample_source()
         source = self.build_sample_source(index, initial_patch_size)
@@ -233,6 +238,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         self.print_to_log_file(f"PromptLesion: epoch stats {json.dumps(summary, default=str)}" +
                                (f" ({fallback} synthetic slot(s) filled with real samples after failed placements)"
                                 if fallback else ""))
+        if self.promptlesion_gauges is not None and self.local_rank == 0:
+            self.promptlesion_gauges.run_epoch(self)  # own log lines / JSON / plot; nnU-Net's logger untouched
         super().on_epoch_end()
 
     def on_train_end(self):
