@@ -1,4 +1,5 @@
-"""Mask drawing, blending and rule-based synthesis on small synthetic arrays (no nnU-Net needed)."""
+"""Mask drawing, blending and rule-based synthesis on small synthetic arrays (no nnU-Net needed); at the end, a
+synthetic sample's birth through the loader on the session's preprocessed phantom."""
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -228,3 +229,72 @@ def test_centre_region_is_symmetric_about_the_carrier_centre():
         (sl,) = centre_slices([p], box)
         c = p // 2  # the carrier centre voxel's index in the patch (PromptLesionDataLoader.carrier_bbox)
         assert c - sl.start == sl.stop - 1 - c == box[0] // 2
+
+
+def test_loader_places_and_labels_and_the_source_only_renders_what_it_is_handed(ccta_dataset, monkeypatch):
+    """One direction: the loader offers a fresh placement (submit), takes a lesion the source rendered ahead of
+    time (pick), cuts the carrier around it, hands that Placement to render and writes the label. The source
+    never gets the loader; what it pastes lands exactly where the placement says."""
+    from nnunet_promptlesion.synthesis.diffusion_render import RenderedLesion
+    from nnunet_promptlesion.synthesis.sources import Placement, SampleSource
+    from test_trainer import make_loader, make_trainer
+
+    _, _, env = ccta_dataset
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    trainer = make_trainer(env)
+    loader, ds = make_loader(trainer)
+    spec = loader.index.spec
+    ci = 0
+    lesion = spec.lesions[ci]
+    ident, centres = loader.index.carrier_pool(lesion)[0]
+    c = np.asarray(centres[0], int)
+    mask = np.zeros((5, 5, 5), bool)
+    mask[1:4, 1:4, 1:4] = True
+    rendered = RenderedLesion(case=ident, label=lesion.label, seed=5, box_lo=c - 2, mask=mask,
+                              support=np.ones((5, 5, 5), bool), values=1000.0 + np.arange(125, dtype=np.float32),
+                              centre=c)
+    calls = []
+
+    class AheadSource(SampleSource):
+        name = "ahead"
+
+        def wants_placement(self, class_idx):
+            calls.append(("wants", class_idx))
+            return True
+
+        def submit(self, placement, rng):
+            calls.append(("submit", placement))
+
+        def pick(self, class_idx, rng):
+            calls.append(("pick", class_idx))
+            return rendered
+
+        def render(self, placement, data, seg):
+            calls.append(("render", placement))
+            placement.rendered.paste(data, [b[0] for b in placement.bbox])
+            return data
+
+    loader.source = AheadSource()
+    sample = loader.synthesize(ci, np.random.default_rng(0))
+    assert [k for k, _ in calls] == ["wants", "submit", "pick", "render"]
+    fresh, placed = calls[1][1], calls[3][1]
+    assert isinstance(fresh, Placement) and fresh.rendered is None and fresh.label == lesion.label
+    assert placed is sample.placement and placed.rendered is rendered and sample.case == ident
+    # the lesion centre lies in the patch's central region, and the placement's mask is the rendered one
+    assert all(sl.start <= v < sl.stop for sl, v in zip(loader.centre_region, placed.centre))
+    lo = np.array([b[0] for b in placed.bbox])
+    expect = np.zeros(placed.patch_shape, bool)
+    expect[tuple(slice(a, a + 5) for a in c - 2 - lo)] = mask
+    assert np.array_equal(placed.mask(), expect)
+    # data: the carrier crop, with the rendered values exactly at the support voxels; label under mask & allowed
+    data, seg = loader.load_crop(ident, placed.bbox)
+    box = tuple(slice(a, a + 5) for a in c - 2 - lo)
+    sup = np.zeros(placed.patch_shape, bool)
+    sup[box] = True
+    np.testing.assert_array_equal(sample.data[0][box].ravel(), rendered.values)
+    np.testing.assert_array_equal(sample.data[:, ~sup], data[:, ~sup])
+    allowed = loader.allowed_region(seg[0], lesion)
+    assert (sample.seg[0][expect & allowed] == lesion.label).all() and (expect & allowed).any()
+    np.testing.assert_array_equal(sample.seg[0][~(expect & allowed)], seg[0][~(expect & allowed)])
+

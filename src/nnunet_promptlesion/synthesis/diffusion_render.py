@@ -62,15 +62,10 @@ class RenderedLesion:
         Returns the lesion mask in crop coordinates (bool, crop shape; voxels of the lesion outside the crop drop).
         """
         shape = data.shape[1:]
-        rel = np.asarray(self.box_lo) - np.asarray(crop_lo)
-        src, dst = [], []
-        for r, b, s in zip(rel, self.mask.shape, shape):
-            lo, hi = max(r, 0), min(r + b, s)
-            if hi <= lo:
-                return np.zeros(shape, bool)
-            dst.append(slice(lo, hi))
-            src.append(slice(lo - r, hi - r))
-        src, dst = tuple(src), tuple(dst)
+        overlap = self._overlap(crop_lo, shape)
+        if overlap is None:
+            return np.zeros(shape, bool)
+        src, dst = overlap
         full = np.zeros(self.support.shape, np.float32)
         full[self.support] = self.values
         sup = self.support[src]
@@ -79,6 +74,27 @@ class RenderedLesion:
         out = np.zeros(shape, bool)
         out[dst] = self.mask[src]
         return out
+
+    def mask_in(self, crop_lo: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+        """The lesion mask in a crop with corner ``crop_lo`` (case grid) and spatial ``shape``: bool, crop shape;
+        lesion voxels outside the crop drop (the mask :meth:`paste` returns, without pasting)."""
+        out = np.zeros(tuple(int(s) for s in shape), bool)
+        overlap = self._overlap(crop_lo, out.shape)
+        if overlap is not None:
+            out[overlap[1]] = self.mask[overlap[0]]
+        return out
+
+    def _overlap(self, crop_lo, shape):
+        """(box slices, crop slices) of the part of the lesion box inside the crop, or None if they do not meet."""
+        rel = np.asarray(self.box_lo) - np.asarray(crop_lo)
+        src, dst = [], []
+        for r, b, s in zip(rel, self.mask.shape, shape):
+            lo, hi = max(int(r), 0), min(int(r + b), int(s))
+            if hi <= lo:
+                return None
+            dst.append(slice(lo, hi))
+            src.append(slice(lo - int(r), hi - int(r)))
+        return tuple(src), tuple(dst)
 
 
 class CaseReader:

@@ -10,8 +10,8 @@
 ``"synthesizer": "diffusion_online"``, ``"diffusion": CHECKPOINT``
     A producer process (spawned) owns the generator on ``"synthesis_device"`` (default: the training device)
     and keeps a shared-memory ring of freshly rendered lesions (:mod:`.online_producer`). Each
-    draw in a worker sends one placement request (the loader's own ``place``: healthy carrier, mask inside the
-    parent) without waiting and takes a ready ring sample of the drawn class; a class with nothing ready yet is
+    draw in a worker submits one fresh placement of the loader (healthy carrier, mask inside the parent) as a
+    request without waiting and picks a ready ring sample of the drawn class; a class with nothing ready yet is
     served by the rule-based source (counted). Start-up waits (at most ``"online_warmup_s"``) until every drawn
     class has a sample, so training starts on diffusion lesions.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import Placement, SampleSource, SourceContext, SyntheticSample, build_source, register_source
+from .sources import Placement, SampleSource, SourceContext, build_source, register_source
 
 QUALITY_SETTINGS = {"quality_model": None, "quality_fold": "0", "quality_min_iou": 0.7}
 CACHE_SETTINGS = {"cache": None, **QUALITY_SETTINGS}
@@ -52,20 +52,12 @@ def _quality_cfg(extra: dict) -> dict | None:
             "min_iou": float(extra.get("quality_min_iou", 0.7))}
 
 
-def _carrier_sample(loader, rendered, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
-    """Crop the carrier patch around a rendered lesion and paste it (shared by both sources)."""
-    box = np.asarray(loader.centre_box)
-    shift = np.array([int(rng.integers(-(b // 2), b // 2 + 1)) for b in box])
-    centre = np.asarray(rendered.centre) - shift
-    bbox = loader.carrier_bbox(centre)
-    data, seg = loader.load_crop(rendered.case, bbox)
-    lo = [b[0] for b in bbox]
-    mask = rendered.paste(data, lo)
-    if not mask.any():
-        return None
-    placement = Placement.from_mask(rendered.case, bbox, class_idx, rendered.label, mask,
-                                    np.asarray(rendered.centre) - np.asarray(lo), rendered.seed)
-    return SyntheticSample(data=data, seg=loader.write_label(seg, placement), placement=placement)
+def _paste_rendered(placement: Placement, data: np.ndarray) -> np.ndarray | None:
+    """Render = paste the lesion the loader placed the carrier around (shared by both sources), in place."""
+    if placement.rendered is None:
+        return None  # a fresh placement: these sources only serve lesions they rendered ahead of time
+    placement.rendered.paste(data, [b[0] for b in placement.bbox])
+    return data
 
 
 def _check_3d(ctx: SourceContext, name: str) -> None:
@@ -119,14 +111,17 @@ class DiffusionCacheSource(SampleSource):
             raise _config_error(f"lesion cache {self.cache.folder} holds no sample of {missing}, which this run draws. "
                                 "Rebuild it including these classes or give them weight 0 in 'class_weights'.")
 
-    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+    def pick(self, class_idx: int, rng: np.random.Generator):
         label = self.spec.lesions[class_idx].label
         pool = self.cache.samples.get(label)
         if not pool:
             return None
         k = int(rng.integers(len(pool)))
         self._draws["draws"] = self._draws.get("draws", 0) + 1
-        return _carrier_sample(loader, pool[k], class_idx, rng)
+        return pool[k]
+
+    def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
+        return _paste_rendered(placement, data)
 
     def worker_stats(self) -> dict[str, float]:
         out, self._draws = self._draws, {}
@@ -251,7 +246,7 @@ class DiffusionOnlineSource(SampleSource):
             if not missing:
                 break
             for i in missing:
-                self._request(loader, i, rng)
+                loader.offer_placement(i, rng)  # the loader places, submit() queues the request
             self._poll_status(timeout=0.5)
             if self.producer_error:
                 break
@@ -315,19 +310,19 @@ class DiffusionOnlineSource(SampleSource):
             self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids)
         return self.ring
 
-    def _request(self, loader, class_idx: int, rng: np.random.Generator) -> None:
+    def wants_placement(self, class_idx: int) -> bool:
+        if self.requests.full():
+            # the producer is saturated: the loader skips the placement work (a carrier crop and a mask)
+            self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
+            return False
+        return True
+
+    def submit(self, pl: Placement, rng: np.random.Generator) -> None:
+        """Queue a fresh placement for the producer (without waiting)."""
         import queue as queue_mod
 
         from .diffusion_render import LesionRequest
 
-        if self.requests.full():
-            # the producer is saturated: skip the placement work (a carrier crop and a mask) altogether
-            self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
-            return
-        placed = loader.place(class_idx, rng)
-        if placed is None:
-            return
-        pl, _, _ = placed
         lo = np.array([b[0] for b in pl.bbox]) + np.array([b[0] for b in pl.lesion_box])
         sigma = float(rng.uniform(*self.sigma_range))
         req = LesionRequest(case=pl.case, label=pl.label, mask_lo=lo, mask=pl.lesion_mask, seed=pl.seed, sigma=sigma)
@@ -337,15 +332,19 @@ class DiffusionOnlineSource(SampleSource):
         except queue_mod.Full:
             self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
 
-    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+    def pick(self, class_idx: int, rng: np.random.Generator):
         ring = self._attach_ring()
-        self._request(loader, class_idx, rng)
         r = ring.take(self.spec.lesions[class_idx].label, rng)
         if r is None:
             self._local["fallback_rule_based"] = self._local.get("fallback_rule_based", 0) + 1
-            return self.fallback.draw(loader, class_idx, rng)
+            return None  # the loader hands render a fresh placement, painted by the rule-based fallback
         self._local["diffusion"] = self._local.get("diffusion", 0) + 1
-        return _carrier_sample(loader, r, class_idx, rng)
+        return r
+
+    def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
+        if placement.rendered is None:
+            return self.fallback.render(placement, data, seg)
+        return _paste_rendered(placement, data)
 
     def worker_stats(self) -> dict[str, float]:
         out, self._local = self._local, {}

@@ -7,8 +7,8 @@ structure, its texture the standard deviation inside it. A class without real le
 training cases uses the lesion spec's intensity prior (``contrast_hu``, ``texture_hu``, relative to
 the parent), mapped from HU to the data's z-scores with the plans' CTNormalization properties.
 
-:class:`RuleBasedSource` is the ``"rule_based"`` sample source (see :mod:`.sources`): placement by
-the loader, painting here, both in the loader worker.
+:class:`RuleBasedSource` is the ``"rule_based"`` sample source (see :mod:`.sources`): the loader places,
+this source paints the placement it is handed, both in the loader worker.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from scipy import ndimage
 from ..lesions.blending import blend, dilate
 from ..lesions.spec import LesionClass
 from ..lesions.masks import MaskSampler
-from .sources import SampleSource, SourceContext, SyntheticSample, register_source
+from .sources import Placement, SampleSource, SourceContext, register_source
 from .synthesizer import SynthesisError, Synthesizer
 
 
@@ -181,19 +181,15 @@ class RuleBasedSource(SampleSource):
         self.painter = painter
         self.spec = spec
 
-    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
-        placed = loader.place(class_idx, rng)
-        if placed is None:
-            return None
-        placement, data, seg = placed
-        lesion = self.spec.lesions[class_idx]
+    def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
+        """Paint the placement's lesion into a copy of ``data`` (texture seeded with ``placement.seed``)."""
+        lesion = self.spec.lesions[placement.class_idx]
         parent = np.isin(seg[0], lesion.parents)
         try:
             image = self.painter.paint(data, placement.mask(), parent, lesion, np.random.default_rng(placement.seed))
         except SynthesisError:
             return None
-        return SyntheticSample(data=image.astype(np.float32, copy=False), seg=loader.write_label(seg, placement),
-                               placement=placement)
+        return image.astype(np.float32, copy=False)
 
     def check(self, index, class_probs: np.ndarray) -> None:
         missing = [l.name for l, p in zip(self.spec.lesions, class_probs) if p > 0 and not self.painter.can_paint(l.label)]

@@ -1,35 +1,39 @@
 """Where PromptLesionTrainer's synthetic samples come from: one interface for every synthesizer.
 
-A synthetic sample is made in two steps that may run in different places:
+A synthetic sample is born in one direction, driven by the loader
+(:meth:`PromptLesionDataLoader.synthesize <nnunet_promptlesion.trainers.mixing_loader.PromptLesionDataLoader.synthesize>`,
+inside nnU-Net's forked loader workers); the source never calls the loader::
 
-1. **Placement** (cheap, CPU, inside nnU-Net's forked loader workers): a lesion class, a healthy
-   carrier patch cut from a training case around a parent-structure voxel, and a lesion mask drawn
-   inside the parent. :meth:`PromptLesionDataLoader.place
-   <nnunet_promptlesion.trainers.mixing_loader.PromptLesionDataLoader.place>` does this and returns a
-   :class:`Placement` (everything needed to rebuild the carrier and the mask later: case, crop box,
-   lesion box, compact mask, seed) plus the carrier crops.
-2. **Rendering**: painting the lesion into the carrier. The rule-based source renders in the worker;
-   a diffusion source renders batched on a GPU elsewhere (a cache built ahead of time, or a producer
-   process), never in a forked worker and never with a model loaded per worker.
+    loader: class drawn                    (class probabilities)
+    loader: fresh Placement                -> source.submit(placement, rng)   only if source.wants_placement(class)
+    source.pick(class, rng)                -> a lesion the source rendered ahead of time, or None
+    loader: Placement (+ carrier crops)    around the picked lesion, or a fresh one (healthy carrier patch cut
+                                           around a parent-structure voxel, lesion mask drawn inside the parent)
+    source.render(placement, data, seg)    -> the carrier crop with the lesion painted in, or None
+    loader: label written                  (``write_label``: under the mask, never over another label or -1)
 
-The loader asks a :class:`SampleSource` for each synthetic slot of a batch::
+A :class:`Placement` holds everything needed to rebuild the carrier and the mask later (case, crop box, lesion
+box, compact mask, seed) and, for a picked lesion, the lesion itself (``rendered``). The rule-based source paints
+fresh placements in the worker; the diffusion sources render batched on a GPU elsewhere (a cache built ahead of
+time, or a producer process fed with submitted placements) and paste what they picked: never a model in a
+forked worker.
 
-    sample = source.draw(loader, class_idx, rng)      # SyntheticSample, or None = not available now
-
-``None`` makes the loader retry (``draw_tries`` times) and then fill the slot with a real sample,
-counted in the per-epoch log; training never stops for it. After rendering the loader (or the source)
-calls ``loader.write_label(seg, placement)``, which writes the lesion label under the mask and never
-over another label or nnU-Net's -1 padding (the mask already excludes those voxels).
+``None`` from ``render`` (or no placement) makes the loader retry (``draw_tries`` times) and then fill the slot
+with a real sample, counted in the per-epoch log.
 
 Lifetime (owned by the trainer): the source is built in the main process by :func:`build_source`
 before the worker processes fork, gets :meth:`SampleSource.attach` once the loader exists (start a
-producer here), reports :meth:`SampleSource.worker_stats` from inside the workers (summed per epoch
+producer here; a producer's start-up may ask the loader for placements with ``loader.offer_placement``),
+reports :meth:`SampleSource.worker_stats` from inside the workers (summed per epoch
 by the trainer through the batches) and :meth:`SampleSource.epoch_stats` from the main process, and
 gets :meth:`SampleSource.close` when training ends, also after an exception.
 
 Adding a source (e.g. ``"diffusion_cache"``)::
 
     from nnunet_promptlesion.synthesis.sources import register_source
+
+    class MySource(SampleSource):        # implement render(); pick/wants_placement/submit to render ahead
+        ...
 
     def _build(ctx: SourceContext) -> SampleSource: ...
     register_source("diffusion_cache", _build, settings={"cache": None})
@@ -74,6 +78,8 @@ class Placement:
         the parent, plus background when the class may leave its parent; never another label or padding).
     centre: the lesion centre voxel in patch coordinates.
     seed: a seed for rendering (diffusion noise, texture) so a placement renders reproducibly.
+    rendered: the lesion already rendered into the case (a ``RenderedLesion`` from a cache or a producer) that
+        this placement was cut around, or None for a fresh placement.
     """
 
     case: str
@@ -84,6 +90,7 @@ class Placement:
     lesion_mask: np.ndarray
     centre: tuple[int, ...]
     seed: int
+    rendered: Any = None
 
     @property
     def patch_shape(self) -> tuple[int, ...]:
@@ -105,8 +112,8 @@ class Placement:
         return tuple((int(b[0] + lo), int(b[0] + hi)) for b, (lo, hi) in zip(self.bbox, self.lesion_box))
 
     @classmethod
-    def from_mask(cls, case: str, bbox, class_idx: int, label: int, mask: np.ndarray, centre, seed: int
-                  ) -> "Placement":
+    def from_mask(cls, case: str, bbox, class_idx: int, label: int, mask: np.ndarray, centre, seed: int,
+                  rendered: Any = None) -> "Placement":
         """Build from a patch-shaped bool mask (must hold at least one voxel)."""
         idx = np.argwhere(mask)
         lo, hi = idx.min(0), idx.max(0) + 1
@@ -114,7 +121,7 @@ class Placement:
         return cls(case=case, bbox=[[int(a), int(b)] for a, b in bbox], class_idx=int(class_idx),
                    label=int(label), lesion_box=box,
                    lesion_mask=np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in box)]),
-                   centre=tuple(int(c) for c in centre), seed=int(seed))
+                   centre=tuple(int(c) for c in centre), seed=int(seed), rendered=rendered)
 
 
 @dataclass
@@ -156,12 +163,30 @@ class SampleSource(ABC):
     name: str = "?"
 
     @abstractmethod
-    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
-        """One synthetic sample of lesion class ``class_idx`` (index into the spec's lesions), or None.
+    def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
+        """The carrier crop ``data`` (C, *patch) float32 with the lesion of ``placement`` painted in, or None.
 
-        Runs in a loader worker. ``loader`` offers ``place``, ``load_crop``, ``write_label``; ``rng`` is
-        the worker's generator. Return None (do not raise) when no sample can be made right now.
+        Runs in a loader worker. ``seg`` (1, *patch) is the carrier's segmentation (read only: the loader writes
+        the label). ``data`` belongs to the caller and may be painted in place and returned. Return None (do not
+        raise) when this placement cannot be rendered.
         """
+
+    def pick(self, class_idx: int, rng: np.random.Generator):
+        """A lesion of class ``class_idx`` this source rendered ahead of time (a ``RenderedLesion`` in a case's
+        voxel grid) for the loader to cut a carrier around, or None: the loader places a fresh lesion."""
+        return None
+
+    def wants_placement(self, class_idx: int) -> bool:
+        """Whether the source takes a fresh placement of ``class_idx`` now (:meth:`submit`): e.g. a producer
+        with room in its request queue. Asked before the loader does the placement work."""
+        return False
+
+    def submit(self, placement: Placement, rng: np.random.Generator) -> None:
+        """Take a fresh placement to render ahead of time (it comes back later through :meth:`pick`)."""
+
+    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+        """Kept for callers written against the old interface: ``loader.synthesize(class_idx, rng)``."""
+        return loader.synthesize(class_idx, rng)
 
     def check(self, index, class_probs: np.ndarray) -> None:
         """Raise a ``PromptLesionConfigError``-like error if classes drawn with p > 0 cannot be made.

@@ -2,12 +2,15 @@
 
 Every batch holds ``n_real`` samples drawn by nnU-Net's own logic (the parent class, with
 probabilistic foreground oversampling so the real share keeps nnU-Net's oversampling rate) followed
-by ``n_synthetic`` samples from a :class:`~nnunet_promptlesion.synthesis.sources.SampleSource`: a
-class drawn with the configured class probabilities, a placement (healthy carrier patch cut around a
-parent-structure voxel, lesion mask inside the parent; :meth:`PromptLesionDataLoader.place`), the
-lesion rendered by the source and its label written into the segmentation
-(:meth:`PromptLesionDataLoader.write_label`). Synthetic samples then go through the same nnU-Net
-transforms as real ones, so augmentation, deep-supervision targets and region handling are identical.
+by ``n_synthetic`` synthetic samples, each born in one direction (:meth:`PromptLesionDataLoader.synthesize`):
+the loader draws a class with the configured class probabilities, makes the
+:class:`~nnunet_promptlesion.synthesis.sources.Placement` (a healthy carrier patch cut around a
+parent-structure voxel with a lesion mask inside the parent, :meth:`PromptLesionDataLoader.place`; or a
+carrier cut around a lesion the source rendered ahead of time, :meth:`PromptLesionDataLoader.place_around`),
+hands it to the :class:`~nnunet_promptlesion.synthesis.sources.SampleSource` to render and writes the label
+into the segmentation (:meth:`PromptLesionDataLoader.write_label`). The source never calls the loader.
+Synthetic samples then go through the same nnU-Net transforms as real ones, so augmentation,
+deep-supervision targets and region handling are identical.
 
 A synthetic slot whose draws all fail (no placement after ``placement_tries`` carriers, or the source
 has nothing ready) is filled with a real sample; ``batch['promptlesion_stats']`` carries the counts
@@ -127,7 +130,7 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         """Add to a per-batch counter (reported in ``batch['promptlesion_stats']``, summed per epoch)."""
         self._stats[key] += n
 
-    # ------------------------------------------------------------------ placement helpers (used by sources)
+    # ------------------------------------------------------------------ placement
     def carrier_bbox(self, centre_xyz) -> list[list[int]]:
         """Crop box of the initial patch with voxel ``centre_xyz`` at index ``patch_size // 2``."""
         lbs = [int(c) - p // 2 for c, p in zip(centre_xyz, self.patch_size)]
@@ -180,6 +183,33 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         self.count("placement_failures")
         return None
 
+    def place_around(self, rendered, class_idx: int, rng: np.random.Generator
+                     ) -> tuple[Placement, np.ndarray, np.ndarray] | None:
+        """A placement around a lesion already rendered into a case (``RenderedLesion``: cache, producer ring)
+        and the carrier crops: the patch is cut so that the lesion centre lies at a random position of the
+        central region, as for fresh placements. None if no lesion voxel falls inside the patch."""
+        box = np.asarray(self.centre_box)
+        shift = np.array([int(rng.integers(-(b // 2), b // 2 + 1)) for b in box])
+        bbox = self.carrier_bbox(np.asarray(rendered.centre) - shift)
+        data, seg = self.load_crop(rendered.case, bbox)
+        lo = np.array([b[0] for b in bbox])
+        mask = rendered.mask_in(lo, data.shape[1:])
+        if not mask.any():
+            return None
+        placement = Placement.from_mask(rendered.case, bbox, class_idx, rendered.label, mask,
+                                        np.asarray(rendered.centre) - lo, rendered.seed, rendered=rendered)
+        return placement, data, seg
+
+    def offer_placement(self, class_idx: int, rng: np.random.Generator):
+        """If the source wants a fresh placement of ``class_idx`` (to render ahead of time), place one and submit
+        it. Returns what :meth:`place` returned (None if nothing was placed)."""
+        if not self.source.wants_placement(class_idx):
+            return None
+        placed = self.place(class_idx, rng)
+        if placed is not None:
+            self.source.submit(placed[0], rng)
+        return placed
+
     def write_label(self, seg: np.ndarray, placement: Placement) -> np.ndarray:
         """A copy of ``seg`` (1, *patch) with the lesion label under the placement's mask.
 
@@ -194,13 +224,31 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         return out
 
     # ------------------------------------------------------------------ batches
+    def synthesize(self, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
+        """One attempt at an untransformed synthetic sample of lesion class ``class_idx`` (index into the spec's
+        lesions), in one direction: placement here, rendering by the source, label here. None if it fails."""
+        fresh = self.offer_placement(class_idx, rng)
+        rendered = self.source.pick(class_idx, rng)
+        if rendered is not None:
+            placed = self.place_around(rendered, class_idx, rng)
+        else:
+            placed = fresh if fresh is not None else self.place(class_idx, rng)
+        if placed is None:
+            return None
+        placement, data, seg = placed
+        image = self.source.render(placement, data, seg)
+        if image is None:
+            return None
+        return SyntheticSample(data=np.asarray(image, dtype=np.float32), seg=self.write_label(seg, placement),
+                               placement=placement)
+
     def draw_synthetic(self, class_idx: int | None = None) -> SyntheticSample | None:
         """One untransformed synthetic sample (class drawn unless given), or None after ``draw_tries``."""
         rng = self.rng
         class_idx = self.sample_class() if class_idx is None else class_idx
         for _ in range(self.draw_tries):
             try:
-                sample = self.source.draw(self, class_idx, rng)
+                sample = self.synthesize(class_idx, rng)
             except SynthesisError:
                 sample = None
             if sample is not None:
