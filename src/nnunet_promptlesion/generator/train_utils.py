@@ -284,6 +284,15 @@ def timed() -> Iterator[dict]:
     t["seconds"] = time.perf_counter() - t["start"]
 
 
+def host_values(logs: dict) -> dict:
+    """``logs`` with 0-d tensors read to Python floats (one host sync for all of them)."""
+    keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+    if not keys:
+        return dict(logs)
+    vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+    return {**logs, **dict(zip(keys, vals))}
+
+
 class GeneratorTrainer:
     """Resume / save / fit logic shared by the VQGAN and diffusion trainers.
 
@@ -407,9 +416,13 @@ class GeneratorTrainer:
                 logs = self.train_step(self.next_batch())
                 self.step += 1
                 last = logs
-                log.update(1, **self.postfix(logs))
+                # logs may hold device tensors (no per-step host sync): read them only at log steps
                 if every(run.log_every) or self.step == run.max_steps:
+                    last = logs = host_values(logs)
+                    log.update(1, **self.postfix(logs))
                     log.log(self.step, lr=self.current_lr(), **logs)
+                else:
+                    log.update(1)
                 if self.env.is_main and (every(run.eval_every) or (run.eval_every > 0 and self.step == run.max_steps)):
                     last = {**last, **self._evaluate_and_log(log)}
                 if every(run.checkpoint_every) or self.step == run.max_steps:
@@ -418,7 +431,7 @@ class GeneratorTrainer:
                 self.save()
         finally:
             log.close()
-        return last
+        return host_values(last)
 
     def train_mode(self) -> None:
         """Put the trained modules in training mode before the loop."""

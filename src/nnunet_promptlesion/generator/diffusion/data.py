@@ -17,6 +17,9 @@ region drawn with the lesion spec's shape prior (:class:`~nnunet_promptlesion.le
 inside the parent structure of a random lesion class (anywhere in the central half of the crop when the
 crop holds no parent voxel), so the model learns to fill a masked region with healthy tissue.
 Lesion classes are drawn uniformly (class-balanced): rare classes get as many crops as common ones.
+A healthy crop never holds a lesion voxel: when ``max_tries`` random crops all hold one, the draw is refused
+(:class:`NoHealthyCropError`), counted in ``healthy_refused``, and :meth:`LesionCropSampler.sample` uses a
+lesion crop instead.
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ class NoLesionsError(RuntimeError):
     """The source holds no voxel of any lesion class of the spec."""
 
 
+class NoHealthyCropError(RuntimeError):
+    """No lesion-free crop was found in the allowed number of random tries."""
+
+
 class LesionCropSampler:
     def __init__(self, source: PatchSource, spec: LesionSpec, vocab: PromptVocabulary, patch_size: Sequence[int],
                  healthy_fraction: float = 0.25, jitter: float = 0.25, max_tries: int = 20):
@@ -53,6 +60,7 @@ class LesionCropSampler:
         self.healthy_fraction = float(healthy_fraction)
         self.jitter = float(jitter)
         self.max_tries = int(max_tries)
+        self.healthy_refused = 0  # healthy draws refused because every try held a lesion (logged by the trainer)
         self.mask_sampler = MaskSampler(source.spacing)
         self.lesion_labels = set(spec.labels)
         # prompt id -> case ids holding that lesion label
@@ -88,13 +96,19 @@ class LesionCropSampler:
         parent = np.isin(p.seg, lesion.parents) if lesion is not None else np.zeros_like(mask, bool)
         return Crop(p.image.astype(np.float32), mask, prompt, cid, (parent | (mask > 0.5)).astype(np.float32))
 
-    def healthy_crop(self, rng: np.random.Generator) -> Crop:
-        p = None
-        for _ in range(self.max_tries):
+    def healthy_crop(self, rng: np.random.Generator, max_tries: int | None = None) -> Crop:
+        """A random lesion-free crop with a pseudo-lesion region; NoHealthyCropError after ``max_tries`` misses."""
+        tries = int(max_tries or self.max_tries)
+        for _ in range(tries):
             p = self.source.random_patch(rng, self.patch_size)
             if p.seg is None or not np.isin(p.seg, list(self.lesion_labels)).any():
                 break
-        assert p is not None
+        else:
+            self.healthy_refused += 1
+            raise NoHealthyCropError(
+                f"no lesion-free {self.patch_size} crop in {tries} random tries over {self.source.describe()}; "
+                "the cases hold lesions almost everywhere at this patch size: add lesion-free cases or use a "
+                "smaller patch size")
         seg = p.seg[0] if p.seg is not None else np.zeros(self.patch_size, np.int16)
         lesion = self.spec.lesions[int(rng.integers(len(self.spec.lesions)))]
         parent = np.isin(seg, lesion.parents)
@@ -111,7 +125,12 @@ class LesionCropSampler:
 
     def sample(self, rng: np.random.Generator) -> Crop:
         if not self.available or rng.random() < self.healthy_fraction:
-            return self.healthy_crop(rng)
+            try:
+                return self.healthy_crop(rng)
+            except NoHealthyCropError:
+                if not self.available:
+                    raise
+                # refused (counted in healthy_refused): a lesion crop takes the slot, never a lesion as "healthy"
         return self.lesion_crop(rng, self.available[int(rng.integers(len(self.available)))])
 
     def batch(self, rng: np.random.Generator, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -121,8 +140,17 @@ class LesionCropSampler:
 
 
 def stack_crops(crops: list[Crop], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """image, mask, parent (n, 1, X, Y, Z) float32 and prompt (n,) long on ``device``."""
-    return {"image": torch.from_numpy(np.stack([c.image for c in crops])).to(device),
-            "mask": torch.from_numpy(np.stack([c.mask for c in crops])).to(device),
-            "parent": torch.from_numpy(np.stack([c.parent if c.parent is not None else c.mask for c in crops])).to(device),
-            "prompt": torch.tensor([c.prompt for c in crops], dtype=torch.long, device=device)}
+    """image, mask, parent (n, 1, X, Y, Z) float32 and prompt (n,) long on ``device``.
+
+    On CUDA the arrays go through pinned memory with non-blocking copies (a pageable copy waits for the GPU).
+    """
+    cuda = torch.device(device).type == "cuda"
+
+    def put(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+    return {"image": put(np.stack([c.image for c in crops])),
+            "mask": put(np.stack([c.mask for c in crops])),
+            "parent": put(np.stack([c.parent if c.parent is not None else c.mask for c in crops])),
+            "prompt": put(torch.tensor([c.prompt for c in crops], dtype=torch.long))}

@@ -16,7 +16,13 @@ vessel-wall mask (used by MaskTransformer-prompt models; None = the lesion mask 
    which depends on no voxel under the mask; lesion region on the latent grid m = max-pool of the mask (a
    latent voxel belongs to the region if any of its 4^3 image voxels does), the parent likewise;
 2. start from the healthy context noised to step T-1, and run the reverse process with the known latent z
-   kept outside m at every step (noised to that step);
+   kept outside the *generated region* at every step (noised to that step). The generated region is m
+   dilated by the VQGAN encoder's reach (``VQGANConfig.encoder_reach`` latent cells, 6 for the presets):
+   in training the cells that close to a lesion hold the lesion image's latent, which the encoder's
+   receptive field has contaminated with the lesion, and the model learns from that; a healthy carrier's
+   latent there would be another context than the one trained on. Beyond the reach both are the same
+   function of the same lesion-free voxels (up to GroupNorm statistics), so sampling keeps the carrier's
+   latent only there and generates the rest;
 3. decode with the codebook snap (vqgan.decode_latent);
 4. blend: out = (1 - g) image + g decoded, g = the mask Gaussian-blurred with sigma (voxels, per sample)
    and held at 1 inside the mask, forced to exactly 0 outside the mask dilated by ``blend_margin(sigma)`` voxels (the same rule as
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ...lesions.blending import blend_margin
-from .samplers import guided_eps_fn, sample
+from .samplers import guided_eps_fn, randn_rows, sample
 from .schedule import NoiseSchedule
 
 #: Model-space value written into the masked voxels before the healthy context is encoded (DiffTumor: the
@@ -57,8 +63,12 @@ def dilate(mask: torch.Tensor, radius: torch.Tensor | int) -> torch.Tensor:
     Runs as repeated 3^3 max-pools over the batch (a loop over the radius, not over samples).
     """
     b = mask.shape[0]
-    radius = torch.as_tensor(radius, device=mask.device).long().reshape(-1).expand(b)
     d = (mask > 0.5).to(torch.float32)
+    if isinstance(radius, int):  # one radius for all: no per-sample selection, no host sync for its maximum
+        for _ in range(radius):
+            d = F.max_pool3d(d, 3, stride=1, padding=1)
+        return d > 0.5
+    radius = torch.as_tensor(radius, device=mask.device).long().reshape(-1).expand(b)
     out = d.clone()
     for i in range(1, int(radius.max().item()) + 1):
         d = F.max_pool3d(d, 3, stride=1, padding=1)
@@ -120,9 +130,11 @@ def encode_inputs(vqgan, image: torch.Tensor, lesion_mask: torch.Tensor, parent_
     """Latent-grid model inputs of a batch; used by training and inference alike.
 
     Returns ``z`` (B, C, d, h, w) the latent of the image, ``context`` (B, C, d, h, w) the healthy context
-    (1 - region) * latent(image with the mask voxels set to :data:`MASK_FILL`), ``region`` (B, 1, d, h, w)
-    and ``parent`` (B, 1, d, h, w, or None) binary. All float32. The context is a function of the voxels
-    outside the mask only: the encoder's receptive field cannot carry a lesion into the kept cells.
+    (1 - region) * latent(image with the mask voxels set to :data:`MASK_FILL`), ``region`` (B, 1, d, h, w),
+    ``generate`` (B, 1, d, h, w) the region dilated by the encoder's reach (the cells a sampler generates;
+    outside it ``z`` depends on no voxel under the mask) and ``parent`` (B, 1, d, h, w, or None), binary.
+    All float32. The context is a function of the voxels outside the mask only: the encoder's receptive
+    field cannot carry a lesion into the kept cells.
     """
     f = int(vqgan.downsample_factor)
     ctx = autocast if autocast is not None else contextlib.nullcontext
@@ -131,36 +143,41 @@ def encode_inputs(vqgan, image: torch.Tensor, lesion_mask: torch.Tensor, parent_
         both = _chunked(vqgan.encode_latent, torch.cat([image, masked]), chunk).float()
     z, z_masked = both.chunk(2)
     region = latent_region(lesion_mask, f, z.shape[2:])
+    generate = dilate(region, int(vqgan.config.encoder_reach)).float()
     parent = None if parent_mask is None else latent_region(parent_mask, f, z.shape[2:])
-    return {"z": z, "context": (1.0 - region) * z_masked, "region": region, "parent": parent}
+    return {"z": z, "context": (1.0 - region) * z_masked, "region": region, "generate": generate, "parent": parent}
 
 
 @torch.no_grad()
 def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: torch.Tensor, region: torch.Tensor,
                      prompt_ids: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
-                     guidance: float = 1.0, generator: torch.Generator | None = None, autocast=None,
+                     guidance: float = 1.0, generator: "torch.Generator | Sequence[torch.Generator] | None" = None, autocast=None,
                      progress: bool = False, clip_x0: float | None = 1.0, context: torch.Tensor | None = None,
                      parent: torch.Tensor | None = None, null_prompt: int | None = None,
-                     compile: bool | str = False) -> torch.Tensor:
+                     compile: bool | str = False, generate: torch.Tensor | None = None) -> torch.Tensor:
     """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents (fp32).
 
     ``context`` is the healthy context (default (1 - region) * z_known, for callers without an image);
-    ``parent`` the latent-grid parent mask for MaskTransformer prompts.
+    ``parent`` the latent-grid parent mask for MaskTransformer prompts; ``generate`` the cells to generate
+    (``encode_inputs(...)["generate"]``, the region dilated by the encoder's reach; default ``region``): the
+    model is conditioned on ``region``, ``z_known`` is kept outside ``generate``. ``generator``: one
+    torch.Generator, or one per row (a row's noise is then the same alone as inside any batch).
     """
     z_h = (1.0 - region) * z_known if context is None else context
     tT = torch.full((z_known.shape[0],), schedule.T - 1, device=z_known.device, dtype=torch.long)
-    noise = torch.randn(z_known.shape, generator=generator, device=z_known.device, dtype=z_known.dtype)
+    noise = randn_rows(z_known.shape, generator, z_known.device, z_known.dtype)
     z_T = schedule.q_sample(z_h, tT, noise)
     eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, null_prompt=null_prompt,
                            autocast=autocast, parent=parent, compile=compile)
+    keep = 1.0 - (region if generate is None else generate)
     return sample(eps_fn, schedule, z_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                  known=z_known, keep=1.0 - region, progress=progress, clip_x0=clip_x0)
+                  known=z_known, keep=keep, progress=progress, clip_x0=clip_x0)
 
 
 @torch.no_grad()
 def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_mask: torch.Tensor,
                     prompt_ids: torch.Tensor, steps: int | None = 50, sampler: str = "ddim", guidance: float = 1.0,
-                    generator: torch.Generator | None = None, eta: float = 0.0,
+                    generator: "torch.Generator | Sequence[torch.Generator] | None" = None, eta: float = 0.0,
                     blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
                     autocast=None, progress: bool = False, return_decoded: bool = False,
                     clip_x0: float | None = 1.0, parent_mask: torch.Tensor | None = None,
@@ -174,7 +191,9 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     - ``steps``/``sampler``/``eta``: DDIM with ``steps`` evaluations, or "ddpm" (all T steps, ``steps`` None);
     - ``guidance``: classifier-free guidance scale (1 = off, one pass per step; otherwise two, the second
       with ``null_prompt``, default the model's CFG null token ``config.null_id``);
-    - ``generator``: torch.Generator on the image's device (reproducible noise);
+    - ``generator``: torch.Generator on the image's device (reproducible noise), or a sequence of one per
+      sample: each sample's noise then depends on its own generator only, so a lesion rendered inside a batch
+      is re-rendered alone from its recorded seed (equal up to the batched/unbatched rounding of the denoiser);
     - ``blend_sigma``: float or (B,) tensor, Gaussian sigma of the blend weight in voxels;
     - ``schedule``: defaults to the model config's schedule on the image's device;
     - ``autocast``: a zero-argument context-manager factory for the VQGAN (and an fp32 denoiser), e.g.
@@ -203,7 +222,7 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     enc = encode_inputs(vqgan, image, lesion_mask, parent_mask, autocast, vae_chunk)
     z0 = generate_latents(model, schedule, enc["z"], enc["region"], prompt_ids, sampler, steps, eta, guidance,
                           generator, autocast, progress, clip_x0, context=enc["context"], parent=enc["parent"],
-                          null_prompt=null_prompt, compile=compile)
+                          null_prompt=null_prompt, compile=compile, generate=enc["generate"])
     ctx = autocast if autocast is not None else contextlib.nullcontext
     with ctx():
         decoded = _chunked(vqgan.decode_latent, z0, vae_chunk).float().clamp(-1.0, 1.0)

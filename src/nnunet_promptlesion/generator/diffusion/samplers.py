@@ -7,12 +7,14 @@ the region where ``keep`` is 1 is replaced by the known latent noised to that st
 latent after the last step), so only the region ``keep == 0`` is generated.
 
 Everything per step runs on the latents' device as whole-batch tensor operations; random numbers come
-from the caller's ``torch.Generator`` (on that device) so results are reproducible.
+from the caller's ``torch.Generator`` (on that device) so results are reproducible. ``generator`` may also
+be a sequence of generators, one per batch row: every row then draws its noise from its own stream, so a
+row rendered alone with its generator seeded the same gets the same noise as inside any batch.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,8 +24,18 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn_rows(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...); with a sequence of B generators row i comes from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"{len(gens)} generators for a batch of {shape[0]} rows: pass one per row (or one in all)")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in gens])
+
+
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return randn_rows(x.shape, generator, x.device, x.dtype)
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -57,7 +69,7 @@ def _clip_x0(z: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, clip: float
     return x0, (z - abar.sqrt() * x0) / (1.0 - abar).sqrt()
 
 
-def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, generator: torch.Generator | None = None,
+def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, generator: "torch.Generator | Sequence[torch.Generator] | None" = None,
                 known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                 progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
     """DDPM ancestral sampling through all T steps, starting from ``z_T`` (B, C, D, H, W).
@@ -88,7 +100,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, gener
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps: int = 50, eta: float = 0.0,
-                generator: torch.Generator | None = None, known: torch.Tensor | None = None,
+                generator: "torch.Generator | Sequence[torch.Generator] | None" = None, known: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None, progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
     """DDIM sampling with ``steps`` model evaluations; ``eta`` = 0 deterministic, 1 DDPM-like noise.
 
@@ -117,7 +129,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps
 
 
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
-           eta: float = 0.0, generator: torch.Generator | None = None, known: torch.Tensor | None = None,
+           eta: float = 0.0, generator: "torch.Generator | Sequence[torch.Generator] | None" = None, known: torch.Tensor | None = None,
            keep: torch.Tensor | None = None, progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
     """Dispatch to :func:`ddpm_sample` (``steps`` must be None or T) or :func:`ddim_sample`."""
     if sampler == "ddpm":
@@ -134,10 +146,37 @@ def cfg_combine(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) ->
     return eps_null + scale * (eps_cond - eps_null)
 
 
+def batch_bucket(n: int) -> int:
+    """Smallest power of two >= ``n``: the batch sizes a compiled denoiser is traced for."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    return 1 << (int(n) - 1).bit_length()
+
+
+def _pad_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``x`` (B, ...) followed by ``n - B`` copies of its first row (real inputs: no NaN/inf from padding)."""
+    if x is None or x.shape[0] == n:
+        return x
+    return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])])
+
+
+def check_guidance(model: torch.nn.Module, guidance_scale: float, null_prompt: int | None = None) -> None:
+    """Refuse classifier-free guidance with a null token the model never trained (prompt dropout 0)."""
+    cfg = getattr(model, "config", None)
+    if guidance_scale == 1.0 or cfg is None or null_prompt not in (None, cfg.null_id):
+        return
+    if float(getattr(cfg, "prompt_dropout", 0.0)) <= 0.0:
+        raise ValueError(
+            f"guidance {guidance_scale} needs the model's null token, but this model was trained without prompt "
+            f"dropout (prompt_dropout = {cfg.prompt_dropout}), so its null token is untrained and the guided "
+            "prediction would be noise. Sample with guidance 1.0, or train with prompt dropout > 0 "
+            "(e.g. --prompt-dropout 0.1) to use guidance.")
+
+
 def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
                   guidance_scale: float = 1.0, null_prompt: int | None = None, autocast=None,
                   always_batch_null: bool = False, parent: torch.Tensor | None = None,
-                  compile: bool | str = False) -> EpsFn:
+                  compile: bool | str = False, pad_batch: bool | None = None) -> EpsFn:
     """An ``eps_fn`` for the denoiser with fixed conditioning and classifier-free guidance.
 
     The step-invariant conditioning (prompt encoder, PromptGenBlock bases, constant input channels) is
@@ -147,11 +186,23 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     batch per step. ``null_prompt`` defaults to the model's CFG null token (``config.null_id``), never the
     healthy prompt. ``compile`` (True, or a torch.compile mode such as "reduce-overhead" for CUDA graphs) uses
     :func:`compiled_step` (torch.compile of the fixed-shape step, eager fallback when compilation fails).
+
+    ``pad_batch`` (default: on when compiling) pads the batch to :func:`batch_bucket` rows (copies of row 0,
+    results dropped), so a compiled step sees a few batch sizes (1, 2, 4, 8, ...) instead of one graph per
+    batch size a producer happens to send. Rows do not interact in the denoiser, so the real rows' outputs
+    equal the unpadded ones up to rounding.
+
+    Raises ValueError for ``guidance_scale`` != 1 with a model trained without prompt dropout (its null
+    token never trained), see :func:`check_guidance`.
     """
+    check_guidance(model, guidance_scale, null_prompt)
     if null_prompt is None:
         null_prompt = model.config.null_id
     use_null = always_batch_null or guidance_scale != 1.0
     ctx = autocast if autocast is not None else contextlib.nullcontext
+    b = prompt_ids.shape[0]
+    n = batch_bucket(b) if (compile if pad_batch is None else pad_batch) else b
+    z_healthy, region, prompt_ids, parent = (_pad_rows(x, n) for x in (z_healthy, region, prompt_ids, parent))
     with ctx(), torch.no_grad():
         if use_null:
             null = torch.full_like(prompt_ids, null_prompt)
@@ -162,12 +213,13 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     step = compiled_step(model, compile if isinstance(compile, str) else None) if compile else model.forward_prepared
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z_t, t = _pad_rows(z_t, n), _pad_rows(t, n)
         with ctx():
             if not use_null:
-                return step(z_t, t, cond).float()
+                return step(z_t, t, cond).float()[:b]
             out = step(torch.cat([z_t, z_t]), torch.cat([t, t]), cond).float()
         c, u = out.chunk(2)
-        return cfg_combine(c, u, guidance_scale)
+        return cfg_combine(c[:b], u[:b], guidance_scale)
 
     return eps_fn
 

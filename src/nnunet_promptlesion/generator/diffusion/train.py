@@ -5,7 +5,10 @@ One step (:func:`diffusion_loss`): a class-balanced batch of lesion-centred and 
 code as inference) into latents z0 (B, 8, d, h, w) in [-1, 1], the healthy context c = (1 - m) E(x with the
 mask blanked) (no lesion voxel reaches it), the latent region m and parent; prompt dropout to the CFG null
 token (never to "healthy", which only ever sees healthy crops); t uniform in [0, T-1];
-z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; loss = mean((1 + w m) (f(z_t, t, c, m, p, parent) - eps)^2).
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; loss = mean((1 + w g) (f(z_t, t, c, m, p, parent) - eps)^2), where
+g is the generated region (m dilated by the VQGAN encoder's reach, the cells the sampler generates; see
+:mod:`.inpaint`). No host synchronisation per step: the logged values stay device tensors until the
+trainer writes a log line (every ``log_every`` steps).
 Adam, optional linear warm-up, gradient clipping, EMA of the weights (used for evaluation and sampling),
 bf16 autocast on GPU, DDP under ``torchrun``.
 
@@ -86,7 +89,9 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
     """Weighted epsilon MSE of one batch (``image``, ``mask``, optional ``parent`` (B, 1, X, Y, Z), ``prompt`` (B,)).
 
     Prompt dropout (probability ``cfg.prompt_dropout`` unless given) replaces ids by ``cfg.null_id``.
-    Returns (loss, logs with loss, mse_lesion, mse_background).
+    Returns (loss, logs with loss, mse_lesion, mse_background as 0-d device tensors: no host sync here).
+    The lesion weight covers the generated region (``encode_inputs(...)["generate"]``): at sampling the model
+    produces those cells, the ring around the lesion included.
     """
     x, mask, ids = batch["image"].to(device), batch["mask"].to(device), batch["prompt"].to(device)
     parent = batch.get("parent")
@@ -107,13 +112,14 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
     with tu.autocast(device):
         pred = model(zt, t, enc["context"], region, ids, enc["parent"])
     se = (pred.float() - noise) ** 2
-    w = 1.0 + cfg.lesion_loss_weight * region
+    w = 1.0 + cfg.lesion_loss_weight * enc["generate"]
     loss = (w * se).mean()
     with torch.no_grad():
+        # masked means by sums (no boolean indexing, which syncs to size its output); 0 / 0 = nan without a lesion
         rv = region.expand_as(se)
-        inside = float(se[rv > 0.5].mean()) if bool((rv > 0.5).any()) else float("nan")
-        outside = float(se[rv <= 0.5].mean())
-    return loss, {"loss": float(loss.detach()), "mse_lesion": inside, "mse_background": outside}
+        inside = (se * rv).sum() / rv.sum()
+        outside = (se * (1.0 - rv)).sum() / (1.0 - rv).sum()
+    return loss, {"loss": loss.detach(), "mse_lesion": inside, "mse_background": outside}
 
 
 class DiffusionTrainer(tu.GeneratorTrainer):
@@ -165,7 +171,7 @@ class DiffusionTrainer(tu.GeneratorTrainer):
     def _eval_set(self) -> dict:
         """Fixed crops (same every run and resume): one healthy carrier and one real crop per available class."""
         rng = np.random.default_rng(12345)
-        carrier = self.data.healthy_crop(rng)
+        carrier = self.data.healthy_crop(rng, max_tries=10 * self.data.max_tries)  # raises with advice if none
         real = {p: self.data.lesion_crop(rng, p) for p in self.data.available}
         crops = [carrier] + list(real.values())
         return {"carrier": carrier, "real": real, "batch": stack_crops(crops)}
@@ -206,10 +212,11 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.run.grad_clip > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip).detach()
         self.opt.step()
         self.sched.step()
         self.ema.update(self.model, self.step)
+        logs["healthy_refused"] = self.data.healthy_refused  # cumulative count of refused healthy draws
         return logs
 
     @torch.no_grad()
@@ -223,7 +230,7 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         for t in np.linspace(0, self.schedule.T - 1, 8).round().astype(int):
             tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
             _, logs = self.loss(ema, batch, g, tt, prompt_dropout=0.0)
-            losses.append(logs["loss"])
+            losses.append(float(logs["loss"]))
         res = {"eval_loss": float(np.mean(losses))}
         if pngs is None:
             pngs = self.step > 0  # no sample grid of the untrained model at step 0

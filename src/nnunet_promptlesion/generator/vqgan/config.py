@@ -69,6 +69,30 @@ class VQGANConfig:
         return 2 ** (len(self.channels) - 1)
 
     @property
+    def encoder_reach(self) -> int:
+        """How many latent cells away a changed input voxel can change the encoder output (per axis, cube).
+
+        Walks the convolutions of MONAI's AutoencoderKL ``Encoder`` from the output back to the input: conv_out
+        (3^3), per level ``num_res_blocks`` residual blocks of two 3^3 convs, between levels a stride-2 3^3 conv
+        after a one-voxel pad on the high side, conv_in (3^3). A latent cell c then reads input voxels
+        [f c + lo, f c + hi]; a voxel in cell c' reaches cells up to max(floor((f - 1 - lo) / f), floor(hi / f))
+        away. Tiny and paper presets (three levels, one block each): lo = -19, hi = +25 voxels, 6 cells.
+        GroupNorm statistics span the whole patch; that weak global coupling is not counted here.
+        Raises ValueError with bottleneck attention (every cell reads every voxel).
+        """
+        if self.bottleneck_attention:
+            raise ValueError("with bottleneck_attention the encoder's receptive field is the whole patch: no latent "
+                             "region can be dilated to keep the context lesion-free; use a VQGAN without it")
+        lo, hi = -1, 1  # conv_out
+        for level in reversed(range(len(self.channels))):
+            lo, hi = lo - 2 * self.num_res_blocks[level], hi + 2 * self.num_res_blocks[level]
+            if level > 0:  # stride-2 downsampling from the level below: output j reads inputs 2j .. 2j + 2
+                lo, hi = 2 * lo, 2 * hi + 2
+        lo, hi = lo - 1, hi + 1  # conv_in
+        f = self.downsample_factor
+        return max((f - 1 - lo) // f, hi // f)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """(latent_dim, D/f, H/f, W/f) for one ``patch_size`` input."""
         f = self.downsample_factor

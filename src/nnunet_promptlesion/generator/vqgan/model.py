@@ -68,17 +68,22 @@ class VQGAN(nn.Module):
     def latent_range(self) -> tuple[float, float]:
         return self.quantizer.value_range()
 
+    def _latent_range_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # the same range as device tensors: reading it as floats would sync the host at every encode
+        e = self.quantizer.embed
+        return e.min().float(), e.max().float()
+
     @torch.no_grad()
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-quantization latent normalised to [-1, 1] by the codebook range; (B, latent_dim, D/4, H/4, W/4)."""
-        lo, hi = self.latent_range()
+        lo, hi = self._latent_range_t()
         z = self.encode(x).float()
         return (z - lo) / (hi - lo) * 2.0 - 1.0
 
     @torch.no_grad()
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode_latent`: de-normalise, snap to the nearest codes, decode; output clamped to [-1, 1]."""
-        lo, hi = self.latent_range()
+        lo, hi = self._latent_range_t()
         z = (z.float() + 1.0) * 0.5 * (hi - lo) + lo
         zq = self.quantizer.snap(z)
         return self.decode(zq).clamp(-1.0, 1.0)
