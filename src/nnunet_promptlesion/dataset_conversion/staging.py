@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..lesions.components import label_components
 from ..lesions.spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
 
-_STRUCTURE_26 = ndimage.generate_binary_structure(3, 3)
 
 
 def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -28,7 +28,7 @@ def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """26-connected components of a 3D boolean mask: (component map 1..N, voxel count per component)."""
-    cc, n = ndimage.label(mask, structure=_STRUCTURE_26)
+    cc, n = label_components(mask)
     counts = np.bincount(cc.ravel(), minlength=n + 1)[1:]
     return cc, counts
 

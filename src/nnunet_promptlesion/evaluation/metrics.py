@@ -14,6 +14,8 @@ import numpy as np
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from scipy import ndimage
 
+from ..lesions.components import label_components
+
 
 def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict:
     """nnU-Net's per-class numbers: {"Dice", "TP", "FP", "FN", "n_ref", "n_pred"} (voxel counts).
@@ -134,9 +136,8 @@ def match_lesions(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], m
     """
     ref = np.asarray(ref, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
-    st = _structure(ref.ndim)
-    ref_lab, n_ref = ndimage.label(ref, structure=st)
-    pred_lab, n_pred = ndimage.label(pred, structure=st)
+    ref_lab, n_ref = label_components(ref)
+    pred_lab, n_pred = label_components(pred)
     out = LesionMatch(n_pred=int(n_pred))
     if n_ref == 0 and n_pred == 0:
         return out

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..lesions.components import label_components
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from .metrics import equivalent_radius_mm
 
@@ -71,7 +72,7 @@ def real_lesion_patches(dataset, identifiers: Sequence[str], lesions: Sequence, 
         _, seg, _, _ = dataset.load_case(ident)
         seg = np.asarray(seg[0])
         for l in lesions:
-            n = ndimage.label(seg == l.label, structure=np.ones((3,) * seg.ndim))[1]
+            n = label_components(seg == l.label)[1]
             found[l.name] += [(ident, k) for k in range(1, n + 1)]
     chosen = {name: [items[i] for i in sorted(rng.permutation(len(items))[:per_class])] for name, items in found.items()}
     out = []
@@ -84,7 +85,7 @@ def real_lesion_patches(dataset, identifiers: Sequence[str], lesions: Sequence, 
         data, seg, _, _ = dataset.load_case(ident)
         data, seg = np.asarray(data), np.asarray(seg[0])
         for name, k in items:
-            lab = ndimage.label(seg == label_of[name], structure=np.ones((3,) * seg.ndim))[0]
+            lab = label_components(seg == label_of[name])[0]
             img, msk = centre_on_lesion(data, lab == k, patch_size)
             out.append(LesionPatch("real", name, ident, img, msk))
     if progress:

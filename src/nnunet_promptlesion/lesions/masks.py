@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .components import label_components
 from .spec import LesionClass
 
 
@@ -162,7 +163,7 @@ class MaskBank:
 
 def connected_components(mask: np.ndarray, min_voxels: int = 1) -> list[np.ndarray]:
     """Tight bool crops of the 26-connected components of ``mask``, largest first."""
-    labelled, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    labelled, n = label_components(mask)
     out = []
     for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
         if sl is None:
