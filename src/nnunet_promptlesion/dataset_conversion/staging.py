@@ -13,7 +13,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..lesions.components import label_components
 from ..lesions.spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
