@@ -29,21 +29,18 @@ def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = N
     return {"Dice": dice, "TP": tp, "FP": fp, "FN": fn, "n_ref": tp + fn, "n_pred": tp + fp}
 
 
-def _edges(mask: np.ndarray) -> np.ndarray:
-    # A surface voxel is a foreground voxel with a background voxel among its 6 face neighbours
-    # (voxels on the array border count as surface: the outside is background).
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
 def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
     """Normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``, in [0, 1].
 
-    Surfaces are the boundary voxels of each mask; a boundary voxel counts as matched when the Euclidean
-    distance (in mm, using ``spacing``) from its centre to the nearest boundary voxel of the other mask is
-    <= ``tolerance_mm``. NSD = matched boundary voxels of both masks / all boundary voxels. This is the
-    voxel-based definition of MONAI's ``compute_surface_dice`` (``use_subvoxels=False``).
-    NaN when both masks are empty, 0 when exactly one is.
+    MONAI's voxel-based ``compute_surface_dice`` (surface = boundary voxels, Euclidean distances in mm
+    from ``spacing``, same axis order as the arrays), run on the union bounding box plus one voxel of
+    zero padding: every boundary voxel lies inside it and the nearest-boundary distances are unchanged,
+    while a small lesion in a large volume costs a fraction of the whole-volume transform
+    (benchmarks/bench_library_choices.py). NaN when both masks are empty, 0 when exactly one is.
     """
+    import torch
+    from monai.metrics import compute_surface_dice
+
     ref = np.asarray(ref, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     if ref.shape != pred.shape or len(spacing) != ref.ndim:
@@ -52,18 +49,15 @@ def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence
         return float("nan")
     if not ref.any() or not pred.any():
         return 0.0
-    # Crop to the union bounding box plus one voxel of zero padding: all boundary voxels lie inside, and the
-    # Euclidean distance transform gives the same nearest-boundary distances as on the full volume.
     idx = np.argwhere(ref | pred)
     lo, hi = idx.min(0), idx.max(0) + 1
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-    ref_c = np.pad(ref[sl], 1)
-    pred_c = np.pad(pred[sl], 1)
-    e_ref, e_pred = _edges(ref_c), _edges(pred_c)
-    d_to_ref = ndimage.distance_transform_edt(~e_ref, sampling=spacing)
-    d_to_pred = ndimage.distance_transform_edt(~e_pred, sampling=spacing)
-    matched = int((d_to_ref[e_pred] <= tolerance_mm).sum()) + int((d_to_pred[e_ref] <= tolerance_mm).sum())
-    return matched / float(e_ref.sum() + e_pred.sum())
+    # MONAI takes one-hot (batch, class, *spatial) tensors; channel 0 is background and is left out.
+    one_hot = lambda m: torch.from_numpy(np.stack([~m, m])[None])
+    nsd = compute_surface_dice(one_hot(np.pad(pred[sl], 1)), one_hot(np.pad(ref[sl], 1)),
+                               class_thresholds=[float(tolerance_mm)], include_background=False,
+                               spacing=[float(s) for s in spacing])
+    return float(nsd.item())
 
 
 #: 26-connectivity in 3D (8 in 2D): lesions touching at an edge or corner are one lesion.
