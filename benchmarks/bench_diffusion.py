@@ -21,8 +21,10 @@ times its sampler step against this one, interleaved round by round in one proce
 latents; medians), so machine load affects both alike: a before/after ratio for code changes.
 
     python benchmarks/bench_diffusion.py --preset tiny --batch 1 --threads 2
-    python benchmarks/bench_diffusion.py --preset paper --batch 1 8 32 --device cuda --compile --full \\
-        --json benchmarks/results/diffusion_h100.json
+
+On a GPU run ``python benchmarks/gpu_suite.py`` instead: it imports :func:`build_models`, :func:`bench_batch` and
+the peak table from here and measures every sampler row (eager and compiled, guidance 1 and > 1, batch 1/4/8)
+inside a time budget, next to the other GPU numbers.
 
 Paper reference: 3.1 volumes/min (400 steps, V100).
 """
@@ -69,7 +71,31 @@ def peak_memory_mb(dev) -> float:
     return pm(dev)
 
 
+def build_models(preset: str, size: int, dev, dtype, prompt_type: str = "mask", num_classes: int = 2):
+    """(VQGAN for size^3 patches, denoiser in ``dtype``, noise schedule): untrained weights, seed 0 (speed does not
+    depend on the weights)."""
+    from nnunet_promptlesion.generator.diffusion.config import make_config
+    from nnunet_promptlesion.generator.diffusion.schedule import NoiseSchedule
+    from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
+    from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig.from_preset(preset, patch_size=(size, size, size))).to(dev).eval()
+    cfg = make_config(preset, num_classes=num_classes, prompt_type=prompt_type)
+    model = PromptLesionUNet(cfg).to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    return vq, model, NoiseSchedule.from_config(cfg, dev)
+
+
+def bench_args(**overrides) -> argparse.Namespace:
+    """The options :func:`bench_batch` reads, with this script's defaults (for callers that import it)."""
+    d = dict(measure_steps=10, guidance=1.0, vae_chunk=8, compile=False, eager_step=False, full=False)
+    d.update(overrides)
+    return argparse.Namespace(**d)
+
+
 def bench_batch(vq, model, sched, b: int, s: int, dev, args, ac) -> dict:
+    """One row: fixed (encode + decode + blend) and per-step seconds of batch ``b`` of s^3 patches, counted FLOPs per
+    step, extrapolated DDPM-400 / DDIM-50 volumes/min, warm-up seconds (incl. compilation), peak memory."""
     from nnunet_promptlesion.generator.diffusion.inpaint import blend, encode_inputs, inpaint_lesions
     from nnunet_promptlesion.generator.diffusion.samplers import ddim_sample, guided_eps_fn
 
@@ -78,15 +104,19 @@ def bench_batch(vq, model, sched, b: int, s: int, dev, args, ac) -> dict:
     img = torch.rand(b, 1, s, s, s, device=dev) * 2 - 1
     mask = torch.zeros_like(img)
     c = s // 2
-    mask[:, :, c - 8:c + 8, c - 8:c + 8, c - 8:c + 8] = 1
+    h = max(2, s // 12)  # lesion box of side s/6 (16 voxels at 96^3), parent box of side s/2 (48 at 96^3)
+    mask[:, :, c - h:c + h, c - h:c + h, c - h:c + h] = 1
     parent = torch.zeros_like(img)
-    parent[:, :, c - 24:c + 24, c - 24:c + 24, c - 24:c + 24] = 1
+    parent[:, :, c - 3 * h:c + 3 * h, c - 3 * h:c + 3 * h, c - 3 * h:c + 3 * h] = 1
     ids = torch.ones(b, dtype=torch.long, device=dev)
     res = {"batch": b}
     with torch.no_grad():
+        sync(dev)
+        t0 = time.perf_counter()
         inpaint_lesions(vq, model, img, mask, ids, steps=2, schedule=sched, autocast=ac, parent_mask=parent,
                         vae_chunk=args.vae_chunk, compile=args.compile)  # warm-up (allocator, kernels, compile)
         sync(dev)
+        res["warmup_seconds"] = time.perf_counter() - t0  # includes torch.compile's compilation when asked
         t0 = time.perf_counter()
         enc = encode_inputs(vq, img, mask, parent, ac, args.vae_chunk)
         with ac():
@@ -98,8 +128,10 @@ def bench_batch(vq, model, sched, b: int, s: int, dev, args, ac) -> dict:
         eps = guided_eps_fn(model, enc["context"], region, ids, args.guidance, autocast=ac, parent=enc["parent"],
                             compile=args.compile)
         zt = torch.randn_like(z)
+        t0 = time.perf_counter()
         ddim_sample(eps, sched, zt, steps=2, known=z, keep=1 - region, clip_x0=1.0)  # warm-up at this shape
         sync(dev)
+        res["warmup_seconds"] += time.perf_counter() - t0  # a guided step has another shape: compiled again
         t0 = time.perf_counter()
         ddim_sample(eps, sched, zt, steps=args.measure_steps, known=z, keep=1 - region, clip_x0=1.0)
         sync(dev)
@@ -221,11 +253,8 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
 
     from nnunet_promptlesion.generator.diffusion.checkpoint import resolve_dtype
-    from nnunet_promptlesion.generator.diffusion.config import make_config
-    from nnunet_promptlesion.generator.diffusion.schedule import NoiseSchedule
-    from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet, parameter_report
+    from nnunet_promptlesion.generator.diffusion.unet import parameter_report
     from nnunet_promptlesion.generator.train_utils import autocast
-    from nnunet_promptlesion.generator.vqgan import VQGAN, VQGANConfig
 
     if args.ab_src:
         rows = [ab_step(p, b, args.size, dev, args) for p in args.preset for b in args.batch]
@@ -243,11 +272,7 @@ def main(argv=None) -> int:
            "prompt_type": args.prompt_type, "patch": [args.size] * 3, "rows": []}
     s = args.size
     for preset in args.preset:
-        torch.manual_seed(0)
-        vq = VQGAN(VQGANConfig.from_preset(preset, patch_size=(s, s, s))).to(dev).eval()
-        cfg = make_config(preset, num_classes=2, prompt_type=args.prompt_type)
-        model = PromptLesionUNet(cfg).to(device=dev, dtype=dtype).eval().requires_grad_(False)
-        sched = NoiseSchedule.from_config(cfg, dev)
+        vq, model, sched = build_models(preset, s, dev, dtype, args.prompt_type)
         ac = (lambda: autocast(dev))
         for b in args.batch:
             r = bench_batch(vq, model, sched, b, s, dev, args, ac)
