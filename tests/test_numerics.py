@@ -267,3 +267,54 @@ def test_healthy_crops_never_hold_a_lesion(tmp_path, lesion_everywhere):
             sampler.healthy_crop(rng)
     else:
         assert healthy and sampler.healthy_refused == 0
+
+
+# ---- our DDPM / DDIM against MONAI's schedulers (issue 17 item 7: keep ours only where a test shows why) ----
+def _smooth_eps(z, t):  # a state-dependent stand-in for a denoiser (an oracle would hide timestep mistakes)
+    return 0.8 * torch.tanh(z) + 0.01 * t.reshape(-1, 1, 1, 1, 1).to(z.dtype) / 400
+
+
+def _monai(s: NoiseSchedule):
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    b = s._f64["betas"]
+    kw = dict(num_train_timesteps=s.T, schedule="linear_beta", beta_start=float(b[0]), beta_end=float(b[-1]),
+              clip_sample=False)
+    return DDPMScheduler(**kw), DDIMScheduler(**kw, set_alpha_to_one=True)
+
+
+def test_schedules_agree_with_monai_and_monai_ddim_targets_the_wrong_timestep():
+    s = NoiseSchedule(400)
+    ddpm_m, ddim_m = _monai(s)
+    # the same linear (1000/T-scaled) schedule: MONAI's float32 cumprod drifts by up to T roundings
+    ab64 = s._f64["alpha_bar"]
+    assert float(((ddpm_m.alphas_cumprod.double() - ab64) / ab64).abs().max()) <= s.T * eps(torch.float32)
+    assert float(((s.alpha_bar.double() - ab64) / ab64).abs().max()) <= eps(torch.float32)  # ours: one rounding
+    # MONAI's DDIM uses prev = t - T // steps, but evaluates the model next at the following entry of its own
+    # linspace(T - 1, 0, steps) list: the update aims at one noise level and the model is told another
+    ddim_m.set_timesteps(50)
+    mts = ddim_m.timesteps.tolist()
+    assert mts == ddim_timesteps(400, 50)  # the same timesteps as ours ...
+    assert any(t - 400 // 50 != nxt for t, nxt in zip(mts, mts[1:]))  # ... but inconsistent updates
+
+
+def test_our_fp32_ddpm_chain_is_closer_to_float64_than_monais():
+    """DDPM-400 with the same eps function and noise stream: MONAI forms x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)
+    first (x165 at t = T-1 in fp32), ours the eps form of the same posterior mean."""
+    s = NoiseSchedule(400)
+    ddpm_m, _ = _monai(s)
+    g = torch.Generator().manual_seed(0)
+    zT = torch.randn(1, 8, 6, 6, 6, generator=g)
+    gen = torch.Generator().manual_seed(1)
+    noises = [torch.randn(zT.shape, generator=gen) for _ in range(s.T)]
+    b, a, ab, pv = (s._f64[k] for k in ("betas", "alphas", "alpha_bar", "posterior_variance"))
+    ref = zT.double()
+    for i, t in enumerate(range(s.T - 1, -1, -1)):  # float64 reference of the textbook update
+        e = _smooth_eps(ref, torch.full((1,), t)).double()
+        ref = (ref - b[t] / (1 - ab[t]).sqrt() * e) / a[t].sqrt() + (pv[t].sqrt() * noises[i].double() if t > 0 else 0)
+    ours = ddpm_sample(_smooth_eps, s, zT, generator=torch.Generator().manual_seed(1))
+    theirs, gm = zT, torch.Generator().manual_seed(1)
+    for t in range(s.T - 1, -1, -1):
+        theirs, _ = ddpm_m.step(_smooth_eps(theirs, torch.full((1,), t)), t, theirs, generator=gm)
+    err_ours, err_monai = float((ours - ref).abs().max()), float((theirs - ref).abs().max())
+    assert err_ours < err_monai
