@@ -107,7 +107,7 @@ def _fmt(v, nd=3):
             return "nan"
         if v == 0:
             return "0"
-        return f"{v:.{nd}g}" if abs(v) < 1e5 else f"{v:.0f}"
+        return f"{v:.{nd}g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
 
 
@@ -512,9 +512,20 @@ class Suite:
                 "--shard-size", str(max(per_class, batch)), "--device", str(self.dev), "--no-progress", "-o", str(out)]
         if self.dev.type == "cpu":
             argv += ["--num-threads", str(self.torch.get_num_threads())]
+        try:  # the library function promptlesion_build_cache runs, where it exists; else the command's main()
+            from nnunet_promptlesion.synthesis.cache_build import CacheBuildConfig, build_cache
+        except ImportError:
+            build_cache = None
         t0 = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
-            rc = bc.main(argv)
+            if build_cache is not None:
+                from nnunet_promptlesion.trainers.lesion_index import build_lesion_index
+
+                cfg = CacheBuildConfig(**vars(bc.build_parser().parse_args(argv)))
+                build_cache(cfg, build_lesion_index=build_lesion_index, save_montage=None, announce=lambda msg: None)
+                via, rc = "nnunet_promptlesion.synthesis.cache_build.build_cache (no montage)", 0
+            else:
+                via, rc = "nnunet_promptlesion.cli.build_cache.main", bc.main(argv)
         wall = time.monotonic() - t0
         if rc != 0:
             raise RuntimeError(f"build_cache {' '.join(argv)} returned {rc}")
@@ -522,7 +533,7 @@ class Suite:
         n = sum(man.get("counts", {}).values())
         lb = man.get("last_build", {})
         st["cache"] = out
-        return {"command": "promptlesion_build_cache " + " ".join(argv), "samples": n, "classes": len(man.get("counts", {})),
+        return {"command": "promptlesion_build_cache " + " ".join(argv), "via": via, "samples": n, "classes": len(man.get("counts", {})),
                 "sampler": f"ddim {steps}", "batch": batch, "render_seconds": round(lb.get("seconds", float("nan")), 2),
                 "volumes_per_min_rendering": lb.get("volumes_per_min_rank0"),
                 "command_seconds": round(wall, 2), "volumes_per_min_whole_command": 60.0 * n / wall if wall > 0 else None,
@@ -823,7 +834,8 @@ def _md_section(name: str, sec: dict) -> list[str]:
                        [[r["guidance"], r["batch"], r["per_step_seconds"], r["fixed_seconds"],
                          r["ddpm400_volumes_per_min"], r["ddim50_volumes_per_min"],
                          r.get("ddim50_measured_volumes_per_min"), r["flops_per_step"] / 1e9, r["tflops_achieved"],
-                         r["percent_of_peak"], r["peak_memory_mb"], r["warmup_seconds"]] for r in sec.get("rows", [])])
+                         r["percent_of_peak"], r["peak_memory_mb"], r["warmup_seconds"]]
+                        for r in sorted(sec.get("rows", []), key=lambda r: (r["guidance"], r["batch"]))])
         for s in sec.get("skipped_rows", []):
             L.append(f"- not run: guidance {s['guidance']:g}, batch {s['batch']}: {s['reason']}")
         for r in sec.get("rows", []):
@@ -844,7 +856,7 @@ def _md_section(name: str, sec: dict) -> list[str]:
                      f"{sec['setup']['phantom_seconds']} s, nnU-Net preprocessing {sec['setup']['preprocess_seconds']} s, "
                      f"generators {sec['setup']['generator_seconds']} s.")
             L.append("")
-            L.append(f"`{sec['command']}`")
+            L.append(f"`{sec['command']}` (run in-process through `{sec.get('via')}`)")
             L.append("")
             L += _md_table(["samples", "classes", "sampler", "batch", "render s", "vol/min (rendering)",
                             "command s", "vol/min (whole command)"],
