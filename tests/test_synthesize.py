@@ -88,7 +88,7 @@ def test_prompt_changes_the_sampled_latents_inside_the_lesion_only(trained):
     from nnunet_promptlesion.synthesis.single_ct import extract_patches, place_masks
     from nnunet_promptlesion.utils.geometry import array_axes
     from nnunet_promptlesion.generator.diffusion.checkpoint import load_generator_pair
-    from nnunet_promptlesion.generator.diffusion.inpaint import inpaint_lesions, latent_region
+    from nnunet_promptlesion.generator.diffusion.inpaint import dilate, inpaint_lesions, latent_region
     from nnunet_promptlesion.generator.intensity import IntensitySpace
 
     torch.set_num_threads(1)
@@ -108,7 +108,9 @@ def test_prompt_changes_the_sampled_latents_inside_the_lesion_only(trained):
         _, _, lat[name] = inpaint_lesions(vq, model, image, mask, ids, steps=3, return_decoded=True,
                                           generator=torch.Generator().manual_seed(3),
                                           parent_mask=torch.from_numpy(p["parent"]))
-    inside = latent_region(mask, 4, lat["healthy"].shape[2:]).expand_as(lat["healthy"]) > 0.5
+    # the sampler generates the lesion's latent cells dilated by the encoder's reach (encode_inputs' "generate")
+    region = latent_region(mask, vq.downsample_factor, lat["healthy"].shape[2:])
+    inside = dilate(region, int(vq.config.encoder_reach)).float().expand_as(lat["healthy"]) > 0.5
     diff = (lat["healthy"] - lat["liver_tumor"]).abs()
     assert torch.equal(lat["healthy"][~inside], lat["liver_tumor"][~inside])
     # the prompt moves every sample's lesion latents (mean |difference| on the [-1, 1] latent scale)
