@@ -48,3 +48,91 @@ def nnunet_paths(ccta_dataset, monkeypatch):
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, env[k])
     return ccta_dataset
+
+
+# ---------------------------------------------------------------------------------------------- process hygiene
+# Every process the suite starts inherits this variable (tests build their subprocess env from os.environ), so
+# the session can find its own processes at the end by their environment, whatever their parent is now (a
+# SIGKILLed trainer's workers are re-parented to init). A fresh value per session: a nested pytest run by a
+# test checks its own processes.
+SESSION_TAG_ENV = "PROMPTLESION_PYTEST_SESSION"
+os.environ[SESSION_TAG_ENV] = f"{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
+# helpers multiprocessing starts for *this* process (they exit when it exits; not leftovers of a test)
+_OWN_MP_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """pid -> command line of every live (non-zombie) process whose initial environment has ``name=value``,
+    except this process, its ancestors and multiprocessing's helpers of this process. Linux /proc scan
+    (processes of other users are skipped)."""
+    needle = f"{name}={value}".encode()
+    me = os.getpid()
+    skip = _ancestors(me)
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in skip:
+            continue
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if int(stat[1]) == me and any(h in cmd for h in _OWN_MP_HELPERS):
+                continue
+            found[int(d.name)] = cmd
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def wait_until_gone(name: str, value: str, timeout: float) -> dict[int, str]:
+    """Poll until no process carries ``name=value`` (see processes_with_env); returns the survivors."""
+    import time
+
+    t0 = time.time()
+    while True:
+        left = processes_with_env(name, value)
+        if not left or time.time() - t0 > timeout:
+            return left
+        time.sleep(0.2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run, naming them, if processes the suite started are still running when it ends (then kill them,
+    so that a failed check does not leave them behind either). Processes get 15 s to finish exiting."""
+    if not Path("/proc/self/environ").exists():
+        return
+    survivors = wait_until_gone(SESSION_TAG_ENV, os.environ[SESSION_TAG_ENV], timeout=15.0)
+    if not survivors:
+        return
+    import signal
+
+    lines = [f"  pid {pid}: {cmd[:300]}" for pid, cmd in sorted(survivors.items())]
+    msg = ("process hygiene: these processes started by this test session are still running after it ended "
+           f"(killed now):\n" + "\n".join(lines))
+    rep = session.config.pluginmanager.get_plugin("terminalreporter")
+    if rep is not None:
+        rep.write_line(msg, red=True)
+    else:
+        print(msg, file=sys.stderr)
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

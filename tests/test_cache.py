@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -124,13 +125,16 @@ def test_fingerprint_mismatch_is_refused(setup, cache_a, monkeypatch):
     cache = LesionCache(cache_a)
     plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
     fp = cache.manifest["fingerprint"]
-    same = run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"])
+    state = dict(data_folder=setup["pre"] / "nnUNetPlans_3d_fullres", lesion_spec=fp["lesion_spec"],
+                 labels=json.loads((setup["pre"] / "dataset.json").read_text())["labels"])
+    same = run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"], **state)
     cache.check_run(same)
-    with pytest.raises(CacheError, match=r"differs in \['fold', 'train_cases'\].*promptlesion_build_cache"):
-        cache.check_run(run_fingerprint(plans, "3d_fullres", 1, fp["train_cases"][1:] + ["x"], setup["name"]))
+    with pytest.raises(CacheError, match=r"fold: cache \"0\", this run \"1\".*train_cases: only in the cache "
+                                         r"\['[^']+'\], only in this run \['x'\].*promptlesion_build_cache"):
+        cache.check_run(run_fingerprint(plans, "3d_fullres", 1, fp["train_cases"][1:] + ["x"], setup["name"], **state))
     plans["configurations"]["3d_fullres"]["spacing"] = [1.0, 1.0, 1.0]
     with pytest.raises(CacheError, match="spacing"):
-        cache.check_run(run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"]))
+        cache.check_run(run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"], **state))
 
 
 def test_cli_help_and_errors(setup, tmp_path):
@@ -180,3 +184,100 @@ def test_pretrain_plans_skips_finished_steps_and_prints_settings(setup, monkeypa
     finally:
         for d in ("promptlesion_vqgan__tiny__3d_fullres__fold0", "promptlesion_diffusion__tiny__3d_fullres__fold0"):
             (res / d / "checkpoint_final.pt").unlink()
+
+
+def _copy_dataset(setup, root: Path) -> Path:
+    """A copy of the preprocessed dataset that keeps file sizes and mtimes (shutil.copy2), as `cp -a` would."""
+    dst = root / "preprocessed" / setup["name"]
+    shutil.copytree(setup["pre"], dst, copy_function=shutil.copy2,
+                    ignore=shutil.ignore_patterns("promptlesion_cache", "promptlesion_index"))
+    return dst
+
+
+def test_cache_built_before_a_label_edit_is_refused_naming_the_difference(setup, cache_a, tmp_path, monkeypatch):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_promptlesion.synthesis.cache import CacheError, LesionCache, describe_difference, run_fingerprint
+
+    cache = LesionCache(cache_a)
+    fp = cache.manifest["fingerprint"]
+    pre = _copy_dataset(setup, tmp_path)
+    data = pre / "nnUNetPlans_3d_fullres"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    labels = json.loads((pre / "dataset.json").read_text())["labels"]
+
+    def fingerprint(**kw):
+        args = dict(data_folder=data, labels=labels, lesion_spec=fp["lesion_spec"])
+        args.update(kw)
+        return run_fingerprint(plans, "3d_fullres", 0, fp["train_cases"], setup["name"], **args)
+
+    cache.check_run(fingerprint())  # an unchanged copy of the data is the same data
+    # dataset.json labels edited: named
+    edited = {**labels, "renamed_structure": max(labels.values()) + 1}
+    with pytest.raises(CacheError, match=r"labels \(dataset.json\).*renamed_structure"):
+        cache.check_run(fingerprint(labels=edited))
+    # a corrected segmentation of one training case (the seg file rewritten, as an edit + re-preprocessing does)
+    case = fp["train_cases"][1]
+    seg = np.asarray(nnUNetDatasetBlosc2(str(data), [case]).load_case(case)[1][:])
+    fg = np.argwhere(seg > 0)[0]
+    seg[tuple(fg)] = 0
+    time.sleep(0.01)  # a distinct mtime on coarse-grained filesystems
+    nnUNetDatasetBlosc2.save_seg(seg, str(data / f"{case}_seg"))
+    assert f"['{case}']" in describe_difference(fp, fingerprint())
+    # the real path: nnUNetv2_train with this cache on the edited copy refuses to start and names the case
+    sfile = tmp_path / "settings.json"
+    sfile.write_text(json.dumps({"synthesizer": "diffusion_cache", "cache": str(cache_a), "class_weights": "uniform"}))
+    env = {**setup["env"], "nnUNet_preprocessed": str(pre.parent), "PROMPTLESION_SETTINGS": str(sfile),
+           "nnUNet_n_proc_DA": "0"}
+    r = subprocess.run([str(BIN / "nnUNetv2_train"), str(setup["did"]), "3d_fullres", "0", "-tr",
+                        "PromptLesionTrainer_checked", "-device", "cpu"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "case_files: the preprocessed files of 1 training case(s) changed" in out and case in out, out[-3000:]
+    assert "Rebuild it" in out
+
+
+def test_cache_is_memory_mapped_ids_are_not_cut_and_sources_pickle(setup, cache_a, tmp_path, monkeypatch):
+    import pickle
+
+    from nnunet_promptlesion.synthesis.cache import LesionCache, read_shard, write_shard
+
+    _env_paths(setup, monkeypatch)
+    cache = LesionCache(cache_a)
+    # memory-mapped arrays, nothing decompressed into the heap; a pickle carries the path, not the data
+    assert all(isinstance(v, np.memmap) for v in cache._a.values())
+    blob = pickle.dumps(cache)
+    assert len(blob) < len(pickle.dumps(cache.manifest)) + 1024  # folder + manifest, no sample data
+    back = pickle.loads(blob)
+    for label in cache.labels():
+        assert back.count(label) == cache.count(label) > 0
+        a, b = cache.get(label, 0), back.get(label, 0)
+        assert a.case == b.case and np.array_equal(a.mask, b.mask) and np.array_equal(a.values, b.values)
+        assert a.mask.dtype == bool and a.mask.shape == tuple(a.box_shape)  # unpacked per draw
+    # a case id longer than 128 characters survives a shard round trip whole
+    s = cache.get(cache.labels()[0], 0)
+    long_id = "case_" + "x" * 300
+    s.case = long_id
+    write_shard(tmp_path / "s.npz", [s], [0], {})
+    assert str(read_shard(tmp_path / "s.npz")["case"][0]) == long_id
+    # the diffusion_cache source, built by a real trainer, pickles (no trainer logger closure inside)
+    import torch
+
+    from nnunet_promptlesion.synthesis.sources import SourceContext, build_source
+    from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from nnunet_promptlesion.trainers.settings import PromptLesionSettings
+
+    plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
+    dj = json.loads((setup["pre"] / "dataset.json").read_text())
+    t = PromptLesionTrainer(plans, "3d_fullres", 0, dj, device=torch.device("cpu"))
+    t.promptlesion_setup()
+    settings = PromptLesionSettings.from_dict({"synthesizer": "diffusion_cache", "cache": str(cache_a)}, "test")
+    cm = t.configuration_manager
+    ctx = SourceContext(settings=settings, spec=t.promptlesion_spec, index=None, spacing=tuple(cm.spacing),
+                        patch_size=tuple(cm.patch_size), initial_patch_size=tuple(cm.patch_size),
+                        intensity=t._intensity_properties(), trainer=t, log=lambda msg: None)
+    src = build_source("diffusion_cache", ctx)
+    src2 = pickle.loads(pickle.dumps(src))
+    lab = cache.labels()[0]
+    assert np.array_equal(src2.cache.get(lab, 0).values, src.cache.get(lab, 0).values)

@@ -10,12 +10,13 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BIN, run
+from conftest import BIN, processes_with_env, run, wait_until_gone
 from diffusion_fixtures import build_cache_cmd, diffusion_setup
 
 
@@ -35,10 +36,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _train(setup, tmp_path, settings: dict, trainer: str, check=True, popen=False):
+def _train(setup, tmp_path, settings: dict, trainer: str, check=True, popen=False, extra_env=None):
     sfile = tmp_path / f"settings_{trainer}.json"
     sfile.write_text(json.dumps(settings))
-    env = {**setup["env"], "PROMPTLESION_SETTINGS": str(sfile), "nnUNet_n_proc_DA": "2"}
+    env = {**setup["env"], "PROMPTLESION_SETTINGS": str(sfile), "nnUNet_n_proc_DA": "2", **(extra_env or {})}
     out = Path(env["nnUNet_results"]) / setup["name"] / f"{trainer}__nnUNetPlans__3d_fullres"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(BIN / "nnUNetv2_train"), str(setup["did"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
@@ -132,7 +133,8 @@ def test_nnunetv2_train_with_diffusion_cache(cache_run):
 @pytest.mark.slow
 def test_nnunetv2_train_with_diffusion_online(setup, tmp_path):
     online = {"synthesizer": "diffusion_online", "diffusion": str(setup["checkpoint"]), "steps": 2, "online_batch": 4,
-              "class_weights": "uniform", "ring_slots_per_class": 4, "online_warmup_s": 600}
+              "class_weights": "uniform", "ring_slots_per_class": 4, "online_warmup_s": 600,
+              "baseline_iterations": 0}
     _, fold = _train(setup, tmp_path, online, "PromptLesionTrainer_checked")
     _check_batches(fold, {4, 5, 6})
     text = _log(fold)
@@ -188,7 +190,8 @@ def test_producer_ends_after_exception_and_after_sigkill(setup, tmp_path):
         time.sleep(0.2)
     assert not _alive(pid), "the producer outlived a crashed trainer"
 
-    proc, fold = _train(setup, tmp_path, online, "PromptLesionTrainer_checked", popen=True)
+    tag = {"PROMPTLESION_ONLINE_TEST_TAG": uuid.uuid4().hex}
+    proc, fold = _train(setup, tmp_path, online, "PromptLesionTrainer_checked", popen=True, extra_env=tag)
     try:
         t0 = time.time()
         # kill the trainer once the producer runs (a producer still in multiprocessing's spawn bootstrap, which
@@ -203,6 +206,56 @@ def test_producer_ends_after_exception_and_after_sigkill(setup, tmp_path):
         while _alive(pid) and time.time() - t0 < 60:
             time.sleep(0.2)
         assert not _alive(pid), "the producer outlived a SIGKILLed trainer"
+        # and so must every other process of the run (nnU-Net's loader workers, multiprocessing's helpers)
+        left = wait_until_gone(*next(iter(tag.items())), timeout=60)
+        assert not left, f"processes of a SIGKILLed trainer left running: {left}"
     finally:
+        for p in processes_with_env(*next(iter(tag.items()))):
+            os.kill(p, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def _take_in_child(src, label, out):
+    """Runs in a spawned process: the unpickled source re-attaches to the ring by name and reads a sample."""
+    r = src._attach_ring().take(label, np.random.default_rng(0))
+    out.put(None if r is None else (r.case, r.seed, r.values.tolist()))
+    src.ring.close()
+
+
+def test_online_source_pickles_into_a_spawned_process(setup, monkeypatch):
+    """Linux defaults to forkserver from Python 3.14: the online source must travel to a non-forked worker (no
+    trainer logger closure, ring re-attached by name, lock and queues inherited through spawning)."""
+    import torch
+
+    from nnunet_promptlesion.synthesis.diffusion_render import RenderedLesion
+    from nnunet_promptlesion.synthesis.sources import SourceContext, build_source
+    from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from nnunet_promptlesion.trainers.settings import PromptLesionSettings
+
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, setup["env"][k])
+    plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
+    dj = json.loads((setup["pre"] / "dataset.json").read_text())
+    t = PromptLesionTrainer(plans, "3d_fullres", 0, dj, device=torch.device("cpu"))
+    t.promptlesion_setup()
+    settings = PromptLesionSettings.from_dict({"synthesizer": "diffusion_online", "diffusion": str(setup["checkpoint"]),
+                                               "ring_slots_per_class": 1}, "test")
+    cm = t.configuration_manager
+    ctx = SourceContext(settings=settings, spec=t.promptlesion_spec, index=None, spacing=tuple(cm.spacing),
+                        patch_size=tuple(cm.patch_size), initial_patch_size=tuple(cm.patch_size),
+                        intensity=t._intensity_properties(), trainer=t, log=lambda msg: None)
+    src = build_source("diffusion_online", ctx)
+    try:
+        label = src.labels[0]
+        mask = np.ones((2, 2, 2), bool)
+        src.ring.put(RenderedLesion(case=src.train_ids[0], label=label, seed=11, box_lo=np.zeros(3, int), mask=mask,
+                                    support=mask, values=np.arange(8, dtype=np.float32), centre=np.ones(3, int)))
+        q = src._ctx.Queue()
+        p = src._ctx.Process(target=_take_in_child, args=(src, label, q))
+        p.start()
+        got = q.get(timeout=300)
+        p.join(60)
+        assert p.exitcode == 0 and got == (src.train_ids[0], 11, list(range(8)))
+    finally:
+        src.close()

@@ -11,9 +11,17 @@
     A producer process (spawned) owns the generator on ``"synthesis_device"`` (default: the training device)
     and keeps a shared-memory ring of freshly rendered lesions (:mod:`.online_producer`). Each
     draw in a worker submits one fresh placement of the loader (healthy carrier, mask inside the parent) as a
-    request without waiting and picks a ready ring sample of the drawn class; a class with nothing ready yet is
-    served by the rule-based source (counted). Start-up waits (at most ``"online_warmup_s"``) until every drawn
-    class has a sample, so training starts on diffusion lesions.
+    request without waiting and picks a ready ring sample of the drawn class, which the loader cuts a carrier
+    around. Start-up waits (at most
+    ``"online_warmup_s"``) until every drawn class has a sample and refuses to train if one has none: there is
+    no silent fallback to rule-based lesions. A producer that reports an error or dies stops training (the
+    trainer checks it every iteration) with the producer's traceback. Under DDP only ranks with synthetic slots
+    start a producer, each on its own training device (a "cuda..." ``"synthesis_device"`` means the rank's
+    device). ``"producer_duty_cycle"`` bounds the producer's share of the GPU (see :mod:`.online_producer`);
+    ``"baseline_iterations"`` iterations at the start run with rendering paused, and the trainer logs every
+    epoch's iteration time as a ratio to them.
+
+Both sources render into every channel only for single-channel CT; a multi-channel dataset is refused.
 
 Both take the optional DiffAug-style quality filter (``"quality_model"``, ``"quality_fold"``,
 ``"quality_min_iou"``): the online producer applies it to every rendered lesion; a cache must have been built
@@ -30,13 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from .sources import Placement, SampleSource, SourceContext, build_source, register_source
+from .sources import Placement, SampleSource, SourceContext, register_source
 
 QUALITY_SETTINGS = {"quality_model": None, "quality_fold": "0", "quality_min_iou": 0.7}
 CACHE_SETTINGS = {"cache": None, **QUALITY_SETTINGS}
 ONLINE_SETTINGS = {"diffusion": None, "vqgan": None, "synthesis_device": None, "sampler": "ddim", "steps": 50,
                    "guidance": 1.0, "online_batch": 8, "ring_slots_per_class": 16, "online_warmup_s": 300.0,
-                   "producer_threads": 1, **QUALITY_SETTINGS}
+                   "producer_threads": 1, "producer_duty_cycle": 0.2, "ring_lock_timeout_s": 60.0,
+                   "baseline_iterations": 10, **QUALITY_SETTINGS}
 
 
 def _config_error(msg: str) -> Exception:
@@ -64,6 +73,12 @@ def _check_3d(ctx: SourceContext, name: str) -> None:
     if len(ctx.patch_size) != 3:
         raise _config_error(f"'{name}' needs a 3D configuration (the generators are 3D); this one has patch size "
                             f"{list(ctx.patch_size)}. Use 3d_fullres / 3d_lowres or the rule_based synthesizer.")
+    if len(ctx.intensity) > 1:
+        # the generators are single-channel CT models: pasting into channel 0 only would leave the other channels
+        # lesion-free under a lesion label
+        raise _config_error(f"'{name}' renders single-channel CT, but this dataset has {len(ctx.intensity)} input "
+                            "channels. Use the rule_based synthesizer (it paints every channel) or a one-channel "
+                            "dataset.")
 
 
 def _run_fingerprint(ctx: SourceContext) -> dict:
@@ -71,7 +86,9 @@ def _run_fingerprint(ctx: SourceContext) -> dict:
 
     t = ctx.trainer
     tr, _ = t.do_split()
-    return run_fingerprint(t.plans_manager.plans, t.configuration_name, t.fold, tr, t.plans_manager.dataset_name)
+    return run_fingerprint(t.plans_manager.plans, t.configuration_name, t.fold, tr, t.plans_manager.dataset_name,
+                           data_folder=t.preprocessed_dataset_folder, labels=t.dataset_json.get("labels"),
+                           lesion_spec=ctx.spec.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -100,7 +117,6 @@ class DiffusionCacheSource(SampleSource):
                                 "runs when the cache is built).")
         self.spec = ctx.spec
         self._draws: dict[str, int] = {}
-        self.ctx_log = ctx.log
         ctx.log(f"PromptLesion: diffusion cache {folder}: {json.dumps(self.cache.manifest.get('counts'))} samples per "
                 f"class label, {self.cache.nbytes() / 2**20:.1f} MiB, generator "
                 f"{self.cache.manifest['generator'].get('diffusion_checkpoint_id')}")
@@ -113,12 +129,12 @@ class DiffusionCacheSource(SampleSource):
 
     def pick(self, class_idx: int, rng: np.random.Generator):
         label = self.spec.lesions[class_idx].label
-        pool = self.cache.samples.get(label)
-        if not pool:
+        n = self.cache.count(label)
+        if not n:
             return None
-        k = int(rng.integers(len(pool)))
+        k = int(rng.integers(n))
         self._draws["draws"] = self._draws.get("draws", 0) + 1
-        return pool[k]
+        return self.cache.get(label, k)
 
     def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
         return _paste_rendered(placement, data)
@@ -168,27 +184,41 @@ class DiffusionOnlineSource(SampleSource):
         margin = blend_margin(max(ctx.settings.blend_sigma_voxels))
         max_vox = int(np.prod(mapping.footprint() + 2 * margin + 2))
         device = ex.get("synthesis_device") or str(t.device)
+        if getattr(t, "is_ddp", False) and device.startswith("cuda") and device != str(t.device):
+            # one producer per rendering rank, on that rank's own GPU: "cuda:0" in a settings file shared by all
+            # ranks must not stack every rank's generator on GPU 0
+            ctx.log(f"PromptLesion: synthesis_device {device!r} under DDP: the producer of rank {t.local_rank} "
+                    f"runs on this rank's device {t.device}")
+            device = str(t.device)
         tr, _ = t.do_split()
         self.train_ids = sorted(tr)
         self.labels = [l.label for l in ctx.spec.lesions]
         self._ctx = mp.get_context("spawn")
         self.lock = self._ctx.Lock()
+        self.lock_timeout_s = float(ex["ring_lock_timeout_s"])
         self.ring_spec = RingSpec(name=f"pl_ring_{os.getpid()}_{uuid.uuid4().hex[:8]}", labels=self.labels,
                                   slots_per_class=int(ex["ring_slots_per_class"]), max_voxels=max_vox)
-        self.ring = SharedRing(self.ring_spec, self.lock, create=True, cases=self.train_ids)
+        self.ring = None
+        try:
+            self.ring = SharedRing(self.ring_spec, self.lock, create=True, cases=self.train_ids,
+                                   lock_timeout_s=self.lock_timeout_s)
+        except ValueError as e:  # /dev/shm too small: refused before anything is written into it
+            raise _config_error(str(e)) from e
+        self.baseline_iterations = int(ex["baseline_iterations"])
         self.requests = self._ctx.Queue(maxsize=max(4 * int(ex["online_batch"]), 8))
         self.status = self._ctx.Queue()
-        self.stop = self._ctx.Event()
         self.cfg = ProducerConfig(diffusion=str(Path(ex["diffusion"]).resolve()),
                                   vqgan=str(Path(ex["vqgan"]).resolve()) if ex.get("vqgan") else None, device=device,
                                   sampler=str(ex["sampler"]), steps=int(ex["steps"]), guidance=float(ex["guidance"]),
                                   batch=int(ex["online_batch"]), plans=plans, configuration=t.configuration_name,
                                   data_folder=str(t.preprocessed_dataset_folder), train_ids=self.train_ids,
                                   spec=ctx.spec.to_dict(), parent_pid=os.getpid(),
-                                  num_threads=int(ex["producer_threads"]), quality=_quality_cfg(ex))
+                                  num_threads=int(ex["producer_threads"]), quality=_quality_cfg(ex),
+                                  duty_cycle=float(ex["producer_duty_cycle"]), lock_timeout_s=self.lock_timeout_s)
+        if not 0.0 < self.cfg.duty_cycle <= 1.0:
+            raise _config_error(f"producer_duty_cycle must lie in (0, 1], got {self.cfg.duty_cycle}")
         self.warmup_s = float(ex["online_warmup_s"])
         self.sigma_range = tuple(float(v) for v in ctx.settings.blend_sigma_voxels)
-        self.fallback = build_source("rule_based", ctx)
         self.process = None
         self.producer_error: str | None = None
         self.identity: dict | None = None
@@ -213,13 +243,13 @@ class DiffusionOnlineSource(SampleSource):
             prompt_ids_for(self.spec, PromptVocabulary.from_dict(meta["vocabulary"]), drawn)
         except SpaceMismatchError as e:
             raise _config_error(str(e)) from e
-        self.fallback.check(index, class_probs)
 
     def attach(self, loader) -> None:
+        from ..utils.lifetime import raise_if_terminated
         from .online_producer import producer_main
 
         self.process = self._ctx.Process(target=producer_main, name="promptlesion-producer", daemon=True,
-                                         args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status, self.stop))
+                                         args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status))
         self.process.start()
         self.log(f"PromptLesion: producer pid {self.process.pid} loading the generator")
         t0 = time.time()
@@ -248,12 +278,53 @@ class DiffusionOnlineSource(SampleSource):
             for i in missing:
                 loader.offer_placement(i, rng)  # the loader places, submit() queues the request
             self._poll_status(timeout=0.5)
-            if self.producer_error:
-                break
+            self.raise_if_failed()
+            raise_if_terminated()
         ready = {l.name: self.ring.ready(l.label) for l in self.spec.lesions}
+        empty = [self.spec.lesions[i].name for i in drawn if self.ring.ready(self.spec.lesions[i].label) == 0]
+        if empty:
+            raise _config_error(
+                f"the diffusion producer rendered no sample of {empty} within online_warmup_s = {self.warmup_s:.0f} s "
+                f"(ring {ready}). This run draws these classes and would train on no diffusion lesion of them: raise "
+                "\"online_warmup_s\", check that their parents exist in the training cases, or give them weight 0 "
+                "in 'class_weights'.")
         self.log(f"PromptLesion: producer ready ({json.dumps(self.identity)}); ring after warm-up {ready} "
                  f"in {time.time() - t0:.1f} s")
         self.ring.snapshot_and_reset()  # warm-up does not count towards epoch 1
+        # nor do the warm-up's placements (made here, in the main process): counters left in this process would
+        # be inherited by every forked worker and reported once per worker in epoch 1
+        self.worker_stats()
+        if hasattr(loader, "_stats"):
+            loader._stats.clear()
+        if self.baseline_iterations > 0:
+            self.pause(True)  # rendering paused while the trainer times its baseline iterations
+
+    def pause(self, paused: bool) -> None:
+        """Pause (True) or resume rendering; the ring keeps serving what it holds."""
+        if self.ring is not None:
+            self.ring.set_flag("pause", 1 if paused else 0)
+
+    def raise_if_failed(self) -> None:
+        """Raise ProducerDeadError with the producer's traceback if it reported an error or is no longer alive.
+
+        Called by the trainer at every iteration (a non-blocking queue poll and a waitpid): a failed producer
+        stops training at once instead of leaving a stale ring to be reused for the rest of the run."""
+        from .online_producer import ProducerDeadError
+
+        if os.getpid() != self._owner_pid:
+            return
+        while self._poll_status(timeout=0.0) is not None:
+            pass
+        pid = self.process.pid if self.process is not None else None
+        if self.producer_error:
+            raise ProducerDeadError(f"the diffusion producer (pid {pid}) failed; its traceback:\n{self.producer_error}")
+        if self.process is not None and not self.process.is_alive():
+            code = self.process.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            raise ProducerDeadError(
+                f"the diffusion producer (pid {pid}) {how} without reporting an error (SIGKILL, the OOM killer?). "
+                "Training stops rather than reuse its last samples for the rest of the run; fix the cause and "
+                "resume with nnUNetv2_train ... --c.")
 
     def _poll_status(self, timeout: float) -> str | None:
         import queue as queue_mod
@@ -274,7 +345,8 @@ class DiffusionOnlineSource(SampleSource):
     def close(self) -> None:
         if os.getpid() != self._owner_pid:
             return
-        self.stop.set()
+        if self.ring is not None:
+            self.ring.set_flag("stop", 1)  # a flag, not an Event: see online_producer's module docstring
         p, self.process = self.process, None
         if p is not None:
             p.join(timeout=20)
@@ -293,21 +365,25 @@ class DiffusionOnlineSource(SampleSource):
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        self.fallback.close()
 
     def __getstate__(self):
         # spawned loader workers (rare on Linux) re-attach to the ring by name
         d = dict(self.__dict__)
         d["ring"] = None
         d["process"] = None
+        d["log"] = None  # the trainer's logger is a closure over the trainer; workers do not log
         return d
 
     # -------------------------------------------------------------- workers
     def _attach_ring(self):
         if self.ring is None:
+            # requests are best effort: a worker must never wait at exit for its queue feeder, which blocks on a
+            # full pipe once the producer is gone
+            self.requests.cancel_join_thread()
             from .online_producer import SharedRing
 
-            self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids)
+            self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids,
+                                   lock_timeout_s=self.lock_timeout_s)
         return self.ring
 
     def wants_placement(self, class_idx: int) -> bool:
@@ -336,14 +412,16 @@ class DiffusionOnlineSource(SampleSource):
         ring = self._attach_ring()
         r = ring.take(self.spec.lesions[class_idx].label, rng)
         if r is None:
-            self._local["fallback_rule_based"] = self._local.get("fallback_rule_based", 0) + 1
-            return None  # the loader hands render a fresh placement, painted by the rule-based fallback
+            from .online_producer import ProducerDeadError
+
+            # warm-up left >= 1 sample of every drawn class and slots are only ever overwritten: an empty class
+            # here is a class warm-up did not cover, never something to paper over with another synthesizer
+            raise ProducerDeadError(f"the online ring holds no sample of class "
+                                    f"'{self.spec.lesions[class_idx].name}', which this run draws")
         self._local["diffusion"] = self._local.get("diffusion", 0) + 1
         return r
 
     def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
-        if placement.rendered is None:
-            return self.fallback.render(placement, data, seg)
         return _paste_rendered(placement, data)
 
     def worker_stats(self) -> dict[str, float]:

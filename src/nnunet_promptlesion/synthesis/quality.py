@@ -121,12 +121,15 @@ class QualityFilter:
             crops.append(img)
             masks.append(m)
             regions.append(region)
-        with torch.no_grad():
-            x = torch.from_numpy(np.stack(crops)).to(self.device)
-            logits = self.network(x)
-            if isinstance(logits, (list, tuple)):
-                logits = logits[0]
-            pred = logits.argmax(1).cpu().numpy()
+        # One sample per forward pass under autocast (as nnU-Net's own training/inference on CUDA): a batch of
+        # full-size fp32 patches next to the training process can take more GPU memory than the segmenter's step.
+        pred = []
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            for crop in crops:
+                logits = self.network(torch.from_numpy(crop[None]).to(self.device))
+                if isinstance(logits, (list, tuple)):
+                    logits = logits[0]
+                pred.append(logits[0].argmax(0).cpu().numpy())
         labels = self.label_manager.all_labels
         out = []
         for r, p, m, reg in zip(rendered, pred, masks, regions):

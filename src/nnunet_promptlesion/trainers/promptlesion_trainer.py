@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
 from ..lesions.masks import MaskSampler
 from ..synthesis.sources import SampleSource, SourceContext, build_source
 from ..utils.errors import PromptLesionConfigError
+from ..utils.lifetime import children_die_with_this_process, raise_if_terminated, sigterm_as_keyboard_interrupt
 from .lesion_index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
                            load_or_build_index)
 from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_per_rank
@@ -49,6 +52,12 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         self.promptlesion_index_origin: str | None = None
         # transfer gauge A: pseudo-Dice on held-back synthetic samples (never read by nnU-Net's selection)
         self.promptlesion_gauges: SyntheticValidation | None = None
+        # iteration timing (see _promptlesion_time_iteration)
+        self._pl_last_iter_t: float | None = None
+        self._pl_iter_times: list[float] = []
+        self._pl_base_times: list[float] = []
+        self._pl_baseline: float | None = None
+        self._pl_baseline_done = False
 
     # ---------------------------------------------------------------- set-up checks
     def _find_lesion_spec(self) -> Path:
@@ -180,15 +189,25 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
 
     def build_train_loader(self, dataset_tr, initial_patch_size, tr_transforms):
         s = self.promptlesion_settings
+        cm = self.configuration_manager
         self.lesion_index = index = self.build_lesion_index(dataset_tr)
         # fold "all": carriers held back for synthetic validation leave the index training places lesions with
         self.promptlesion_gauges, index = prepare_synthetic_validation(self, index)
         probs = self._class_probabilities(index)
         self.close_sample_source()
-        source = self.build_sample_source(index, initial_patch_size)
+        n_syn = self.synthetic_per_batch()
+        if n_syn == 0 and s.synthesizer != "rule_based":
+            # a rank without synthetic slots never draws: start no generator/producer/cache for it (DDP)
+            self.print_to_log_file(f"PromptLesion: no synthetic slot on this rank; '{s.synthesizer}' not started",
+                                   also_print_to_console=True)
+            source = build_source("rule_based", SourceContext(
+                settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
+                patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
+                intensity=self._intensity_properties(), trainer=self, log=lambda msg: None))
+        else:
+            source = self.build_sample_source(index, initial_patch_size)
         self.promptlesion_source = source
         source.check(index, probs)
-        n_syn = self.synthetic_per_batch()
         self.print_to_log_file(
             f"PromptLesion: settings from {self.promptlesion_settings_source}: {json.dumps(s.to_json_dict())}\n"
             f"PromptLesion: source {source.describe()}; class probabilities "
@@ -210,10 +229,76 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
 
     # ---------------------------------------------------------------- per-epoch accounting
     def train_step(self, batch: dict) -> dict:
+        raise_if_terminated()  # a SIGTERM whose raise was swallowed (see utils.lifetime)
+        src = self.promptlesion_source
+        if src is not None and hasattr(src, "raise_if_failed"):
+            src.raise_if_failed()  # a failed online producer stops training here, with its traceback
+        self._promptlesion_time_iteration()
         stats = batch.pop(STATS_KEY, None)
         if stats:
             self._promptlesion_epoch_stats.update(stats)
         return super().train_step(batch)
+
+    #: iterations at the start of training not used for the baseline (cudnn autotuning, torch.compile, first
+    #: batches from cold workers)
+    _PL_BASELINE_SKIP = 3
+
+    def _promptlesion_time_iteration(self) -> None:
+        """Wall time between consecutive train steps (data wait + step), for the iteration-time ratio.
+
+        Baseline: a source that renders on the GPU (``pause``, ``baseline_iterations``) starts with rendering
+        paused; iterations ``_PL_BASELINE_SKIP+1 .. _PL_BASELINE_SKIP+baseline_iterations`` of the first epoch
+        are timed like that (the loader still serves ring samples: no rendering, same data path), then rendering
+        resumes. Every epoch's median iteration time is logged as a ratio to the baseline's median."""
+        now = time.perf_counter()
+        last, self._pl_last_iter_t = self._pl_last_iter_t, now
+        if last is None:
+            return
+        dt = now - last
+        src = self.promptlesion_source
+        n_base = int(getattr(src, "baseline_iterations", 0) or 0) if src is not None and hasattr(src, "pause") else 0
+        if not self._pl_baseline_done and n_base > 0:
+            self._pl_iter_times.append(dt)
+            if len(self._pl_iter_times) > self._PL_BASELINE_SKIP:
+                self._pl_base_times.append(dt)
+            if len(self._pl_base_times) >= n_base:
+                self._promptlesion_finish_baseline()
+            return
+        self._pl_iter_times.append(dt)
+
+    def _promptlesion_finish_baseline(self) -> None:
+        src = self.promptlesion_source
+        self._pl_baseline_done = True
+        if src is not None and hasattr(src, "pause"):
+            src.pause(False)
+        self._pl_iter_times = []
+        if self._pl_base_times:
+            self._pl_baseline = float(np.median(self._pl_base_times))
+            self.print_to_log_file(
+                f"PromptLesion: no-rendering baseline {self._pl_baseline:.3f} s per iteration (median of "
+                f"{len(self._pl_base_times)} iterations with the producer paused); rendering resumed",
+                also_print_to_console=True)
+        else:
+            self.print_to_log_file("PromptLesion: epoch too short to time a no-rendering baseline; rendering resumed",
+                                   also_print_to_console=True)
+
+    def _promptlesion_log_iteration_time(self) -> None:
+        times, self._pl_iter_times, self._pl_last_iter_t = self._pl_iter_times, [], None
+        if not self._pl_baseline_done and hasattr(self.promptlesion_source, "pause") and (
+                int(getattr(self.promptlesion_source, "baseline_iterations", 0) or 0) > 0):
+            self._promptlesion_finish_baseline()  # epoch shorter than the baseline: use what was timed
+            return
+        if not times:
+            return
+        med = float(np.median(times))
+        msg = f"PromptLesion: iteration time {med:.3f} s (median of {len(times)})"
+        if self._pl_baseline:
+            ratio = med / self._pl_baseline
+            msg += f" = {ratio:.2f}x the no-rendering baseline {self._pl_baseline:.3f} s"
+            if ratio > 1.3:
+                msg += (" (WARNING above 1.3x: lower \"producer_duty_cycle\" or \"online_batch\", or render ahead "
+                        "with promptlesion_build_cache)")
+        self.print_to_log_file(msg, also_print_to_console=True)
 
     def promptlesion_epoch_summary(self) -> dict:
         """This epoch's loader counters summed over batches, workers (and DDP ranks), and the source's stats."""
@@ -231,6 +316,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         return out
 
     def on_epoch_end(self):
+        self._promptlesion_log_iteration_time()
         summary = self.promptlesion_epoch_summary()
         self._promptlesion_epoch_stats.clear()
         loader = summary["loader"]
@@ -250,11 +336,34 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
 
     def run_training(self):
         # The source may own processes or files (a producer, an open cache): they end with the run, also when
-        # it crashes or is interrupted.
+        # it crashes or is interrupted. SIGTERM (kill, docker stop, pre-emption) is handled like Ctrl-C, so the
+        # same clean-up runs; loader workers forked from here end with this process even if it is SIGKILLed.
+        children_die_with_this_process()
+        previous = sigterm_as_keyboard_interrupt()
         try:
             super().run_training()
+        except BaseException as e:
+            src = self.promptlesion_source
+            if src is not None and hasattr(src, "raise_if_failed"):
+                src.raise_if_failed()  # a worker's lock timeout or a dead augmenter: name the producer's failure
+            raise e
         finally:
-            self.close_sample_source()
+            try:
+                self.close_sample_source()
+            finally:
+                self._promptlesion_finish_loaders()
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+
+    def _promptlesion_finish_loaders(self) -> None:
+        """Stop nnU-Net's loader workers (on_train_end does this only when training ends normally)."""
+        for name in ("dataloader_train", "dataloader_val"):
+            dl = getattr(self, name, None)
+            if dl is not None and hasattr(dl, "_finish"):
+                try:
+                    dl._finish()
+                except Exception:  # noqa: BLE001 - already finished / broken queues: the processes are what matters
+                    pass
 
     def get_dataloaders(self):
         # Same steps as nnUNetTrainer.get_dataloaders; only the training loader differs.
