@@ -285,6 +285,11 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
         "false_positives": fps,
     }
     results.update(summarize(results))
+    if spec is not None and dataset_json is not None and all((pred_dir / f"{c}.npz").is_file() for c in cases):
+        # nnUNetv2_predict --save_probabilities: softmax of its class inside every lesion (transfer gauge B)
+        from .transfer import attach_lesion_softmax
+
+        attach_lesion_softmax(results, pred_dir, gt_dir, dataset_json, spec, cases)
     return _json_ready(results)
 
 

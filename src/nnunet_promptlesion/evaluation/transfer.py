@@ -47,7 +47,7 @@ PROBABILITIES_KEY = "probabilities"
 VERDICTS = ("transfers", "realism gap", "budget gap", "undetermined", "no lesions")
 
 __all__ = ["REAL_TRANSFER_PROB", "SYNTHETIC_LEARNT_DICE", "VERDICTS", "TransferError", "lesion_softmax",
-           "lesion_softmax_case", "lesion_softmax_folder", "summarize_lesion_softmax", "transfer_verdict",
+           "lesion_softmax_case", "lesion_softmax_folder", "attach_lesion_softmax", "summarize_lesion_softmax", "transfer_verdict",
            "transfer_verdicts", "format_transfer_markdown", "label_channels"]
 
 
@@ -137,8 +137,6 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
     Returns {"lesions": [{"case", "class", "label", "channel", "id", "voxels", "max_prob", "mean_prob",
     "centroid"}], "summary": {class: ...} (see :func:`summarize_lesion_softmax`), "cases": [...]}.
     """
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
     from .evaluate import find_dataset_json, find_lesion_spec
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
@@ -159,7 +157,9 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
         spec = LesionSpec.load(sp)
     elif isinstance(spec, (str, os.PathLike)):
         spec = LesionSpec.load(spec)
-    ending = dataset_json["file_ending"]
+    ending = dataset_json.get("file_ending")
+    if not ending:
+        raise TransferError("dataset.json has no 'file_ending'")
     npz = {p.name[:-4] for p in pred_dir.glob("*.npz")}
     if not npz:
         raise TransferError(f"no .npz probability files in {pred_dir}: predict with nnUNetv2_predict ... "
@@ -172,15 +172,39 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
     cases = sorted(npz & refs)
     if not cases:
         raise TransferError(f"{pred_dir} and {gt_dir} have no case in common")
+    classes, lesions = _lesion_softmax_cases(pred_dir, gt_dir, dataset_json, spec, cases)
+    return {"prediction_folder": str(pred_dir.resolve()), "reference_folder": str(gt_dir.resolve()),
+            "classes": classes, "cases": cases, "lesions": lesions,
+            "summary": summarize_lesion_softmax(lesions, [c["name"] for c in classes])}
+
+
+def _lesion_softmax_cases(pred_dir: Path, gt_dir: Path, dataset_json: dict, spec: LesionSpec,
+                          cases: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    ending = dataset_json["file_ending"]
     channels = label_channels(dataset_json, spec.labels)
     classes = [{"name": l.name, "label": l.label, "channel": channels[l.label]} for l in spec.lesions]
     reader = determine_reader_writer_from_dataset_json(dataset_json, str(gt_dir / (cases[0] + ending)), verbose=False)
     lesions = []
     for c in cases:
         lesions.extend(lesion_softmax_case(c, pred_dir / f"{c}.npz", gt_dir / (c + ending), reader, classes))
-    return {"prediction_folder": str(pred_dir.resolve()), "reference_folder": str(gt_dir.resolve()),
-            "classes": classes, "cases": cases, "lesions": lesions,
-            "summary": summarize_lesion_softmax(lesions, [c["name"] for c in classes])}
+    return classes, lesions
+
+
+def attach_lesion_softmax(results: dict, pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, dataset_json: dict,
+                          spec: LesionSpec, cases: Sequence[str]) -> None:
+    """Add ``max_prob`` / ``mean_prob`` to the lesion records of an :func:`~.evaluate.evaluate_folders` result
+    (joined on case, class, id) and ``results["lesion_softmax"]`` = the per-class summary."""
+    _, lesions = _lesion_softmax_cases(Path(pred_dir), Path(gt_dir), dataset_json, spec, list(cases))
+    by = {(l["case"], l["class"], l["id"]): l for l in lesions}
+    for rec in results["lesions"]:
+        m = by.get((rec["case"], rec["class"], rec["id"]))
+        if m is None or m["voxels"] != rec["voxels"]:
+            raise TransferError(f"lesion {rec['id']} of {rec['class']} in case {rec['case']} has no matching component "
+                                "in the probability gauge (connectivity or label mismatch)")
+        rec["max_prob"], rec["mean_prob"] = m["max_prob"], m["mean_prob"]
+    results["lesion_softmax"] = summarize_lesion_softmax(lesions, [l.name for l in spec.lesions])
 
 
 # ---------------------------------------------------------------------------------------------- verdict
@@ -226,8 +250,8 @@ def format_transfer_markdown(arms: dict[str, tuple[dict, dict | None]]) -> str:
         verdicts = transfer_verdicts(real, syn)
         for name, r in real.items():
             v = verdicts[name]
-            lines.append(f"| {arm} | {name} | {r['lesions']} | {_f(r['max_prob_median'])} | {_f(r['max_prob_max'])} | "
-                         f"{_f(r['mean_prob_median'])} | {_f(v['synthetic_pseudo_dice'])} | {v['verdict']} |")
+            lines.append(f"| {arm} | {name} | {r.get('lesions', 0)} | {_f(r.get('max_prob_median'))} | {_f(r.get('max_prob_max'))} | "
+                         f"{_f(r.get('mean_prob_median'))} | {_f(v['synthetic_pseudo_dice'])} | {v['verdict']} |")
     lines.append("")
     lines.append(f"Verdict: transfers = median max softmax in real lesions >= {REAL_TRANSFER_PROB}; otherwise realism "
                  f"gap = synthetic pseudo-Dice >= {SYNTHETIC_LEARNT_DICE}, budget gap = below; undetermined = no "

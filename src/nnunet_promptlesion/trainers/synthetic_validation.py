@@ -214,6 +214,7 @@ class _Sample:
     data: np.ndarray      # (C, *patch) float32, network input
     target: np.ndarray    # (*patch) bool: the synthetic lesion
     valid: np.ndarray     # (*patch) bool: voxels that count
+    case: str = ""        # carrier case
 
 
 class SyntheticValidation:
@@ -295,8 +296,9 @@ class SyntheticValidation:
                 if two_d:
                     data, target, valid = data[:, 0], target[0], valid[0]
                 if target.any():
-                    got.append(_Sample(np.ascontiguousarray(data), target, valid))
+                    got.append(_Sample(np.ascontiguousarray(data), target, valid, smp.placement.case))
             out[lesion.name] = got
+        self.design["drawn_cases"] = {k: [s.case for s in v] for k, v in out.items()}
         return out
 
     # ------------------------------------------------------------------ per epoch
