@@ -1,82 +1,20 @@
-"""promptlesion_demo's pieces that do not need a training: the plan edit, the statistics and the report."""
+"""promptlesion_demo: the plan edit, and the demo as an experiment (SIGTERM leaves nothing behind, a re-run resumes)."""
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nnunet_promptlesion.cli import demo
 
-
-def _eval(dices_by_case: dict[str, dict[str, float | None]], detected: dict[str, tuple[int, int, int]]) -> dict:
-    """A minimal evaluate_folders()-shaped dict: per case {class: Dice or None (class absent)}."""
-    classes = sorted({c for d in dices_by_case.values() for c in d})
-    cases = []
-    for case, per in dices_by_case.items():
-        metrics = {}
-        for c in classes:
-            v = per.get(c)
-            metrics[c] = {"Dice": float("nan") if v is None else v, "n_ref": 0 if v is None else 10}
-        cases.append({"case": case, "metrics": metrics})
-    summary = {}
-    for c in classes:
-        vals = [per[c] for per in dices_by_case.values() if per.get(c) is not None]
-        s = {"Dice": float(np.mean(vals)) if vals else None}
-        if c in detected:
-            s["detected"], s["lesions"], s["false_positives"] = detected[c]
-        summary[c] = s
-    return {"cases": cases, "summary": summary}
-
-
-def test_format_table_aligns_columns():
-    text = demo.format_table(["arm", "Dice", "detected"], [["nnU-Net, real only", "0.0", "1/10"],
-                                                          ["PromptLesion rule-based 1:1", "55.5", "10/10"]])
-    lines = text.splitlines()
-    assert len({len(line) for line in lines}) == 1  # every line (header, rule, rows) has the same width
-    header, rule = lines[0], lines[1]
-    # Columns are separated by at least two spaces and never run together.
-    assert "arm" in header and "  Dice" in header and "  detected" in header
-    assert set(rule.strip()) <= {"-", " "}
-    # Right-aligned numeric columns end at the same position.
-    assert lines[2].rstrip().endswith("1/10") and lines[3].rstrip().endswith("10/10")
-
-
-def test_paired_tests_values_and_degenerate_cases():
-    a = [0.1, 0.2, 0.3, 0.4, 0.5]
-    b = [0.3, 0.5, 0.4, 0.8, 0.6]
-    t = demo.paired_tests(a, b)
-    from scipy import stats
-
-    assert t["n"] == 5
-    assert t["mean_diff"] == pytest.approx(np.mean(np.subtract(b, a)))
-    assert t["t_p"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
-    assert t["wilcoxon_p"] == pytest.approx(stats.wilcoxon(np.subtract(b, a)).pvalue)
-    same = demo.paired_tests([0.0, 0.0], [0.0, 0.0])
-    assert same["t_p"] == 1.0 and same["wilcoxon_p"] == 1.0
-    empty = demo.paired_tests([], [])
-    assert empty["n"] == 0 and math.isnan(empty["t_p"])
-
-
-def test_build_report_pairs_cases_and_counts_misses_as_zero():
-    ref = [_eval({"a": {"calc": 0.5, "soft": 0.0, "wall": 0.9}, "b": {"calc": 0.7, "soft": None, "wall": 0.8}},
-                 {"calc": (2, 2, 1), "soft": (0, 1, 0)})]
-    arm = [_eval({"a": {"calc": 0.4, "soft": 0.6, "wall": 0.9}, "b": {"calc": 0.6, "soft": None, "wall": 0.8}},
-                 {"calc": (2, 2, 0), "soft": (1, 1, 3)})]
-    # A miss on a case that holds the class is 0 in the paired test, even if the evaluator reports NaN.
-    arm[0]["cases"][0]["metrics"]["calc"]["Dice"] = float("nan")
-    rep = demo.build_report({"real": ref, "syn": arm}, ["calc", "soft"], ["wall"], "real")
-    calc = rep["classes"]["calc"]["tests"]["syn"]
-    assert calc["n"] == 2 and calc["mean_diff"] == pytest.approx(((0.0 - 0.5) + (0.6 - 0.7)) / 2)
-    soft = rep["classes"]["soft"]["tests"]["syn"]
-    assert soft["n"] == 1 and soft["mean_diff"] == pytest.approx(0.6)  # case b holds no soft plaque: not paired
-    row = rep["classes"]["soft"]["arms"]["syn"]
-    assert (row["detected"], row["lesions"], row["false_positives"]) == (1, 1, 3)
-    assert row["fp_per_case"] == pytest.approx(1.5)
-    assert "tests" not in rep["classes"]["wall"]
-    text = demo.format_report(rep, n_test=2, n_repeats=1, budget="1 x 1", class_notes={"soft": "rare"})
-    assert "soft  (rare)" in text and "1/1 (100%)" in text and "paired t-test p =" in text
+BIN = Path(sys.executable).parent
 
 
 def test_add_demo_configuration_inherits_and_is_idempotent(tmp_path):
@@ -98,13 +36,6 @@ def test_add_demo_configuration_inherits_and_is_idempotent(tmp_path):
     mtime = f.stat().st_mtime_ns
     demo.add_demo_configuration(f)
     assert f.stat().st_mtime_ns == mtime  # unchanged plans are not rewritten
-
-
-def test_plot_report_writes_png(tmp_path):
-    ref = [_eval({"a": {"calc": 0.5, "soft": 0.0, "wall": 0.9}}, {"calc": (1, 1, 0), "soft": (0, 1, 0)})] * 2
-    rep = demo.build_report({"real": ref, "syn": ref}, ["calc", "soft"], ["wall"], "real")
-    demo.plot_report(rep, tmp_path / "p.png", "t")
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_trainers_skip_self_validation_only_for_fold_all():
@@ -132,3 +63,119 @@ def test_demo_trainers_skip_self_validation_only_for_fold_all():
     assert t.validated
     for cls in (nnUNetTrainer_promptlesionDemo, PromptLesionTrainer_demo):
         assert cls.__mro__[1] is _NoSelfValidationMixin
+
+
+def test_shipped_demo_config_is_an_experiment_with_baseline_arm_and_ceiling():
+    from nnunet_promptlesion.experiments.runner import load_config
+
+    cfg = load_config("demo", {"dataset": "501"})
+    roles = {a.name: a.role for a in cfg.arms}
+    assert list(roles.values()).count("baseline") == 1 and list(roles.values()).count("ceiling") == 1
+    assert cfg.scarcity["class"] == "noncalcified_plaque" and cfg.configuration == demo.DEMO_CONFIGURATION
+    assert cfg.reference_arm == next(a.name for a in cfg.arms if a.role == "baseline")
+    assert [a.name for a in cfg.arms if a.optional] == ["diffusion"]
+    assert cfg.predict.get("save_probabilities") is True
+
+
+def _processes_using(folder: Path) -> list[str]:
+    """Command lines of live processes whose arguments or environment mention ``folder`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = (d / "environ").read_bytes().decode(errors="replace")
+                if (d / "stat").read_text().split(") ")[1].startswith("Z"):
+                    continue   # a zombie has ended; only its exit status is left for its parent
+            except OSError:
+                continue
+            if str(folder) in cmd or str(folder) in env:
+                out.append(cmd)
+    return out
+
+
+def _shm_used_by(folder: Path) -> set[str]:
+    """Names in /dev/shm that live processes of ``folder`` have mapped or open (and not yet unlinked)."""
+    names = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().decode(errors="replace")
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            if str(folder) not in env and str(folder) not in cmd:
+                continue
+            for line in (d / "maps").read_text().splitlines():
+                if "/dev/shm/" in line and not line.endswith("(deleted)"):
+                    names.add(line.split("/dev/shm/", 1)[1].strip())
+            for fd in (d / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/") and not target.endswith("(deleted)"):
+                    names.add(target[len("/dev/shm/"):])
+        except OSError:
+            continue
+    return names
+
+
+@pytest.mark.slow
+def test_demo_sigterm_leaves_no_process_and_resumes(ccta_dataset, tmp_path):
+    """SIGTERM to promptlesion_demo alone (not its group) mid-training: the nnU-Net training child and its data
+    augmentation workers end, no shared memory is left, and the same command resumes to the report."""
+    root, did, env = ccta_dataset
+    work = tmp_path / "demo"
+    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
+    # the session phantom stands in for the demo's own (steps 1-2 are skipped); copied, so that the demo's
+    # plans edit and splits do not touch the shared fixture
+    shutil.copytree(root / "raw" / name, work / "nnUNet_raw" / name)
+    shutil.copytree(root / "preprocessed" / name, work / "nnUNet_preprocessed" / name)
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
+    env = {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+    cmd = [str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did), "--repeats", "1",
+           "--montage-samples", "1", "--budget", "epochs=4", "iterations_per_epoch=2", "val_iterations_per_epoch=1"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    runs = work / "experiment" / "runs" / "real_scarce" / "repeat_0" / "nnUNet_results"
+    try:
+        deadline = time.time() + 900
+        shm = set()
+        while not list(runs.glob("*/*/fold_*/checkpoint_latest.pth")):
+            assert p.poll() is None, p.stdout.read()
+            assert time.time() < deadline, "no checkpoint after 900 s"
+            shm |= _shm_used_by(work)
+            time.sleep(0.2)
+        fold_dir = next(runs.glob("*/*/fold_*/checkpoint_latest.pth")).parent
+        assert [q for q in _processes_using(work) if "nnunet_train" in q], "no training running"
+        shm |= _shm_used_by(work)
+        os.kill(p.pid, signal.SIGTERM)              # the demo only: it must take its children down itself
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, out[-3000:]
+    assert "interrupted; run the same command again to resume" in out
+    assert not (fold_dir / "checkpoint_final.pth").exists(), "the training finished before the kill: nothing tested"
+    assert _processes_using(work) == [], "a process outlived SIGTERM"
+    left = {n for n in shm if (Path("/dev/shm") / n).exists()}
+    assert not left, f"shared memory left behind: {left}"
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "train    arm=real_scarce repeat=0 fold=" in r.stdout and ": resumed with --c" in r.stdout
+    assert "1/4 phantom dataset exists" in r.stdout and "2/4 preprocessed data exists" in r.stdout
+    report = (work / "experiment" / "results" / "report.txt").read_text()
+    assert report in r.stdout.replace("\r", "")                       # the report the demo printed
+    for word in ("noncalcified_plaque", "real_scarce", "rule_based", "ceiling", "gap Dice", "baseline"):
+        assert word in report
+    assert "diffusion" not in [a["name"] for a in json.loads((work / "experiment" / "experiment.json").read_text())["arms"]]
+    sc = json.loads((work / "experiment" / "scarcity.json").read_text())["records"][0]
+    assert len(sc["kept"]) == 1 and sc["dropped"] and set(sc["kept"]) <= set(sc["carriers"])
+    # the rule-based trainer saw only the scarce training cases
+    splits = json.loads((work / "nnUNet_preprocessed" / name / "splits_final.json").read_text())
+    assert not set(sc["dropped"]) & set(splits[int(sc["scarce_fold"])]["train"])
+    assert (work / "experiment" / "results" / "dice_by_arm.png").is_file()
+    # the demo's trainings skip nnU-Net's final validation (it would re-predict the training cases)
+    log = next(fold_dir.glob("training_log_*.txt")).read_text()
+    assert "final validation skipped" in log and not (fold_dir / "validation").exists()
+    assert _processes_using(work) == []

@@ -8,6 +8,7 @@ EPILOG = """\
 CONFIG is a JSON file or the name of a shipped config:
   paper_ablation    real-only, rule-based, diffusion one-hot / MaskTransformer / no prompt, 1:1 vs 1:3
   rule_based_vs_real  real-only vs rule-based PromptLesion (runs anywhere, no generator needed)
+  demo              what promptlesion_demo runs: scarce real-only, rule-based 1:1, ceiling (+ diffusion)
 (see docs/evaluation.md for the format, and `--show-config NAME` to print one).
 
 examples:
@@ -19,9 +20,11 @@ examples:
 Re-running the same command resumes: finished trainings/predictions/evaluations are skipped, an
 interrupted training continues from its last checkpoint with nnUNetv2_train --c, an interrupted
 prediction is redone. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
-nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. Results: OUT/results/results.md (one table per
-class: mean ± sd over repeats, paired t-test and Wilcoxon of per-case Dice against the reference arm),
-comparison.json, per_class_<class>.csv, dice_by_arm.png, nsd_by_arm.png.
+nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. SIGTERM or Ctrl-C stops the running nnU-Net command
+and every process it started. Results: OUT/results/report.txt and results.md (one table per class, arms from
+the scarce baseline to the ceiling: Dice mean ± sd over repeats, lesion-wise sensitivity, Dice difference to
+the baseline with a bootstrap CI, paired t-test and Wilcoxon over test cases, gap closed, transfer gauges),
+comparison.json, per_class_<class>.csv, dice_by_arm.png, sensitivity_by_arm.png, nsd_by_arm.png.
 """
 
 
@@ -39,8 +42,10 @@ def main(argv=None) -> None:
     ap.add_argument("--folds", nargs="+", help="folds to train (overrides the config's)")
     ap.add_argument("--budget", nargs="+", metavar="KEY=VALUE", help="override budget entries: epochs, "
                     "iterations_per_epoch, val_iterations_per_epoch, early_stopping_patience (0: off), mirroring (0/1), "
-                    "save_every; e.g. --budget epochs=50 iterations_per_epoch=25")
+                    "save_every, final_validation (0/1); e.g. --budget epochs=50 iterations_per_epoch=25")
     ap.add_argument("--arms", nargs="+", help="run only these arms")
+    ap.add_argument("--include", nargs="+", default=[], metavar="GROUP",
+                    help="also run the optional arms of these groups (arms with \"optional\": GROUP, e.g. diffusion)")
     ap.add_argument("--check", action="store_true", help="only check the config, dataset and arms, run nothing")
     ap.add_argument("--report-only", action="store_true", help="only (re)build the results from finished evaluations")
     ap.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
@@ -74,7 +79,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
                                         "folds": args.folds, "budget": budget})
         out = args.output or f"experiments/{cfg.name}"
-        runner = ExperimentRunner(cfg, out, arms=args.arms)
+        runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include)
         if args.check:
             for line in runner.check():
                 print(f"[experiment] {line}")

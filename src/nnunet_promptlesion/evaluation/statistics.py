@@ -363,13 +363,15 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
     lines = [title, ""] if title else []
     reps = ", ".join(f"{a} {len(r)}" for a, r in comp["repeats"].items())
     lines += [f"{comp['cases']} test cases; repeats (independent trainings) per arm: {reps}.",
-              "Dice: mean ± sd over repeats of the per-repeat Dice (%). Sens: lesion-wise sensitivity, detected /",
-              "ground-truth lesions (detections averaged over repeats). FP/case: false-positive components per case."]
+              "Dice: mean ± sd over repeats of the per-repeat Dice (%); case Dice: mean over test cases of each case's",
+              "Dice averaged over repeats. Sens: lesion-wise sensitivity, detected / ground-truth lesions (detections",
+              "averaged over repeats). FP/case: false-positive components per case."]
     if ref:
-        lines += [f"dDice: case-level Dice minus the baseline's, points, {conf}% bootstrap CI over test cases and",
-                  "trainings; p: paired t-test / Wilcoxon over test cases, each case's Dice averaged over repeats"
-                  + (" (cases whose ground truth holds the class)." if comp.get("paired_cases") == "with_class"
-                     else " (cases where both Dice values are defined).")]
+        lines += [f"dDice: case Dice minus the baseline's (points) with its {conf}% bootstrap CI over test cases and",
+                  "trainings; n, p t, p W: test cases compared, paired t-test and Wilcoxon p, each case's Dice",
+                  "averaged over repeats first; " + ("cases whose ground truth holds the class (a miss is 0)."
+                                                     if comp.get("paired_cases") == "with_class"
+                                                     else "cases where both Dice values are defined.")]
     if ceil:
         lines += ["gap: (arm - baseline) / (ceiling - baseline) of the case-level Dice and of the sensitivity,",
                   f"with its {conf}% bootstrap CI; 'no headroom': the ceiling does not beat the baseline."]

@@ -13,7 +13,8 @@ Config (JSON; relative paths are relative to the config file)::
       "seed": 0,                           # repeat r, fold f trains with seed + 1000 * r + f (the same in every arm)
       "device": "cuda",
       "budget": {"epochs": 1000, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
-                 "early_stopping_patience": 25, "mirroring": true, "save_every": 10},
+                 "early_stopping_patience": 25, "mirroring": true, "save_every": 10,
+                 "final_validation": true},  # false: skip nnU-Net's re-prediction of the validation cases
       "checkpoint": "checkpoint_best.pth", # what nnUNetv2_predict uses (-chk)
       "reference_arm": "real_only",        # paired tests of every other arm against this one
       "test_images": null, "test_labels": null,   # default nnUNet_raw/<dataset>/imagesTs, labelsTs
@@ -21,12 +22,23 @@ Config (JSON; relative paths are relative to the config file)::
       "evaluation": {"nsd_tolerance_mm": 2.0, "detection_min_dice": 0.0,
                      "paired_cases": "defined"},   # or "with_class": pair only cases whose ground truth has the class
       "env": {"nnUNet_n_proc_DA": "4"},    # extra environment for every nnU-Net command
+      "scarcity": {"class": "noncalcified_plaque", "keep_carriers": 3, "seed": 0},   # optional, see below
       "arms": [
-        {"name": "real_only", "trainer": "nnUNetTrainer_earlyStopping"},
+        {"name": "real_scarce", "role": "baseline", "trainer": "nnUNetTrainer_earlyStopping"},
         {"name": "rule_based", "trainer": "PromptLesionTrainer", "settings": {"synthesizer": "rule_based"}},
-        {"name": "diffusion", "trainer": "PromptLesionTrainer", "settings": "diffusion_settings.json"}
+        {"name": "diffusion", "trainer": "PromptLesionTrainer", "settings": "diffusion_settings.json",
+         "optional": "diffusion"},         # only run when asked for (--include diffusion)
+        {"name": "ceiling", "role": "ceiling", "trainer": "nnUNetTrainer_earlyStopping"}
       ]
     }
+
+Scarcity and ceiling (:mod:`.scarcity`): with ``"scarcity"``, every base fold in ``folds`` gives two nnU-Net
+folds appended to splits_final.json: a *scarce* one (only ``keep_carriers`` training cases carry the class; the
+other carriers are dropped, never relabelled) and a *full* one. Arms with role "baseline" (real data only; the
+reference of the paired tests) and "arm" (the default: real + synthesis) train on the scarce folds, the
+"ceiling" arm (same trainer, settings and budget as the baseline) on the full folds; all are evaluated on the
+same test set. What was kept is recorded in OUT/scarcity.json. Without scarcity every arm trains on ``folds``
+and a ceiling arm is refused (it would be the baseline again).
 
 The budget reaches the trainers through environment variables read by
 :class:`nnunet_promptlesion.trainers.early_stopping.EarlyStoppingMixin` (PromptLesionTrainer and
@@ -36,14 +48,17 @@ nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refu
 Layout of the output folder::
 
     experiment.json            the resolved config
+    scarcity.json              with "scarcity": the derived folds, kept and dropped carrier cases
     experiment.log             every step with its command and outcome (progress lines are printed too)
     runs/<arm>/repeat_<r>/
         settings.json          PROMPTLESION_SETTINGS of the arm (PromptLesion trainers)
         nnUNet_results/        nnUNet_results of this training (folds, checkpoints, nnU-Net's logs)
         predictions/           nnUNetv2_predict output for the test images (+ .complete when finished)
-        evaluation/            promptlesion_evaluate output
+        evaluation/            promptlesion_evaluate output (+ transfer.json: softmax in real test lesions,
+                               synthetic pseudo-Dice, verdict; needs predict.save_probabilities, the default)
         logs/                  train_fold<f>.log, predict.log
-    results/                   comparison.json, results.md, per-class CSVs, dice_by_arm.png, nsd_by_arm.png
+    results/                   comparison.json, report.txt, results.md, per-class CSVs, dice_by_arm.png,
+                               sensitivity_by_arm.png, nsd_by_arm.png
 """
 from __future__ import annotations
 
@@ -72,12 +87,18 @@ class ExperimentError(RuntimeError):
     """The experiment cannot run as configured; the message says what to fix."""
 
 
+ROLES = ("baseline", "arm", "ceiling")
+
+
 @dataclass
 class Arm:
     name: str
     trainer: str
     settings: dict | None = None
     settings_source: str | None = None
+    role: str = "arm"               # "baseline" (scarce, real only), "arm" (scarce + synthesis), "ceiling" (full)
+    optional: str | None = None     # run only when this name is included (e.g. "diffusion")
+    description: str = ""
 
 
 @dataclass
@@ -99,21 +120,31 @@ class ExperimentConfig:
     predict: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
+    scarcity: dict | None = None
+    description: str = ""
     source: str = ""
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "arms"}
-        d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings} for a in self.arms]
+        d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings, "role": a.role,
+                      **({"optional": a.optional} if a.optional else {})} for a in self.arms]
         return d
+
+    def arm_with_role(self, role: str) -> Arm | None:
+        return next((a for a in self.arms if a.role == role), None)
 
 
 BUDGET_KEYS = {"epochs": "PROMPTLESION_NUM_EPOCHS", "iterations_per_epoch": "PROMPTLESION_NUM_ITERATIONS_PER_EPOCH",
                "val_iterations_per_epoch": "PROMPTLESION_NUM_VAL_ITERATIONS_PER_EPOCH",
                "save_every": "PROMPTLESION_SAVE_EVERY", "early_stopping_patience": "PROMPTLESION_EARLY_STOPPING_PATIENCE",
-               "mirroring": "PROMPTLESION_MIRRORING"}
-EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", "paired_cases"}
+               "mirroring": "PROMPTLESION_MIRRORING", "final_validation": "PROMPTLESION_FINAL_VALIDATION"}
+EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", "paired_cases", "bootstrap"}
+PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
+SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "budget", "checkpoint",
-            "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description"}
+            "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
+            "scarcity"}
+ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
 
 def resolve_config_path(config: str) -> Path:
@@ -155,15 +186,29 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
         raise ExperimentError(f"{path}: unknown evaluation keys {sorted(bad_eval)}; known: {sorted(EVALUATION_KEYS)}")
     if d.get("evaluation", {}).get("paired_cases", "defined") not in ("defined", "with_class"):
         raise ExperimentError(f"{path}: evaluation.paired_cases must be \"defined\" or \"with_class\"")
+    bad_predict = set(d.get("predict", {})) - PREDICT_KEYS
+    if bad_predict:
+        raise ExperimentError(f"{path}: unknown predict keys {sorted(bad_predict)}; known: {sorted(PREDICT_KEYS)}")
+    scarcity = d.get("scarcity")
+    if scarcity is not None:
+        if not isinstance(scarcity, dict) or set(scarcity) - SCARCITY_KEYS or not {"class", "keep_carriers"} <= set(scarcity):
+            raise ExperimentError(f"{path}: \"scarcity\" must be {{\"class\": <lesion class name>, \"keep_carriers\": k, "
+                                  f"\"seed\": s}} (seed optional), got {scarcity}")
+        if not isinstance(scarcity["keep_carriers"], int) or scarcity["keep_carriers"] < 0:
+            raise ExperimentError(f"{path}: scarcity.keep_carriers must be an integer >= 0")
+        scarcity = {"class": str(scarcity["class"]), "keep_carriers": int(scarcity["keep_carriers"]),
+                    "seed": int(scarcity.get("seed", 0))}
     if not d.get("arms"):
         raise ExperimentError(f"{path}: no arms")
     arms = []
     for i, a in enumerate(d["arms"]):
         if not isinstance(a, dict) or "name" not in a or "trainer" not in a:
             raise ExperimentError(f"{path}: arm #{i} needs a \"name\" and a \"trainer\"")
-        extra = set(a) - {"name", "trainer", "settings", "description"}
+        extra = set(a) - ARM_KEYS
         if extra:
-            raise ExperimentError(f"{path}: arm '{a['name']}' has unknown keys {sorted(extra)}")
+            raise ExperimentError(f"{path}: arm '{a['name']}' has unknown keys {sorted(extra)}; known: {sorted(ARM_KEYS)}")
+        if a.get("role", "arm") not in ROLES:
+            raise ExperimentError(f"{path}: arm '{a['name']}': role must be one of {list(ROLES)}, got '{a['role']}'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", a["name"]):
             raise ExperimentError(f"{path}: arm name '{a['name']}' may only hold letters, digits, '_', '-', '.'")
         settings, src = a.get("settings"), None
@@ -174,13 +219,33 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
             settings, src = json.loads(sp.read_text()), str(sp)
         elif settings is not None and not isinstance(settings, dict):
             raise ExperimentError(f"{path}: arm '{a['name']}': settings must be a dict or a JSON file path")
-        arms.append(Arm(a["name"], a["trainer"], settings, src))
+        arms.append(Arm(a["name"], a["trainer"], settings, src, a.get("role", "arm"), a.get("optional"),
+                        a.get("description", "")))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ExperimentError(f"{path}: arm names must be unique: {names}")
+    for role in ("baseline", "ceiling"):
+        if sum(a.role == role for a in arms) > 1:
+            raise ExperimentError(f"{path}: at most one arm may have role \"{role}\"")
+    baseline = next((a for a in arms if a.role == "baseline"), None)
+    ceiling = next((a for a in arms if a.role == "ceiling"), None)
     ref = d.get("reference_arm")
     if ref is not None and ref not in names:
         raise ExperimentError(f"{path}: reference_arm '{ref}' is not an arm ({names})")
+    if baseline is not None:
+        if ref is not None and ref != baseline.name:
+            raise ExperimentError(f"{path}: reference_arm '{ref}' differs from the baseline arm '{baseline.name}'; "
+                                  "drop reference_arm (the baseline is the reference)")
+        ref = baseline.name
+    if ceiling is not None:
+        if scarcity is None:
+            raise ExperimentError(f"{path}: arm '{ceiling.name}' is a ceiling but there is no \"scarcity\": without it "
+                                  "the ceiling would train on the baseline's data; add \"scarcity\" (see docs/evaluation.md)")
+        if baseline is None:
+            raise ExperimentError(f"{path}: a ceiling arm needs a baseline arm (role \"baseline\")")
+        if (ceiling.trainer, ceiling.settings) != (baseline.trainer, baseline.settings):
+            raise ExperimentError(f"{path}: the ceiling '{ceiling.name}' must use the baseline's trainer and settings "
+                                  f"({baseline.trainer}, {baseline.settings}); only its training data differ")
     if int(d.get("repeats", 3)) < 1:
         raise ExperimentError(f"{path}: repeats must be >= 1")
     folds = [str(f) for f in d.get("folds", [0])]
@@ -194,7 +259,8 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                             checkpoint=d.get("checkpoint", "checkpoint_best.pth"), reference_arm=ref,
                             test_images=d.get("test_images"), test_labels=d.get("test_labels"),
                             predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
-                            env={k: str(v) for k, v in d.get("env", {}).items()}, source=str(path))
+                            env={k: str(v) for k, v in d.get("env", {}).items()}, scarcity=scarcity,
+                            description=d.get("description", ""), source=str(path))
 
 
 def _expand(value: Any, arm: str) -> Any:
@@ -221,18 +287,29 @@ def _bin(name: str) -> str:
 
 
 class ExperimentRunner:
-    """Runs one experiment config into ``out_dir``. ``log`` receives progress lines (default: print)."""
+    """Runs one experiment config into ``out_dir``. ``log`` receives progress lines (default: print).
+
+    arms: run only these arms; include: names of optional arm groups to run (``"optional"`` in an arm);
+    show: substrings of nnU-Net output lines to echo while a training runs (e.g. "Pseudo dice");
+    class_notes: extra words per class for the report's table titles.
+    """
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | os.PathLike, arms: list[str] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, include: list[str] | None = None,
+                 show: tuple[str, ...] = (), class_notes: dict[str, str] | None = None):
         self.cfg = cfg
         self.out = Path(out_dir).resolve()
         self.print = log or (lambda s: print(s, flush=True))
+        self.show = tuple(show)
+        self.class_notes = dict(class_notes or {})
         if arms:
             unknown = set(arms) - {a.name for a in cfg.arms}
             if unknown:
                 raise ExperimentError(f"--arms names unknown arm(s) {sorted(unknown)}; arms: {[a.name for a in cfg.arms]}")
             cfg.arms = [a for a in cfg.arms if a.name in arms]
+        else:
+            cfg.arms = [a for a in cfg.arms if a.optional is None or a.optional in (include or ())]
+        self.scarcity: list[dict] | None = None   # one record per base fold, set by prepare()
         self.t0 = time.time()
         self._child: subprocess.Popen | None = None
         self._promptlesion_arms: set[str] = set()   # arms whose trainer reads PROMPTLESION_SETTINGS (set by check)
@@ -288,6 +365,9 @@ class ExperimentRunner:
         n_test = len(list(self.images.glob(f"*_0000{ending}")))
         info.append(f"dataset {self.dataset_name}, {self.cfg.plans}/{self.cfg.configuration} (patch "
                     f"{list(cm.patch_size)}, batch {cm.batch_size}), {n_test} test cases in {self.images}")
+        if self.cfg.scarcity:
+            for rec in self._derive_scarcity(write=False):
+                info.append(_scarcity_line(rec))
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
         from ..trainers.early_stopping import honours_experiment_controls
         from ..trainers.promptlesion_trainer import PromptLesionTrainer
@@ -344,6 +424,52 @@ class ExperimentRunner:
             raise ExperimentError("these arms cannot run:\n  " + "\n  ".join(errors))
         return info
 
+    # ------------------------------------------------------------------ scarcity
+    def _data_id(self) -> str:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        plans = json.loads((self.pre / self.dataset_name / f"{self.cfg.plans}.json").read_text())
+        return PlansManager(plans).get_configuration(self.cfg.configuration).data_identifier
+
+    def _derive_scarcity(self, write: bool) -> list[dict]:
+        from .scarcity import ScarcityError, derive_scarcity_folds
+
+        sc = self.cfg.scarcity
+        dj = json.loads((self.pre / self.dataset_name / "dataset.json").read_text())
+        try:
+            return [derive_scarcity_folds(self.pre / self.dataset_name, self._data_id(), dj, sc["class"],
+                                          sc["keep_carriers"], sc["seed"], base, write=write)
+                    for base in self.cfg.folds]
+        except ScarcityError as e:
+            raise ExperimentError(f"scarcity: {e}") from None
+
+    def prepare(self) -> None:
+        """Derive the scarce and full folds (appended to splits_final.json) and record them in scarcity.json."""
+        if not self.cfg.scarcity:
+            self.scarcity = None
+            return
+        self.scarcity = self._derive_scarcity(write=True)
+        write_json_atomic({"records": self.scarcity, "setting": self.cfg.scarcity}, self.out / "scarcity.json")
+
+    def arm_folds(self, arm: Arm) -> list[str]:
+        """The nnU-Net folds an arm trains on: the base folds, or with scarcity their scarce/full derivation."""
+        if not self.cfg.scarcity:
+            return list(self.cfg.folds)
+        if self.scarcity is None:
+            self.prepare()
+        key = "full_fold" if arm.role == "ceiling" else "scarce_fold"
+        return [rec[key] for rec in self.scarcity]
+
+    def _base_index(self, fold: str | None) -> int:
+        """Seed offset of a fold: the base fold's number (0 for "all"), the same for scarce and full folds."""
+        if fold is None:
+            return 0
+        for rec in self.scarcity or []:
+            if fold in (rec["scarce_fold"], rec["full_fold"]):
+                fold = rec["base_fold"]
+                break
+        return 0 if fold == "all" else int(fold)
+
     # ------------------------------------------------------------------ steps
     def run_dir(self, arm: str, repeat: int) -> Path:
         return self.out / "runs" / arm / f"repeat_{repeat}"
@@ -370,34 +496,12 @@ class ExperimentRunner:
         settings_file = self.run_dir(arm.name, repeat) / "settings.json"
         if settings_file.is_file():
             env["PROMPTLESION_SETTINGS"] = str(settings_file)
-        fold_idx = 0 if fold in (None, "all") else int(fold)
-        env["PROMPTLESION_SEED"] = str(self.cfg.seed + 1000 * repeat + fold_idx)
+        env["PROMPTLESION_SEED"] = str(self.cfg.seed + 1000 * repeat + self._base_index(fold))
         return env
 
     def _run(self, cmd: list[str], env: dict, log: Path) -> int:
-        """Run a command with output to ``log``.
-
-        The child stays in our process group, so Ctrl-C or a kill of the group stops it with us; it is also
-        told to stop when we die (Linux parent-death signal) and is terminated if we are interrupted, so an
-        interrupted experiment never leaves a training running that a re-run would collide with.
-        """
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            f.flush()
-            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                           preexec_fn=_die_with_parent)
-            try:
-                return self._child.wait()
-            finally:
-                if self._child.poll() is None:
-                    self._child.terminate()
-                    try:
-                        self._child.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        self._child.kill()
-                        self._child.wait()
-                self._child = None
+        """Run a command with output appended to ``log`` (lines containing one of ``self.show`` are echoed)."""
+        return run_command(cmd, env, log, show=self.show, echo=self.print)
 
     def _fail(self, what: str, log: Path) -> None:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:]) if log.is_file() else ""
@@ -418,7 +522,11 @@ class ExperimentRunner:
         if (fd / "checkpoint_final.pth").is_file() and (marker.is_file() or (fd / "validation" / "summary.json").is_file()):
             return "skipped (finished)"
         resume = any((fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
-        cmd = [_bin("nnUNetv2_train"), self.dataset_name, self.cfg.configuration, fold, "-tr", arm.trainer,
+        if self.cfg.budget.get("final_validation", True):
+            entry = [_bin("nnUNetv2_train")]
+        else:   # nnU-Net's entry point with its final validation switched off (see .nnunet_train)
+            entry = [sys.executable, "-m", "nnunet_promptlesion.experiments.nnunet_train"]
+        cmd = [*entry, self.dataset_name, self.cfg.configuration, fold, "-tr", arm.trainer,
                "-p", self.cfg.plans, "-device", self.cfg.device]
         if self.cfg.checkpoint == "checkpoint_best.pth":
             cmd.append("--val_best")   # nnU-Net's own validation then also scores the model we evaluate
@@ -437,22 +545,29 @@ class ExperimentRunner:
 
     def predict(self, arm: Arm, repeat: int) -> str:
         pred = self.run_dir(arm.name, repeat) / "predictions"
-        if (pred / DONE_MARKER).is_file():
+        folds = self.arm_folds(arm)
+        stamp = f"folds {' '.join(folds)} {self.cfg.checkpoint}"
+        done = pred / DONE_MARKER
+        if done.is_file() and stamp in done.read_text():
             return "skipped (finished)"
-        if pred.exists():
-            # an interrupted prediction may have left a half-written file: predicting again is cheap
-            shutil.rmtree(pred)
+        # an interrupted prediction may have left a half-written file, or the model changed (other folds):
+        # predict again (cheap) and evaluate again
+        for d in (pred, self.run_dir(arm.name, repeat) / "evaluation"):
+            if d.exists():
+                shutil.rmtree(d)
         p = self.cfg.predict
         cmd = [_bin("nnUNetv2_predict"), "-i", str(self.images), "-o", str(pred), "-d", self.dataset_name,
-               "-c", self.cfg.configuration, "-p", self.cfg.plans, "-tr", arm.trainer, "-f", *self.cfg.folds,
+               "-c", self.cfg.configuration, "-p", self.cfg.plans, "-tr", arm.trainer, "-f", *folds,
                "-chk", self.cfg.checkpoint, "-device", self.cfg.device,
                "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
         if p.get("disable_tta"):
             cmd.append("--disable_tta")
+        if p.get("save_probabilities", True):
+            cmd.append("--save_probabilities")   # softmax inside the real test lesions: the transfer gauge
         log = self.run_dir(arm.name, repeat) / "logs" / "predict.log"
         if self._run(cmd, self._env(arm, repeat, None), log) != 0:
             self._fail(f"prediction arm '{arm.name}' repeat {repeat}", log)
-        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S\n"), pred / DONE_MARKER)
+        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S ") + stamp + "\n", done)
         return "predicted"
 
     def evaluate(self, arm: Arm, repeat: int) -> str:
@@ -467,24 +582,51 @@ class ExperimentRunner:
 
         results = evaluate_folders(rd / "predictions", self.labels,
                                    dataset_json=self.pre / self.dataset_name / "dataset.json", **kwargs)
+        transfer = self._transfer(arm, repeat, results)
         with atomic_dir(target, overwrite=True) as tmp:
             write_outputs(results, tmp, title=f"{arm.name} repeat {repeat}")
+            if transfer is not None:
+                write_json_atomic(transfer, Path(tmp) / "transfer.json")
         dice = {k: v["Dice"] for k, v in results["summary"].items()}
         return "evaluated: Dice " + ", ".join(f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in dice.items())
 
+    def _transfer(self, arm: Arm, repeat: int, results: dict) -> dict | None:
+        """Transfer gauges of one trained model: the softmax inside every real test lesion (evaluate_folders
+        adds it when the predictions hold probabilities) and the synthetic-validation pseudo-Dice its training
+        logged at the evaluated checkpoint's epoch, with the verdict per class."""
+        real = results.get("lesion_softmax")
+        if real is None:
+            return None
+        from ..evaluation.transfer import transfer_verdicts
+        from ..trainers.synthetic_validation import load_gauges, synthetic_summary
+
+        epoch = "best" if self.cfg.checkpoint == "checkpoint_best.pth" else "last"
+        syn = [synthetic_summary(g, epoch=epoch) for g in
+               (load_gauges(self.fold_dir(arm, repeat, f)) for f in self.arm_folds(arm)) if g is not None]
+        syn = [x for x in syn if x]
+        synthetic = _mean_dicts(syn) if syn else None
+        return {"real": {"summary": real}, "synthetic": synthetic, "synthetic_epoch": epoch,
+                "verdicts": transfer_verdicts(real, synthetic)}
+
     def run(self, report: bool = True) -> dict | None:
-        """Every step (skipping finished ones), then the report. Returns the comparison dict (or None)."""
+        """Every step (skipping finished ones), then the report. Returns the comparison dict (or None).
+
+        SIGTERM is handled like Ctrl-C while the steps run: the running nnU-Net command and every process it
+        started are stopped (see :func:`run_command`), finished steps stay, and the same call resumes."""
         self.out.mkdir(parents=True, exist_ok=True)
-        for line in self.check():
-            self.print(f"[experiment] {line}")
-        write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
-        steps = []
-        for r in range(self.cfg.repeats):
-            for arm in self.cfg.arms:
-                steps += [("train", arm, r, f) for f in self.cfg.folds]
-                steps += [("predict", arm, r, None), ("evaluate", arm, r, None)]
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            for line in self.check():
+                self.print(f"[experiment] {line}")
+            write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
+            self.prepare()
+            for rec in self.scarcity or []:
+                self.print(f"[experiment] {_scarcity_line(rec)} (recorded in {self.out / 'scarcity.json'})")
+            steps = []
+            for r in range(self.cfg.repeats):
+                for arm in self.cfg.arms:
+                    steps += [("train", arm, r, f) for f in self.arm_folds(arm)]
+                    steps += [("predict", arm, r, None), ("evaluate", arm, r, None)]
             for i, (kind, arm, r, fold) in enumerate(steps, 1):
                 if kind == "train" and arm.name in self._promptlesion_arms:
                     self._write_settings(arm, r)
@@ -523,52 +665,225 @@ class ExperimentRunner:
                 out[arm.name] = reps
         return out
 
+    def gauges(self) -> dict:
+        """{class: {arm: {max_softmax, mean_softmax, synthetic_pseudo_dice, verdict, repeats}}} over the
+        evaluated repeats: medians over real test lesions of the max / mean softmax of their class, averaged
+        over repeats; the synthetic pseudo-Dice averaged over repeats; the verdict of those averages."""
+        out: dict = {}
+        for arm in self.cfg.arms:
+            files = [self.run_dir(arm.name, r) / "evaluation" / "transfer.json" for r in range(self.cfg.repeats)]
+            recs = [json.loads(f.read_text()) for f in files if f.is_file()]
+            recs = [t for t in recs if "real" in t]
+            if not recs:
+                continue
+            real = _mean_dicts([t["real"]["summary"] for t in recs])
+            syns = [t["synthetic"] for t in recs if t.get("synthetic")]
+            syn = _mean_dicts(syns) if syns else None
+            try:
+                from ..evaluation.transfer import transfer_verdicts
+
+                verdicts = transfer_verdicts(real, syn)
+            except Exception as e:  # noqa: BLE001 - a report without verdicts is still a report
+                verdicts = {c: {"verdict": f"n/a ({type(e).__name__})"} for c in real}
+            for cls, v in real.items():
+                out.setdefault(cls, {})[arm.name] = {
+                    "max_softmax": v.get("max_prob_median"), "mean_softmax": v.get("mean_prob_median"),
+                    "synthetic_pseudo_dice": (syn or {}).get(cls, {}).get("pseudo_dice"),
+                    "verdict": (verdicts.get(cls) or {}).get("verdict"), "repeats": len(recs)}
+        return out
+
     def report(self) -> dict | None:
-        from ..evaluation.statistics import compare_arms, format_comparison_markdown, plot_comparison
+        from ..evaluation.statistics import compare_arms, format_comparison_text, plot_comparison
 
         evals = self.collect()
         if not evals:
             self.print("[experiment] nothing evaluated yet: no report")
             return None
         ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
-        comp = compare_arms(evals, reference=ref, paired_cases=self.cfg.evaluation.get("paired_cases", "defined"))
+        ceiling = self.cfg.arm_with_role("ceiling")
+        ceil = ceiling.name if ceiling is not None and ceiling.name in evals and ref else None
+        boot = self.cfg.evaluation.get("bootstrap", {})
+        comp = compare_arms(evals, reference=ref, ceiling=ceil,
+                            paired_cases=self.cfg.evaluation.get("paired_cases", "defined"),
+                            n_boot=int(boot.get("n", 2000)), seed=int(boot.get("seed", 0)))
         missing = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
                    if r not in evals.get(a.name, {})]
         comp["missing"] = missing
         comp["config"] = self.cfg.to_dict()
+        sc_file = self.out / "scarcity.json"
+        comp["scarcity"] = json.loads(sc_file.read_text())["records"] if sc_file.is_file() else None
+        comp["gauges"] = self.gauges()
+        notes = dict(self.class_notes)
+        for rec in comp["scarcity"] or []:
+            for cls, n in rec["carriers_per_class"].items():
+                extra = f"training cases with the class: scarce {n['scarce']}, full {n['full']}"
+                notes[cls] = f"{notes[cls]}; {extra}" if cls in notes else extra
         res = self.out / "results"
         res.mkdir(parents=True, exist_ok=True)
         write_json_atomic(comp, res / "comparison.json")
         b = self.cfg.budget
-        md = format_comparison_markdown(comp, title=f"{self.cfg.name}: {self.dataset_name}")
-        md += (f"\nBudget: {b.get('epochs', 'trainer default')} epochs x {b.get('iterations_per_epoch', 'default')} "
-               f"iterations, early stopping patience {b.get('early_stopping_patience')}, {self.cfg.checkpoint}, "
-               f"{self.cfg.plans}/{self.cfg.configuration}, folds {self.cfg.folds}, device {self.cfg.device}.\n")
+        title = f"{self.cfg.name}: {self.dataset_name}"
+        text = format_comparison_text(comp, title=title, class_notes=notes, gauges=comp["gauges"])
+        text += (f"\nBudget: {b.get('epochs', 'trainer default')} epochs x {b.get('iterations_per_epoch', 'default')} "
+                 f"iterations, early stopping patience {b.get('early_stopping_patience')}, {self.cfg.checkpoint}, "
+                 f"{self.cfg.plans}/{self.cfg.configuration}, folds {self.cfg.folds}, device {self.cfg.device}.\n")
+        for rec in comp["scarcity"] or []:
+            text += _scarcity_line(rec) + ".\n"
+        if comp["gauges"]:
+            text += ("Transfer gauges: max sm / mean sm = median over real test lesions of the max / mean softmax of "
+                     "their class; syn pDice = pseudo-Dice on held-back synthetic samples during training; verdict: "
+                     "transfers / realism gap (learns synthetic, not real) / budget gap (learns neither).\n")
         if missing:
-            md += f"\nNot yet evaluated: {', '.join(missing)}.\n"
-        write_text_atomic(md, res / "results.md")
+            text += f"Not yet evaluated: {', '.join(missing)}.\n"
+        write_text_atomic(text, res / "report.txt")
+        write_text_atomic(f"# {title}\n\n```\n{text}```\n\n![Dice](dice_by_arm.png)\n\n"
+                          "![Lesion-wise sensitivity](sensitivity_by_arm.png)\n", res / "results.md")
         for cls, rows in comp["table"].items():
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(["arm", "repeats", "dice_mean", "dice_sd", "nsd_mean", "nsd_sd", "sensitivity_mean",
+            w.writerow(["arm", "role", "repeats", "dice_mean", "dice_sd", "nsd_mean", "nsd_sd", "sensitivity_mean",
                         "sensitivity_sd", "fp_per_case_mean", "fp_per_case_sd", "lesion_dice_mean", "lesion_dice_sd",
-                        "dice_diff_vs_reference", "pairs", "p_ttest", "p_wilcoxon"])
+                        "case_dice", "case_sensitivity", "dice_diff_vs_baseline", "ci_low", "ci_high", "cases",
+                        "p_ttest", "p_wilcoxon", "gap_closed_dice", "gap_ci_low", "gap_ci_high",
+                        "gap_closed_sensitivity"])
             for arm, row in rows.items():
                 t = row["test"] or {}
-                w.writerow([arm, row["Dice"]["n"]] + [_blank(row[m][k]) for m in ("Dice", "NSD", "sensitivity",
+                g = row["gap_closed"] or {}
+                gd, gs = g.get("Dice") or {}, g.get("sensitivity") or {}
+                role = next((a.role for a in self.cfg.arms if a.name == arm), "")
+                w.writerow([arm, role, row["Dice"]["n"]] + [_blank(row[m][k]) for m in ("Dice", "NSD", "sensitivity",
                             "fp_per_case", "lesion_dice") for k in ("mean", "sd")] +
-                           [_blank(t.get("mean_diff")), _blank(t.get("n")), _blank(t.get("p_ttest")),
-                            _blank(t.get("p_wilcoxon"))])
+                           [_blank(row["case_level"]["Dice"]), _blank(row["case_level"]["sensitivity"]),
+                            _blank(t.get("mean_diff")), *(_blank(x) for x in (t.get("ci") or [None, None])),
+                            _blank(t.get("n")), _blank(t.get("p_ttest")), _blank(t.get("p_wilcoxon")),
+                            _blank(gd.get("value")), *(_blank(x) for x in (gd.get("ci") or [None, None])),
+                            _blank(gs.get("value"))])
             write_text_atomic(buf.getvalue(), res / f"per_class_{cls}.csv")
         plot_comparison(comp, res / "dice_by_arm.png", "Dice", title=f"{self.cfg.name}: Dice per class")
+        plot_comparison(comp, res / "sensitivity_by_arm.png", "sensitivity",
+                        title=f"{self.cfg.name}: lesion-wise sensitivity per class")
         plot_comparison(comp, res / "nsd_by_arm.png", "NSD", title=f"{self.cfg.name}: NSD per class")
-        self.print(md)
+        self.print(text)
         self.print(f"[experiment] results in {res}")
         return comp
 
 
 def _blank(v):
     return "" if v is None else v
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    """{class: {key: mean over dicts of the numeric values}} (None where no dict has a number)."""
+    out: dict = {}
+    for d in dicts:
+        for cls, vals in (d or {}).items():
+            for k, v in (vals or {}).items():
+                out.setdefault(cls, {}).setdefault(k, [])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and v == v:
+                    out[cls][k].append(float(v))
+    return {cls: {k: (sum(v) / len(v) if v else None) for k, v in vals.items()} for cls, vals in out.items()}
+
+
+def _scarcity_line(rec: dict) -> str:
+    where = (f"folds {rec['scarce_fold']} (scarce) / {rec['full_fold']} (full) of splits_final.json"
+             if rec.get("scarce_fold") is not None else "folds not written yet")
+    return (f"scarcity: '{rec['class']}' in base fold {rec['base_fold']}: kept {len(rec['kept'])} of "
+            f"{len(rec['carriers'])} training cases carrying it ({', '.join(rec['kept']) or 'none'}; seed "
+            f"{rec['seed']}), dropped {len(rec['dropped'])}; {rec['n_train_scarce']} vs {rec['n_train_full']} "
+            f"training cases; {where}")
+
+
+def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = (),
+                echo: Callable[[str], None] | None = None) -> int:
+    """Run ``cmd`` with its output appended to ``log``; return its exit status. Never leaves a process behind.
+
+    The child stays in our process group (Ctrl-C or a kill of the group reaches it directly) and gets SIGTERM
+    from the kernel when we die (Linux parent-death signal). When we are interrupted (KeyboardInterrupt, or
+    SIGTERM turned into one by the runner), the child and every process it started (nnU-Net's data
+    augmentation workers, a synthesis producer) are stopped: SIGTERM first so that they release shared memory,
+    SIGKILL for what is left after a grace period. Its descendants are listed before the child is signalled,
+    because once it is gone they are re-parented and no longer traceable to it.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        f.flush()
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE if show else f, stderr=subprocess.STDOUT, env=env,
+                                 preexec_fn=_die_with_parent, text=bool(show), errors="replace" if show else None)
+        try:
+            if show:
+                for line in child.stdout:
+                    f.write(line)
+                    f.flush()
+                    if any(s in line for s in show):
+                        (echo or print)("    " + line.rstrip())
+            return child.wait()
+        finally:
+            if child.poll() is None:
+                stop_process_tree(child)
+            if child.stdout is not None:
+                child.stdout.close()
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, start time)} of every live process (Linux /proc; empty elsewhere)."""
+    out = {}
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            rest = stat[stat.rindex(")") + 2:].split()   # fields after "(comm)": state ppid ... starttime (22nd)
+            out[int(d.name)] = (int(rest[1]), rest[19])
+    return out
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every process below ``pid`` (children, grandchildren, ...)."""
+    table = _proc_table()
+    kids: dict[int, list[int]] = {}
+    for p, (pp, _) in table.items():
+        kids.setdefault(pp, []).append(p)
+    out, todo = {}, [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            if k not in out:
+                out[k] = table[k][1]
+                todo.append(k)
+    return out
+
+
+def _alive(pids: dict[int, str]) -> dict[int, str]:
+    table = _proc_table()
+    return {p: t for p, t in pids.items() if p in table and table[p][1] == t}   # same start time: not a reused pid
+
+
+def stop_process_tree(child: subprocess.Popen, grace_s: float = 30.0, orphan_wait_s: float = 10.0) -> None:
+    """SIGTERM ``child`` and, after it ended (or ``grace_s``), its remaining descendants; SIGKILL stragglers.
+
+    Descendants get ``orphan_wait_s`` to end by themselves once the child is gone (nnU-Net's workers notice
+    their parent's death) before they are signalled."""
+    tree = descendants(child.pid)
+    child.terminate()
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    deadline = time.time() + orphan_wait_s
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = _alive(tree)
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        end = time.time() + 5.0
+        while _alive(tree) and time.time() < end:
+            time.sleep(0.1)
 
 
 def _die_with_parent() -> None:
