@@ -262,7 +262,8 @@ def run_demo(args, budget: dict | None) -> dict | None:
     if args.montage_samples > 0:
         montage = res / "synthetic_montage.png"
         try:
-            make_montage(d, montage, args.montage_samples, fold=scarce_fold)
+            make_montage(d, montage, args.montage_samples, fold=scarce_fold, configuration=cfg.configuration,
+                         plans_name=cfg.plans)
             md = res / "results.md"
             write_text_atomic(md.read_text() + "\n![real and synthetic lesions](synthetic_montage.png)\n", md)
             _stage(f"4/4 montage of real and synthetic lesions: {montage}")
@@ -283,7 +284,8 @@ def _class_notes(manifest: dict) -> dict[str, str]:
     return notes
 
 
-def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fold: str = "all") -> None:
+def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fold: str = "all",
+                 configuration: str = DEMO_CONFIGURATION, plans_name: str = "nnUNetPlans") -> None:
     """Real lesions and ``per_class`` synthetic samples of every lesion class, with one intensity window.
 
     Synthetic samples come from PromptLesionTrainer's own training loader (rule-based synthesis) on ``fold``
@@ -302,9 +304,9 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
 
     name = maybe_convert_to_dataset_name(dataset_id)
     pre = Path(os.environ["nnUNet_preprocessed"]) / name
-    plans = load_json(str(pre / "nnUNetPlans.json"))
+    plans = load_json(str(pre / f"{plans_name}.json"))
     plans["continue_training"] = False  # nnunetv2 2.8's run_training sets this key before building a trainer
-    trainer = PromptLesionTrainer(plans, DEMO_CONFIGURATION, fold if fold == "all" else int(fold),
+    trainer = PromptLesionTrainer(plans, configuration, fold if fold == "all" else int(fold),
                                   load_json(str(pre / "dataset.json")),
                                   device=torch.device("cpu"))
     trainer.initialize()
