@@ -318,3 +318,54 @@ def test_our_fp32_ddpm_chain_is_closer_to_float64_than_monais():
         theirs, _ = ddpm_m.step(_smooth_eps(theirs, torch.full((1,), t)), t, theirs, generator=gm)
     err_ours, err_monai = float((ours - ref).abs().max()), float((theirs - ref).abs().max())
     assert err_ours < err_monai
+
+
+# ---- no per-step host synchronisation in diffusion training ----------------------------------------------
+def _loss_inputs(device):
+    vq = VQGAN(VQGANConfig.tiny(patch_size=(24, 24, 24))).eval().to(device)
+    m = tiny_denoiser().to(device).train()
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(2, 1, 24, 24, 24, generator=g) * 2 - 1).to(device)
+    mask = torch.zeros_like(image)
+    mask[0, :, 8:14, 9:15, 10:13] = 1  # the second sample has no lesion: its masked mean is 0 / 0
+    batch = {"image": image, "mask": mask, "parent": mask.clone(), "prompt": torch.tensor([1, 0], device=device)}
+    return vq, m, batch
+
+
+def test_diffusion_loss_logs_stay_device_tensors_and_read_back_once():
+    from nnunet_promptlesion.generator.diffusion.train import diffusion_loss
+    from nnunet_promptlesion.generator.train_utils import host_values
+
+    vq, m, batch = _loss_inputs("cpu")
+    s = NoiseSchedule.from_config(m.config)
+    loss, logs = diffusion_loss(m, vq, s, m.config, batch, "cpu", torch.Generator().manual_seed(0))
+    assert all(torch.is_tensor(v) and v.ndim == 0 for v in logs.values())
+    vals = host_values({**logs, "step": 3})
+    assert vals["step"] == 3 and all(isinstance(vals[k], float) for k in logs)
+    assert vals["loss"] == float(loss.detach()) and math.isfinite(vals["mse_lesion"]) and math.isfinite(vals["mse_background"])
+
+
+@pytest.mark.skipif(not CUDA, reason="host-sync check needs CUDA")
+def test_diffusion_training_step_has_no_host_sync_on_cuda():
+    from nnunet_promptlesion.generator.diffusion.train import diffusion_loss
+
+    vq, m, batch = _loss_inputs("cuda")
+    s = NoiseSchedule.from_config(m.config, "cuda")
+    opt = torch.optim.Adam(m.parameters(), lr=1e-4, foreach=True)
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def step():
+        loss, logs = diffusion_loss(m, vq, s, m.config, batch, "cuda", g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        return logs
+
+    step()  # warm-up (lazy initialisations may sync once)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logs = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logs["loss"])
