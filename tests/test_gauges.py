@@ -28,9 +28,9 @@ NNUNET_LOGGER_KEYS = {"mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region",
 TRAINER = "PromptLesionTrainer_demo"  # fold "all": nnU-Net's final self-validation skipped (variants.py)
 
 
-def _train(root: Path, env: dict, results: Path, epochs: int, n_proc: int, **extra) -> Path:
+def _train(root: Path, env: dict, results: Path, epochs: int, n_proc: int, iterations: int = 2, **extra) -> Path:
     e = {**env, "nnUNet_results": str(results), "nnUNet_n_proc_DA": str(n_proc), "nnUNet_def_n_proc": "1",
-         "OMP_NUM_THREADS": "1", "PROMPTLESION_NUM_EPOCHS": str(epochs), "PROMPTLESION_NUM_ITERATIONS_PER_EPOCH": "2",
+         "OMP_NUM_THREADS": "1", "PROMPTLESION_NUM_EPOCHS": str(epochs), "PROMPTLESION_NUM_ITERATIONS_PER_EPOCH": str(iterations),
          "PROMPTLESION_NUM_VAL_ITERATIONS_PER_EPOCH": "1", "PROMPTLESION_MIRRORING": "0", **extra}
     e.pop("PROMPTLESION_SETTINGS", None)
     run([BIN / "nnUNetv2_train", 601, "3d_fullres", "all", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"],
@@ -88,7 +88,7 @@ def test_gauges_never_change_what_nnunet_selects(ccta_dataset, tmp_path):
     write_tiny_plans(root / "preprocessed" / CCTA)
     out = {}
     for forced in ("0", "1"):
-        fold = _train(root, env, tmp_path / f"force{forced}", epochs=3, n_proc=0,
+        fold = _train(root, env, tmp_path / f"force{forced}", epochs=3, n_proc=0, iterations=1,
                       PROMPTLESION_SEED="7", PROMPTLESION_SAVE_EVERY="1", **{ENV_FORCE: forced})
         rec = json.loads((fold / GAUGES_FILENAME).read_text())
         assert {s["pseudo_dice"] for e in rec["epochs"] for s in e["synthetic"].values()} == {float(forced)}

@@ -8,8 +8,9 @@ segments on synthetic samples but not on real ones has a *realism gap*; a class 
 Design
 ------
 - **Fixed set.** ``N`` samples per lesion class (``PROMPTLESION_SYNTHETIC_VALIDATION_SAMPLES``, default 4) are
-  drawn once, at the end of the first epoch, from the trainer's sample source through the source interface
-  (``source.draw(loader, class_idx, rng)``) with a generator seeded with :data:`SEED`. Every epoch evaluates
+  drawn once, at the end of the first epoch, from the trainer's sample source through the loader's own path
+  (``PromptLesionDataLoader.synthesize(class_idx, rng)``: placement, the source's rendering, the label) with a
+  generator seeded with :data:`SEED`. Every epoch evaluates
   the same samples, so epochs are comparable; a continued run (``--c``) draws the same set again.
 - **Held-back carriers.** The samples are placed on carriers that training synthesis does not use:
   fold 0..4: carriers of the fold's validation cases (a start-up scan of those cases, cached next to the
@@ -280,7 +281,7 @@ class SyntheticValidation:
             for _ in range(self.samples_per_class):
                 for _ in range(tries):
                     try:
-                        smp = source.draw(loader, ci, rng)
+                        smp = loader.synthesize(ci, rng)  # the training path: loader places, source renders
                     except SynthesisError:
                         smp = None
                     if smp is not None:
@@ -305,6 +306,11 @@ class SyntheticValidation:
     def measure(self, trainer) -> dict[str, dict]:
         """This epoch's synthetic numbers per class (network in eval mode, no gradients)."""
         net = trainer.network
+        # rank 0 alone runs this: no DDP wrapper (no collectives), and the eager module rather than a torch.compile
+        # one (another input shape would trigger a recompilation); both share the trained weights
+        if getattr(trainer, "is_ddp", False) and hasattr(net, "module"):
+            net = net.module
+        net = getattr(net, "_orig_mod", net)
         was_training = net.training
         net.eval()
         dev = trainer.device
@@ -422,6 +428,12 @@ def plot_gauges(record: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     epochs = record["epochs"]
+    # nnU-Net's logger sets a global seaborn theme (font scale 2.5) for its own 30 x 54 inch figure: not for ours
+    with plt.style.context("default"):
+        _plot(record, epochs, plt, path)
+
+
+def _plot(record, epochs, plt, path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = [e["epoch"] for e in epochs]
     for i, c in enumerate(record["classes"]):
