@@ -270,6 +270,7 @@ def test_cache_is_memory_mapped_ids_are_not_cut_and_sources_pickle(setup, cache_
 
     plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
     dj = json.loads((setup["pre"] / "dataset.json").read_text())
+    plans["continue_training"] = False  # set by nnUNetv2_train's entry point; nnU-Net's __init__ pops it
     t = PromptLesionTrainer(plans, "3d_fullres", 0, dj, device=torch.device("cpu"))
     t.promptlesion_setup()
     settings = PromptLesionSettings.from_dict({"synthesizer": "diffusion_cache", "cache": str(cache_a)}, "test")

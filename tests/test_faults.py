@@ -201,3 +201,20 @@ def test_ring_lock_held_by_a_dead_producer_times_out_into_an_error():
             ring.snapshot_and_reset()
     finally:
         ring.close()
+
+
+@pytest.mark.parametrize("synthesizer", ["diffusion_cache", "diffusion_online"])
+def test_multichannel_ct_is_refused_by_the_diffusion_sources(synthesizer):
+    """The generators are one-channel CT models: a lesion pasted into channel 0 of a 2-channel dataset would sit
+    under a lesion label in channel 0 only. Refused with what to do (rule_based paints every channel)."""
+    from nnunet_promptlesion.synthesis.sources import SourceContext, build_source
+    from nnunet_promptlesion.trainers.settings import PromptLesionSettings
+    from nnunet_promptlesion.utils.errors import PromptLesionConfigError
+
+    settings = PromptLesionSettings.from_dict({"synthesizer": synthesizer}, "test")
+    props = {"mean": 0.0, "std": 1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0}
+    ctx = SourceContext(settings=settings, spec=None, index=None, spacing=(1.0, 1.0, 1.0), patch_size=(32, 32, 32),
+                        initial_patch_size=(32, 32, 32), intensity=[props, props], trainer=None, log=lambda m: None)
+    with pytest.raises(PromptLesionConfigError, match="renders single-channel CT, but this dataset has 2 input "
+                                                      "channels. Use the rule_based synthesizer"):
+        build_source(synthesizer, ctx)

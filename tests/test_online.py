@@ -237,6 +237,7 @@ def test_online_source_pickles_into_a_spawned_process(setup, monkeypatch):
         monkeypatch.setenv(k, setup["env"][k])
     plans = json.loads((setup["pre"] / "nnUNetPlans.json").read_text())
     dj = json.loads((setup["pre"] / "dataset.json").read_text())
+    plans["continue_training"] = False  # set by nnUNetv2_train's entry point; nnU-Net's __init__ pops it
     t = PromptLesionTrainer(plans, "3d_fullres", 0, dj, device=torch.device("cpu"))
     t.promptlesion_setup()
     settings = PromptLesionSettings.from_dict({"synthesizer": "diffusion_online", "diffusion": str(setup["checkpoint"]),

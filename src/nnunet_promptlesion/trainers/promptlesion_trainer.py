@@ -344,7 +344,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             super().run_training()
         except BaseException as e:
             src = self.promptlesion_source
-            if src is not None and hasattr(src, "raise_if_failed"):
+            if src is not None and hasattr(src, "raise_if_failed") and type(e).__name__ != "ProducerDeadError":
                 src.raise_if_failed()  # a worker's lock timeout or a dead augmenter: name the producer's failure
             raise e
         finally:
