@@ -89,6 +89,8 @@ class Run:
             self.proc.kill()
             self.proc.wait()
         self._fh.close()
+        for seg in Path("/dev/shm").glob(f"pl_ring_{self.proc.pid}_*"):  # SIGKILLed above: nothing else unlinks it
+            seg.unlink(missing_ok=True)
 
     def producer_pid(self) -> int:
         import re
