@@ -224,8 +224,10 @@ class DiffusionRenderer:
         mask = torch.from_numpy(np.stack([p["gmask"] for p in ok])[:, None].astype(np.float32)).to(dev)
         parent = torch.from_numpy(np.stack([p["gparent"] for p in ok])[:, None].astype(np.float32)).to(dev)
         prompts = torch.tensor([self.prompt_ids[p["req"].label] for p in ok], dtype=torch.long, device=dev)
-        gen = torch.Generator(device=dev).manual_seed(int(ok[0]["req"].seed))
-        kw = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, generator=gen, eta=self.eta,
+        # one noise stream per request, seeded with its recorded seed: a lesion re-rendered alone (or in
+        # another batch) from its seed is the same lesion
+        gens = [torch.Generator(device=dev).manual_seed(int(p["req"].seed)) for p in ok]
+        kw = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, generator=gens, eta=self.eta,
                   return_decoded=True)
         if "parent_mask" in self._inpaint_kw:
             kw["parent_mask"] = parent
