@@ -28,7 +28,7 @@ def test_add_demo_configuration_inherits_and_is_idempotent(tmp_path):
     cfg = demo.add_demo_configuration(f)
     saved = json.loads(f.read_text())
     assert saved["configurations"]["3d_fullres"] == plans["configurations"]["3d_fullres"]  # parent untouched
-    d = saved["configurations"][demo.DEMO_CONFIGURATION]
+    d = saved["configurations"][demo.DEMO_3D_CONFIGURATION]
     assert d == cfg and d["inherits_from"] == "3d_fullres" and d["patch_size"] == [32, 32, 32]
     kw = d["architecture"]["arch_kwargs"]
     assert kw["n_stages"] == 4 == len(kw["strides"]) == len(kw["features_per_stage"])
@@ -36,6 +36,31 @@ def test_add_demo_configuration_inherits_and_is_idempotent(tmp_path):
     mtime = f.stat().st_mtime_ns
     demo.add_demo_configuration(f)
     assert f.stat().st_mtime_ns == mtime  # unchanged plans are not rewritten
+
+
+def test_add_demo_configuration_2d_trains_slices_of_the_3d_fullres_data(tmp_path):
+    plans = {"configurations": {"3d_fullres": {
+        "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [40, 48, 48], "batch_size": 2, "batch_dice": False,
+        "spacing": [0.6, 0.5, 0.5], "median_image_size_in_voxels": [40.0, 48.0, 48.0],
+        "architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": {
+            "n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320], "strides": [[1, 1, 1]] * 5,
+            "conv_op": "torch.nn.modules.conv.Conv3d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d"}},
+        "_kw_requires_import": []}}}
+    f = tmp_path / "nnUNetPlans.json"
+    f.write_text(json.dumps(plans))
+    cfg = demo.add_demo_configuration_2d(f, name=demo.DEMO_CONFIGURATION)
+    saved = json.loads(f.read_text())
+    assert saved["configurations"]["3d_fullres"] == plans["configurations"]["3d_fullres"]
+    d = saved["configurations"][demo.DEMO_CONFIGURATION]
+    # same preprocessed data (no data_identifier of its own), whole in-plane slices, 2-D network
+    assert d == cfg and d["inherits_from"] == "3d_fullres" and "data_identifier" not in d
+    assert d["patch_size"] == [48, 48] and d["spacing"] == [0.5, 0.5] and d["batch_dice"] is True
+    kw = d["architecture"]["arch_kwargs"]
+    assert kw["conv_op"].endswith("Conv2d") and kw["norm_op"].endswith("InstanceNorm2d")
+    assert kw["strides"] == [[1, 1]] + [[2, 2]] * 3 and kw["kernel_sizes"] == [[3, 3]] * 4
+    mtime = f.stat().st_mtime_ns
+    demo.add_demo_configuration_2d(f, name=demo.DEMO_CONFIGURATION)
+    assert f.stat().st_mtime_ns == mtime
 
 
 def test_demo_trainers_skip_self_validation_only_for_fold_all():
@@ -71,7 +96,7 @@ def test_shipped_demo_config_is_an_experiment_with_baseline_arm_and_ceiling():
     cfg = load_config("demo", {"dataset": "501"})
     roles = {a.name: a.role for a in cfg.arms}
     assert list(roles.values()).count("baseline") == 1 and list(roles.values()).count("ceiling") == 1
-    assert cfg.scarcity["class"] == "noncalcified_plaque" and cfg.configuration == demo.DEMO_CONFIGURATION
+    assert cfg.scarcity["class"] == "calcified_plaque" and cfg.configuration == demo.DEMO_CONFIGURATION
     assert cfg.reference_arm == next(a.name for a in cfg.arms if a.role == "baseline")
     assert [a.name for a in cfg.arms if a.optional] == ["diffusion"]
     assert cfg.predict.get("save_probabilities") is True
