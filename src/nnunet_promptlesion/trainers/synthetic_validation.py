@@ -275,9 +275,15 @@ class SyntheticValidation:
         out: dict[str, list[_Sample]] = {}
         two_d = loader.patch_size_was_2d
         tries = max(1, loader.draw_tries) * 2
+        # a class training never synthesizes (class weight 0) is not drawn here either: its source may have
+        # no appearance for it (e.g. no real lesion of it left in a scarce training set)
+        train_probs = trainer._class_probabilities(getattr(trainer, "lesion_index", None) or self.index)
         for ci, lesion in enumerate(self.spec.lesions):
             _, region = self.channels[lesion.label]
             got: list[_Sample] = []
+            if train_probs[ci] <= 0:
+                out[lesion.name] = got
+                continue
             for _ in range(self.samples_per_class):
                 for _ in range(tries):
                     try:
