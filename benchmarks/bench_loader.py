@@ -110,7 +110,7 @@ def scan_full_volume(dataset, identifiers, spec, spacing, patch_size, centre_fra
     import numpy as np
     from scipy import ndimage
 
-    from nnunet_promptlesion.synthesis.masks import MaskBank
+    from nnunet_promptlesion.lesions.masks import MaskBank
     from nnunet_promptlesion.synthesis.rule_based import LesionIntensityStats, measure_lesions
     from nnunet_promptlesion.trainers.lesion_index import centre_box
 
