@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -116,22 +115,6 @@ def add_demo_configuration_2d(plans_file: Path, name: str = "2d_demo", batch_siz
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_budget(items: list[str] | None, error) -> dict | None:
-    """KEY=VALUE items (integers) -> budget dict, as promptlesion_experiment --budget."""
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep:
-            error(f"--budget expects KEY=VALUE, got '{item}'")
-        try:
-            out[k] = int(v)
-        except ValueError:
-            error(f"--budget {k}: '{v}' is not an integer")
-    return out
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="promptlesion_demo",
@@ -164,21 +147,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    from ..experiments.runner import parse_budget, run_as_command
+
     budget = parse_budget(args.budget, ap.error)
 
-    from ..experiments.runner import ExperimentError, _raise_interrupt
-
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)   # SIGTERM stops the demo like Ctrl-C: nothing left running
-    try:
-        run_demo(args, budget)
-    except ExperimentError as e:
-        print(f"promptlesion_demo: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("promptlesion_demo: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    run_as_command("promptlesion_demo", lambda: run_demo(args, budget))
 
 
 def _stage(msg: str) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """\
 CONFIG is a JSON file or the name of a shipped config:
@@ -52,7 +51,8 @@ def main(argv=None) -> None:
     ap.add_argument("--show-config", metavar="NAME", help="print a shipped config and exit")
     args = ap.parse_args(argv)
 
-    from ..experiments.runner import SHIPPED_CONFIGS, ExperimentError, ExperimentRunner, load_config, resolve_config_path
+    from ..experiments.runner import (SHIPPED_CONFIGS, ExperimentRunner, load_config, parse_budget,
+                                      resolve_config_path, run_as_command)
 
     if args.list_configs:
         import json
@@ -64,18 +64,9 @@ def main(argv=None) -> None:
         return
     if not args.config:
         ap.error("CONFIG is required (or --list-configs)")
-    budget = None
-    if args.budget:
-        budget = {}
-        for item in args.budget:
-            k, sep, v = item.partition("=")
-            if not sep:
-                ap.error(f"--budget expects KEY=VALUE, got '{item}'")
-            try:
-                budget[k] = int(v)
-            except ValueError:
-                ap.error(f"--budget {k}: '{v}' is not an integer")
-    try:
+    budget = parse_budget(args.budget, ap.error)
+
+    def body() -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
                                         "folds": args.folds, "budget": budget})
         out = args.output or f"experiments/{cfg.name}"
@@ -89,12 +80,8 @@ def main(argv=None) -> None:
                 raise SystemExit(1)
         else:
             runner.run()
-    except ExperimentError as e:
-        print(f"promptlesion_experiment: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("promptlesion_experiment: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130)
+
+    run_as_command("promptlesion_experiment", body)
 
 
 if __name__ == "__main__":

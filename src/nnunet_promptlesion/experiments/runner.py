@@ -899,3 +899,38 @@ def _die_with_parent() -> None:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_budget(items: list[str] | None, error: Callable[[str], Any]) -> dict | None:
+    """``--budget KEY=VALUE ...`` items -> budget dict (integers; true/false for switches such as mirroring)."""
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            error(f"--budget expects KEY=VALUE, got '{item}'")
+        if v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+            continue
+        try:
+            out[k] = int(v)
+        except ValueError:
+            error(f"--budget {k}: '{v}' is not an integer (or true/false)")
+    return out
+
+
+def run_as_command(prog: str, body: Callable[[], Any]) -> Any:
+    """Run ``body`` as a console command: SIGTERM stops it like Ctrl-C (the runner then takes its nnU-Net child's
+    whole process tree down), an ExperimentError exits 2 with its message, an interruption exits 130."""
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return body()
+    except ExperimentError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -46,6 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..utils.geometry import read_nifti_3d
 from .intensity import IntensitySpace
 
 MAX_LOCATIONS_PER_LABEL = 10000
@@ -328,13 +329,7 @@ class NiftiPatchSource(PatchSource):
         import nibabel as nib
 
         path = self._files[case_id]
-        try:
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"could not read {path} as NIfTI: {e}") from e
-        if arr.ndim != 3:
-            raise ValueError(f"{path}: expected a 3D CT volume, got shape {arr.shape}")
+        img, arr = read_nifti_3d(path)
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
         arr = resample_to_spacing(arr, zooms, self.spacing, order=1)
         seg = None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.geometry import NiftiView, array_axes
+from ..utils.geometry import NiftiView, array_axes, read_nifti_3d
 
 
 class ReconstructError(ValueError):
@@ -82,12 +82,9 @@ def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25
     dev = resolve_device(device)
     model, meta = load_vqgan(checkpoint, map_location=dev)
     try:
-        img = nib.load(str(inp))
-        hu = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as e:  # noqa: BLE001
-        raise ReconstructError(f"could not read {inp} as NIfTI: {e}") from e
-    if hu.ndim != 3:
-        raise ReconstructError(f"{inp} is not a 3D volume (shape {hu.shape})")
+        img, hu = read_nifti_3d(inp)
+    except ValueError as e:
+        raise ReconstructError(str(e)) from e
     view = NiftiView(img, array_axes(meta.get("source")))
     r = reconstruct_volume(model, meta, view.to_view(hu), [float(s) for s in view.spacing], overlap, sw_batch_size, dev)
     rec_hu = view.from_view(r["reconstruction_hu"])

@@ -256,3 +256,17 @@ class NiftiView:
 
 
 __all__ = ["ArrayAxes", "ArrayGeometry", "NiftiView", "array_axes", "reader_axes", "NIFTI_READERS", "DEFAULT_READER"]
+
+
+def read_nifti_3d(path) -> tuple[object, np.ndarray]:
+    """(nibabel image, float32 array in the file's voxel order) of a 3D NIfTI; ValueError saying what is wrong."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for unreadable files
+        raise ValueError(f"could not read {path} as NIfTI: {e}") from e
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {arr.shape}")
+    return img, arr
