@@ -60,11 +60,6 @@ def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence
     return float(nsd.item())
 
 
-#: 26-connectivity in 3D (8 in 2D): lesions touching at an edge or corner are one lesion.
-def _structure(ndim: int) -> np.ndarray:
-    return ndimage.generate_binary_structure(ndim, ndim)
-
-
 def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:
     """Radius (mm) of the sphere with the same volume as ``n_voxels`` voxels of size ``spacing`` (mm)."""
     volume = n_voxels * float(np.prod(spacing))

@@ -34,8 +34,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..lesions.components import label_components
 from ..lesions.spec import LesionSpec
-from .metrics import _structure
 
 #: a class "transfers" when the median over its real test lesions of the max softmax inside the lesion reaches
 #: this: at >= 0.5 (softmax) the class wins the argmax in at least one voxel of more than half of the lesions
@@ -79,7 +79,8 @@ def lesion_softmax(probabilities: np.ndarray, ref: np.ndarray, label: int, chann
         raise TransferError(f"probabilities of shape {probabilities.shape[1:]} do not match the label's {ref.shape}")
     if not 0 <= channel < probabilities.shape[0]:
         raise TransferError(f"channel {channel} is not in the probability file ({probabilities.shape[0]} channels)")
-    lab, n = ndimage.label(ref == label, structure=_structure(ref.ndim))
+    # the same labelling as the lesion-wise matching (evaluation.metrics), so lesion ids agree
+    lab, n = label_components(ref == label)
     out = []
     if n == 0:
         return out
