@@ -195,7 +195,9 @@ def test_demo_sigterm_leaves_no_process_and_resumes(ccta_dataset, tmp_path):
         assert word in report
     assert "diffusion" not in [a["name"] for a in json.loads((work / "experiment" / "experiment.json").read_text())["arms"]]
     sc = json.loads((work / "experiment" / "scarcity.json").read_text())["records"][0]
-    assert len(sc["kept"]) == 1 and sc["dropped"] and set(sc["kept"]) <= set(sc["carriers"])
+    from nnunet_promptlesion.experiments.runner import resolve_config_path
+    keep = json.loads(resolve_config_path("demo").read_text())["scarcity"]["keep_carriers"]
+    assert len(sc["kept"]) == keep and sc["dropped"] and set(sc["kept"]) <= set(sc["carriers"])
     # the rule-based trainer saw only the scarce training cases
     splits = json.loads((work / "nnUNet_preprocessed" / name / "splits_final.json").read_text())
     assert not set(sc["dropped"]) & set(splits[int(sc["scarce_fold"])]["train"])
