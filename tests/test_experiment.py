@@ -219,7 +219,7 @@ def test_experiment_end_to_end_scarcity_ceiling_kill_and_resume(ccta_dataset, tm
     # lesion realism of the rule-based arm's synthetic lesions, on the encoder of the trained real-only model
     real_model = first_fold.parent
     model_files = sorted(real_model.rglob("*"))
-    r = subprocess.run([str(BIN / "promptlesion_realism"), "-d", str(did), "-p", plans, "--settings",
+    r = subprocess.run([str(BIN / "promptlesion_realism"), "-d", str(did), "-p", plans, "-f", str(sc["scarce_fold"]), "--settings",
                         str(out / "runs" / "rule_based" / "repeat_0" / "settings.json"), "--model-folder", str(real_model),
                         "--per-class", "4", "--montage-per-class", "2", "-o", str(tmp_path / "realism")],
                        env=env, capture_output=True, text=True, timeout=900)
