@@ -184,10 +184,6 @@ class SampleSource(ABC):
     def submit(self, placement: Placement, rng: np.random.Generator) -> None:
         """Take a fresh placement to render ahead of time (it comes back later through :meth:`pick`)."""
 
-    def draw(self, loader, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
-        """Kept for callers written against the old interface: ``loader.synthesize(class_idx, rng)``."""
-        return loader.synthesize(class_idx, rng)
-
     def check(self, index, class_probs: np.ndarray) -> None:
         """Raise a ``PromptLesionConfigError``-like error if classes drawn with p > 0 cannot be made.
 
