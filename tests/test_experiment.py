@@ -209,8 +209,8 @@ def test_experiment_end_to_end_scarcity_ceiling_kill_and_resume(ccta_dataset, tm
     tr_real = json.loads((out / "runs" / "ceiling" / "repeat_1" / "evaluation" / "transfer.json").read_text())
     tr_syn = json.loads((out / "runs" / "rule_based" / "repeat_1" / "evaluation" / "transfer.json").read_text())
     assert tr_real["synthetic"] is None and tr_syn["synthetic"]["calcified_plaque"]["pseudo_dice"] is not None
-    assert tr_real["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "undetermined")
-    assert tr_syn["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "realism gap", "budget gap")
+    assert tr_real["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "undetermined")
+    assert tr_syn["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "realism gap", "budget gap")
     g = comp["gauges"]["calcified_plaque"]
     assert set(g) == {"real_only", "rule_based", "ceiling"} and g["rule_based"]["repeats"] == 2
     assert g["real_only"]["synthetic_pseudo_dice"] is None and 0.0 <= g["ceiling"]["max_softmax"] <= 1.0

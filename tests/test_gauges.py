@@ -13,7 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from conftest import BIN, run
 from tiny_plans import write_tiny_plans
 
-from nnunet_promptlesion.evaluation.transfer import (REAL_TRANSFER_PROB, SYNTHETIC_LEARNT_DICE, TransferError,
+from nnunet_promptlesion.evaluation.transfer import (MAX_OUTSIDE_RATIO, REAL_TRANSFER_PROB, SYNTHETIC_LEARNT_DICE, TransferError,
                                                      format_transfer_markdown, label_channels, lesion_softmax,
                                                      lesion_softmax_folder, transfer_verdict)
 from nnunet_promptlesion.lesions.spec import LesionSpec
@@ -285,6 +285,17 @@ def test_lesion_softmax_by_hand(tmp_path):
     s = r["summary"]["calcified_plaque"]
     assert s["lesions"] == 2 and s["max_prob_median"] == pytest.approx(0.55, abs=1e-6)
     assert s["max_prob_max"] == pytest.approx(0.9, abs=1e-6)
+    # painted outside its lesions: calcified nowhere else (0 of its 3 voxels), non-calcified nowhere else either
+    assert s["outside_ratio"] == 0.0 and r["outside_voxels"] == {"calcified_plaque": 0, "noncalcified_plaque": 0}
+    # a network that paints class 2 on every voxel: every lesion "scores", and the verdict says non-specific
+    everywhere = np.zeros_like(probs)
+    everywhere[2] = 1.0
+    np.savez_compressed(pred / "case_a.npz", probabilities=everywhere)
+    r2 = lesion_softmax_folder(pred, gt)
+    s2 = r2["summary"]["calcified_plaque"]
+    assert s2["max_prob_median"] == 1.0 and s2["outside_ratio"] == pytest.approx((lab.size - 3) / 3)
+    assert transfer_verdict(s2, None)["verdict"] == "non-specific"
+    np.savez_compressed(pred / "case_a.npz", probabilities=probs)
     # the lesion ids are those of the lesion-wise evaluation (joinable on case, class, id)
     from nnunet_promptlesion.evaluation.metrics import match_lesions
 
@@ -316,6 +327,10 @@ def test_verdicts():
     hi, lo = REAL_TRANSFER_PROB, REAL_TRANSFER_PROB - 0.01
     real = lambda v: {"lesions": 3, "max_prob_median": v}
     assert transfer_verdict(real(hi), {"pseudo_dice": 0.0})["verdict"] == "transfers"
+    painted = lambda o: {"lesions": 3, "max_prob_median": hi, "outside_ratio": o}
+    assert transfer_verdict(painted(MAX_OUTSIDE_RATIO), None)["verdict"] == "transfers"
+    assert transfer_verdict(painted(MAX_OUTSIDE_RATIO + 0.1), {"pseudo_dice": 0.9})["verdict"] == "non-specific"
+    assert transfer_verdict({**painted(50.0), "max_prob_median": lo}, None)["verdict"] == "undetermined"
     assert transfer_verdict(real(lo), {"pseudo_dice": SYNTHETIC_LEARNT_DICE})["verdict"] == "realism gap"
     assert transfer_verdict(real(lo), {"pseudo_dice": SYNTHETIC_LEARNT_DICE - 0.01})["verdict"] == "budget gap"
     assert transfer_verdict(real(lo), None)["verdict"] == "undetermined"

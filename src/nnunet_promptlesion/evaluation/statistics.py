@@ -354,7 +354,8 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
                            gauges: dict | None = None) -> str:
     """The report: one aligned text table per class, arms as rows (baseline first, ceiling last).
 
-    gauges: optional {class: {arm: {"max_softmax", "mean_softmax", "synthetic_pseudo_dice", "verdict"}}} (the
+    gauges: optional {class: {arm: {"max_softmax", "mean_softmax", "outside_ratio", "synthetic_pseudo_dice",
+    "verdict"}}} (the
     transfer gauges); shown in extra columns where present.
     """
     ref, ceil = comp["reference"], comp.get("ceiling")
@@ -389,7 +390,7 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
             header += ["gap Dice [CI]"] + (["gap Sens [CI]"] if lesion else [])
         g = (gauges or {}).get(cls) or {}
         if g:
-            header += ["max sm", "mean sm", "syn pDice", "verdict"]
+            header += ["max sm", "mean sm", "outside", "syn pDice", "verdict"]
         rows = []
         for arm in order:
             row = rows_by_arm[arm]
@@ -411,7 +412,9 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
                 cells += [_gap_str(gc and gc["Dice"])] + ([_gap_str(gc and gc["sensitivity"])] if lesion else [])
             if g:
                 a = g.get(arm) or {}
-                cells += [_num(a.get("max_softmax")), _num(a.get("mean_softmax")), _pct(a.get("synthetic_pseudo_dice")),
+                o = a.get("outside_ratio")
+                cells += [_num(a.get("max_softmax")), _num(a.get("mean_softmax")), "" if o is None else f"{o:.1f}x",
+                          _pct(a.get("synthetic_pseudo_dice")),
                           a.get("verdict") or ""]
             rows.append(cells)
         lines.append(format_table(header, rows))

@@ -5,7 +5,11 @@ gives the class inside the real lesions is a finer gauge (DESIGN.md section 9). 
 pseudo-Dice of training (gauge A, :mod:`nnunet_promptlesion.trainers.synthetic_validation`) it tells why a
 synthesizer does or does not help a class:
 
-- real lesions score (median over lesions of the max softmax >= :data:`REAL_TRANSFER_PROB`): **transfers**;
+- real lesions score (median over lesions of the max softmax >= :data:`REAL_TRANSFER_PROB`) and the class is not
+  painted elsewhere (voxels outside the class's real lesions where its probability is >= 0.5, at most
+  :data:`MAX_OUTSIDE_RATIO` times the lesions' own volume): **transfers**;
+- real lesions score but the class is painted far outside them: **non-specific** (a network that paints the
+  class everywhere "scores" every lesion; it has not learnt the class);
 - real low, synthetic validation pseudo-Dice >= :data:`SYNTHETIC_LEARNT_DICE`: **realism gap** (the network
   learnt the synthetic lesions, and they do not look like real ones to it);
 - real low, synthetic low: **budget gap** (the network learnt neither at this budget);
@@ -40,13 +44,17 @@ from ..lesions.spec import LesionSpec
 #: a class "transfers" when the median over its real test lesions of the max softmax inside the lesion reaches
 #: this: at >= 0.5 (softmax) the class wins the argmax in at least one voxel of more than half of the lesions
 REAL_TRANSFER_PROB = 0.5
+#: ... and at most this many voxels outside the class's real lesions have the class's probability >= 0.5, per
+#: voxel of those lesions (summed over test cases). 4 allows a precision by volume down to ~20 %, which small
+#: blurred lesions reach with partial-volume halos; a network that paints the class everywhere is at 100s.
+MAX_OUTSIDE_RATIO = 4.0
 #: the network "learnt the synthetic lesions" of a class when their validation pseudo-Dice reaches this
 SYNTHETIC_LEARNT_DICE = 0.3
 PROBABILITIES_KEY = "probabilities"
 
-VERDICTS = ("transfers", "realism gap", "budget gap", "undetermined", "no lesions")
+VERDICTS = ("transfers", "non-specific", "realism gap", "budget gap", "undetermined", "no lesions")
 
-__all__ = ["REAL_TRANSFER_PROB", "SYNTHETIC_LEARNT_DICE", "VERDICTS", "TransferError", "lesion_softmax",
+__all__ = ["REAL_TRANSFER_PROB", "MAX_OUTSIDE_RATIO", "SYNTHETIC_LEARNT_DICE", "VERDICTS", "TransferError", "lesion_softmax",
            "lesion_softmax_case", "lesion_softmax_folder", "attach_lesion_softmax", "summarize_lesion_softmax", "transfer_verdict",
            "transfer_verdicts", "format_transfer_markdown", "label_channels"]
 
@@ -94,9 +102,16 @@ def lesion_softmax(probabilities: np.ndarray, ref: np.ndarray, label: int, chann
     return out
 
 
+def outside_voxels(probabilities: np.ndarray, ref: np.ndarray, label: int, channel: int) -> int:
+    """Voxels outside ``ref == label`` where ``probabilities[channel] >= 0.5`` (the class painted elsewhere).
+    Shapes as in :func:`lesion_softmax`."""
+    return int(np.count_nonzero((probabilities[channel] >= 0.5) & (ref != label)))
+
+
 def lesion_softmax_case(case: str, npz_file: str | os.PathLike, ref_file: str | os.PathLike, reader_class,
-                        classes: list[dict]) -> list[dict]:
-    """Records of every lesion of ``classes`` ([{"name", "label", "channel"}]) in one case."""
+                        classes: list[dict], outside: dict | None = None) -> list[dict]:
+    """Records of every lesion of ``classes`` ([{"name", "label", "channel"}]) in one case. With ``outside``
+    (a dict), adds this case's :func:`outside_voxels` per class name to it."""
     with np.load(npz_file) as z:
         if PROBABILITIES_KEY not in z:
             raise TransferError(f"{npz_file} holds no '{PROBABILITIES_KEY}' array (keys {list(z.keys())}); is it a "
@@ -109,18 +124,25 @@ def lesion_softmax_case(case: str, npz_file: str | os.PathLike, ref_file: str | 
                             "shape (array axis order of nnU-Net's reader); was it predicted from the same image?")
     out = []
     for c in classes:
+        if outside is not None:
+            outside[c["name"]] = outside.get(c["name"], 0) + outside_voxels(probs, ref, c["label"], c["channel"])
         for rec in lesion_softmax(probs, ref, c["label"], c["channel"]):
             out.append({"case": case, "class": c["name"], "label": c["label"], "channel": c["channel"], **rec})
     return out
 
 
-def summarize_lesion_softmax(lesions: list[dict], class_names: Sequence[str]) -> dict[str, dict]:
-    """{class: {"lesions", "max_prob_median", "max_prob_max", "mean_prob_median", "mean_prob_max"}} (None without lesions)."""
+def summarize_lesion_softmax(lesions: list[dict], class_names: Sequence[str],
+                             outside: dict[str, int] | None = None) -> dict[str, dict]:
+    """{class: {"lesions", "max_prob_median", "max_prob_max", "mean_prob_median", "mean_prob_max",
+    "outside_ratio"}} (None without lesions). outside_ratio: ``outside[class]`` (voxels painted outside the
+    class's lesions, :func:`outside_voxels` summed over cases) per voxel of its lesions; None without ``outside``."""
     out = {}
     for name in class_names:
         mx = [l["max_prob"] for l in lesions if l["class"] == name]
         mn = [l["mean_prob"] for l in lesions if l["class"] == name]
+        vox = sum(l["voxels"] for l in lesions if l["class"] == name)
         out[name] = {"lesions": len(mx),
+                     "outside_ratio": (float(outside.get(name, 0)) / vox) if (outside is not None and vox) else None,
                      "max_prob_median": float(np.median(mx)) if mx else None,
                      "max_prob_max": float(np.max(mx)) if mx else None,
                      "mean_prob_median": float(np.median(mn)) if mn else None,
@@ -173,31 +195,31 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
     cases = sorted(npz & refs)
     if not cases:
         raise TransferError(f"{pred_dir} and {gt_dir} have no case in common")
-    classes, lesions = _lesion_softmax_cases(pred_dir, gt_dir, dataset_json, spec, cases)
+    classes, lesions, outside = _lesion_softmax_cases(pred_dir, gt_dir, dataset_json, spec, cases)
     return {"prediction_folder": str(pred_dir.resolve()), "reference_folder": str(gt_dir.resolve()),
-            "classes": classes, "cases": cases, "lesions": lesions,
-            "summary": summarize_lesion_softmax(lesions, [c["name"] for c in classes])}
+            "classes": classes, "cases": cases, "lesions": lesions, "outside_voxels": outside,
+            "summary": summarize_lesion_softmax(lesions, [c["name"] for c in classes], outside)}
 
 
 def _lesion_softmax_cases(pred_dir: Path, gt_dir: Path, dataset_json: dict, spec: LesionSpec,
-                          cases: Sequence[str]) -> tuple[list[dict], list[dict]]:
+                          cases: Sequence[str]) -> tuple[list[dict], list[dict], dict[str, int]]:
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     ending = dataset_json["file_ending"]
     channels = label_channels(dataset_json, spec.labels)
     classes = [{"name": l.name, "label": l.label, "channel": channels[l.label]} for l in spec.lesions]
     reader = determine_reader_writer_from_dataset_json(dataset_json, str(gt_dir / (cases[0] + ending)), verbose=False)
-    lesions = []
+    lesions, outside = [], {}
     for c in cases:
-        lesions.extend(lesion_softmax_case(c, pred_dir / f"{c}.npz", gt_dir / (c + ending), reader, classes))
-    return classes, lesions
+        lesions.extend(lesion_softmax_case(c, pred_dir / f"{c}.npz", gt_dir / (c + ending), reader, classes, outside))
+    return classes, lesions, outside
 
 
 def attach_lesion_softmax(results: dict, pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, dataset_json: dict,
                           spec: LesionSpec, cases: Sequence[str]) -> None:
     """Add ``max_prob`` / ``mean_prob`` to the lesion records of an :func:`~.evaluate.evaluate_folders` result
     (joined on case, class, id) and ``results["lesion_softmax"]`` = the per-class summary."""
-    _, lesions = _lesion_softmax_cases(Path(pred_dir), Path(gt_dir), dataset_json, spec, list(cases))
+    _, lesions, outside = _lesion_softmax_cases(Path(pred_dir), Path(gt_dir), dataset_json, spec, list(cases))
     by = {(l["case"], l["class"], l["id"]): l for l in lesions}
     for rec in results["lesions"]:
         m = by.get((rec["case"], rec["class"], rec["id"]))
@@ -205,7 +227,7 @@ def attach_lesion_softmax(results: dict, pred_dir: str | os.PathLike, gt_dir: st
             raise TransferError(f"lesion {rec['id']} of {rec['class']} in case {rec['case']} has no matching component "
                                 "in the probability gauge (connectivity or label mismatch)")
         rec["max_prob"], rec["mean_prob"] = m["max_prob"], m["mean_prob"]
-    results["lesion_softmax"] = summarize_lesion_softmax(lesions, [l.name for l in spec.lesions])
+    results["lesion_softmax"] = summarize_lesion_softmax(lesions, [l.name for l in spec.lesions], outside)
 
 
 # ---------------------------------------------------------------------------------------------- verdict
@@ -214,13 +236,19 @@ def transfer_verdict(real: dict | None, synthetic: dict | None) -> dict:
     ({"pseudo_dice", ...} from :func:`~nnunet_promptlesion.trainers.synthetic_validation.synthetic_summary`, or
     None for an arm without synthesis). See the module docstring for the rules."""
     r = None if not real else real.get("max_prob_median")
+    o = None if not real else real.get("outside_ratio")
     s = None if not synthetic else synthetic.get("pseudo_dice")
-    out = {"real_max_prob_median": r, "synthetic_pseudo_dice": s}
+    out = {"real_max_prob_median": r, "outside_ratio": o, "synthetic_pseudo_dice": s}
     if r is None:
         return {**out, "verdict": "no lesions", "reason": "no real test lesion of this class"}
+    if r >= REAL_TRANSFER_PROB and o is not None and o > MAX_OUTSIDE_RATIO:
+        return {**out, "verdict": "non-specific",
+                "reason": f"median max softmax in real lesions {r:.3f} >= {REAL_TRANSFER_PROB}, but the class is "
+                          f"painted on {o:.1f}x the lesions' volume outside them (> {MAX_OUTSIDE_RATIO})"}
     if r >= REAL_TRANSFER_PROB:
         return {**out, "verdict": "transfers",
-                "reason": f"median max softmax in real lesions {r:.3f} >= {REAL_TRANSFER_PROB}"}
+                "reason": f"median max softmax in real lesions {r:.3f} >= {REAL_TRANSFER_PROB}"
+                          + ("" if o is None else f", painted outside them on {o:.1f}x their volume")}
     if s is None:
         return {**out, "verdict": "undetermined",
                 "reason": f"real lesions low ({r:.3f} < {REAL_TRANSFER_PROB}); no synthetic-validation gauge"}
@@ -246,15 +274,17 @@ def format_transfer_markdown(arms: dict[str, tuple[dict, dict | None]]) -> str:
     """A markdown table: per arm and class the real-lesion softmax (median / max over lesions), the synthetic
     pseudo-Dice and the verdict. ``arms``: {arm: (real summary, synthetic summary or None)}."""
     lines = ["| arm | class | real lesions | max softmax median | max softmax max | mean softmax median | "
-             "synthetic pseudo-Dice | verdict |", "|---|---|---|---|---|---|---|---|"]
+             "outside / lesion voxels | synthetic pseudo-Dice | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, (real, syn) in arms.items():
         verdicts = transfer_verdicts(real, syn)
         for name, r in real.items():
             v = verdicts[name]
             lines.append(f"| {arm} | {name} | {r.get('lesions', 0)} | {_f(r.get('max_prob_median'))} | {_f(r.get('max_prob_max'))} | "
-                         f"{_f(r.get('mean_prob_median'))} | {_f(v['synthetic_pseudo_dice'])} | {v['verdict']} |")
+                         f"{_f(r.get('mean_prob_median'))} | {_f(r.get('outside_ratio'), 1)} | "
+                         f"{_f(v['synthetic_pseudo_dice'])} | {v['verdict']} |")
     lines.append("")
-    lines.append(f"Verdict: transfers = median max softmax in real lesions >= {REAL_TRANSFER_PROB}; otherwise realism "
+    lines.append(f"Verdict: transfers = median max softmax in real lesions >= {REAL_TRANSFER_PROB} and the class painted "
+                 f"outside them on at most {MAX_OUTSIDE_RATIO:g}x their volume (more: non-specific); otherwise realism "
                  f"gap = synthetic pseudo-Dice >= {SYNTHETIC_LEARNT_DICE}, budget gap = below; undetermined = no "
                  "synthetic gauge (real-only / ceiling arm).")
     return "\n".join(lines) + "\n"

@@ -688,6 +688,7 @@ class ExperimentRunner:
             for cls, v in real.items():
                 out.setdefault(cls, {})[arm.name] = {
                     "max_softmax": v.get("max_prob_median"), "mean_softmax": v.get("mean_prob_median"),
+                    "outside_ratio": v.get("outside_ratio"),
                     "synthetic_pseudo_dice": (syn or {}).get(cls, {}).get("pseudo_dice"),
                     "verdict": (verdicts.get(cls) or {}).get("verdict"), "repeats": len(recs)}
         return out
@@ -731,8 +732,10 @@ class ExperimentRunner:
             text += _scarcity_line(rec) + ".\n"
         if comp["gauges"]:
             text += ("Transfer gauges: max sm / mean sm = median over real test lesions of the max / mean softmax of "
-                     "their class; syn pDice = pseudo-Dice on held-back synthetic samples during training; verdict: "
-                     "transfers / realism gap (learns synthetic, not real) / budget gap (learns neither).\n")
+                     "their class; outside = voxels painted with the class outside its real lesions, per lesion voxel; "
+                     "syn pDice = pseudo-Dice on held-back synthetic samples during training; verdict: transfers / "
+                     "non-specific (scores the lesions by painting the class everywhere) / realism gap (learns "
+                     "synthetic, not real) / budget gap (learns neither).\n")
         if missing:
             text += f"Not yet evaluated: {', '.join(missing)}.\n"
         write_text_atomic(text, res / "report.txt")
