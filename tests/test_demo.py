@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,9 +53,10 @@ def test_add_demo_configuration_2d_trains_slices_of_the_3d_fullres_data(tmp_path
     saved = json.loads(f.read_text())
     assert saved["configurations"]["3d_fullres"] == plans["configurations"]["3d_fullres"]
     d = saved["configurations"][demo.DEMO_CONFIGURATION]
-    # same preprocessed data (no data_identifier of its own), whole in-plane slices, 2-D network
+    # same preprocessed data (no data_identifier of its own), 32 x 32 in-plane patches of the slices, 2-D network
     assert d == cfg and d["inherits_from"] == "3d_fullres" and "data_identifier" not in d
-    assert d["patch_size"] == [48, 48] and d["spacing"] == [0.5, 0.5] and d["batch_dice"] is True
+    assert d["patch_size"] == [32, 32] and d["spacing"] == [0.5, 0.5] and d["batch_dice"] is True
+    assert d["median_image_size_in_voxels"] == [48, 48]
     kw = d["architecture"]["arch_kwargs"]
     assert kw["conv_op"].endswith("Conv2d") and kw["norm_op"].endswith("InstanceNorm2d")
     assert kw["strides"] == [[1, 1]] + [[2, 2]] * 3 and kw["kernel_sizes"] == [[3, 3]] * 4
@@ -142,10 +144,39 @@ def _shm_used_by(folder: Path) -> set[str]:
     return names
 
 
+def _wait_for_second_epoch(runs: Path, p: subprocess.Popen, timeout: float, shm: set | None = None,
+                           work: Path | None = None) -> Path:
+    """The fold folder under ``runs`` once its training has written checkpoint_latest.pth of epoch 0 completely:
+    nnU-Net logs "Epoch 1" only after that save returned (a kill during torch.save would leave a torn file)."""
+    deadline = time.time() + timeout
+    while True:
+        for ck in runs.glob("*/*/fold_*/checkpoint_latest.pth"):
+            if any(re.search(r": Epoch 1 *$", f.read_text(), re.M) for f in ck.parent.glob("training_log_*.txt")):
+                return ck.parent
+        assert p.poll() is None, p.stdout.read()[-4000:]
+        assert time.time() < deadline, f"no checkpoint under {runs} after {timeout} s"
+        if shm is not None:
+            shm |= _shm_used_by(work)
+        time.sleep(0.2)
+
+
+def _wait_until_no_process(work: Path, timeout: float) -> list[str]:
+    deadline = time.time() + timeout
+    while (left := _processes_using(work)) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 @pytest.mark.slow
-def test_demo_sigterm_leaves_no_process_and_resumes(ccta_dataset, tmp_path):
-    """SIGTERM to promptlesion_demo alone (not its group) mid-training: the nnU-Net training child and its data
-    augmentation workers end, no shared memory is left, and the same command resumes to the report."""
+def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset, tmp_path):
+    """promptlesion_demo, i.e. the experiment runner with a scarcity setting and a ceiling arm, on a tiny budget:
+    (a) SIGKILL of the whole process group (a cluster kill) in the first training: no training survives;
+    (b) the same command resumes it with --c; SIGTERM to the demo alone (not its group) in the second arm's
+        training: the training and its data augmentation workers end, no shared memory is left;
+    (c) the same command resumes again and finishes: scarcity folds, budget, seeds, report, gauges, plots;
+    (d) once more: nothing left to do."""
+    import torch
+
     root, did, env = ccta_dataset
     work = tmp_path / "demo"
     name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
@@ -156,55 +187,124 @@ def test_demo_sigterm_leaves_no_process_and_resumes(ccta_dataset, tmp_path):
     (work / "logs").mkdir(parents=True)
     (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
     env = {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+    epochs = 3     # the smallest budget that leaves an epoch to resume after the kill at epoch 1's start
     cmd = [str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did), "--repeats", "1",
-           "--montage-samples", "1", "--budget", "epochs=4", "iterations_per_epoch=2", "val_iterations_per_epoch=1"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    runs = work / "experiment" / "runs" / "real_scarce" / "repeat_0" / "nnUNet_results"
+           "--montage-samples", "1", "--budget", f"epochs={epochs}", "iterations_per_epoch=1",
+           "val_iterations_per_epoch=1"]
+    exp = work / "experiment"
+    runs = {arm: exp / "runs" / arm / "repeat_0" / "nnUNet_results" for arm in ("real_scarce", "rule_based", "ceiling")}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    # (a) a cluster kill: SIGKILL to the demo's whole process group once epoch 0 of the first training is saved
+    p = start()
     try:
-        deadline = time.time() + 900
-        shm = set()
-        while not list(runs.glob("*/*/fold_*/checkpoint_latest.pth")):
-            assert p.poll() is None, p.stdout.read()
-            assert time.time() < deadline, "no checkpoint after 900 s"
-            shm |= _shm_used_by(work)
-            time.sleep(0.2)
-        fold_dir = next(runs.glob("*/*/fold_*/checkpoint_latest.pth")).parent
+        first_fold = _wait_for_second_epoch(runs["real_scarce"], p, 900)
+        assert [q for q in _processes_using(work) if "nnunet_train" in q], "no training running"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert not (first_fold / "checkpoint_final.pth").exists(), "the training finished before the kill: nothing tested"
+    assert _wait_until_no_process(work, 15) == [], "a training outlived the SIGKILL of its process group"
+
+    # what scarcity did (fold "all"): every training case but the dropped carriers of the class; full = all cases
+    sc = json.loads((exp / "scarcity.json").read_text())["records"][0]
+    from nnunet_promptlesion.experiments.runner import resolve_config_path
+    setting = json.loads(resolve_config_path("demo").read_text())["scarcity"]
+    splits = json.loads((work / "nnUNet_preprocessed" / name / "splits_final.json").read_text())
+    scarce, full = splits[int(sc["scarce_fold"])], splits[int(sc["full_fold"])]
+    assert sc["base_fold"] == "all" and sc["class"] == setting["class"] and first_fold.name == f"fold_{sc['scarce_fold']}"
+    assert len(sc["kept"]) == setting["keep_carriers"] and sc["dropped"]
+    assert sorted(sc["kept"] + sc["dropped"]) == sc["carriers"]
+    cases = sorted(f.name[:-len(".nii.gz")] for f in (work / "nnUNet_raw" / name / "labelsTr").glob("*.nii.gz"))
+    assert len(cases) == 8 and sorted(full["train"]) == cases
+    assert sorted(scarce["train"]) == sorted(set(full["train"]) - set(sc["dropped"]))
+    assert scarce["val"] == scarce["train"] and full["val"] == full["train"]     # nnU-Net's fold-"all" convention
+    assert sc["carriers_per_class"][setting["class"]] == {"scarce": setting["keep_carriers"], "full": len(sc["carriers"])}
+
+    # (b) the same command resumes the killed training with --c; then SIGTERM to the demo alone (not its group)
+    # once the second arm's training has saved epoch 0: it must take its children down itself
+    p = start()
+    shm = set()
+    try:
+        second_fold = _wait_for_second_epoch(runs["rule_based"], p, 900, shm, work)
         assert [q for q in _processes_using(work) if "nnunet_train" in q], "no training running"
         shm |= _shm_used_by(work)
-        os.kill(p.pid, signal.SIGTERM)              # the demo only: it must take its children down itself
-        out, _ = p.communicate(timeout=120)
+        os.kill(p.pid, signal.SIGTERM)
+        out_b, _ = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    assert p.returncode == 130, out[-3000:]
-    assert "interrupted; run the same command again to resume" in out
-    assert not (fold_dir / "checkpoint_final.pth").exists(), "the training finished before the kill: nothing tested"
+    assert p.returncode == 130, out_b[-3000:]
+    assert "interrupted; run the same command again to resume" in out_b
+    assert f"train    arm=real_scarce repeat=0 fold={sc['scarce_fold']}: resumed with --c" in out_b
+    assert not (second_fold / "checkpoint_final.pth").exists(), "the training finished before the kill: nothing tested"
     assert _processes_using(work) == [], "a process outlived SIGTERM"
     left = {n for n in shm if (Path("/dev/shm") / n).exists()}
     assert not left, f"shared memory left behind: {left}"
 
+    # (c) the same command resumes the second training and finishes the experiment
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "train    arm=real_scarce repeat=0 fold=" in r.stdout and ": resumed with --c" in r.stdout
     assert "1/4 phantom dataset exists" in r.stdout and "2/4 preprocessed data exists" in r.stdout
-    report = (work / "experiment" / "results" / "report.txt").read_text()
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[experiment ") and "s)" in l]
+    assert f"train    arm=rule_based repeat=0 fold={sc['scarce_fold']}: resumed with --c" in "\n".join(lines)
+    assert f"train    arm=ceiling repeat=0 fold={sc['full_fold']}: trained" in "\n".join(lines)
+    assert sum(": predicted" in l for l in lines) == 2 and sum("skipped (finished)" in l for l in lines) == 3
+    for arm, fd in (("real_scarce", first_fold), ("rule_based", second_fold)):
+        assert "--c" in (exp / "runs" / arm / "repeat_0" / "logs" / f"train_fold{sc['scarce_fold']}.log").read_text()
+        final = torch.load(fd / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert len(final["logging"]["train_losses"]) == epochs   # exactly the budget: no epoch lost or repeated
+        # nnU-Net opens a new training_log_<timestamp>.txt per start: the skip is in the resumed run's log
+        logs = sorted(fd.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime)   # names are not zero-padded
+        assert len(logs) == 2, logs
+        assert "final validation skipped" in logs[-1].read_text() and not (fd / "validation").exists()
+    # every arm trains with seed 0 (repeat 0, base fold "all"): the ceiling with the baseline's, on the full fold
+    for arm in runs:
+        log = "".join(f.read_text() for f in runs[arm].rglob("training_log_*.txt"))
+        assert "seed 0" in log and f"num_epochs {epochs}" in log
+        n = len(full["train"]) if arm == "ceiling" else len(scarce["train"])
+        assert f"This split has {n} training and {n} validation cases" in log
+    assert "PromptLesion: source" in "".join(f.read_text() for f in runs["rule_based"].rglob("training_log_*.txt"))
+
+    # results: arms between baseline and ceiling, paired over the 2 test cases
+    comp = json.loads((exp / "results" / "comparison.json").read_text())
+    assert comp["reference"] == "real_scarce" and comp["ceiling"] == "ceiling" and comp["missing"] == []
+    assert comp["cases"] == 2 and comp["scarcity"][0]["kept"] == sc["kept"]
+    assert "diffusion" not in [a["name"] for a in json.loads((exp / "experiment.json").read_text())["arms"]]
+    for cls in ("vessel_wall", "calcified_plaque", "noncalcified_plaque"):
+        row = comp["table"][cls]["rule_based"]
+        assert row["Dice"]["n"] in (0, 1) and row["test"]["repeats"] == {"rule_based": 1, "real_scarce": 1}
+        assert row["test"]["n"] <= 2 and set(row["gap_closed"]) == {"Dice", "sensitivity"}
+        assert comp["table"][cls]["ceiling"]["gap_closed"] is None
+    assert comp["table"]["vessel_wall"]["rule_based"]["test"]["n"] == 2   # the wall is in every test case
+    report = (exp / "results" / "report.txt").read_text()
     assert report in r.stdout.replace("\r", "")                       # the report the demo printed
-    for word in ("noncalcified_plaque", "real_scarce", "rule_based", "ceiling", "gap Dice", "baseline"):
-        assert word in report
-    assert "diffusion" not in [a["name"] for a in json.loads((work / "experiment" / "experiment.json").read_text())["arms"]]
-    sc = json.loads((work / "experiment" / "scarcity.json").read_text())["records"][0]
-    from nnunet_promptlesion.experiments.runner import resolve_config_path
-    keep = json.loads(resolve_config_path("demo").read_text())["scarcity"]["keep_carriers"]
-    assert len(sc["kept"]) == keep and sc["dropped"] and set(sc["kept"]) <= set(sc["carriers"])
-    # the rule-based trainer saw only the scarce training cases
-    splits = json.loads((work / "nnUNet_preprocessed" / name / "splits_final.json").read_text())
-    assert not set(sc["dropped"]) & set(splits[int(sc["scarce_fold"])]["train"])
-    assert (work / "experiment" / "results" / "dice_by_arm.png").is_file()
-    # the demo's trainings skip nnU-Net's final validation (it would re-predict the training cases)
-    # nnU-Net opens a new training_log_<timestamp>.txt per start: the skip is in the resumed run's log
-    logs = sorted(fold_dir.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime)   # names are not zero-padded
-    assert len(logs) == 2, logs
-    assert "final validation skipped" in logs[-1].read_text() and not (fold_dir / "validation").exists()
+    assert "gap Dice [CI]" in report and f"scarcity: '{setting['class']}'" in report and "baseline" in report
+    order = [l.split()[0] for l in report.splitlines() if l.strip() and l.split()[0] in runs]
+    assert order[:3] == ["real_scarce", "rule_based", "ceiling"]
+    for f in ("dice_by_arm.png", "sensitivity_by_arm.png", "nsd_by_arm.png", "per_class_vessel_wall.csv", "results.md"):
+        assert (exp / "results" / f).is_file(), f
+    ev = json.loads((exp / "runs" / "rule_based" / "repeat_0" / "evaluation" / "evaluation.json").read_text())
+    assert len(ev["cases"]) == 2 and "calcified_plaque" in ev["by_size"]
+    # transfer gauges: probabilities kept, softmax in the real test lesions, synthetic pseudo-Dice, verdicts
+    assert len(list((exp / "runs" / "ceiling" / "repeat_0" / "predictions").glob("*.npz"))) == 2
+    tr_real = json.loads((exp / "runs" / "ceiling" / "repeat_0" / "evaluation" / "transfer.json").read_text())
+    tr_syn = json.loads((exp / "runs" / "rule_based" / "repeat_0" / "evaluation" / "transfer.json").read_text())
+    assert tr_real["synthetic"] is None and tr_syn["synthetic"]["calcified_plaque"]["pseudo_dice"] is not None
+    assert tr_real["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "undetermined")
+    assert tr_syn["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "realism gap", "budget gap")
+    g = comp["gauges"]["calcified_plaque"]
+    assert set(g) == set(runs) and g["rule_based"]["repeats"] == 1
+    assert g["real_scarce"]["synthetic_pseudo_dice"] is None and 0.0 <= g["ceiling"]["max_softmax"] <= 1.0
+    assert "syn pDice" in report and "verdict" in report
     assert _processes_using(work) == []
+
+    # (d) a last run has nothing left to do
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = [l for l in r.stdout.splitlines() if l.startswith("[experiment ") and "s)" in l]
+    assert len(done) == 9 and all("skipped (finished)" in l for l in done), done
