@@ -12,6 +12,12 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 CT_EXAMPLE = Path(os.environ.get("PROMPTLESION_CT_EXAMPLE", REPO.parent / "shared" / "data" / "ct_example"))
 
+# nnU-Net's export pools (final validation, nnUNetv2_predict's defaults) spawn nnUNet_def_n_proc = 8 workers,
+# each importing torch and nnU-Net: ~30 CPU-s per pool on a 2-core machine, for test cases of a few MB. One
+# export process changes no result. Set before any test module imports nnunetv2 (it reads the variable then);
+# subprocesses inherit it. A test that needs another value sets it in its own env.
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
 
 def nnunet_env(root: Path, **extra) -> dict:
     env = dict(os.environ)

@@ -1,20 +1,19 @@
-"""promptlesion_experiment: statistics, config checks, and a real end-to-end run with a kill and a resume."""
+"""promptlesion_experiment: config and arm checks, scarcity folds, repeats' seeds, process-tree stops.
+
+The runner end to end (scarcity, ceiling, a kill and a resume) is tested through promptlesion_demo, which drives it:
+tests/test_demo.py::test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from tiny_plans import write_tiny_plans
 
 from nnunet_promptlesion.experiments.runner import ExperimentError, ExperimentRunner, load_config
-
-BIN = Path(sys.executable).parent
 
 
 def _config(tmp_path: Path, did: int, plans: str, arms: list[dict], **kw) -> Path:
@@ -96,149 +95,38 @@ def test_config_and_arm_checks(nnunet_paths, tmp_path, monkeypatch):
                               tmp_path / "o")
     assert any(l.startswith("scarcity: 'noncalcified_plaque' in base fold 0: kept 1 of") for l in runner.check())
     assert (splits.read_text() if splits.is_file() else None) == before       # --check writes nothing
+    # the derived folds of a numeric base fold (written here into a copy of the preprocessed dataset): scarce =
+    # fold 0's training cases without the dropped carriers, full = fold 0's; both validate on fold 0's cases
+    pre_copy = tmp_path / "pre"
+    shutil.copytree(splits.parent, pre_copy / splits.parent.name)
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre_copy))
+    runner = ExperimentRunner(load_config(str(_config(tmp_path, did, "nnUNetPlans", [base, ceil], scarcity=sc))),
+                              tmp_path / "o")
+    runner.prepare()
+    rec = runner.scarcity[0]
+    new_splits = json.loads((pre_copy / splits.parent.name / "splits_final.json").read_text())
+    fold0, scarce, full = new_splits[0], new_splits[int(rec["scarce_fold"])], new_splits[int(rec["full_fold"])]
+    # the full fold has fold 0's cases: nnU-Net's fold 0 itself is reused; the scarce one is appended
+    assert rec["base_fold"] == "0" and rec["full_fold"] == "0" and int(rec["scarce_fold"]) >= 5
+    assert len(rec["carriers"]) >= 2 and len(rec["kept"]) == 1 and sorted(rec["kept"] + rec["dropped"]) == rec["carriers"]
+    assert sorted(full["train"]) == sorted(fold0["train"]) and scarce["val"] == full["val"] == sorted(fold0["val"])
+    assert sorted(scarce["train"]) == sorted(set(fold0["train"]) - set(rec["dropped"]))
+    assert rec["carriers_per_class"]["noncalcified_plaque"] == {"scarce": 1, "full": len(rec["carriers"])}
+    assert (splits.read_text() if splits.is_file() else None) == before       # the shared dataset is untouched
+    # repeats: each its own nnU-Net results folder and seed (seed + 1000 * repeat + base fold); scarce and full
+    # folds share their base fold's seed, so baseline and ceiling of one repeat start alike
+    arm_base, arm_ceil = runner.cfg.arms
+    envs = {(a.name, r): runner._env(a, r, f) for a, f in ((arm_base, rec["scarce_fold"]), (arm_ceil, rec["full_fold"]))
+            for r in (0, 1)}
+    assert {k: e["PROMPTLESION_SEED"] for k, e in envs.items()} == {("real_only", 0): "0", ("real_only", 1): "1000",
+                                                                   ("ceil", 0): "0", ("ceil", 1): "1000"}
+    assert len({e["nnUNet_results"] for e in envs.values()}) == 4
     # an optional arm runs only when included
     opt = {"name": "extra", "trainer": "PromptLesionTrainer", "optional": "diffusion"}
     cfg_path = _config(tmp_path, did, "nnUNetPlans", [base, opt])
     assert [a.name for a in ExperimentRunner(load_config(str(cfg_path)), tmp_path / "o").cfg.arms] == ["real_only"]
     assert [a.name for a in ExperimentRunner(load_config(str(cfg_path)), tmp_path / "o", include=["diffusion"]).cfg.arms] \
         == ["real_only", "extra"]
-
-
-def _processes_using(folder: Path) -> list[str]:
-    """Command lines of live processes whose arguments or open files mention ``folder``'s experiment (Linux)."""
-    out = []
-    exp = str(folder).split("/runs/")[0]
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                env = (d / "environ").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if exp in cmd or exp in env:
-                out.append(cmd)
-    return out
-
-
-def _runner_cmd(config: Path, out: Path) -> list[str]:
-    return [str(BIN / "promptlesion_experiment"), str(config), "-o", str(out)]
-
-
-@pytest.mark.slow
-def test_experiment_end_to_end_scarcity_ceiling_kill_and_resume(ccta_dataset, tmp_path):
-    import torch
-
-    root, did, env = ccta_dataset
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    plans = write_tiny_plans(root / "preprocessed" / name)
-    arms = [{"name": "real_only", "role": "baseline", "trainer": "nnUNetTrainer_earlyStopping"},
-            {"name": "rule_based", "trainer": "PromptLesionTrainer",
-             "settings": {"synthesizer": "rule_based", "synthetic_fraction": 0.5}},
-            {"name": "ceiling", "role": "ceiling", "trainer": "nnUNetTrainer_earlyStopping"}]
-    config = _config(tmp_path, did, plans, arms, reference_arm=None,
-                     scarcity={"class": "noncalcified_plaque", "keep_carriers": 1, "seed": 0})
-    out = tmp_path / "exp"
-    env = {k: v for k, v in env.items() if not k.startswith("PROMPTLESION_")}
-    model = out / "runs" / "real_only" / "repeat_0" / "nnUNet_results" / name / \
-        f"nnUNetTrainer_earlyStopping__{plans}__3d_fullres"
-
-    # 1) start, and kill the whole process group (runner + nnUNetv2_train) once epoch 0 is checkpointed
-    p = subprocess.Popen(_runner_cmd(config, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    deadline = time.time() + 600
-    while not list(model.glob("fold_*/checkpoint_latest.pth")):
-        assert p.poll() is None, p.stdout.read()
-        assert time.time() < deadline, "no checkpoint after 600 s"
-        time.sleep(0.5)
-    first_fold = next(model.glob("fold_*/checkpoint_latest.pth")).parent
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (first_fold / "validation" / "summary.json").exists()      # the training step was interrupted
-    time.sleep(2)
-    assert not [q for q in _processes_using(first_fold)], "a training outlived the kill"
-
-    # what scarcity did: fold 0's training cases without all but one carrier of the class; full = fold 0
-    sc = json.loads((out / "scarcity.json").read_text())["records"][0]
-    splits = json.loads((root / "preprocessed" / name / "splits_final.json").read_text())
-    scarce, full = splits[int(sc["scarce_fold"])], splits[int(sc["full_fold"])]
-    assert sc["base_fold"] == "0" and sc["full_fold"] == "0" and first_fold.name == f"fold_{sc['scarce_fold']}"
-    assert len(sc["carriers"]) >= 2 and len(sc["kept"]) == 1 and sorted(sc["kept"] + sc["dropped"]) == sc["carriers"]
-    assert sorted(scarce["train"]) == sorted(set(full["train"]) - set(sc["dropped"])) and scarce["val"] == full["val"]
-    assert sc["carriers_per_class"]["noncalcified_plaque"] == {"scarce": 1, "full": len(sc["carriers"])}
-
-    # 2) the same command resumes: --c for the interrupted training, then everything else
-    r = subprocess.run(_runner_cmd(config, out), env=env, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    lines = [l for l in r.stdout.splitlines() if l.startswith("[experiment ")]
-    assert f"train    arm=real_only repeat=0 fold={sc['scarce_fold']}: resumed with --c" in "\n".join(lines)
-    assert sum(": trained" in l for l in lines) == 5 and sum(": predicted" in l for l in lines) == 6
-    assert f"train    arm=ceiling repeat=0 fold=0: trained" in "\n".join(lines)
-    assert "--c" in (out / "runs" / "real_only" / "repeat_0" / "logs" / f"train_fold{sc['scarce_fold']}.log").read_text()
-    final = torch.load(first_fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert len(final["logging"]["train_losses"]) == 2          # exactly the budget: no epoch lost or repeated
-    # independent repeats: own results folders, own seeds; the ceiling trains with the baseline's seeds
-    for arm in ("real_only", "rule_based", "ceiling"):
-        for rep, seed in ((0, 0), (1, 1000)):
-            log = next((out / "runs" / arm / f"repeat_{rep}" / "nnUNet_results").rglob("training_log_*.txt")).read_text()
-            assert f"seed {seed}" in log and "num_epochs 2" in log
-            n_train = len(full["train"]) if arm == "ceiling" else len(scarce["train"])
-            assert f"This split has {n_train} training and {len(full['val'])} validation cases" in log
-    assert "PromptLesion: source" in next((out / "runs" / "rule_based" / "repeat_1" / "nnUNet_results")
-                                          .rglob("training_log_*.txt")).read_text()
-
-    # results: arms between baseline and ceiling, paired over the 2 test cases (repeats averaged)
-    comp = json.loads((out / "results" / "comparison.json").read_text())
-    assert comp["reference"] == "real_only" and comp["ceiling"] == "ceiling" and comp["missing"] == []
-    assert comp["cases"] == 2 and comp["scarcity"][0]["kept"] == sc["kept"]
-    for cls in ("vessel_wall", "calcified_plaque", "noncalcified_plaque"):
-        row = comp["table"][cls]["rule_based"]
-        assert row["Dice"]["n"] in (0, 1, 2) and row["test"]["repeats"] == {"rule_based": 2, "real_only": 2}
-        assert row["test"]["n"] <= 2 and set(row["gap_closed"]) == {"Dice", "sensitivity"}
-        assert comp["table"][cls]["ceiling"]["gap_closed"] is None
-    assert comp["table"]["vessel_wall"]["rule_based"]["test"]["n"] == 2   # the wall is in every test case
-    report = (out / "results" / "report.txt").read_text()
-    assert report in r.stdout and "gap Dice [CI]" in report and "scarcity: 'noncalcified_plaque'" in report
-    order = [l.split()[0] for l in report.splitlines() if l.strip() and l.split()[0] in ("real_only", "rule_based", "ceiling")]
-    assert order[:3] == ["real_only", "rule_based", "ceiling"]
-    for f in ("dice_by_arm.png", "sensitivity_by_arm.png", "nsd_by_arm.png", "per_class_vessel_wall.csv", "results.md"):
-        assert (out / "results" / f).is_file()
-    ev = json.loads((out / "runs" / "rule_based" / "repeat_1" / "evaluation" / "evaluation.json").read_text())
-    assert len(ev["cases"]) == 2 and "calcified_plaque" in ev["by_size"]
-    # transfer gauges: probabilities kept, softmax in the real test lesions, synthetic pseudo-Dice, verdicts
-    assert len(list((out / "runs" / "ceiling" / "repeat_1" / "predictions").glob("*.npz"))) == 2
-    tr_real = json.loads((out / "runs" / "ceiling" / "repeat_1" / "evaluation" / "transfer.json").read_text())
-    tr_syn = json.loads((out / "runs" / "rule_based" / "repeat_1" / "evaluation" / "transfer.json").read_text())
-    assert tr_real["synthetic"] is None and tr_syn["synthetic"]["calcified_plaque"]["pseudo_dice"] is not None
-    assert tr_real["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "undetermined")
-    assert tr_syn["verdicts"]["calcified_plaque"]["verdict"] in ("transfers", "non-specific", "realism gap", "budget gap")
-    g = comp["gauges"]["calcified_plaque"]
-    assert set(g) == {"real_only", "rule_based", "ceiling"} and g["rule_based"]["repeats"] == 2
-    assert g["real_only"]["synthetic_pseudo_dice"] is None and 0.0 <= g["ceiling"]["max_softmax"] <= 1.0
-    assert "syn pDice" in report and "verdict" in report
-
-    # lesion realism of the rule-based arm's synthetic lesions, on the encoder of the trained real-only model
-    real_model = first_fold.parent
-    model_files = sorted(real_model.rglob("*"))
-    r = subprocess.run([str(BIN / "promptlesion_realism"), "-d", str(did), "-p", plans, "-f", str(sc["scarce_fold"]), "--settings",
-                        str(out / "runs" / "rule_based" / "repeat_0" / "settings.json"), "--model-folder", str(real_model),
-                        "--per-class", "4", "--montage-per-class", "2", "-o", str(tmp_path / "realism")],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rep = json.loads((tmp_path / "realism" / "realism.json").read_text())
-    calc = rep["classes"]["calcified_plaque"]
-    assert rep["extractor"].startswith("nnunet_encoder(") and calc["feature_dim"] == 8 + 16 + 32
-    assert calc["n_synthetic"] == 4 and calc["n_real"] >= 2 and calc["frechet"] is not None
-    assert calc["ks_radius_mm"]["n_real"] == calc["n_real"]
-    key = json.loads((tmp_path / "realism" / "answer_key.json").read_text())
-    assert {k["source"] for k in key} == {"real", "synthetic"}
-    assert (tmp_path / "realism" / "blinded_calcified_plaque.png").is_file()
-    assert sorted(real_model.rglob("*")) == model_files, "realism wrote into the model folder"
-
-    # 3) a third run has nothing left to do
-    r = subprocess.run(_runner_cmd(config, out), env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    done = [l for l in r.stdout.splitlines() if l.startswith("[experiment ") and "s)" in l]
-    assert len(done) == 18 and all("skipped (finished)" in l for l in done)
 
 
 def test_stop_process_tree_ends_grandchildren_that_ignore_sigterm(tmp_path):
