@@ -372,3 +372,29 @@ def test_lesion_softmax_of_a_real_nnunet_prediction(trained_all, tmp_path):
     assert ev["lesion_softmax"] == r["summary"]
     for name, s in r["summary"].items():
         assert s["lesions"] == sum(l["class"] == name for l in r["lesions"])
+
+
+# ---------------------------------------------------------------------------------------------- C: realism
+def test_realism_cli_on_the_encoder_of_a_trained_model(trained_all, tmp_path):
+    """promptlesion_realism: rule-based synthetic lesions against the real ones of the fold, in the feature space of
+    the trained model's encoder (tiny plans: 8 + 16 + 32 features); writes a blinded montage and its answer key,
+    and nothing into the model folder."""
+    root, env, fold = trained_all
+    model = fold.parent
+    model_files = sorted(model.rglob("*"))
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"synthesizer": "rule_based", "synthetic_fraction": 0.5}))
+    out = tmp_path / "realism"
+    e = {k: v for k, v in env.items() if k != "PROMPTLESION_SETTINGS"}
+    run([BIN / "promptlesion_realism", "-d", 601, "-p", "nnUNetPlans_tiny", "-f", "all", "--settings", settings,
+         "--model-folder", model, "--per-class", 4, "--montage-per-class", 2, "-o", out], {**e, "OMP_NUM_THREADS": "1"},
+        timeout=900)
+    rep = json.loads((out / "realism.json").read_text())
+    calc = rep["classes"]["calcified_plaque"]
+    assert rep["extractor"].startswith("nnunet_encoder(") and calc["feature_dim"] == 8 + 16 + 32
+    assert calc["n_synthetic"] == 4 and calc["n_real"] >= 2 and calc["frechet"] is not None
+    assert calc["ks_radius_mm"]["n_real"] == calc["n_real"]
+    key = json.loads((out / "answer_key.json").read_text())
+    assert {k["source"] for k in key} == {"real", "synthetic"}
+    assert (out / "blinded_calcified_plaque.png").is_file()
+    assert sorted(model.rglob("*")) == model_files, "realism wrote into the model folder"
