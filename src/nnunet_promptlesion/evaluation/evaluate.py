@@ -185,6 +185,27 @@ def evaluate_case(case: str, ref_file: str, pred_file: str, reader_class, classe
 
 
 # ---------------------------------------------------------------------------------------------- folder
+def resolve_folders(pred_dir, gt_dir, dataset_json, spec, error=ValueError):
+    """(pred_dir, gt_dir, dataset_json dict or None, LesionSpec or None): both folders must exist (else
+    ``error``); dataset_json / spec given as dicts/objects, paths, or "auto" (found next to the folders by
+    :func:`find_dataset_json` / :func:`find_lesion_spec`; None when there is none)."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not d.is_dir():
+            raise error(f"{what} folder {d} does not exist")
+    if isinstance(dataset_json, str) and dataset_json == "auto":
+        dj_path = find_dataset_json(gt_dir, pred_dir)
+        dataset_json = json.loads(dj_path.read_text()) if dj_path else None
+    elif isinstance(dataset_json, (str, os.PathLike)):
+        dataset_json = json.loads(Path(dataset_json).read_text())
+    if isinstance(spec, str) and spec == "auto":
+        sp = find_lesion_spec(gt_dir)
+        spec = LesionSpec.load(sp) if sp else None
+    elif isinstance(spec, (str, os.PathLike)):
+        spec = LesionSpec.load(spec)
+    return pred_dir, gt_dir, dataset_json, spec
+
+
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                      spec: LesionSpec | str | os.PathLike | None = "auto",
                      dataset_json: dict | str | os.PathLike | None = "auto",
@@ -205,20 +226,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     only_common: evaluate the cases present in both folders instead of refusing mismatched folders.
     Raises EvaluationError for mismatched case sets, shapes, spacings or origins.
     """
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not d.is_dir():
-            raise EvaluationError(f"{what} folder {d} does not exist")
-    if isinstance(dataset_json, str) and dataset_json == "auto":
-        dj_path = find_dataset_json(gt_dir, pred_dir)
-        dataset_json = json.loads(dj_path.read_text()) if dj_path else None
-    elif isinstance(dataset_json, (str, os.PathLike)):
-        dataset_json = json.loads(Path(dataset_json).read_text())
-    if isinstance(spec, str) and spec == "auto":
-        sp = find_lesion_spec(gt_dir)
-        spec = LesionSpec.load(sp) if sp else None
-    elif isinstance(spec, (str, os.PathLike)):
-        spec = LesionSpec.load(spec)
+    pred_dir, gt_dir, dataset_json, spec = resolve_folders(pred_dir, gt_dir, dataset_json, spec, EvaluationError)
 
     if file_ending is None:
         file_ending = dataset_json.get("file_ending") if dataset_json else None

@@ -30,7 +30,6 @@ A lesion is a connected component (full connectivity: 26 neighbours in 3D, as in
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -160,26 +159,13 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
     Returns {"lesions": [{"case", "class", "label", "channel", "id", "voxels", "max_prob", "mean_prob",
     "centroid"}], "summary": {class: ...} (see :func:`summarize_lesion_softmax`), "cases": [...]}.
     """
-    from .evaluate import find_dataset_json, find_lesion_spec
+    from .evaluate import resolve_folders
 
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not d.is_dir():
-            raise TransferError(f"{what} folder {d} does not exist")
-    if isinstance(dataset_json, str) and dataset_json == "auto":
-        p = find_dataset_json(gt_dir, pred_dir)
-        if p is None:
-            raise TransferError(f"no dataset.json next to {gt_dir} or in {pred_dir}; pass dataset_json")
-        dataset_json = json.loads(p.read_text())
-    elif isinstance(dataset_json, (str, os.PathLike)):
-        dataset_json = json.loads(Path(dataset_json).read_text())
-    if isinstance(spec, str) and spec == "auto":
-        sp = find_lesion_spec(gt_dir)
-        if sp is None:
-            raise TransferError(f"no lesion_spec.json next to {gt_dir}; pass spec (the gauge is per lesion class)")
-        spec = LesionSpec.load(sp)
-    elif isinstance(spec, (str, os.PathLike)):
-        spec = LesionSpec.load(spec)
+    pred_dir, gt_dir, dataset_json, spec = resolve_folders(pred_dir, gt_dir, dataset_json, spec, TransferError)
+    if dataset_json is None:
+        raise TransferError(f"no dataset.json next to {gt_dir} or in {pred_dir}; pass dataset_json")
+    if spec is None:
+        raise TransferError(f"no lesion_spec.json next to {gt_dir}; pass spec (the gauge is per lesion class)")
     ending = dataset_json.get("file_ending")
     if not ending:
         raise TransferError("dataset.json has no 'file_ending'")
