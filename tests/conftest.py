@@ -17,6 +17,10 @@ CT_EXAMPLE = Path(os.environ.get("PROMPTLESION_CT_EXAMPLE", REPO.parent / "share
 # export process changes no result. Set before any test module imports nnunetv2 (it reads the variable then);
 # subprocesses inherit it. A test that needs another value sets it in its own env.
 os.environ.setdefault("nnUNet_def_n_proc", "1")
+# A training's torch threads share the 2 cores with its augmentation workers, producers and other processes of
+# the test; OpenMP's default spin-waiting then burns the cores the others need (measured: one demo training
+# epoch 255 s spinning vs 29 s passive on a loaded 2-core machine). Passive waiting changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def nnunet_env(root: Path, **extra) -> dict:
