@@ -97,6 +97,19 @@ def test_preprocessed_source_uses_only_the_folds_training_cases(preprocessed, mo
         (Path(env["nnUNet_preprocessed"]) / "Dataset911_VQTest" / "splits_final.json").unlink()
 
 
+def test_2d_configuration_is_refused_naming_its_3d_parent(preprocessed, monkeypatch):
+    """The generators are 3-D: a 2-D configuration (here promptlesion_demo's, inheriting 3d_fullres's data) is
+    refused with the 3-D configuration to pass instead, not a shape error deep inside mask sampling."""
+    root, env, ds = preprocessed
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
+
+    add_demo_configuration_2d(Path(env["nnUNet_preprocessed"]) / "Dataset911_VQTest" / "nnUNetPlans.json", name="2d_x")
+    with pytest.raises(ValueError, match=r"'2d_x' is 2-D .* '3d_fullres' has the same preprocessed data \(-c 3d_fullres\)"):
+        PreprocessedPatchSource(911, "2d_x", fold=0)
+
+
 def test_train_and_reconstruct_commands(preprocessed, tmp_path, monkeypatch, capsys):
     root, env, ds = preprocessed
     cmd = [str(BIN / "promptlesion_train_vqgan"), "-d", "911", "-c", "3d_fullres", "-f", "0", "--preset", "tiny",

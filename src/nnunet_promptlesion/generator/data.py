@@ -221,7 +221,17 @@ class PreprocessedPatchSource(PatchSource):
         self.plans = json.loads(plans_file.read_text())
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        cm = PlansManager(self.plans).get_configuration(configuration)
+        pm = PlansManager(self.plans)
+        cm = pm.get_configuration(configuration)
+        if len(cm.spacing) != 3:
+            # The generators are 3-D; a 2-D configuration's spacing and patch have two axes. Its preprocessed
+            # arrays are 3-D, though, and usually a 3-D configuration's (inherits_from): name that one.
+            same = [c for c in self.plans["configurations"] if c != configuration and
+                    len(pm.get_configuration(c).spacing) == 3 and
+                    pm.get_configuration(c).data_identifier == cm.data_identifier]
+            raise ValueError(f"configuration '{configuration}' is 2-D (spacing {list(cm.spacing)}); the generators "
+                             "are 3-D: pass a 3-D configuration" + (f" - '{same[0]}' has the same preprocessed data "
+                                                                   f"(-c {same[0]})" if same else " (-c 3d_fullres)"))
         self.data_folder = self.dataset_folder / cm.data_identifier
         if not self.data_folder.is_dir():
             raise FileNotFoundError(
