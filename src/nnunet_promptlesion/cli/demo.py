@@ -243,8 +243,10 @@ def run_demo(args, budget: dict | None) -> dict | None:
     if args.montage_samples > 0:
         montage = res / "synthetic_montage.png"
         try:
+            rule = next((a for a in cfg.arms if (a.settings or {}).get("synthesizer") == "rule_based"), None)
+            sf = runner.run_dir(rule.name, 0) / "settings.json" if rule is not None else None
             make_montage(d, montage, args.montage_samples, fold=scarce_fold, configuration=cfg.configuration,
-                         plans_name=cfg.plans)
+                         plans_name=cfg.plans, settings_file=sf if sf is not None and sf.is_file() else None)
             md = res / "results.md"
             write_text_atomic(md.read_text() + "\n![real and synthetic lesions](synthetic_montage.png)\n", md)
             _stage(f"4/4 montage of real and synthetic lesions: {montage}")
@@ -266,12 +268,15 @@ def _class_notes(manifest: dict) -> dict[str, str]:
 
 
 def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fold: str = "all",
-                 configuration: str = DEMO_CONFIGURATION, plans_name: str = "nnUNetPlans") -> None:
-    """Real lesions and ``per_class`` synthetic samples of every lesion class, with one intensity window.
+                 configuration: str = DEMO_CONFIGURATION, plans_name: str = "nnUNetPlans",
+                 settings_file: Path | None = None) -> None:
+    """Real lesions and ``per_class`` synthetic samples of every lesion class the trainer synthesizes, with one
+    intensity window.
 
-    Synthetic samples come from PromptLesionTrainer's own training loader (rule-based synthesis) on ``fold``
-    (the scarce training cases), so the picture shows exactly what the trainer feeds nnU-Net (before
-    augmentation); the real lesions are those of the same training cases.
+    Synthetic samples come from PromptLesionTrainer's own training loader on ``fold`` (the scarce training
+    cases) with ``settings_file`` (the rule-based arm's settings.json; None: the trainer's defaults), so the
+    picture shows exactly what that arm's trainer feeds nnU-Net (before augmentation); the real lesions are
+    those of the same training cases. Classes the settings give no weight get real rows only.
     """
     import numpy as np
     import torch
@@ -287,9 +292,18 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
     pre = Path(os.environ["nnUNet_preprocessed"]) / name
     plans = load_json(str(pre / f"{plans_name}.json"))
     plans["continue_training"] = False  # nnunetv2 2.8's run_training sets this key before building a trainer
-    trainer = PromptLesionTrainer(plans, configuration, fold if fold == "all" else int(fold),
-                                  load_json(str(pre / "dataset.json")),
-                                  device=torch.device("cpu"))
+    from ..trainers.settings import SETTINGS_ENV
+
+    before = os.environ.pop(SETTINGS_ENV, None)
+    if settings_file is not None:
+        os.environ[SETTINGS_ENV] = str(settings_file)   # the trainer reads its settings from here at __init__
+    try:
+        trainer = PromptLesionTrainer(plans, configuration, fold if fold == "all" else int(fold),
+                                      load_json(str(pre / "dataset.json")), device=torch.device("cpu"))
+    finally:
+        os.environ.pop(SETTINGS_ENV, None)
+        if before is not None:
+            os.environ[SETTINGS_ENV] = before
     trainer.initialize()
     trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
     dataset_tr, _ = trainer.get_tr_and_val_datasets()
@@ -317,6 +331,8 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
                 real.append((img, crop_and_pad_nd(m, bbox, 0)))
         if real:
             rows.append((f"real {lesion.name}", real))
+        if loader.class_probs[ci] <= 0:
+            continue   # the arm does not synthesize this class
         samples = []
         for _ in range(per_class):
             sample = loader.make_synthetic(class_idx=ci)
