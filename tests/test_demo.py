@@ -308,3 +308,26 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     done = [l for l in r.stdout.splitlines() if l.startswith("[experiment ") and "s)" in l]
     assert len(done) == 9 and all("skipped (finished)" in l for l in done), done
+
+
+def test_diffusion_with_the_2d_demo_is_refused_before_pretraining(ccta_dataset, tmp_path):
+    """The generators are 3-D: `--diffusion` with the 2-D demo configuration stops at once, naming the 3-D config,
+    instead of pretraining for minutes and failing in the trainer."""
+    from nnunet_promptlesion.experiments.runner import load_config
+
+    assert load_config("demo_3d", {"dataset": "501"}).configuration == demo.DEMO_3D_CONFIGURATION
+    root, did, env = ccta_dataset
+    work = tmp_path / "demo"
+    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
+    shutil.copytree(root / "raw" / name, work / "nnUNet_raw" / name)
+    shutil.copytree(root / "preprocessed" / name, work / "nnUNet_preprocessed" / name)
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
+    env = {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+    r = subprocess.run([str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did),
+                        "--diffusion"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "promptlesion_demo --config demo_3d --diffusion" in r.stdout + r.stderr
+    assert not (work / "logs" / "pretrain.log").exists()
+    # both demo configurations are in the plans, inheriting 3d_fullres's preprocessed data
+    confs = json.loads((work / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())["configurations"]
+    assert confs[demo.DEMO_CONFIGURATION]["inherits_from"] == confs[demo.DEMO_3D_CONFIGURATION]["inherits_from"] == "3d_fullres"

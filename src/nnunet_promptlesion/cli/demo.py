@@ -141,8 +141,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--diffusion", action="store_true",
                     help="add the diffusion arm: pretrain a tiny generator with promptlesion_pretrain (VQGAN, diffusion, "
-                         "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. Not "
-                         "part of the 20-minute CPU demo (the generator's pretraining alone takes longer on a CPU)")
+                         "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. The "
+                         "generators are 3-D: use it with --config demo_3d (the demo's arms on the 3-D configuration "
+                         "3d_demo). Not part of the 20-minute CPU demo")
     ap.add_argument("--diffusion-steps", type=int, default=2000,
                     help="--diffusion: VQGAN and diffusion training steps each (default 2000, the tiny preset)")
     ap.add_argument("--diffusion-cache", type=int, default=200, help="--diffusion: cached lesions per class (default 200)")
@@ -173,7 +174,7 @@ def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
 
 def run_demo(args, budget: dict | None) -> dict | None:
     from ..dataset_conversion.phantoms import MANIFEST_FILENAME
-    from ..experiments.runner import ExperimentRunner, load_config
+    from ..experiments.runner import ExperimentError, ExperimentRunner, load_config
 
     work = Path(args.work_dir).resolve()
     logs = work / "logs"
@@ -209,12 +210,21 @@ def run_demo(args, budget: dict | None) -> dict | None:
                                       "--verify_dataset_integrity", "-np", "2", "-npfp", "2"], env, logs)
         write_text_atomic("done\n", done)
     cfg_plan = add_demo_configuration_2d(pre / "nnUNetPlans.json", name=DEMO_CONFIGURATION)
+    add_demo_configuration(pre / "nnUNetPlans.json")   # 3d_demo, for --config demo_3d (the diffusion arm)
     _stage(f"2/4 configuration '{DEMO_CONFIGURATION}' in nnUNetPlans.json: inherits 3d_fullres, patch "
            f"{cfg_plan['patch_size']}, batch {cfg_plan['batch_size']}, features "
            f"{cfg_plan['architecture']['arch_kwargs']['features_per_stage']}")
 
     cfg = load_config(args.config, {"dataset": str(d), "device": args.device, "repeats": args.repeats,
                                     "budget": budget})
+    if args.diffusion:
+        patch = json.loads((pre / f"{cfg.plans}.json").read_text())["configurations"].get(cfg.configuration, {}).get(
+            "patch_size", [0, 0, 0])
+        if len(patch) != 3:
+            # refused before the pretraining, not by the trainer after it: the generators are 3-D
+            raise ExperimentError(f"--diffusion needs a 3-D configuration (the generators are 3-D), and config "
+                                  f"'{cfg.name}' trains '{cfg.configuration}' (patch {patch}); run "
+                                  f"promptlesion_demo --config demo_3d --diffusion")
     manifest = json.loads((ds_dir / MANIFEST_FILENAME).read_text())
     runner = ExperimentRunner(cfg, work / "experiment", include=["diffusion"] if args.diffusion else [],
                               show=SHOW, class_notes=_class_notes(manifest))
