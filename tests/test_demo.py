@@ -167,6 +167,19 @@ def _wait_until_no_process(work: Path, timeout: float) -> list[str]:
     return left
 
 
+def _demo_work_dir(ccta_dataset, tmp_path: Path) -> tuple[Path, str, dict]:
+    """(work dir, dataset name, env) for promptlesion_demo on the session phantom: it stands in for the demo's
+    own (steps 1-2 are skipped), copied, so that the demo's plans edit and splits do not touch the shared fixture."""
+    root, did, env = ccta_dataset
+    work = tmp_path / "demo"
+    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
+    shutil.copytree(root / "raw" / name, work / "nnUNet_raw" / name)
+    shutil.copytree(root / "preprocessed" / name, work / "nnUNet_preprocessed" / name)
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
+    return work, name, {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset, tmp_path):
     """promptlesion_demo, i.e. the experiment runner with a scarcity setting and a ceiling arm, on a tiny budget:
@@ -177,16 +190,8 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     (d) once more: nothing left to do."""
     import torch
 
-    root, did, env = ccta_dataset
-    work = tmp_path / "demo"
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    # the session phantom stands in for the demo's own (steps 1-2 are skipped); copied, so that the demo's
-    # plans edit and splits do not touch the shared fixture
-    shutil.copytree(root / "raw" / name, work / "nnUNet_raw" / name)
-    shutil.copytree(root / "preprocessed" / name, work / "nnUNet_preprocessed" / name)
-    (work / "logs").mkdir(parents=True)
-    (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
-    env = {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+    _, did, _ = ccta_dataset
+    work, name, env = _demo_work_dir(ccta_dataset, tmp_path)
     epochs = 3     # the smallest budget that leaves an epoch to resume after the kill at epoch 1's start
     cmd = [str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did), "--repeats", "1",
            "--montage-samples", "1", "--budget", f"epochs={epochs}", "iterations_per_epoch=1",
@@ -316,14 +321,8 @@ def test_diffusion_with_the_2d_demo_is_refused_before_pretraining(ccta_dataset, 
     from nnunet_promptlesion.experiments.runner import load_config
 
     assert load_config("demo_3d", {"dataset": "501"}).configuration == demo.DEMO_3D_CONFIGURATION
-    root, did, env = ccta_dataset
-    work = tmp_path / "demo"
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    shutil.copytree(root / "raw" / name, work / "nnUNet_raw" / name)
-    shutil.copytree(root / "preprocessed" / name, work / "nnUNet_preprocessed" / name)
-    (work / "logs").mkdir(parents=True)
-    (work / "logs" / "plan_and_preprocess.complete").write_text("fixture\n")
-    env = {k: v for k, v in env.items() if not k.startswith(("PROMPTLESION_", "nnUNet_"))}
+    _, did, _ = ccta_dataset
+    work, name, env = _demo_work_dir(ccta_dataset, tmp_path)
     r = subprocess.run([str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did),
                         "--diffusion"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "promptlesion_demo --config demo_3d --diffusion" in r.stdout + r.stderr
