@@ -38,7 +38,6 @@ LESION_CLASSES = ["calcified_plaque", "noncalcified_plaque"]
 DEMO_CONFIGURATION = "2d_demo"
 DEMO_3D_CONFIGURATION = "3d_demo"
 DEMO_EXPERIMENT = "demo"
-GENERATOR_CONFIGURATION = "3d_fullres"   # what 2d_demo inherits its preprocessed data from
 DIFFUSION_ENV = "PROMPTLESION_DEMO_DIFFUSION"
 # nnU-Net output lines echoed while a training runs (the rest goes to the logs)
 SHOW = ("Pseudo dice", "PromptLesion: batch", "PromptLesion gauges", "Epoch time")
@@ -234,8 +233,8 @@ def run_demo(args, budget: dict | None) -> dict | None:
     if args.diffusion:
         _stage(f"3/4 --diffusion: pretraining a tiny generator on fold {scarce_fold} with promptlesion_pretrain "
                f"(log: {logs / 'pretrain.log'})")
-        # the generators are 3-D: they learn from the 3-D configuration whose preprocessed data 2d_demo reads
-        _step("pretrain", [_bin("promptlesion_pretrain"), "-d", str(d), "-c", GENERATOR_CONFIGURATION, "-f", scarce_fold,
+        # the same (3-D, checked above) configuration the arms train: the lesion cache is keyed by it
+        _step("pretrain", [_bin("promptlesion_pretrain"), "-d", str(d), "-c", cfg.configuration, "-f", scarce_fold,
                            "--preset", "tiny", "--vqgan-steps", str(args.diffusion_steps),
                            "--diffusion-steps", str(args.diffusion_steps),
                            "--cache-per-class", str(args.diffusion_cache), "--device", args.device], env, logs)
