@@ -17,8 +17,12 @@ install: $(BIN)/.promptlesion-installed
 demo: install
 	$(BIN)/promptlesion_demo --work-dir demo_output
 
+# Two pytest-xdist workers, each test file in one worker (its module fixtures built once); the preprocessed
+# phantoms and the trained generator are shared between them (tests/conftest.py: shared_folder). Two because the
+# suite is sized for a 2-core machine: every nnU-Net training in it already runs 2 augmentation workers.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/bench_loader.py

@@ -1,7 +1,10 @@
 """Shared fixtures: a small CCTA phantom, planned and preprocessed by nnU-Net once per session."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,11 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 # the test; OpenMP's default spin-waiting then burns the cores the others need (measured: one demo training
 # epoch 255 s spinning vs 29 s passive on a loaded 2-core machine). Passive waiting changes no result.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist every worker is one of N concurrent jobs on the machine's cores: one OpenMP thread per process
+# (our CLIs, producers, predictions' helpers) instead of one per core in every process. nnU-Net's own train and
+# predict entry points still set their torch threads to the core count.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def nnunet_env(root: Path, **extra) -> dict:
@@ -38,16 +46,62 @@ def run(cmd: list, env: dict, cwd=None, timeout=900) -> subprocess.CompletedProc
     return p
 
 
+@contextlib.contextmanager
+def shared_folder(tmp_path_factory, name: str):
+    """Yield ``name``, a folder shared by every pytest-xdist worker of this run, while holding its file lock.
+
+    With ``pytest -n N`` each worker is its own session with its own base temp folder; their common parent is the
+    run's. Expensive read-only fixtures (a preprocessed phantom, a trained generator) are built there once, by the
+    first worker that needs them, while the others wait on the lock instead of building a copy. Without xdist
+    it is the session's base temp folder. Callers check their own "ready" marker inside the lock."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        folder.mkdir(exist_ok=True)
+        try:
+            yield folder
+        except BaseException:
+            # a half-built fixture would fail the next worker with a misleading error: it starts from scratch
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+
+def write_nnunet_splits(preprocessed_dataset: Path) -> None:
+    """Write nnU-Net's default 5-fold splits_final.json (the one nnUNetTrainer.do_split would create on the first
+    training) now, so that trainings in several workers never race to create it and it never changes under a
+    test that compares it."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    data = next(d for d in sorted(preprocessed_dataset.glob("nnUNetPlans_*")) if d.is_dir())
+    keys = [str(k) for k in np.sort(list(infer_dataset_class(str(data))(str(data)).identifiers))]
+    splits = generate_crossval_split(keys, seed=12345, n_splits=5)
+    (preprocessed_dataset / "splits_final.json").write_text(json.dumps(splits, indent=4))
+
+
 @pytest.fixture(scope="session")
 def ccta_dataset(tmp_path_factory):
-    """(root folder, dataset id, env) of an 8-case CCTA phantom after nnUNetv2_plan_and_preprocess."""
-    root = tmp_path_factory.mktemp("nnunet_ccta")
-    env = nnunet_env(root)
+    """(root folder, dataset id, env) of an 8-case CCTA phantom after nnUNetv2_plan_and_preprocess.
+
+    raw and preprocessed data are shared by all workers (read only: splits are written up front); env's
+    nnUNet_results is this worker's own. plan_and_preprocess.log holds the planning command's output."""
     did = 601
-    run([BIN / "promptlesion_make_phantoms", "--kind", "ccta", "--dataset-id", did, "--cases", 8,
-         "--test-cases", 2, "--seed", 3], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "--verify_dataset_integrity",
-         "-np", 1, "-npfp", 1], env)
+    with shared_folder(tmp_path_factory, "nnunet_ccta") as root:
+        env = nnunet_env(root)
+        if not (root / ".ready").is_file():
+            run([BIN / "promptlesion_make_phantoms", "--kind", "ccta", "--dataset-id", did, "--cases", 8,
+                 "--test-cases", 2, "--seed", 3], env)
+            p = run([BIN / "nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres",
+                     "--verify_dataset_integrity", "-np", 1, "-npfp", 1], env)
+            (root / "plan_and_preprocess.log").write_text(p.stdout)
+            write_nnunet_splits(next((root / "preprocessed").glob(f"Dataset{did}_*")))
+            (root / ".ready").write_text("ok")
+    env["nnUNet_results"] = str(tmp_path_factory.mktemp("ccta_results"))
     return root, did, env
 
 

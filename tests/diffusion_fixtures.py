@@ -3,7 +3,7 @@
 One tiny trained generator (the session's, from test_diffusion_train.build_trained_run: NIfTI-trained, nibabel
 axis order, HU window, so every mapping path runs) and a 6-case abdomen phantom preprocessed by nnU-Net with a
 small custom 3d_fullres plan (32^3 patch, narrow UNet) so that real nnUNetv2_train runs stay short on a CPU.
-Built once per pytest session (cached under the session's base temp folder).
+Built once per test run and shared by the pytest-xdist workers (conftest.shared_folder).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from conftest import BIN, nnunet_env, run
+from conftest import BIN, nnunet_env, run, shared_folder, write_nnunet_splits
 from test_diffusion_train import build_trained_run
 
 DID = 903
@@ -30,21 +30,25 @@ def small_plans(plans_file: Path) -> None:
     plans_file.write_text(json.dumps(d, indent=1))
 
 
-def diffusion_setup(base: Path) -> dict:
-    gen = build_trained_run(base)
-    root = base / "pl_diffusion_nnunet"
-    # one export process in nnU-Net's final validation (its default 8 spawned workers cost minutes on 2 cores)
-    env = nnunet_env(root, OMP_NUM_THREADS="1", nnUNet_def_n_proc="1")
-    env.pop("nnUNet_n_proc_DA", None)
-    env["nnUNet_extTrainer"] = os.pathsep.join(
-        [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
-    marker = root / ".ready"
-    if not marker.is_file():
-        run([BIN / "promptlesion_make_phantoms", "--kind", "abdomen", "--dataset-id", DID, "--cases", 6,
-             "--test-cases", 0, "--seed", 1, "--quiet", "--overwrite"], env)
-        run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DID, "-c", "3d_fullres", "-np", 1, "-npfp", 1], env)
-        small_plans(root / "preprocessed" / NAME / "nnUNetPlans.json")
-        marker.write_text("ok")
+def diffusion_setup(tmp_path_factory) -> dict:
+    """raw + preprocessed phantom and generator shared by the xdist workers (read only; splits written up front);
+    env's nnUNet_results is this worker's own."""
+    gen = build_trained_run(tmp_path_factory)
+    with shared_folder(tmp_path_factory, "pl_diffusion_nnunet") as root:
+        # one export process in nnU-Net's final validation (its default 8 spawned workers cost minutes on 2 cores)
+        env = nnunet_env(root, OMP_NUM_THREADS="1", nnUNet_def_n_proc="1")
+        env.pop("nnUNet_n_proc_DA", None)
+        env["nnUNet_extTrainer"] = os.pathsep.join(
+            [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
+        marker = root / ".ready"
+        if not marker.is_file():
+            run([BIN / "promptlesion_make_phantoms", "--kind", "abdomen", "--dataset-id", DID, "--cases", 6,
+                 "--test-cases", 0, "--seed", 1, "--quiet", "--overwrite"], env)
+            run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DID, "-c", "3d_fullres", "-np", 1, "-npfp", 1], env)
+            small_plans(root / "preprocessed" / NAME / "nnUNetPlans.json")
+            write_nnunet_splits(root / "preprocessed" / NAME)
+            marker.write_text("ok")
+    env["nnUNet_results"] = str(tmp_path_factory.mktemp("abdomen_results"))
     return {"root": root, "env": env, "did": DID, "name": NAME, "pre": root / "preprocessed" / NAME,
             "checkpoint": gen["checkpoint"], "vqgan": gen["vqgan"]}
 

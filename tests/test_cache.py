@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return diffusion_setup(tmp_path_factory.getbasetemp())
+    return diffusion_setup(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_cli_help_and_errors(setup, tmp_path):
 def test_torchrun_ranks_render_disjoint_shards_equal_to_one_process(setup, cache_a, tmp_path):
     out = tmp_path / "tr"
     cmd = build_cache_cmd(setup, out)
-    run([BIN / "torchrun", "--nproc_per_node", 2, *cmd[1:]], setup["env"])
+    run([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, *cmd[1:]], setup["env"])
     log = (out / "build.log").read_text()
     assert "rank0 shard 0 written" in log and "rank1 shard 1 written" in log and "rank0 shard 2 written" in log
     a, b = _shards(cache_a), _shards(out)

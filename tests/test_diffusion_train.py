@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_folder
+
 torch.set_num_threads(1)  # robust under CPU contention (other test runs in parallel)
 
 TRAIN_STEPS = 30
@@ -47,23 +49,24 @@ def make_phantoms_and_vqgan(base: Path) -> tuple[Path, Path]:
     return ds, vq
 
 
-def build_trained_run(base: Path) -> dict:
-    """Train (once per pytest session base folder) a tiny diffusion model; returns paths."""
+def build_trained_run(tmp_path_factory) -> dict:
+    """Train (once per test run, shared by the xdist workers; read only) a tiny diffusion model; returns paths."""
     from nnunet_promptlesion.cli.train_diffusion import main
 
-    ds, vq = make_phantoms_and_vqgan(base)
-    out = base / "diffusion_run"
-    if not (out / "checkpoint_final.pt").is_file():
-        rc = main(["--nifti-folder", str(ds / "imagesTr"), "--label-folder", str(ds / "labelsTr"), "--vqgan", str(vq),
-                   "-o", str(out), "--steps", str(TRAIN_STEPS), "--eval-every", str(TRAIN_STEPS),
-                   "--checkpoint-every", str(TRAIN_STEPS), "--log-every", "1", *TRAIN_ARGS])
-        assert rc == 0
+    with shared_folder(tmp_path_factory, "generator") as base:
+        ds, vq = make_phantoms_and_vqgan(base)
+        out = base / "diffusion_run"
+        if not (out / "checkpoint_final.pt").is_file():
+            rc = main(["--nifti-folder", str(ds / "imagesTr"), "--label-folder", str(ds / "labelsTr"), "--vqgan",
+                       str(vq), "-o", str(out), "--steps", str(TRAIN_STEPS), "--eval-every", str(TRAIN_STEPS),
+                       "--checkpoint-every", str(TRAIN_STEPS), "--log-every", "1", *TRAIN_ARGS])
+            assert rc == 0
     return {"dataset": ds, "vqgan": vq, "run": out, "checkpoint": out / "checkpoint_final.pt"}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return build_trained_run(tmp_path_factory.getbasetemp())
+    return build_trained_run(tmp_path_factory)
 
 
 def _log(run: Path) -> list[dict]:

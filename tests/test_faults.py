@@ -32,7 +32,7 @@ TRAINER = "PromptLesionTrainer_5epochs"  # 250 iterations per epoch: still train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return diffusion_setup(tmp_path_factory.getbasetemp())
+    return diffusion_setup(tmp_path_factory)
 
 
 def _online(setup, **kw) -> dict:

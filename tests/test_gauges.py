@@ -348,7 +348,7 @@ def test_lesion_softmax_of_a_real_nnunet_prediction(trained_all, tmp_path):
     out = tmp_path / "pred"
     run([BIN / "nnUNetv2_predict", "-i", root / "raw" / CCTA / "imagesTs", "-o", out, "-d", 601, "-c", "3d_fullres",
          "-f", "all", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-chk", "checkpoint_final.pth", "--save_probabilities",
-         "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_progress_bar"],
+         "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_progress_bar"],  # sequential: no worker imports
         {**env, "nnUNet_results": str(fold.parents[2]), "OMP_NUM_THREADS": "1"}, timeout=900)
     gt = root / "raw" / CCTA / "labelsTs"
     r = lesion_softmax_folder(out, gt)

@@ -22,7 +22,7 @@ from diffusion_fixtures import build_cache_cmd, diffusion_setup
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return diffusion_setup(tmp_path_factory.getbasetemp())
+    return diffusion_setup(tmp_path_factory)
 
 
 def _alive(pid: int) -> bool:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -283,7 +280,7 @@ class _SerialMultiprocessing:
         return _SerialPool()
 
 
-def test_nnunet_verifies_and_plans_both_kinds(nnunet_env, monkeypatch):
+def test_nnunet_verifies_and_plans_both_kinds(nnunet_env, ccta_dataset, monkeypatch):
     from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
 
     raw = nnunet_env["nnUNet_raw"]
@@ -302,20 +299,18 @@ def test_nnunet_verifies_and_plans_both_kinds(nnunet_env, monkeypatch):
     # The abdomen dataset goes through nnU-Net's full integrity check in-process ...
     monkeypatch.setattr(vdi, "multiprocessing", _SerialMultiprocessing())
     vdi.verify_dataset_integrity(str(raw / "Dataset022_PhantomAbdomen"), 1)
-    # ... and the CCTA dataset through the real command: integrity check, fingerprint and planning.
-    env = {**os.environ, **{k: str(v) for k, v in nnunet_env.items()}}
-    exe = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
-    r = subprocess.run([str(exe), "-d", "21", "-c", "3d_fullres", "--verify_dataset_integrity",
-                        "-np", "1", "-npfp", "1", "--no_pp"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "verify_dataset_integrity Done" in r.stdout
-    folder = "Dataset021_PhantomCCTA"
-    plans = json.loads((nnunet_env["nnUNet_preprocessed"] / folder / "nnUNetPlans.json").read_text())
+    # ... and a CCTA phantom through the real command (the session's: promptlesion_make_phantoms, then
+    # nnUNetv2_plan_and_preprocess --verify_dataset_integrity): integrity check, fingerprint and planning.
+    root, did, _ = ccta_dataset
+    assert "verify_dataset_integrity Done" in (root / "plan_and_preprocess.log").read_text()
+    pre = next((root / "preprocessed").glob(f"Dataset{did}_*"))
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
     fullres = plans["configurations"]["3d_fullres"]
     assert fullres["normalization_schemes"] == ["CTNormalization"]
     assert np.prod(fullres["patch_size"]) <= 64 ** 3, fullres["patch_size"]
-    fp = json.loads((nnunet_env["nnUNet_preprocessed"] / folder / "dataset_fingerprint.json").read_text())
-    assert len(fp["shapes_after_crop"]) == 4
+    fp = json.loads((pre / "dataset_fingerprint.json").read_text())
+    n_train = json.loads((root / "raw" / pre.name / "dataset.json").read_text())["numTraining"]
+    assert len(fp["shapes_after_crop"]) == n_train == 8
     # HU statistics nnU-Net will normalise with: the foreground (labelled) voxels are soft tissue to calcium
     props = fp["foreground_intensity_properties_per_channel"]["0"]
     assert -100 < props["mean"] < 400 and props["max"] >= 600

@@ -93,3 +93,22 @@ def test_blinded_montage_and_key(tmp_path):
     assert saved == key and [k["panel"] for k in key] == list(range(1, 10))
     assert sorted(k["source"] for k in key) == ["real"] * 5 + ["synthetic"] * 4
     assert [k["source"] for k in key] != ["real"] * 5 + ["synthetic"] * 4   # shuffled (seeded)
+
+
+def test_real_lesion_crops_centre_each_lesion_even_when_their_centroid_is_empty():
+    from nnunet_promptlesion.evaluation.montage import real_lesion_crops
+
+    seg = np.zeros((6, 40, 40), np.int16)
+    seg[3, 5:8, 5:8] = 2        # two lesions of one class: their common centroid (row ~20) holds neither
+    seg[3, 30:34, 30:34] = 2
+    seg[3, 10:13, 25:35] = 1    # another label
+    image = np.arange(seg.size, dtype=np.float32).reshape(1, *seg.shape)
+    crops = real_lesion_crops(image, seg, 2, (16, 16), limit=5)    # a 2D configuration: 1 x 16 x 16 slices
+    assert len(crops) == 2
+    for img, m in crops:
+        assert img.shape == (1, 1, 16, 16) and m.shape == (1, 16, 16)
+        assert m[0, 8, 8] and m.sum() in (9, 16)                   # the lesion is in the middle, whole
+        assert img[0, 0, 8, 8] in image[0][seg == 2]                # and the image crop is the same place
+    assert [m.sum() for _, m in real_lesion_crops(image, seg, 2, (16, 16), limit=1)] == [9]
+    c3 = real_lesion_crops(image, seg, 2, (4, 8, 8), limit=5)      # 3D patch past the volume: padded
+    assert [img.shape for img, _ in c3] == [(1, 4, 8, 8)] * 2 and all(m[2, 4, 4] for _, m in c3)

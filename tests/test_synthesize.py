@@ -25,7 +25,7 @@ needs_ct = pytest.mark.skipif(CT is None, reason="real CT examples (../shared/da
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return build_trained_run(tmp_path_factory.getbasetemp())
+    return build_trained_run(tmp_path_factory)
 
 
 def _load(p):

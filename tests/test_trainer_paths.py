@@ -126,6 +126,7 @@ def test_region_targets_follow_nnunet_region_conversion(kits_regions, use_env):
 @pytest.fixture(scope="module")
 def ccta_2d(ccta_dataset):
     root, did, env = ccta_dataset
+    # the phantom is shared with other xdist workers, but only this module uses (and writes) its 2d data
     if not (root / "preprocessed" / CCTA / "nnUNetPlans_2d").is_dir():
         run([BIN / "nnUNetv2_preprocess", "-d", did, "-c", "2d", "-np", 1], env)
     return root, env

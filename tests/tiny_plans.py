@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 TINY_PLANS = "nnUNetPlans_tiny"
@@ -30,5 +31,11 @@ def write_tiny_plans(preprocessed_dataset_dir: str | Path, patch_size=(24, 32, 3
               strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
     # keep only the configuration we use: the others still describe the full-size networks
     tiny["configurations"] = {configuration: cfg}
-    (d / f"{TINY_PLANS}.json").write_text(json.dumps(tiny, indent=1))
+    # Atomic and only when different: xdist workers share the session's preprocessed phantoms, and one worker's
+    # training may be reading this file while another worker's test writes the same content.
+    target, text = d / f"{TINY_PLANS}.json", json.dumps(tiny, indent=1)
+    if not target.is_file() or target.read_text() != text:
+        tmp = d / f".{TINY_PLANS}.json.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, target)
     return TINY_PLANS

@@ -289,12 +289,11 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
     """
     import numpy as np
     import torch
-    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from ..evaluation.montage import save_montage
+    from ..evaluation.montage import real_lesion_crops, save_montage
     from ..trainers.promptlesion_trainer import PromptLesionTrainer
 
     name = maybe_convert_to_dataset_name(dataset_id)
@@ -329,15 +328,8 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
             if len(real) >= per_class:
                 break
             data, seg, _, _ = dataset_tr.load_case(ident)
-            m = np.asarray(seg[0]) == lesion.label
-            if m.any():
-                # Crop the real lesion with the synthetic samples' field of view (the patch), centred on it.
-                c = np.argwhere(m).mean(0).round().astype(int)
-                # a 2D configuration's patch is one slice: crop the slice through the lesion centre (1 x patch)
-                fov = [1] * (m.ndim - len(ps)) + list(ps)
-                bbox = [[int(ci) - p // 2, int(ci) - p // 2 + p] for ci, p in zip(c, fov)]
-                img = crop_and_pad_nd(np.asarray(data[:1]), [[0, 1]] + bbox, 0)[0]
-                real.append((img, crop_and_pad_nd(m, bbox, 0)))
+            crops = real_lesion_crops(np.asarray(data[:1]), np.asarray(seg[0]), lesion.label, ps, per_class - len(real))
+            real += [(img[0], m) for img, m in crops]
         if real:
             rows.append((f"real {lesion.name}", real))
         if loader.class_probs[ci] <= 0:

@@ -14,6 +14,29 @@ def lesion_slice(image: np.ndarray, mask: np.ndarray, axis: int = 0) -> tuple[np
     return np.take(image, k, axis=axis), np.take(mask, k, axis=axis)
 
 
+def real_lesion_crops(image: np.ndarray, seg: np.ndarray, label: int, patch_size: Sequence[int],
+                      limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``limit`` (image crop, lesion mask crop) pairs, one per connected lesion of ``label`` in one case.
+
+    image: (C, X, Y, Z), seg: (X, Y, Z), in voxels of the same grid. Each crop has the size of a training patch
+    (``patch_size``; a 2D configuration's patch is one slice, so the crop is 1 x patch) and is centred on the lesion
+    voxel nearest the lesion's centroid: the centroid of several lesions, or of a curved one, can lie outside them.
+    Crops past the volume are padded with 0 (image) and False (mask). Returned image crops are (C, *crop)."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+    from scipy import ndimage
+
+    components, n = ndimage.label(seg == label)
+    out = []
+    for k in range(1, min(n, max(limit, 0)) + 1):
+        m = components == k
+        pts = np.argwhere(m)
+        c = pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))]
+        fov = [1] * (m.ndim - len(patch_size)) + list(patch_size)
+        bbox = [[int(ci) - p // 2, int(ci) - p // 2 + p] for ci, p in zip(c, fov)]
+        out.append((crop_and_pad_nd(image, [[0, image.shape[0]]] + bbox, 0), crop_and_pad_nd(m, bbox, 0)))
+    return out
+
+
 def save_montage(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray]]]], path: str | Path,
                  window: tuple[float, float] | None = None, title: str | None = None) -> None:
     """rows: (class name, [(image (X,Y,Z), lesion mask (X,Y,Z)), ...]). Written atomically."""
