@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -260,3 +261,37 @@ def test_online_source_pickles_into_a_spawned_process(setup, monkeypatch):
         assert p.exitcode == 0 and got == (src.train_ids[0], 11, list(range(8)))
     finally:
         src.close()
+
+
+SPAWN_PROG = """
+import multiprocessing as mp, os, sys
+open(os.path.join(os.environ["MARKS"], str(os.getpid())), "w").close()   # every process that runs this file
+from nnunet_promptlesion.utils.lifetime import spawn_without_main
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    main = sys.modules["__main__"]
+    before = (main.__spec__, main.__file__)
+    for hide in (False, True):
+        p = ctx.Process(target=os.getpid)
+        if hide:
+            with spawn_without_main():
+                p.start()
+        else:
+            p.start()
+        p.join()
+        print(hide, p.exitcode, len(os.listdir(os.environ["MARKS"])))
+    assert (main.__spec__, main.__file__) == before
+"""
+
+
+def test_producer_spawn_skips_the_parents_main_module(tmp_path):
+    """A spawned child re-runs the parent's __main__ (under nnUNetv2_train: all of nnU-Net's training imports); the
+    producer is started without it, and the parent's main module is left as it was."""
+    prog, marks = tmp_path / "prog.py", tmp_path / "marks"
+    prog.write_text(SPAWN_PROG)
+    marks.mkdir()
+    r = subprocess.run([sys.executable, str(prog)], env={**os.environ, "MARKS": str(marks)}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # parent + the ordinary child ran the file; the child started inside spawn_without_main did not
+    assert r.stdout.split("\n")[:2] == ["False 0 2", "True 0 2"], r.stdout

@@ -245,12 +245,13 @@ class DiffusionOnlineSource(SampleSource):
             raise _config_error(str(e)) from e
 
     def attach(self, loader) -> None:
-        from ..utils.lifetime import raise_if_terminated
+        from ..utils.lifetime import raise_if_terminated, spawn_without_main
         from .online_producer import producer_main
 
         self.process = self._ctx.Process(target=producer_main, name="promptlesion-producer", daemon=True,
                                          args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status))
-        self.process.start()
+        with spawn_without_main():  # the producer needs torch and the generator, not nnUNetv2_train's imports
+            self.process.start()
         self.log(f"PromptLesion: producer pid {self.process.pid} loading the generator")
         t0 = time.time()
         while True:

@@ -7,6 +7,7 @@ process that is SIGKILLed cannot clean up at all: its children must notice by th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -106,3 +107,31 @@ def sigterm_as_keyboard_interrupt():
         return None
     _terminated.clear()
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Start spawned processes inside this block without re-running the parent's ``__main__`` in them.
+
+    A child of multiprocessing's "spawn" start method first re-imports the parent's main module (as
+    ``__mp_main__``) and only then unpickles its target. Under ``nnUNetv2_train`` that main module is nnU-Net's
+    console script, so every child imports all of nnU-Net's training code (seaborn, torch._dynamo, ...: ~8 CPU-s
+    and a few hundred MB per child on a CPU of CI's kind) that it never uses. For a target and arguments that
+    live in importable modules (never in ``__main__``), hiding the main module's name and path while
+    ``Process.start()`` reads them makes the child skip that import. The child's ``__main__`` is then the
+    bare interpreter's; anything pickled by reference to ``__main__`` would fail to unpickle in it.
+    """
+    import sys
+
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
