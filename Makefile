@@ -22,7 +22,7 @@ demo: install
 # suite is sized for a 2-core machine: every nnU-Net training in it already runs 2 augmentation workers.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python benchmarks/bench_loader.py

@@ -200,3 +200,17 @@ def pytest_sessionfinish(session, exitstatus):
         except (ProcessLookupError, PermissionError):
             pass
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------------------------------------------ xdist scheduling
+#: test files that take the longest (BENCHMARKS.md, test suite), longest first. With --dist loadfile
+#: --no-loadscope-reorder (make test), pytest-xdist hands files to its workers in collection order; starting the long
+#: ones first keeps one worker from running a 3-minute file alone at the end while the other idles (by default
+#: xdist orders files by their number of tests, which put the 4-test, 3-minute demo file near the end).
+LONG_FILES = ("test_demo.py", "test_cache.py", "test_online.py", "test_gauges.py", "test_trainer_paths.py",
+              "test_faults.py", "test_install.py", "test_gpu_suite.py", "test_vqgan_train.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
