@@ -91,8 +91,8 @@ def test_fresh_venv_pip_install_then_nnunet_train_and_predict(ccta_dataset, tmp_
     shutil.copy2(first, images / first.name)
     pred = tmp_path / "pred"
     run(nnunet_cli(vbin, "nnUNetv2_predict") + ["-i", images, "-o", pred, "-d", did, "-c", "3d_fullres", "-f", "0",
-         "-tr", "PromptLesionTrainer_smoke", "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-        env)
+         "-tr", "PromptLesionTrainer_smoke", "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"],
+        env)  # nnU-Net's sequential mode: its worker pools are nnU-Net's (the final validation above spawns one)
     inputs = sorted(images.glob("*_0000.nii.gz"))
     outputs = sorted(pred.glob("*.nii.gz"))
     assert [p.name.replace("_0000", "") for p in inputs] == [p.name for p in outputs]
