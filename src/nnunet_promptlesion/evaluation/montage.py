@@ -22,18 +22,16 @@ def real_lesion_crops(image: np.ndarray, seg: np.ndarray, label: int, patch_size
     (``patch_size``; a 2D configuration's patch is one slice, so the crop is 1 x patch) and is centred on the lesion
     voxel nearest the lesion's centroid: the centroid of several lesions, or of a curved one, can lie outside them.
     Crops past the volume are padded with 0 (image) and False (mask). Returned image crops are (C, *crop)."""
-    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-    from scipy import ndimage
+    from ..lesions.components import label_components
+    from .realism import centre_on_lesion
 
-    components, n = ndimage.label(seg == label)
+    components, n = label_components(seg == label)
+    fov = [1] * (seg.ndim - len(patch_size)) + list(patch_size)
     out = []
     for k in range(1, min(n, max(limit, 0)) + 1):
         m = components == k
         pts = np.argwhere(m)
-        c = pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))]
-        fov = [1] * (m.ndim - len(patch_size)) + list(patch_size)
-        bbox = [[int(ci) - p // 2, int(ci) - p // 2 + p] for ci, p in zip(c, fov)]
-        out.append((crop_and_pad_nd(image, [[0, image.shape[0]]] + bbox, 0), crop_and_pad_nd(m, bbox, 0)))
+        out.append(centre_on_lesion(image, m, fov, centre=pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))]))
     return out
 
 

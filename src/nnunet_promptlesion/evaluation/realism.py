@@ -46,9 +46,11 @@ class LesionPatch:
 
 
 # ----------------------------------------------------------------------------------------------- patches
-def centre_on_lesion(image: np.ndarray, mask: np.ndarray, size: Sequence[int], pad_value: float = 0.0):
-    """Crop/pad ``image`` (C, *spatial) and ``mask`` (*spatial) to ``size`` centred on the mask's centroid."""
-    c = np.argwhere(mask).mean(0).round().astype(int)
+def centre_on_lesion(image: np.ndarray, mask: np.ndarray, size: Sequence[int], pad_value: float = 0.0,
+                     centre: Sequence[int] | None = None):
+    """Crop/pad ``image`` (C, *spatial) and ``mask`` (*spatial) to ``size`` centred on ``centre`` (voxel indices;
+    default: the mask's centroid)."""
+    c = np.argwhere(mask).mean(0).round().astype(int) if centre is None else np.asarray(centre, int)
     lo = [int(ci) - s // 2 for ci, s in zip(c, size)]
     img = np.full((image.shape[0], *size), pad_value, dtype=np.float32)
     msk = np.zeros(tuple(size), dtype=bool)
