@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -121,8 +122,6 @@ def spawn_without_main():
     ``Process.start()`` reads them makes the child skip that import. The child's ``__main__`` is then the
     bare interpreter's; anything pickled by reference to ``__main__`` would fail to unpickle in it.
     """
-    import sys
-
     main = sys.modules.get("__main__")
     if main is None:
         yield
