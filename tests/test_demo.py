@@ -146,8 +146,9 @@ def _shm_used_by(folder: Path) -> set[str]:
 
 def _wait_for_second_epoch(runs: Path, p: subprocess.Popen, timeout: float, shm: set | None = None,
                            work: Path | None = None) -> Path:
-    """The fold folder under ``runs`` once its training has written checkpoint_latest.pth of epoch 0 completely:
-    nnU-Net logs "Epoch 1" only after that save returned (a kill during torch.save would leave a torn file)."""
+    """The fold folder under ``runs`` once its training has logged "Epoch 1", i.e. checkpoint_latest.pth of epoch 0
+    is on disk and there is an epoch left to resume. The kill that follows can land anywhere, epoch 1's checkpoint
+    save included (seen in CI): the trainers write checkpoints atomically, so --c must still work."""
     deadline = time.time() + timeout
     while True:
         for ck in runs.glob("*/*/fold_*/checkpoint_latest.pth"):

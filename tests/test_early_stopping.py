@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,26 @@ DRIVER = textwrap.dedent("""
             self.logger.log('val_losses', float(sum(o['loss'] for o in val_outputs) / len(val_outputs)),
                             self.current_epoch)
 
+    if sys.argv[2] == 'tear':
+        # a kill in the middle of writing epoch 1's checkpoint_latest.pth: half the bytes reach the disk
+        import io, signal
+        real_save, latest_saves = torch.save, []
+
+        def tearing_save(obj, f, *args, **kwargs):
+            if 'checkpoint_latest' in str(f):
+                latest_saves.append(f)
+                if len(latest_saves) == 2:
+                    buf = io.BytesIO()
+                    real_save(obj, buf, *args, **kwargs)
+                    with open(f, 'wb') as fh:
+                        fh.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    print('TORN', f, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = tearing_save
+
     pre = join(os.environ['nnUNet_preprocessed'], sys.argv[1])
     plans = load_json(join(pre, sys.argv[3] + '.json'))
     cont = sys.argv[2] == 'continue'
@@ -90,7 +111,7 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_early_stopping_in_nnunet_training_loop(ccta_dataset, tmp_path):
+def test_early_stopping_in_nnunet_training_loop_continued_after_a_kill_mid_save(ccta_dataset, tmp_path):
     import torch
 
     root, did, env = ccta_dataset
@@ -102,14 +123,26 @@ def test_early_stopping_in_nnunet_training_loop(ccta_dataset, tmp_path):
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"early_stopping_patience": 2}))
     env[SETTINGS_ENV] = str(settings)
-    p = subprocess.run([sys.executable, "-c", DRIVER, name, "new", plans], env=env, capture_output=True, text=True, timeout=900)
+    fold = tmp_path / "results" / name / f"ScriptedDice__{plans}__3d_fullres" / "fold_0"
+    # killed while writing epoch 1's checkpoint_latest.pth (save_every 1): the complete one of epoch 0 stays
+    p = subprocess.run([sys.executable, "-c", DRIVER, name, "tear", plans], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == -signal.SIGKILL, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Epoch 1" in p.stdout and "Epoch 2" not in p.stdout
+    assert "TORN" in p.stdout, "the kill did not land in the save"
+    assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+
+    # --c continues from epoch 1 and runs until the patience is out
+    p = subprocess.run([sys.executable, "-c", DRIVER, name, "continue", plans], env=env, capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Epoch 0" not in p.stdout and "Epoch 1" in p.stdout
+    assert not list(fold.glob(".checkpoint_*.tmp")), "the torn temporary file was left behind"
     # EMA of the script: 0.5, 0.51, 0.514 (best, epoch 2), 0.5126, 0.5013 -> 2 epochs without improvement
     assert "early stopping patience 2 epochs" in p.stdout
     assert "Early stopping: the EMA pseudo-Dice has not improved for 2 epochs" in p.stdout
     ema = json.loads(p.stdout.split("EMA_HISTORY ", 1)[1].splitlines()[0])
     assert len(ema) == 5 and ema[2] == pytest.approx(0.514)
-    fold = tmp_path / "results" / name / f"ScriptedDice__{plans}__3d_fullres" / "fold_0"
     record = json.loads((fold / "early_stopping.json").read_text())
     assert record["stopped_after_epoch"] == 4 and record["best_epoch"] == 2 and record["patience"] == 2
     best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)

@@ -15,7 +15,8 @@ Patience, first match wins:
   3. off.
 
 Because the state lives in nnU-Net's logger (saved in every checkpoint), ``--c`` resumes the count, and a run
-that stopped early stays stopped when continued.
+that stopped early stays stopped when continued. Checkpoints are written atomically (:mod:`.checkpointing`), so
+``--c`` works after a kill at any moment, a kill during a checkpoint save included.
 
 The same mixin reads the experiment runner's controls (environment variables, all optional; they override a
 trainer variant's built-in budget, so set them only when you mean it):
@@ -39,6 +40,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ..utils.atomic import write_json_atomic
+from .checkpointing import AtomicCheckpointMixin
 from .settings import SETTINGS_ENV, SETTINGS_FILENAME
 
 ENV_PATIENCE = "PROMPTLESION_EARLY_STOPPING_PATIENCE"
@@ -110,10 +112,12 @@ class _StopTraining(Exception):
     """Raised at the start of an epoch to leave nnU-Net's training loop (caught in run_training)."""
 
 
-class EarlyStoppingMixin:
+class EarlyStoppingMixin(AtomicCheckpointMixin):
     """Put before the nnU-Net trainer class: ``class MyTrainer(EarlyStoppingMixin, nnUNetTrainer)``.
 
-    Adds early stopping on the EMA pseudo-Dice and the environment controls listed in the module docstring.
+    Adds early stopping on the EMA pseudo-Dice and the environment controls listed in the module docstring,
+    and writes checkpoints atomically (:mod:`.checkpointing`): the experiment runner continues killed runs with
+    ``--c``, which a checkpoint torn by the kill would make impossible.
     nnU-Net's training loop itself is unchanged: the mixin leaves it at the start of the epoch after the
     patience ran out and then runs nnU-Net's own ``on_train_end`` (checkpoint_final.pth, loader shutdown).
     """

@@ -5,6 +5,7 @@ Also a matching plain nnU-Net baseline for the demo so both trainers get the sam
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from .checkpointing import AtomicCheckpointMixin
 from .promptlesion_trainer import PromptLesionTrainer
 
 
@@ -75,7 +76,7 @@ class _NoSelfValidationMixin:
         return super().perform_actual_validation(save_probabilities)
 
 
-class nnUNetTrainer_promptlesionDemo(_NoSelfValidationMixin, _NoMirroringMixin, nnUNetTrainer):
+class nnUNetTrainer_promptlesionDemo(_NoSelfValidationMixin, _NoMirroringMixin, AtomicCheckpointMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
