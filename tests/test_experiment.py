@@ -5,6 +5,7 @@ tests/test_demo.py::test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resum
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,130 @@ def test_stop_process_tree_ends_grandchildren_that_ignore_sigterm(tmp_path):
     finally:
         if child.poll() is None:
             child.kill()
+
+
+# The runner's scheduling with jobs > 1, on steps that are real child processes (sleeps that record when they ran)
+# instead of nnU-Net commands: what is checked here is the order, the overlap, the failure policy and the stop of
+# every running child. The same runner with real nnU-Net trainings in parallel: test_demo.py (the demo runs 2 jobs).
+SCRIPTED = r'''
+import json, os, sys, time
+from pathlib import Path
+from nnunet_promptlesion.experiments.runner import ExperimentRunner, load_config
+
+STEP = """import json, sys, time
+rec = {"what": sys.argv[1], "start": time.time()}
+time.sleep(float(sys.argv[2]))
+rec["end"] = time.time()
+open(sys.argv[3], "a").write(json.dumps(rec) + "\\n")
+sys.exit(int(sys.argv[4]))
+"""
+
+class Scripted(ExperimentRunner):
+    """Every step is a child process sleeping ``SLEEP`` s (arm "bad" fails its training after 0.2 s)."""
+    def check(self):
+        return []
+    def prepare(self):
+        self.scarcity = None
+    def _step(self, what, arm, r, fail=False):
+        record = self.out / "steps.jsonl"
+        rc = self._run([sys.executable, "-c", STEP, f"{what} {arm.name} {r}", "0.2" if fail else os.environ["SLEEP"],
+                        str(record), "1" if fail else "0"], dict(os.environ), self.run_dir(arm.name, r) / "logs" / f"{what}.log")
+        if rc != 0:
+            self._fail(f"{what} arm '{arm.name}' repeat {r}", self.run_dir(arm.name, r) / "logs" / f"{what}.log")
+        return what
+    def train(self, arm, r, fold):
+        return self._step("train", arm, r, fail=arm.name == "bad")
+    def predict(self, arm, r):
+        return self._step("predict", arm, r)
+    def evaluate(self, arm, r):
+        # in-process, as the real evaluation; record when it ran
+        t0 = time.time()
+        time.sleep(0.2)
+        with open(self.out / "steps.jsonl", "a") as f:
+            f.write(json.dumps({"what": f"evaluate {arm.name} {r}", "start": t0, "end": time.time()}) + "\n")
+        return "evaluated"
+
+if __name__ == "__main__":
+    from nnunet_promptlesion.experiments.runner import run_as_command
+    cfg = load_config(sys.argv[1])
+    run_as_command("scripted", lambda: Scripted(cfg, sys.argv[2]).run(report=False))
+'''
+
+
+def _scripted_experiment(tmp_path: Path, arms: list[str], jobs: int, repeats: int = 2) -> tuple[Path, dict]:
+    (tmp_path / "raw").mkdir(exist_ok=True)
+    (tmp_path / "pre").mkdir(exist_ok=True)
+    cfg = {"name": "scripted", "dataset": "Dataset999_Scripted", "folds": ["0"], "repeats": repeats, "jobs": jobs,
+           "device": "cpu", "arms": [{"name": a, "trainer": "nnUNetTrainer_earlyStopping"} for a in arms]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "scripted.py").write_text(SCRIPTED)
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               PYTHONPATH=str(tmp_path))
+    return tmp_path / "config.json", env
+
+
+def _steps(out: Path) -> list[dict]:
+    f = out / "steps.jsonl"
+    return [json.loads(l) for l in f.read_text().splitlines()] if f.is_file() else []
+
+
+def _max_overlap(steps: list[dict]) -> int:
+    events = sorted([(s["start"], 1) for s in steps] + [(s["end"], -1) for s in steps])
+    best = cur = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def test_parallel_jobs_overlap_chains_keep_their_order_and_a_failure_starts_nothing_new(tmp_path):
+    cfg_path, env = _scripted_experiment(tmp_path, ["a", "b", "c"], jobs=2)
+    r = subprocess.run([sys.executable, str(tmp_path / "scripted.py"), str(cfg_path), str(tmp_path / "out")],
+                       env=dict(env, SLEEP="1.0"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = _steps(tmp_path / "out")
+    assert len(steps) == 3 * 2 * 3                                       # 3 arms x 2 repeats x (train, predict, evaluate)
+    assert _max_overlap(steps) == 2, "jobs=2 must run two chains at a time, never more"
+    assert _max_overlap([s for s in steps if s["what"].startswith("evaluate")]) == 1   # evaluations one at a time
+    for arm in "abc":
+        for rep in range(2):
+            mine = [s for s in steps if s["what"].endswith(f" {arm} {rep}")]
+            assert [s["what"].split()[0] for s in sorted(mine, key=lambda s: s["start"])] == ["train", "predict", "evaluate"]
+    assert "6 (arm, repeat) chains, up to 2 at a time" in r.stdout
+
+    # chains a0 and bad0 start together; "bad" fails its training after 0.2 s while "a" trains (2 s) beside it:
+    # "a" finishes its running step, nothing starts after the failure, the error names the failed step, exit 2
+    cfg_path, env = _scripted_experiment(tmp_path, ["a", "bad"], jobs=2, repeats=2)
+    r = subprocess.run([sys.executable, str(tmp_path / "scripted.py"), str(cfg_path), str(tmp_path / "out2")],
+                       env=dict(env, SLEEP="2.0"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "train arm 'bad' repeat 0 failed" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = _steps(tmp_path / "out2")
+    failed_at = max(s["end"] for s in steps if s["what"] == "train bad 0")
+    assert [s["what"] for s in steps if s["start"] > failed_at] == [], "a step started after the failure"
+    assert "train a 0" in [s["what"] for s in steps], "the step running beside the failure was not let finish"
+
+
+def test_sigterm_to_a_parallel_experiment_stops_every_running_step(tmp_path):
+    from nnunet_promptlesion.experiments.runner import descendants
+
+    cfg_path, env = _scripted_experiment(tmp_path, ["a", "b", "c"], jobs=2)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "scripted.py"), str(cfg_path), str(tmp_path / "out")],
+                         env=dict(env, SLEEP="300"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(kids := descendants(p.pid)) < 2:
+            assert time.time() < deadline and p.poll() is None, "the two steps never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        t0 = time.time()
+        p.terminate()
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted; run the same command again to resume" in err, out[-2000:] + err[-2000:]
+    assert time.time() - t0 < 60
+    left = [pid for pid in kids if Path(f"/proc/{pid}").exists()
+            and not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")]
+    assert left == [], "a step outlived the SIGTERM of the experiment"
+    assert _steps(tmp_path / "out") == [], "no step may have completed"

@@ -14,13 +14,14 @@ examples:
   export nnUNet_raw=... nnUNet_preprocessed=...      # dataset planned and preprocessed beforehand
   promptlesion_experiment rule_based_vs_real --dataset 501 --device cpu -o runs/exp501
   promptlesion_experiment my_config.json -o runs/exp --arms real_only rule_based --repeats 2
+  promptlesion_experiment demo --dataset 501 -o runs/demo501 --jobs 2       # two trainings at a time
   promptlesion_experiment my_config.json -o runs/exp --report-only     # table from what is finished
 
 Re-running the same command resumes: finished trainings/predictions/evaluations are skipped, an
 interrupted training continues from its last checkpoint with nnUNetv2_train --c, an interrupted
 prediction is redone. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
-nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. SIGTERM or Ctrl-C stops the running nnU-Net command
-and every process it started. Results: OUT/results/report.txt and results.md (one table per class, arms from
+nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. SIGTERM or Ctrl-C stops the running nnU-Net commands
+and every process they started. Results: OUT/results/report.txt and results.md (one table per class, arms from
 the scarce baseline to the ceiling: Dice mean ± sd over repeats, lesion-wise sensitivity, Dice difference to
 the baseline with a bootstrap CI, paired t-test and Wilcoxon over test cases, gap closed, transfer gauges),
 comparison.json, per_class_<class>.csv, dice_by_arm.png, sensitivity_by_arm.png, nsd_by_arm.png.
@@ -39,6 +40,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", help="cpu, cuda or mps (overrides the config's)")
     ap.add_argument("--repeats", type=int, help="number of repeats (overrides the config's)")
     ap.add_argument("--folds", nargs="+", help="folds to train (overrides the config's)")
+    ap.add_argument("--jobs", type=int, help="(arm, repeat) chains run at the same time (overrides the config's; "
+                    "default 1). Worth it where one training leaves the device partly idle, e.g. on a CPU")
     ap.add_argument("--budget", nargs="+", metavar="KEY=VALUE", help="override budget entries: epochs, "
                     "iterations_per_epoch, val_iterations_per_epoch, early_stopping_patience (0: off), mirroring (0/1), "
                     "save_every, final_validation (0/1); e.g. --budget epochs=50 iterations_per_epoch=25")
@@ -68,7 +71,7 @@ def main(argv=None) -> None:
 
     def body() -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
-                                        "folds": args.folds, "budget": budget})
+                                        "folds": args.folds, "jobs": args.jobs, "budget": budget})
         out = args.output or f"experiments/{cfg.name}"
         runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include)
         if args.check:

@@ -12,6 +12,7 @@ Config (JSON; relative paths are relative to the config file)::
       "repeats": 3,                        # independent trainings per arm (own results folder, own seed)
       "seed": 0,                           # repeat r, fold f trains with seed + 1000 * r + f (the same in every arm)
       "device": "cuda",
+      "jobs": 1,                           # (arm, repeat) chains run at the same time (see "Parallel runs")
       "budget": {"epochs": 1000, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
                  "early_stopping_patience": 25, "mirroring": true, "save_every": 10,
                  "final_validation": true},  # false: skip nnU-Net's re-prediction of the validation cases
@@ -45,6 +46,13 @@ The budget reaches the trainers through environment variables read by
 nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refused before anything runs.
 ``"${VAR}"`` in a settings value is replaced by the environment variable VAR (e.g. a checkpoint path).
 
+Parallel runs: with ``"jobs": N`` (or ``--jobs N``) up to N (arm, repeat) chains - train every fold, predict,
+evaluate - run at the same time, each its own nnU-Net processes. Worth it where one training leaves the device
+partly idle: on a CPU (data loading and nnU-Net's start-up are single-threaded; the demo's trainings use ~1.2 of
+2 cores each) or a large GPU with small models. What runs and what it produces does not change; only the order
+of the progress lines does. If a step fails, nothing new starts and the steps already running finish (Ctrl-C
+stops them); a SIGTERM or Ctrl-C stops every running command, and the same command resumes.
+
 Layout of the output folder::
 
     experiment.json            the resolved config
@@ -71,7 +79,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -112,6 +122,7 @@ class ExperimentConfig:
     repeats: int = 3
     seed: int = 0
     device: str = "cuda"
+    jobs: int = 1
     budget: dict = field(default_factory=dict)
     checkpoint: str = "checkpoint_best.pth"
     reference_arm: str | None = None
@@ -141,7 +152,7 @@ BUDGET_KEYS = {"epochs": "PROMPTLESION_NUM_EPOCHS", "iterations_per_epoch": "PRO
 EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", "paired_cases", "bootstrap"}
 PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
-TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "budget", "checkpoint",
+TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget", "checkpoint",
             "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
             "scarcity"}
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
@@ -248,6 +259,9 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                                   f"({baseline.trainer}, {baseline.settings}); only its training data differ")
     if int(d.get("repeats", 3)) < 1:
         raise ExperimentError(f"{path}: repeats must be >= 1")
+    jobs = d.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ExperimentError(f"{path}: jobs must be an integer >= 1, got {jobs!r}")
     folds = [str(f) for f in d.get("folds", [0])]
     for k in ("test_images", "test_labels"):
         if d.get(k) and not Path(d[k]).is_absolute():
@@ -255,7 +269,7 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
     return ExperimentConfig(dataset=str(d["dataset"]), arms=arms, name=d.get("name", path.stem),
                             configuration=d.get("configuration", "3d_fullres"), plans=d.get("plans", "nnUNetPlans"),
                             folds=folds, repeats=int(d.get("repeats", 3)), seed=int(d.get("seed", 0)),
-                            device=d.get("device", "cuda"), budget=dict(d.get("budget", {})),
+                            device=d.get("device", "cuda"), jobs=jobs, budget=dict(d.get("budget", {})),
                             checkpoint=d.get("checkpoint", "checkpoint_best.pth"), reference_arm=ref,
                             test_images=d.get("test_images"), test_labels=d.get("test_labels"),
                             predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
@@ -311,7 +325,9 @@ class ExperimentRunner:
             cfg.arms = [a for a in cfg.arms if a.optional is None or a.optional in (include or ())]
         self.scarcity: list[dict] | None = None   # one record per base fold, set by prepare()
         self.t0 = time.time()
-        self._child: subprocess.Popen | None = None
+        self._children: set[subprocess.Popen] = set()   # running nnU-Net commands (several with jobs > 1)
+        self._halt = threading.Event()                    # parallel runs: start no further step
+        self._report_lock = threading.Lock()              # evaluation writes matplotlib figures (not thread-safe)
         self._promptlesion_arms: set[str] = set()   # arms whose trainer reads PROMPTLESION_SETTINGS (set by check)
         for var in ("nnUNet_raw", "nnUNet_preprocessed"):
             if not os.environ.get(var):
@@ -501,7 +517,7 @@ class ExperimentRunner:
 
     def _run(self, cmd: list[str], env: dict, log: Path) -> int:
         """Run a command with output appended to ``log`` (lines containing one of ``self.show`` are echoed)."""
-        return run_command(cmd, env, log, show=self.show, echo=self.print)
+        return run_command(cmd, env, log, show=self.show, echo=self.print, running=self._children)
 
     def _fail(self, what: str, log: Path) -> None:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:]) if log.is_file() else ""
@@ -611,7 +627,7 @@ class ExperimentRunner:
     def run(self, report: bool = True) -> dict | None:
         """Every step (skipping finished ones), then the report. Returns the comparison dict (or None).
 
-        SIGTERM is handled like Ctrl-C while the steps run: the running nnU-Net command and every process it
+        SIGTERM is handled like Ctrl-C while the steps run: every running nnU-Net command and every process it
         started are stopped (see :func:`run_command`), finished steps stay, and the same call resumes."""
         self.out.mkdir(parents=True, exist_ok=True)
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -622,27 +638,83 @@ class ExperimentRunner:
             self.prepare()
             for rec in self.scarcity or []:
                 self.print(f"[experiment] {_scarcity_line(rec)} (recorded in {self.out / 'scarcity.json'})")
-            steps = []
+            # one chain per (arm, repeat): its folds' trainings, then prediction and evaluation, in that order
+            chains, n = [], 0
             for r in range(self.cfg.repeats):
                 for arm in self.cfg.arms:
-                    steps += [("train", arm, r, f) for f in self.arm_folds(arm)]
-                    steps += [("predict", arm, r, None), ("evaluate", arm, r, None)]
-            for i, (kind, arm, r, fold) in enumerate(steps, 1):
-                if kind == "train" and arm.name in self._promptlesion_arms:
-                    self._write_settings(arm, r)
-                what = f"{kind:8s} arm={arm.name} repeat={r}" + (f" fold={fold}" if fold is not None else "")
-                self._progress(i, len(steps), what + " ...")
-                t = time.time()
-                if kind == "train":
-                    msg = self.train(arm, r, fold)
-                elif kind == "predict":
-                    msg = self.predict(arm, r)
-                else:
-                    msg = self.evaluate(arm, r)
-                self._progress(i, len(steps), f"{what}: {msg} ({time.time() - t:.0f} s)")
+                    kinds = [("train", f) for f in self.arm_folds(arm)] + [("predict", None), ("evaluate", None)]
+                    chains.append((arm, r, [(n + k + 1, kind, fold) for k, (kind, fold) in enumerate(kinds)]))
+                    n += len(kinds)
+            self._halt.clear()
+            if self.cfg.jobs == 1 or len(chains) == 1:
+                for arm, r, steps in chains:
+                    self._run_chain(arm, r, steps, n)
+            else:
+                self._run_parallel(chains, n)
         finally:
             signal.signal(signal.SIGTERM, old)
         return self.report() if report else None
+
+    def _run_chain(self, arm: Arm, r: int, steps: list[tuple[int, str, str | None]], n: int) -> None:
+        try:
+            self._run_steps(arm, r, steps, n)
+        except BaseException:
+            self._halt.set()   # before this thread can take the next chain: nothing new starts after a failure
+            raise
+
+    def _run_steps(self, arm: Arm, r: int, steps: list[tuple[int, str, str | None]], n: int) -> None:
+        for i, kind, fold in steps:
+            if self._halt.is_set():
+                return
+            if kind == "train" and arm.name in self._promptlesion_arms:
+                self._write_settings(arm, r)
+            what = f"{kind:8s} arm={arm.name} repeat={r}" + (f" fold={fold}" if fold is not None else "")
+            self._progress(i, n, what + " ...")
+            t = time.time()
+            if kind == "train":
+                msg = self.train(arm, r, fold)
+            elif kind == "predict":
+                msg = self.predict(arm, r)
+            else:
+                with self._report_lock:
+                    msg = self.evaluate(arm, r)
+            self._progress(i, n, f"{what}: {msg} ({time.time() - t:.0f} s)")
+
+    def _run_parallel(self, chains: list, n: int) -> None:
+        """Chains on ``cfg.jobs`` threads, each thread waiting on its own nnU-Net command. Signals reach the main
+        thread only: there, an interruption stops every running command, then the chains end."""
+        self.print(f"[experiment] {len(chains)} (arm, repeat) chains, up to {self.cfg.jobs} at a time")
+        with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="experiment") as pool:
+            futures = [pool.submit(self._run_chain, arm, r, steps, n) for arm, r, steps in chains]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+                if failed:
+                    self._halt.set()
+                    for f in futures:
+                        f.cancel()
+                    running = [c.args for c in list(self._children)]
+                    if running:
+                        self.print(f"[experiment] a step failed: starting nothing new; waiting for the {len(running)} "
+                                   "running step(s) to finish (Ctrl-C stops them; they resume on the next run)")
+                    wait(futures)
+                    raise failed[0].exception()
+            except BaseException:
+                self._halt.set()
+                for f in futures:
+                    f.cancel()
+                self._stop_children()
+                wait(futures)
+                raise
+
+    def _stop_children(self) -> None:
+        """Stop every running command's process tree, all at once (each may take its grace period)."""
+        stoppers = [threading.Thread(target=stop_process_tree, args=(c,)) for c in list(self._children)
+                    if c.poll() is None]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
 
     def _write_settings(self, arm: Arm, repeat: int) -> None:
         path = self.run_dir(arm.name, repeat) / "settings.json"
@@ -797,7 +869,7 @@ def _scarcity_line(rec: dict) -> str:
 
 
 def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = (),
-                echo: Callable[[str], None] | None = None) -> int:
+                echo: Callable[[str], None] | None = None, running: set | None = None) -> int:
     """Run ``cmd`` with its output appended to ``log``; return its exit status. Never leaves a process behind.
 
     The child stays in our process group (Ctrl-C or a kill of the group reaches it directly) and gets SIGTERM
@@ -805,7 +877,8 @@ def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = ()
     SIGTERM turned into one by the runner), the child and every process it started (nnU-Net's data
     augmentation workers, a synthesis producer) are stopped: SIGTERM first so that they release shared memory,
     SIGKILL for what is left after a grace period. Its descendants are listed before the child is signalled,
-    because once it is gone they are re-parented and no longer traceable to it.
+    because once it is gone they are re-parented and no longer traceable to it. ``running``, when given, holds
+    the child while it runs (for a caller that must stop it from another thread).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -813,6 +886,8 @@ def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = ()
         f.flush()
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE if show else f, stderr=subprocess.STDOUT, env=env,
                                  preexec_fn=_die_with_parent, text=bool(show), errors="replace" if show else None)
+        if running is not None:
+            running.add(child)
         try:
             if show:
                 for line in child.stdout:
@@ -826,6 +901,8 @@ def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = ()
                 stop_process_tree(child)
             if child.stdout is not None:
                 child.stdout.close()
+            if running is not None:
+                running.discard(child)
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
