@@ -245,6 +245,8 @@ def test_parallel_jobs_overlap_chains_keep_their_order_and_a_failure_starts_noth
             mine = [s for s in steps if s["what"].endswith(f" {arm} {rep}")]
             assert [s["what"].split()[0] for s in sorted(mine, key=lambda s: s["start"])] == ["train", "predict", "evaluate"]
     assert "6 (arm, repeat) chains, up to 2 at a time" in r.stdout
+    progress = [l for l in r.stdout.splitlines() if "[experiment " in l]
+    assert len(progress) == 2 * 18 and all(l.count("[experiment") == 1 for l in progress), "lines of two chains mixed"
 
     # chains a0 and bad0 start together; "bad" fails its training after 0.2 s while "a" trains (2 s) beside it:
     # "a" finishes its running step, nothing starts after the failure, the error names the failed step, exit 2
@@ -282,3 +284,36 @@ def test_sigterm_to_a_parallel_experiment_stops_every_running_step(tmp_path):
             and not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")]
     assert left == [], "a step outlived the SIGTERM of the experiment"
     assert _steps(tmp_path / "out") == [], "no step may have completed"
+
+
+def test_parallel_cpu_jobs_cap_torch_threads_in_nnunet_entry_points(tmp_path, monkeypatch):
+    """nnU-Net's train/predict entry points set torch's threads to every core; side by side (jobs 2 on a CPU) the
+    runner's entry points cap that call at cores // jobs (PROMPTLESION_TORCH_THREADS)."""
+    from nnunet_promptlesion.experiments.torch_threads import ENV_TORCH_THREADS
+
+    code = ("import torch\nfrom nnunet_promptlesion.experiments.torch_threads import cap_torch_threads\n"
+            "cap_torch_threads()\ntorch.set_num_threads(8)   # what nnU-Net's entry point does on an 8-core CPU\n"
+            "print(torch.get_num_threads())\n")
+    for cap, expected in (("1", 1), ("3", 3), ("", 8)):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, ENV_TORCH_THREADS: cap},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == [str(expected)], r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, ENV_TORCH_THREADS: "two"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"{ENV_TORCH_THREADS}='two' must be a positive integer" in r.stderr
+
+    # the runner sets it for CPU experiments with jobs > 1 only, and never over the user's own value
+    cfg_path, env = _scripted_experiment(tmp_path, ["a"], jobs=2)
+    monkeypatch.setenv("nnUNet_raw", env["nnUNet_raw"])
+    monkeypatch.setenv("nnUNet_preprocessed", env["nnUNet_preprocessed"])
+    monkeypatch.delenv(ENV_TORCH_THREADS, raising=False)
+    runner = ExperimentRunner(load_config(str(cfg_path)), tmp_path / "o")
+    arm = runner.cfg.arms[0]
+    assert runner._env(arm, 0, "0")[ENV_TORCH_THREADS] == str(max(1, (os.cpu_count() or 1) // 2))
+    runner.cfg.device = "cuda"
+    assert ENV_TORCH_THREADS not in runner._env(arm, 0, "0")
+    runner.cfg.device, runner.cfg.jobs = "cpu", 1
+    assert ENV_TORCH_THREADS not in runner._env(arm, 0, "0")
+    runner.cfg.jobs = 2
+    monkeypatch.setenv(ENV_TORCH_THREADS, "5")
+    assert runner._env(arm, 0, "0")[ENV_TORCH_THREADS] == "5"

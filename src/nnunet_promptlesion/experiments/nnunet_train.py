@@ -10,11 +10,14 @@ convention), so that prediction measures nothing, yet on a 2-core CPU it costs m
 nnU-Net's export pool spawns ``nnUNet_def_n_proc`` workers of ~1 GB each). The experiment evaluates held-out
 test cases instead. Budget key ``"final_validation": false`` sets the variable; by default it runs as usual.
 Training, checkpoints and checkpoint selection are untouched: the switch acts after ``run_training``.
+With ``PROMPTLESION_TORCH_THREADS`` set, torch's CPU threads are capped (see :mod:`.torch_threads`).
 """
 from __future__ import annotations
 
 import os
 import sys
+
+from .torch_threads import cap_torch_threads
 
 ENV_FINAL_VALIDATION = "PROMPTLESION_FINAL_VALIDATION"
 
@@ -35,6 +38,7 @@ def _skip_final_validation() -> None:
 
 
 def main() -> None:
+    cap_torch_threads()
     if not final_validation_enabled():
         _skip_final_validation()
     from nnunetv2.run.run_training import run_training_entry

@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..utils.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from .torch_threads import ENV_TORCH_THREADS
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = ".complete"
@@ -294,12 +295,6 @@ def _expand(value: Any, arm: str) -> Any:
     return value
 
 
-def _bin(name: str) -> str:
-    """A console script of this environment (next to the running interpreter), else from PATH."""
-    p = Path(sys.executable).parent / name
-    return str(p) if p.exists() else (shutil.which(name) or name)
-
-
 class ExperimentRunner:
     """Runs one experiment config into ``out_dir``. ``log`` receives progress lines (default: print).
 
@@ -313,7 +308,7 @@ class ExperimentRunner:
                  show: tuple[str, ...] = (), class_notes: dict[str, str] | None = None):
         self.cfg = cfg
         self.out = Path(out_dir).resolve()
-        self.print = log or (lambda s: print(s, flush=True))
+        self.print = _one_line_at_a_time(log or (lambda s: print(s, flush=True)))
         self.show = tuple(show)
         self.class_notes = dict(class_notes or {})
         if arms:
@@ -513,6 +508,9 @@ class ExperimentRunner:
         if settings_file.is_file():
             env["PROMPTLESION_SETTINGS"] = str(settings_file)
         env["PROMPTLESION_SEED"] = str(self.cfg.seed + 1000 * repeat + self._base_index(fold))
+        if self.cfg.jobs > 1 and self.cfg.device == "cpu" and ENV_TORCH_THREADS not in env:
+            # nnU-Net would give every one of the parallel commands all cores (see .torch_threads)
+            env[ENV_TORCH_THREADS] = str(max(1, (os.cpu_count() or 1) // self.cfg.jobs))
         return env
 
     def _run(self, cmd: list[str], env: dict, log: Path) -> int:
@@ -538,12 +536,10 @@ class ExperimentRunner:
         if (fd / "checkpoint_final.pth").is_file() and (marker.is_file() or (fd / "validation" / "summary.json").is_file()):
             return "skipped (finished)"
         resume = any((fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
-        if self.cfg.budget.get("final_validation", True):
-            entry = [_bin("nnUNetv2_train")]
-        else:   # nnU-Net's entry point with its final validation switched off (see .nnunet_train)
-            entry = [sys.executable, "-m", "nnunet_promptlesion.experiments.nnunet_train"]
-        cmd = [*entry, self.dataset_name, self.cfg.configuration, fold, "-tr", arm.trainer,
-               "-p", self.cfg.plans, "-device", self.cfg.device]
+        # nnU-Net's entry point, with its final validation switched off by the budget and torch's threads capped
+        # for parallel CPU jobs (see .nnunet_train)
+        cmd = [sys.executable, "-m", "nnunet_promptlesion.experiments.nnunet_train", self.dataset_name,
+               self.cfg.configuration, fold, "-tr", arm.trainer, "-p", self.cfg.plans, "-device", self.cfg.device]
         if self.cfg.checkpoint == "checkpoint_best.pth":
             cmd.append("--val_best")   # nnU-Net's own validation then also scores the model we evaluate
         if resume:
@@ -572,10 +568,10 @@ class ExperimentRunner:
             if d.exists():
                 shutil.rmtree(d)
         p = self.cfg.predict
-        cmd = [_bin("nnUNetv2_predict"), "-i", str(self.images), "-o", str(pred), "-d", self.dataset_name,
-               "-c", self.cfg.configuration, "-p", self.cfg.plans, "-tr", arm.trainer, "-f", *folds,
-               "-chk", self.cfg.checkpoint, "-device", self.cfg.device,
-               "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
+        # nnU-Net's nnUNetv2_predict, torch's threads capped for parallel CPU jobs (see .nnunet_predict)
+        cmd = [sys.executable, "-m", "nnunet_promptlesion.experiments.nnunet_predict", "-i", str(self.images),
+               "-o", str(pred), "-d", self.dataset_name, "-c", self.cfg.configuration, "-p", self.cfg.plans,
+               "-tr", arm.trainer, "-f", *folds, "-chk", self.cfg.checkpoint, "-device", self.cfg.device, "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
         if p.get("disable_tta"):
             cmd.append("--disable_tta")
         if p.get("save_probabilities", True):
@@ -866,6 +862,16 @@ def _scarcity_line(rec: dict) -> str:
             f"{len(rec['carriers'])} training cases carrying it ({', '.join(rec['kept']) or 'none'}; seed "
             f"{rec['seed']}), dropped {len(rec['dropped'])}; {rec['n_train_scarce']} vs {rec['n_train_full']} "
             f"training cases; {where}")
+
+
+def _one_line_at_a_time(out: Callable[[str], None]) -> Callable[[str], None]:
+    """``out`` behind a lock: parallel chains print whole lines (print writes text and newline separately)."""
+    lock = threading.Lock()
+
+    def locked(line: str) -> None:
+        with lock:
+            out(line)
+    return locked
 
 
 def run_command(cmd: list[str], env: dict, log: Path, show: tuple[str, ...] = (),
