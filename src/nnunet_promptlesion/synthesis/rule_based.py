@@ -50,14 +50,21 @@ class LesionIntensityStats:
 
 
 def measure_lesions(image: np.ndarray, seg: np.ndarray, lesion: LesionClass, stats: LesionIntensityStats,
-                    ring_voxels: int = 3, min_voxels: int = 2) -> list[np.ndarray]:
+                    ring_voxels: int = 3, min_voxels: int = 2, min_interior_voxels: int = 4) -> list[np.ndarray]:
     """Add the contrast/texture of every component of ``lesion.label`` in one case to ``stats``.
 
     image: (C, X, Y, Z); seg: (X, Y, Z). The parent reference is the parent-labelled voxels in a
-    ring of ``ring_voxels`` around the component. Returns the component crops (for a mask bank).
+    ring of ``ring_voxels`` around the component. The lesion's own mean and std are taken on its
+    interior (the component without its one-voxel rim) when that holds ``min_interior_voxels``, else on
+    the whole component. Returns the component crops (for a mask bank).
     """
+    # Why the interior: the rim voxels mix lesion and surroundings (partial volume, the scanner's blur). Their
+    # spread is an edge, not a texture, and painting makes its own soft edge (blending). Measured with the rim,
+    # a small bright lesion gets a mean well below its core and a "texture" std that is mostly that edge, so
+    # painted lesions came out darker and noisier than the real ones (docs/results.md, false positives).
     labelled, _ = ndimage.label(seg == lesion.label, structure=np.ones((3,) * seg.ndim, bool))
     parent = np.isin(seg, lesion.parents)
+    rim_structure = ndimage.generate_binary_structure(seg.ndim, 1)
     comps = []
     for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
         if sl is None:
@@ -71,7 +78,8 @@ def measure_lesions(image: np.ndarray, seg: np.ndarray, lesion: LesionClass, sta
         if ring.sum() < 3:
             continue
         crop = image[(slice(None),) + grown]
-        inside, around = crop[:, comp], crop[:, ring]
+        core = ndimage.binary_erosion(comp, structure=rim_structure)
+        inside, around = crop[:, core if core.sum() >= min_interior_voxels else comp], crop[:, ring]
         stats.add(inside.mean(1) - around.mean(1), inside.std(1))
         comps.append(labelled[sl] == i)
     return comps

@@ -40,7 +40,7 @@ from ..lesions.masks import MaskBank
 from ..synthesis.rule_based import LesionIntensityStats, measure_lesions
 from ..utils.atomic import atomic_path
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 INDEX_DIRNAME = "promptlesion_index"
 #: carrier centres kept per (case, parent label); nnU-Net's class_locations hold up to 10,000
 MAX_CENTRES_PER_CASE = 2000
