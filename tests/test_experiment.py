@@ -317,3 +317,15 @@ def test_parallel_cpu_jobs_cap_torch_threads_in_nnunet_entry_points(tmp_path, mo
     runner.cfg.jobs = 2
     monkeypatch.setenv(ENV_TORCH_THREADS, "5")
     assert runner._env(arm, 0, "0")[ENV_TORCH_THREADS] == "5"
+
+
+def test_the_resolved_experiment_json_loads_again_for_report_only(tmp_path):
+    """OUT/experiment.json (what the runner writes) is a config the documented `--report-only` call accepts."""
+    cfg_path, _ = _scripted_experiment(tmp_path, ["a", "b"], jobs=2)
+    cfg = load_config(str(cfg_path))
+    written = tmp_path / "out" / "experiment.json"
+    written.parent.mkdir()
+    written.write_text(json.dumps(cfg.to_dict()))
+    again = load_config(str(written))
+    assert {k: v for k, v in again.to_dict().items() if k != "source"} == \
+        {k: v for k, v in cfg.to_dict().items() if k != "source"}

@@ -145,3 +145,14 @@ def test_format_table_aligns_columns():
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].endswith(" 1/10") and lines[3].endswith("10/10") and set(lines[1].strip()) <= {"-", " "}
+
+
+def test_a_collapsed_ceiling_training_is_named_in_the_report():
+    # one ceiling training learnt the class (.8), the other did not (0): the mean (.4) alone would hide it
+    ev = {"base": {0: _results({"a": 0.1, "b": 0.1}), 1: _results({"a": 0.1, "b": 0.1})},
+          "syn": {0: _results({"a": 0.6, "b": 0.6}), 1: _results({"a": 0.6, "b": 0.6})},
+          "ceil": {0: _results({"a": 0.8, "b": 0.8}), 1: _results({"a": 0.0, "b": 0.0})}}
+    text = format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))
+    assert "ceiling: 1 of 2 trainings did not learn the class (Dice < 5 %)" in text
+    ev["ceil"][1] = _results({"a": 0.7, "b": 0.7})
+    assert "did not learn the class" not in format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))

@@ -49,6 +49,8 @@ METRICS = ("Dice", "NSD", "sensitivity", "fp_per_case", "lesion_dice")
 N_BOOT = 2000
 CONFIDENCE = 0.95
 NO_HEADROOM = "no ceiling headroom: the ceiling does not beat the baseline, so at this budget the class cannot be learnt"
+#: a ceiling training below this Dice of a class did not learn it (a collapsed run, not a weak one)
+CEILING_MISS_DICE = 0.05
 
 
 def mean_sd(values) -> tuple[float | None, float | None, int]:
@@ -422,7 +424,22 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
             gd = [rows_by_arm[a]["gap_closed"] for a in order if rows_by_arm[a]["gap_closed"]]
             if gd and gd[0]["Dice"]["note"] == NO_HEADROOM:
                 lines.append(f"  {NO_HEADROOM}.")
+            missed, n = ceiling_misses(comp, cls)
+            if missed:
+                # The mean hides it and the gap's interval is then withheld as "n/a": say why, in words.
+                lines.append(f"  ceiling: {missed} of {n} trainings did not learn the class (Dice < "
+                             f"{100 * CEILING_MISS_DICE:.0f} %); the ceiling's mean and 'gap closed' rest on the "
+                             "other(s). More repeats or a larger budget would steady it.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def ceiling_misses(comp: dict, cls: str) -> tuple[int, int]:
+    """(ceiling trainings whose Dice of ``cls`` is below CEILING_MISS_DICE, ceiling trainings with a Dice)."""
+    ceil = comp.get("ceiling")
+    if not ceil:
+        return 0, 0
+    per = [v for v in comp["table"][cls][ceil]["per_repeat"]["Dice"] if v is not None]
+    return sum(v < CEILING_MISS_DICE for v in per), len(per)
 
 
 def _num(v, digits: int = 3) -> str:

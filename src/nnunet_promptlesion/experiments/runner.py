@@ -155,7 +155,7 @@ PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget", "checkpoint",
             "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
-            "scarcity"}
+            "scarcity", "source"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
 
