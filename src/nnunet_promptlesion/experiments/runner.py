@@ -677,31 +677,28 @@ class ExperimentRunner:
             self._progress(i, n, f"{what}: {msg} ({time.time() - t:.0f} s)")
 
     def _run_parallel(self, chains: list, n: int) -> None:
-        """Chains on ``cfg.jobs`` threads, each thread waiting on its own nnU-Net command. Signals reach the main
-        thread only: there, an interruption stops every running command, then the chains end."""
+        """Chains on ``cfg.jobs`` threads, each thread waiting on its own nnU-Net command. A failing chain sets
+        ``_halt`` itself, so the others start no new step. Signals reach the main thread only: there, an
+        interruption stops every running command, then the chains end."""
         self.print(f"[experiment] {len(chains)} (arm, repeat) chains, up to {self.cfg.jobs} at a time")
         with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="experiment") as pool:
             futures = [pool.submit(self._run_chain, arm, r, steps, n) for arm, r, steps in chains]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
-                if failed:
-                    self._halt.set()
-                    for f in futures:
-                        f.cancel()
-                    running = [c.args for c in list(self._children)]
-                    if running:
-                        self.print(f"[experiment] a step failed: starting nothing new; waiting for the {len(running)} "
-                                   "running step(s) to finish (Ctrl-C stops them; they resume on the next run)")
-                    wait(futures)
-                    raise failed[0].exception()
-            except BaseException:
+                if any(f.done() and f.exception() is not None for f in futures) and self._children:
+                    self.print(f"[experiment] a step failed: starting nothing new; waiting for the {len(self._children)} "
+                               "running step(s) to finish (Ctrl-C stops them; they resume on the next run)")
+                wait(futures)
+            except BaseException:   # Ctrl-C, or SIGTERM turned into KeyboardInterrupt
                 self._halt.set()
                 for f in futures:
                     f.cancel()
                 self._stop_children()
                 wait(futures)
                 raise
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
 
     def _stop_children(self) -> None:
         """Stop every running command's process tree, all at once (each may take its grace period)."""
