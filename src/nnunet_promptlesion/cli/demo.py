@@ -139,7 +139,7 @@ def main(argv=None) -> None:
                     help="override budget entries of the config, e.g. --budget epochs=1 iterations_per_epoch=2")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--jobs", type=int, help="trainings run at the same time (default: the config's, 2 for the "
-                    "shipped demo: one CPU training keeps ~1.2 of 2 cores busy)")
+                    "shipped demo: one CPU training keeps ~1.5 of 2 cores busy)")
     ap.add_argument("--diffusion", action="store_true",
                     help="add the diffusion arm: pretrain a tiny generator with promptlesion_pretrain (VQGAN, diffusion, "
                          "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. The "

@@ -48,9 +48,9 @@ nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refu
 
 Parallel runs: with ``"jobs": N`` (or ``--jobs N``) up to N (arm, repeat) chains - train every fold, predict,
 evaluate - run at the same time, each its own nnU-Net processes. Worth it where one training leaves the device
-partly idle: on a CPU (data loading and nnU-Net's start-up are single-threaded; the demo's trainings use ~1.2 of
-2 cores each) or a large GPU with small models. What runs and what it produces does not change; only the order
-of the progress lines does. If a step fails, nothing new starts and the steps already running finish (Ctrl-C
+partly idle: on a CPU (data loading and nnU-Net's start-up are single-threaded; a demo training uses ~1.5 of
+2 cores) or a large GPU with small models. What runs does not change (on a CPU each command gets cores // jobs
+torch threads instead of all cores); the progress lines interleave. If a step fails, nothing new starts and the steps already running finish (Ctrl-C
 stops them); a SIGTERM or Ctrl-C stops every running command, and the same command resumes.
 
 Layout of the output folder::
@@ -153,8 +153,8 @@ BUDGET_KEYS = {"epochs": "PROMPTLESION_NUM_EPOCHS", "iterations_per_epoch": "PRO
 EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", "paired_cases", "bootstrap"}
 PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
-TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget", "checkpoint",
-            "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
+TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget",
+            "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
             "scarcity", "source"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
@@ -322,7 +322,7 @@ class ExperimentRunner:
         self.t0 = time.time()
         self._children: set[subprocess.Popen] = set()   # running nnU-Net commands (several with jobs > 1)
         self._halt = threading.Event()                    # parallel runs: start no further step
-        self._report_lock = threading.Lock()              # evaluation writes matplotlib figures (not thread-safe)
+        self._evaluate_lock = threading.Lock()            # evaluation writes matplotlib figures (not thread-safe)
         self._promptlesion_arms: set[str] = set()   # arms whose trainer reads PROMPTLESION_SETTINGS (set by check)
         for var in ("nnUNet_raw", "nnUNet_preprocessed"):
             if not os.environ.get(var):
@@ -571,7 +571,8 @@ class ExperimentRunner:
         # nnU-Net's nnUNetv2_predict, torch's threads capped for parallel CPU jobs (see .nnunet_predict)
         cmd = [sys.executable, "-m", "nnunet_promptlesion.experiments.nnunet_predict", "-i", str(self.images),
                "-o", str(pred), "-d", self.dataset_name, "-c", self.cfg.configuration, "-p", self.cfg.plans,
-               "-tr", arm.trainer, "-f", *folds, "-chk", self.cfg.checkpoint, "-device", self.cfg.device, "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
+               "-tr", arm.trainer, "-f", *folds, "-chk", self.cfg.checkpoint, "-device", self.cfg.device,
+               "-npp", str(p.get("npp", 1)), "-nps", str(p.get("nps", 1))]
         if p.get("disable_tta"):
             cmd.append("--disable_tta")
         if p.get("save_probabilities", True):
@@ -672,7 +673,7 @@ class ExperimentRunner:
             elif kind == "predict":
                 msg = self.predict(arm, r)
             else:
-                with self._report_lock:
+                with self._evaluate_lock:
                     msg = self.evaluate(arm, r)
             self._progress(i, n, f"{what}: {msg} ({time.time() - t:.0f} s)")
 
