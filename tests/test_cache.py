@@ -1,6 +1,8 @@
 """promptlesion_build_cache and the diffusion_cache source on a real nnU-Net preprocessed phantom (CPU, tiny generator)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -24,12 +26,30 @@ def setup(tmp_path_factory):
     return diffusion_setup(tmp_path_factory)
 
 
+def build_in_process(setup, out: Path, **kw) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of promptlesion_build_cache's main() with build_cache_cmd's arguments, run in
+    this process: a new process would pay ~12 CPU-s of torch / MONAI / nnU-Net imports for a few seconds of
+    rendering. The console command itself runs as a process below (the killed run, torchrun, --help)."""
+    from nnunet_promptlesion.cli.build_cache import main
+
+    argv = [str(a) for a in build_cache_cmd(setup, out, **kw)]
+    assert argv[1:3] == ["-m", "nnunet_promptlesion.cli.build_cache"]
+    out_buf, err_buf = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(k, setup["env"][k])
+        with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+            code = main(argv[3:])
+    return code, out_buf.getvalue(), err_buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def cache_a(setup, tmp_path_factory):
     """An uninterrupted cache: 3 classes x 2 samples in 3 shards of 2."""
     out = tmp_path_factory.mktemp("cache") / "a"
-    p = run(build_cache_cmd(setup, out), setup["env"])
-    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"synthesizer": "diffusion_cache", "cache": str(out.resolve())}
+    code, stdout, stderr = build_in_process(setup, out)
+    assert code == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"synthesizer": "diffusion_cache", "cache": str(out.resolve())}
     return out
 
 
@@ -90,7 +110,7 @@ def test_cached_sample_rebuilds_exactly_outside_its_blend_support(setup, cache_a
 def test_kill_and_resume_equals_uninterrupted(setup, cache_a, tmp_path):
     out = tmp_path / "b"
     # a first run stopped cleanly after one shard, then a run killed (SIGKILL) while rendering, then a resume
-    run([*build_cache_cmd(setup, out), "--stop-after-shards", 1], setup["env"])
+    assert build_in_process(setup, out, extra=["--stop-after-shards", 1])[0] == 0
     assert [p.name for p in (out / "shards").glob("*.npz")] == ["shard_000000.npz"]
     p = subprocess.Popen([str(c) for c in build_cache_cmd(setup, out)], env=setup["env"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -102,7 +122,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, cache_a, tmp_path):
     for f in (out / "shards").iterdir():  # whatever is on disk is complete (partials are hidden temp files)
         if f.name.startswith("shard_"):
             _shards(out)
-    run(build_cache_cmd(setup, out), setup["env"])
+    assert build_in_process(setup, out)[0] == 0
     a, b = _shards(cache_a), _shards(out)
     assert list(a) == list(b) == ["shard_000000.npz", "shard_000001.npz", "shard_000002.npz"]
     for name in a:
@@ -113,9 +133,8 @@ def test_kill_and_resume_equals_uninterrupted(setup, cache_a, tmp_path):
     ma, mb = json.loads((cache_a / "manifest.json").read_text()), json.loads((out / "manifest.json").read_text())
     assert ma["fingerprint"] == mb["fingerprint"] and ma["counts"] == mb["counts"]
     # the same folder with other build settings is refused
-    r = subprocess.run([str(c) for c in build_cache_cmd(setup, out, per_class=3)], env=setup["env"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "other build settings" in r.stderr
+    code, _, stderr = build_in_process(setup, out, per_class=3)
+    assert code == 2 and "other build settings" in stderr
 
 
 def test_fingerprint_mismatch_is_refused(setup, cache_a, monkeypatch):
@@ -141,9 +160,8 @@ def test_cli_help_and_errors(setup, tmp_path):
     r = subprocess.run([str(BIN / "python"), "-m", "nnunet_promptlesion.cli.build_cache", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--per-class" in r.stdout and "torchrun" in r.stdout
-    r = subprocess.run([str(c) for c in build_cache_cmd(setup, tmp_path / "x", extra=["--classes", "nope"])],
-                       env=setup["env"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--classes" in r.stderr
+    code, _, stderr = build_in_process(setup, tmp_path / "x", extra=["--classes", "nope"])
+    assert code == 2 and "--classes" in stderr
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -53,12 +54,50 @@ def test_patience_lookup(tmp_path, monkeypatch):
 
 
 def test_trainers_carry_the_mixin():
+    from nnunet_promptlesion.trainers.progress_plot import ThrottledProgressPlotMixin
     from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from nnunet_promptlesion.trainers.variants import nnUNetTrainer_promptlesionDemo
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     assert honours_experiment_controls(PromptLesionTrainer)
     assert honours_experiment_controls(nnUNetTrainer_earlyStopping)
     assert not honours_experiment_controls(nnUNetTrainer)
+    for cls in (PromptLesionTrainer, nnUNetTrainer_earlyStopping, nnUNetTrainer_promptlesionDemo):
+        assert issubclass(cls, ThrottledProgressPlotMixin)
+
+
+def test_progress_plot_throttle_skips_redraws_closer_than_cost_over_share_and_flushes_the_last():
+    from nnunet_promptlesion.trainers.progress_plot import ProgressPlotThrottle
+
+    now = [0.0]
+    drawn = []
+
+    def plot(folder):            # a drawing that takes 2 s of the fake clock
+        now[0] += 2.0
+        drawn.append((folder, now[0]))
+
+    t = ProgressPlotThrottle(plot, max_share=0.1, clock=lambda: now[0])
+    t("e0")                      # the first call draws: ends at 2
+    now[0] += 5.0
+    t("e1")                      # 5 s after it: < 2 / 0.1 = 20 s, skipped
+    now[0] += 14.0
+    t("e2")                      # 19 s: still skipped
+    now[0] += 1.0
+    t("e3")                      # 20 s: drawn, ends at 24
+    now[0] += 1.0
+    t("e4")                      # skipped; flush draws it (the last state), then nothing is pending
+    t.flush()
+    t.flush()
+    assert [f for f, _ in drawn] == ["e0", "e3", "e4"] and (t.calls, t.skipped) == (5, 3) and t.cost == 2.0
+    # a flush with nothing skipped draws nothing; max_share None draws every call (nnU-Net's behaviour)
+    every = ProgressPlotThrottle(plot, max_share=None, clock=lambda: now[0])
+    n = len(drawn)
+    for i in range(3):
+        every(f"x{i}")
+    every.flush()
+    assert len(drawn) == n + 3 and every.skipped == 0
+    with pytest.raises(ValueError, match="max_share"):
+        ProgressPlotThrottle(plot, max_share=0.0)
 
 
 # nnU-Net's own entry points (get_trainer_from_args' steps, maybe_load_checkpoint, run_training) on the real
@@ -150,6 +189,10 @@ def test_early_stopping_in_nnunet_training_loop_continued_after_a_kill_mid_save(
     # nnU-Net stores the epoch to continue from: best after epoch 2, final after epoch 4
     assert best["current_epoch"] == 3 and final["current_epoch"] == 5
     assert best["_best_ema"] == pytest.approx(0.514)
+    # few-second epochs: nnU-Net's progress plot was redrawn less often, and once more at the end (all epochs)
+    m = re.search(r"progress.png: (\d+) of 4 epoch redraws skipped", p.stdout)
+    assert m and int(m.group(1)) >= 1, p.stdout[-3000:]
+    assert (fold / "progress.png").stat().st_mtime_ns >= (fold / "checkpoint_final.pth").stat().st_mtime_ns
 
     # continuing the stopped run (--c) does not train further
     p = subprocess.run([sys.executable, "-c", DRIVER, name, "continue", plans], env=env, capture_output=True, text=True,

@@ -41,6 +41,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ..utils.atomic import write_json_atomic
 from .checkpointing import AtomicCheckpointMixin
+from .progress_plot import ThrottledProgressPlotMixin
 from .settings import SETTINGS_ENV, SETTINGS_FILENAME
 
 ENV_PATIENCE = "PROMPTLESION_EARLY_STOPPING_PATIENCE"
@@ -112,12 +113,13 @@ class _StopTraining(Exception):
     """Raised at the start of an epoch to leave nnU-Net's training loop (caught in run_training)."""
 
 
-class EarlyStoppingMixin(AtomicCheckpointMixin):
+class EarlyStoppingMixin(ThrottledProgressPlotMixin, AtomicCheckpointMixin):
     """Put before the nnU-Net trainer class: ``class MyTrainer(EarlyStoppingMixin, nnUNetTrainer)``.
 
     Adds early stopping on the EMA pseudo-Dice and the environment controls listed in the module docstring,
     and writes checkpoints atomically (:mod:`.checkpointing`): the experiment runner continues killed runs with
-    ``--c``, which a checkpoint torn by the kill would make impossible.
+    ``--c``, which a checkpoint torn by the kill would make impossible. nnU-Net's progress plot is throttled for
+    few-second epochs (:mod:`.progress_plot`).
     nnU-Net's training loop itself is unchanged: the mixin leaves it at the start of the epoch after the
     patience ran out and then runs nnU-Net's own ``on_train_end`` (checkpoint_final.pth, loader shutdown).
     """

@@ -6,6 +6,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .checkpointing import AtomicCheckpointMixin
+from .progress_plot import ThrottledProgressPlotMixin
 from .promptlesion_trainer import PromptLesionTrainer
 
 
@@ -76,7 +77,8 @@ class _NoSelfValidationMixin:
         return super().perform_actual_validation(save_probabilities)
 
 
-class nnUNetTrainer_promptlesionDemo(_NoSelfValidationMixin, _NoMirroringMixin, AtomicCheckpointMixin, nnUNetTrainer):
+class nnUNetTrainer_promptlesionDemo(_NoSelfValidationMixin, _NoMirroringMixin, ThrottledProgressPlotMixin,
+                                     AtomicCheckpointMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
