@@ -7,6 +7,8 @@ Built once per test run and shared by the pytest-xdist workers (conftest.shared_
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -57,3 +59,22 @@ def build_cache_cmd(setup: dict, out: Path, per_class=2, shard_size=2, extra=())
     return [sys.executable, "-m", "nnunet_promptlesion.cli.build_cache", "-d", setup["did"], "-f", "0",
             "--diffusion", setup["checkpoint"], "--per-class", per_class, "--steps", 2, "--batch", 2,
             "--shard-size", shard_size, "--device", "cpu", "--num-threads", 1, "--no-progress", "-o", out, *extra]
+
+
+def build_in_process(setup, out: Path, **kw) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of promptlesion_build_cache's main() with build_cache_cmd's arguments, run in
+    this process: a new process would pay ~12 CPU-s of torch / MONAI / nnU-Net imports for a few seconds of
+    rendering. test_cache runs the console command itself as a process (a killed run, torchrun, --help)."""
+    import pytest
+
+    from nnunet_promptlesion.cli.build_cache import main
+
+    argv = [str(a) for a in build_cache_cmd(setup, out, **kw)]
+    assert argv[1:3] == ["-m", "nnunet_promptlesion.cli.build_cache"]
+    out_buf, err_buf = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(k, setup["env"][k])
+        with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
+            code = main(argv[3:])
+    return code, out_buf.getvalue(), err_buf.getvalue()

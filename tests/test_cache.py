@@ -1,8 +1,6 @@
 """promptlesion_build_cache and the diffusion_cache source on a real nnU-Net preprocessed phantom (CPU, tiny generator)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from conftest import BIN, run
-from diffusion_fixtures import build_cache_cmd, diffusion_setup
+from diffusion_fixtures import build_cache_cmd, build_in_process, diffusion_setup
 
 torch.set_num_threads(1)
 
@@ -24,23 +22,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return diffusion_setup(tmp_path_factory)
-
-
-def build_in_process(setup, out: Path, **kw) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of promptlesion_build_cache's main() with build_cache_cmd's arguments, run in
-    this process: a new process would pay ~12 CPU-s of torch / MONAI / nnU-Net imports for a few seconds of
-    rendering. The console command itself runs as a process below (the killed run, torchrun, --help)."""
-    from nnunet_promptlesion.cli.build_cache import main
-
-    argv = [str(a) for a in build_cache_cmd(setup, out, **kw)]
-    assert argv[1:3] == ["-m", "nnunet_promptlesion.cli.build_cache"]
-    out_buf, err_buf = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            mp.setenv(k, setup["env"][k])
-        with contextlib.redirect_stdout(out_buf), contextlib.redirect_stderr(err_buf):
-            code = main(argv[3:])
-    return code, out_buf.getvalue(), err_buf.getvalue()
 
 
 @pytest.fixture(scope="module")

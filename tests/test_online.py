@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, processes_with_env, run, wait_until_gone
-from diffusion_fixtures import build_cache_cmd, diffusion_setup
+from conftest import BIN, processes_with_env, wait_until_gone
+from diffusion_fixtures import build_in_process, diffusion_setup
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def cache_run(setup, tmp_path_factory):
     """A cache (3 classes x 2) and a real nnUNetv2_train run on it (2 loader workers)."""
     tmp = tmp_path_factory.mktemp("cache_run")
     cache = tmp / "cache"
-    run(build_cache_cmd(setup, cache, per_class=2), setup["env"])
+    code, _, err = build_in_process(setup, cache, per_class=2)
+    assert code == 0, err[-3000:]
     _, fold = _train(setup, tmp, {"synthesizer": "diffusion_cache", "cache": str(cache), "class_weights": "uniform"},
                      "PromptLesionTrainer_checked")
     return {"cache": cache, "fold": fold}
@@ -172,8 +173,9 @@ def test_quality_filter_with_a_trained_nnunet_model(setup, cache_run, monkeypatc
         QualityFilter(model, "0", expect_plans=other, configuration="3d_fullres")
     # the cache command applies the filter and records the acceptance per class (threshold 0: all pass)
     out = tmp_path / "qcache"
-    run(build_cache_cmd(setup, out, per_class=1, shard_size=3,
-                        extra=["--quality-model", model, "--quality-min-iou", "0.0"]), setup["env"])
+    code, _, err = build_in_process(setup, out, per_class=1, shard_size=3,
+                                    extra=["--quality-model", model, "--quality-min-iou", "0.0"])
+    assert code == 0, err[-3000:]
     m = read_manifest(out)
     assert m["build"]["quality"]["min_iou"] == 0.0
     assert {k: v["acceptance_rate"] for k, v in m["quality_acceptance"].items()} == {"4": 1.0, "5": 1.0, "6": 1.0}
