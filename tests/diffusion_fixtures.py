@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import BIN, nnunet_env, run, shared_folder, write_nnunet_splits
 from test_diffusion_train import build_trained_run
 
@@ -65,8 +67,6 @@ def build_in_process(setup, out: Path, **kw) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of promptlesion_build_cache's main() with build_cache_cmd's arguments, run in
     this process: a new process would pay ~12 CPU-s of torch / MONAI / nnU-Net imports for a few seconds of
     rendering. test_cache runs the console command itself as a process (a killed run, torchrun, --help)."""
-    import pytest
-
     from nnunet_promptlesion.cli.build_cache import main
 
     argv = [str(a) for a in build_cache_cmd(setup, out, **kw)]

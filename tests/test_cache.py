@@ -30,7 +30,8 @@ def cache_a(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "a"
     code, stdout, stderr = build_in_process(setup, out)
     assert code == 0, stderr[-3000:]
-    assert json.loads(stdout.strip().splitlines()[-1]) == {"synthesizer": "diffusion_cache", "cache": str(out.resolve())}
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"synthesizer": "diffusion_cache",
+                                                           "cache": str(out.resolve())}
     return out
 
 

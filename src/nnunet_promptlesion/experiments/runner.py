@@ -50,8 +50,9 @@ Parallel runs: with ``"jobs": N`` (or ``--jobs N``) up to N (arm, repeat) chains
 evaluate - run at the same time, each its own nnU-Net processes. Worth it where one training leaves the device
 partly idle: on a CPU (data loading and nnU-Net's start-up are single-threaded; a demo training uses ~1.5 of
 2 cores) or a large GPU with small models. What runs does not change (on a CPU each command gets cores // jobs
-torch threads instead of all cores); the progress lines interleave. If a step fails, nothing new starts and the steps already running finish (Ctrl-C
-stops them); a SIGTERM or Ctrl-C stops every running command, and the same command resumes.
+torch threads instead of all cores); the progress lines interleave. If a step fails, nothing new starts and the
+steps already running finish (Ctrl-C stops them); a SIGTERM or Ctrl-C stops every running command, and the same
+command resumes.
 
 Layout of the output folder::
 
@@ -154,8 +155,8 @@ EVALUATION_KEYS = {"nsd_tolerance_mm", "detection_min_dice", "early_radius_mm", 
 PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget",
-            "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms", "description",
-            "scarcity", "source"}   # "source": where OUT/experiment.json's config came from (informational)
+            "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms",
+            "description", "scarcity", "source"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
 
@@ -687,8 +688,9 @@ class ExperimentRunner:
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
                 if any(f.done() and f.exception() is not None for f in futures) and self._children:
-                    self.print(f"[experiment] a step failed: starting nothing new; waiting for the {len(self._children)} "
-                               "running step(s) to finish (Ctrl-C stops them; they resume on the next run)")
+                    self.print(f"[experiment] a step failed: starting nothing new; waiting for the "
+                               f"{len(self._children)} running step(s) to finish (Ctrl-C stops them; they resume on "
+                               "the next run)")
                 wait(futures)
             except BaseException:   # Ctrl-C, or SIGTERM turned into KeyboardInterrupt
                 self._halt.set()
