@@ -328,6 +328,7 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     done = [l for l in r.stdout.splitlines() if l.startswith("[experiment ") and "s)" in l]
     assert len(done) == 9 and all("skipped (finished)" in l for l in done), done
+    assert "nothing to check or run" in r.stdout     # the arm checks (importing every trainer) skipped too
 
 
 def test_diffusion_with_the_2d_demo_is_refused_before_pretraining(ccta_dataset, tmp_path):

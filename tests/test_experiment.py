@@ -329,3 +329,55 @@ def test_the_resolved_experiment_json_loads_again_for_report_only(tmp_path):
     again = load_config(str(written))
     assert {k: v for k, v in again.to_dict().items() if k != "source"} == \
         {k: v for k, v in cfg.to_dict().items() if k != "source"}
+
+
+def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_changed(tmp_path, monkeypatch):
+    """Every step finished under this same config: a re-run reports without the arm checks (they import every
+    trainer: nnU-Net and torch). Another config, or one step not finished, and the checks run again."""
+    cfg_path, env = _scripted_experiment(tmp_path, ["a", "b"], jobs=1, repeats=1)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(k, env[k])
+
+    class Checked(ExperimentRunner):
+        checks = 0
+
+        def check(self):
+            Checked.checks += 1
+            return []
+
+        def _run(self, cmd, env, log):
+            raise AssertionError(f"a finished step ran again: {cmd}")
+
+    out = tmp_path / "out"
+    cfg = load_config(str(cfg_path))
+    runner = Checked(cfg, out, log=lambda s: None)
+    for arm in cfg.arms:   # what finished steps leave behind
+        fd = runner.fold_dir(arm, 0, "0")
+        fd.mkdir(parents=True)
+        (fd / "checkpoint_final.pth").write_bytes(b"")
+        runner._train_marker(arm, 0, "0").write_text("done\n")
+        (runner.run_dir(arm.name, 0) / "predictions").mkdir()
+        (runner.run_dir(arm.name, 0) / "predictions" / ".complete").write_text(f"x {runner._predict_stamp(arm)}\n")
+        (runner.run_dir(arm.name, 0) / "evaluation").mkdir()
+        (runner.run_dir(arm.name, 0) / "evaluation" / "evaluation.json").write_text("{}")
+    lines = []
+
+    def rerun(config=None) -> list[str]:
+        lines.clear()
+        Checked(config or load_config(str(cfg_path)), out, log=lines.append).run(report=False)
+        return lines
+
+    assert not runner._finished_before()       # no experiment.json yet: never run here
+    rerun()
+    assert Checked.checks == 1
+    assert sum("skipped (finished)" in l for l in rerun()) == 2 * 3 and Checked.checks == 1
+    assert any("nothing to check or run" in l for l in lines)
+    rerun(load_config(str(cfg_path), {"budget": {"epochs": 7}}))   # another budget: checked again
+    assert Checked.checks == 2
+    rerun()
+    assert Checked.checks == 3                                      # experiment.json now holds the other budget
+    rerun()
+    assert Checked.checks == 3
+    assert Checked(load_config(str(cfg_path)), out)._finished_before()
+    (runner.run_dir("b", 0) / "evaluation" / "evaluation.json").unlink()   # one step left to do
+    assert not Checked(load_config(str(cfg_path)), out)._finished_before()

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .run_options import add_run_options
+
 EPILOG = """examples:
   # (a) nnU-Net preprocessed dataset 502, training cases of fold 0, VQGAN trained on the same data
   promptlesion_train_diffusion -d 502 -c 3d_fullres -f 0 \\
@@ -63,17 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompt-dropout", type=float, default=None, help="probability of the healthy/null prompt for CFG (default 0.1)")
     m.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default 400)")
     m.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy crops (default 0.25)")
-    m.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations and sample PNGs (default 1000)")
     m.add_argument("--eval-steps", type=int, default=50, help="DDIM steps for the sample PNGs (default 50)")
-    m.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    m.add_argument("--keep-every", type=int, default=0, help="also keep checkpoint_stepN.pt every N steps (default 0: off)")
-    m.add_argument("--log-every", type=int, default=10, help="steps between JSON-lines log records (default 10)")
-    m.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written) without changing the schedule")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
-    m.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process")
-    m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --output-dir")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(m, "evaluations and sample PNGs")
     return p
 
 

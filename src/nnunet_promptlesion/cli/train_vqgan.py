@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .run_options import add_run_options
+
 EPILOG = """examples:
   # (a) nnU-Net preprocessed dataset 501, 3d_fullres, training cases of fold 0 only
   promptlesion_train_vqgan -d 501 -c 3d_fullres -f 0 --preset paper --steps 100000
@@ -71,17 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "perceptual term; without it a weight-free slice SSIM + gradient term is used")
     m.add_argument("--oversample-rate", type=float, default=0.33, help="probability that a patch is centred on a labelled voxel (default 0.33)")
     m.add_argument("--oversample-labels", default=None, help="label weights for oversampling, e.g. '1:1,2:3' (default: every label, weight 1)")
-    m.add_argument("--eval-every", type=int, default=1000, help="steps between PSNR/SSIM evaluations and PNGs (default 1000)")
     m.add_argument("--num-eval-patches", type=int, default=8, help="held-out patches per evaluation (default 8)")
-    m.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    m.add_argument("--keep-every", type=int, default=0, help="also keep checkpoint_stepN.pt every N steps (default 0: off)")
-    m.add_argument("--log-every", type=int, default=10, help="steps between JSON-lines log records (default 10)")
-    m.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written) without changing the schedule")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
-    m.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process")
-    m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --output-dir")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(m, "PSNR/SSIM evaluations and PNGs")
     return p
 
 

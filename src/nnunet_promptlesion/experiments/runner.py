@@ -529,13 +529,46 @@ class ExperimentRunner:
         with open(self.out / "experiment.log", "a") as f:
             f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
 
-    def train(self, arm: Arm, repeat: int, fold: str) -> str:
-        fd = self.fold_dir(arm, repeat, fold)
+    def _train_marker(self, arm: Arm, repeat: int, fold: str) -> Path:
+        return self.run_dir(arm.name, repeat) / f"train_fold{fold}{DONE_MARKER}"
+
+    def _train_finished(self, arm: Arm, repeat: int, fold: str) -> bool:
         # Finished: nnUNetv2_train returned 0 here before (marker), or nnU-Net's final validation is written
         # (a training run by hand into this folder). Trainers that skip the final validation need the marker.
-        marker = self.run_dir(arm.name, repeat) / f"train_fold{fold}{DONE_MARKER}"
-        if (fd / "checkpoint_final.pth").is_file() and (marker.is_file() or (fd / "validation" / "summary.json").is_file()):
+        fd = self.fold_dir(arm, repeat, fold)
+        return (fd / "checkpoint_final.pth").is_file() and (self._train_marker(arm, repeat, fold).is_file()
+                                                            or (fd / "validation" / "summary.json").is_file())
+
+    def _predict_stamp(self, arm: Arm) -> str:
+        return f"folds {' '.join(self.arm_folds(arm))} {self.cfg.checkpoint}"
+
+    def _predict_finished(self, arm: Arm, repeat: int) -> bool:
+        done = self.run_dir(arm.name, repeat) / "predictions" / DONE_MARKER
+        return done.is_file() and self._predict_stamp(arm) in done.read_text()
+
+    def _evaluate_finished(self, arm: Arm, repeat: int) -> bool:
+        return (self.run_dir(arm.name, repeat) / "evaluation" / "evaluation.json").is_file()
+
+    def _finished_before(self) -> bool:
+        """True when this same config ran here before (experiment.json) and every one of its steps finished:
+        a re-run then has nothing to check or run (the check imports every arm's trainer, i.e. nnU-Net and
+        torch, seconds of CPU spent on a report that is already written)."""
+        try:
+            last = json.loads((self.out / "experiment.json").read_text())
+        except (OSError, ValueError):
+            return False
+        now = json.loads(json.dumps(self.cfg.to_dict()))
+        if {k: v for k, v in last.items() if k != "source"} != {k: v for k, v in now.items() if k != "source"}:
+            return False   # another config (where it was read from is only informational)
+        return all(all(self._train_finished(arm, r, f) for f in self.arm_folds(arm))
+                   and self._predict_finished(arm, r) and self._evaluate_finished(arm, r)
+                   for r in range(self.cfg.repeats) for arm in self.cfg.arms)
+
+    def train(self, arm: Arm, repeat: int, fold: str) -> str:
+        if self._train_finished(arm, repeat, fold):
             return "skipped (finished)"
+        fd = self.fold_dir(arm, repeat, fold)
+        marker = self._train_marker(arm, repeat, fold)
         resume = any((fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
         # nnU-Net's entry point, with its final validation switched off by the budget and torch's threads capped
         # for parallel CPU jobs (see .nnunet_train)
@@ -557,12 +590,11 @@ class ExperimentRunner:
         return ("resumed with --c" if resume else "trained") + note
 
     def predict(self, arm: Arm, repeat: int) -> str:
+        if self._predict_finished(arm, repeat):
+            return "skipped (finished)"
         pred = self.run_dir(arm.name, repeat) / "predictions"
         folds = self.arm_folds(arm)
-        stamp = f"folds {' '.join(folds)} {self.cfg.checkpoint}"
         done = pred / DONE_MARKER
-        if done.is_file() and stamp in done.read_text():
-            return "skipped (finished)"
         # an interrupted prediction may have left a half-written file, or the model changed (other folds):
         # predict again (cheap) and evaluate again
         for d in (pred, self.run_dir(arm.name, repeat) / "evaluation"):
@@ -581,16 +613,16 @@ class ExperimentRunner:
         log = self.run_dir(arm.name, repeat) / "logs" / "predict.log"
         if self._run(cmd, self._env(arm, repeat, None), log) != 0:
             self._fail(f"prediction arm '{arm.name}' repeat {repeat}", log)
-        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S ") + stamp + "\n", done)
+        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S ") + self._predict_stamp(arm) + "\n", done)
         return "predicted"
 
     def evaluate(self, arm: Arm, repeat: int) -> str:
         from ..evaluation.evaluate import evaluate_folders, write_outputs
 
+        if self._evaluate_finished(arm, repeat):
+            return "skipped (finished)"
         rd = self.run_dir(arm.name, repeat)
         target = rd / "evaluation"
-        if (target / "evaluation.json").is_file():
-            return "skipped (finished)"
         e = self.cfg.evaluation
         kwargs = {k: e[k] for k in ("nsd_tolerance_mm", "detection_min_dice", "early_radius_mm") if k in e}
 
@@ -630,8 +662,12 @@ class ExperimentRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            for line in self.check():
-                self.print(f"[experiment] {line}")
+            if self._finished_before():
+                self.print(f"[experiment] every step of this config finished in an earlier run ({self.out}): "
+                           "nothing to check or run")
+            else:
+                for line in self.check():
+                    self.print(f"[experiment] {line}")
             write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
             self.prepare()
             for rec in self.scarcity or []:
