@@ -156,3 +156,11 @@ def test_a_collapsed_ceiling_training_is_named_in_the_report():
     assert "ceiling: 1 of 2 trainings did not learn the class (Dice < 5 %)" in text
     ev["ceil"][1] = _results({"a": 0.7, "b": 0.7})
     assert "did not learn the class" not in format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))
+    # no ceiling training learnt it: there is no "other" training to rest on, and no headroom over the baseline
+    ev["ceil"] = {0: _results({"a": 0.0, "b": 0.0}), 1: _results({"a": 0.01, "b": 0.01})}
+    text = format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))
+    assert "no ceiling headroom" in text and "did not learn" not in text and "learnt the class" not in text
+    # ... or it beat a baseline at 0 but stayed under 5 %: said in its own words
+    ev["base"] = {0: _results({"a": 0.0, "b": 0.0}), 1: _results({"a": 0.0, "b": 0.0})}
+    text = format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))
+    assert "ceiling: none of its 2 trainings learnt the class (Dice < 5 %)" in text and "rest on" not in text

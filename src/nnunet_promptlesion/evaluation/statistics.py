@@ -422,10 +422,15 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
         lines.append(format_table(header, rows))
         if ceil:
             gd = [rows_by_arm[a]["gap_closed"] for a in order if rows_by_arm[a]["gap_closed"]]
-            if gd and gd[0]["Dice"]["note"] == NO_HEADROOM:
+            no_headroom = bool(gd) and gd[0]["Dice"]["note"] == NO_HEADROOM
+            if no_headroom:
                 lines.append(f"  {NO_HEADROOM}.")
             missed, n = ceiling_misses(comp, cls)
-            if missed:
+            if missed and missed == n:
+                if not no_headroom:   # that line already says the class is not learnt at this budget
+                    lines.append(f"  ceiling: none of its {n} trainings learnt the class (Dice < "
+                                 f"{100 * CEILING_MISS_DICE:.0f} %): at this budget no arm can show an effect on it.")
+            elif missed:
                 # The mean hides it and the gap's interval is then withheld as "n/a": say why, in words.
                 lines.append(f"  ceiling: {missed} of {n} trainings did not learn the class (Dice < "
                              f"{100 * CEILING_MISS_DICE:.0f} %); the ceiling's mean and 'gap closed' rest on the "
