@@ -348,6 +348,9 @@ def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_chang
         def _run(self, cmd, env, log):
             raise AssertionError(f"a finished step ran again: {cmd}")
 
+    plans = tmp_path / "pre" / "Dataset999_Scripted" / "nnUNetPlans.json"
+    plans.parent.mkdir(parents=True)
+    plans.write_text("{}")
     out = tmp_path / "out"
     cfg = load_config(str(cfg_path))
     runner = Checked(cfg, out, log=lambda s: None)
@@ -379,5 +382,8 @@ def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_chang
     rerun()
     assert Checked.checks == 3
     assert Checked(load_config(str(cfg_path)), out)._finished_before()
+    plans.unlink()                                # the data moved: the checks say what is missing
+    assert not Checked(load_config(str(cfg_path)), out)._finished_before()
+    plans.write_text("{}")
     (runner.run_dir("b", 0) / "evaluation" / "evaluation.json").unlink()   # one step left to do
     assert not Checked(load_config(str(cfg_path)), out)._finished_before()

@@ -560,6 +560,8 @@ class ExperimentRunner:
         now = json.loads(json.dumps(self.cfg.to_dict()))
         if {k: v for k, v in last.items() if k != "source"} != {k: v for k, v in now.items() if k != "source"}:
             return False   # another config (where it was read from is only informational)
+        if not (self.pre / self.dataset_name / f"{self.cfg.plans}.json").is_file():
+            return False   # the data moved: check() says what is missing (the scarce folds below read the plans)
         return all(all(self._train_finished(arm, r, f) for f in self.arm_folds(arm))
                    and self._predict_finished(arm, r) and self._evaluate_finished(arm, r)
                    for r in range(self.cfg.repeats) for arm in self.cfg.arms)
