@@ -671,7 +671,8 @@ class ExperimentRunner:
                 for line in self.check():
                     self.print(f"[experiment] {line}")
             write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
-            self.prepare()
+            if self.scarcity is None:   # not yet derived by the caller or by _finished_before (same config)
+                self.prepare()
             for rec in self.scarcity or []:
                 self.print(f"[experiment] {_scarcity_line(rec)} (recorded in {self.out / 'scarcity.json'})")
             # one chain per (arm, repeat): its folds' trainings, then prediction and evaluation, in that order
