@@ -19,6 +19,8 @@ EPILOG = textwrap.dedent("""\
       promptlesion_convert msd   /data/Task07_Pancreas --dataset-id 503
       promptlesion_convert ccta  --images /data/ccta/images --labels /data/ccta/labels \\
           --label wall=1 --label calcified_plaque=2 --label noncalcified_plaque=3 --dataset-id 504
+      promptlesion_convert nifti --images ../shared/data/ibsi_sts/imagesTr --masks ../shared/data/ibsi_sts/labelsTr \
+          --lesion sarcoma=1 --test-cases 15 --split-seed 0 --dataset-id 505 --name Sarcoma
       promptlesion_convert merge --inputs 501 502 503 --dataset-id 510 --name AbdomenTumours --stage-tumours
       nnUNetv2_plan_and_preprocess -d 501 --verify_dataset_integrity
 
@@ -58,11 +60,11 @@ def _add_common(p: argparse.ArgumentParser, default_name: str | None, reorient_d
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptlesion_convert",
-        description="Convert CT lesion datasets (KiTS19/21/23, LiTS, MSD tasks, CCTA/generic folders) to nnU-Net "
-                    "raw format with a lesion_spec.json for PromptLesionTrainer, or merge converted datasets "
+        description="Convert CT lesion datasets (KiTS19/21/23, LiTS, MSD tasks, CCTA/generic folders, plain CT + "
+                    "lesion-mask NIfTI pairs with a derived parent structure) to nnU-Net raw format with a lesion_spec.json for PromptLesionTrainer, or merge converted datasets "
                     "into one multi-organ dataset. Set the nnUNet_raw environment variable first.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{kits,lits,msd,ccta,merge}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{kits,lits,msd,ccta,nifti,merge}")
 
     k = sub.add_parser("kits", help="KiTS19 / KiTS21 / KiTS23 (case_XXXXX/imaging.nii.gz + segmentation.nii.gz)",
                        description="Convert a KiTS release. SOURCE is the folder with the case_XXXXX folders "
@@ -138,6 +140,70 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--unlabelled-to-test", action="store_true", help="put images without a label map into imagesTs")
     _add_common(c, "CCTA")
 
+    from ..dataset_conversion.nifti_pairs import DEFAULT_AIR_HU, DEFAULT_MIN_COMPONENT_MM3, DEFAULT_PARENT_NAME, \
+        DEFAULT_TISSUE_HU
+    n = sub.add_parser(
+        "nifti", help="CT + lesion-mask NIfTI pairs without organ labels; derives the parent structure",
+        description="Convert a folder of CT images and a folder of lesion masks paired by name (images/<case>.nii.gz "
+                    "or <case>_0000.nii.gz, masks/<case>.nii.gz on the same grid) and derive the parent structure "
+                    "synthetic lesions are placed in (PromptLesionTrainer places lesions only at labelled parent "
+                    "voxels; background never qualifies). Written labels: the parent(s) 1, 2, ..., then the "
+                    "lesions. --parent body-window (default) derives it from the CT: the body (largest connected "
+                    "component above --air-hu, plus any component holding a lesion, holes filled slice by slice "
+                    "and in 3D) within the tissue window --tissue-hu LO HI, minus the lesions, without components "
+                    "under --min-component-mm3. Choose the window as the tissue the lesions grow in and resemble: "
+                    "it is where synthetic lesions are painted. The default -30..150 HU (muscle-like soft tissue; "
+                    "fat, air, lung and bone excluded) suits soft-tissue tumours such as sarcomas (median ~30 HU); "
+                    "the per-case share of lesion voxels inside the window is printed and kept in conversion.json. "
+                    "--parent masks takes the parents from organ label files you already have (e.g. "
+                    "TotalSegmentator --ml output) instead. lesion_spec.json gets the real lesions' radii and "
+                    "their HU contrast to the surrounding parent. Every input is checked and every parent derived "
+                    "before anything is written.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  # 36 soft-tissue sarcoma CTs with their GTV masks; 15 held out (seeded) into imagesTs/labelsTs\n"
+               "  promptlesion_convert nifti --images ../shared/data/ibsi_sts/imagesTr \\\n"
+               "      --masks ../shared/data/ibsi_sts/labelsTr --lesion sarcoma=1 \\\n"
+               "      --test-cases 15 --split-seed 0 -d 505 --name Sarcoma\n"
+               "  nnUNetv2_plan_and_preprocess -d 505 -c 3d_fullres --verify_dataset_integrity\n\n"
+               "  # parents from TotalSegmentator multi-label masks (liver = 5, kidneys = 2,3)\n"
+               "  promptlesion_convert nifti --images ct --masks tumours --lesion liver_tumour=1:liver \\\n"
+               "      --lesion kidney_tumour=2:kidney --parent masks --parent-masks totalseg \\\n"
+               "      --parent-label liver=5 --parent-label kidney=2,3 -d 506")
+    n.add_argument("--images", type=Path, required=True, help="folder of CT volumes in HU (.nii.gz, .nii, .mha, .nrrd)")
+    n.add_argument("--masks", type=Path, required=True, help="folder of lesion masks with the same case names")
+    n.add_argument("--mask-suffix", default="", help="suffix of mask file names after the case name (e.g. _gtv)")
+    n.add_argument("--lesion", action="append", default=[], metavar="NAME=VALUE[,VALUE][:PARENT[,PARENT]]",
+                   help="a lesion class and the mask value(s) forming it (repeatable, required), e.g. sarcoma=1; "
+                        "optionally the parent names it lies in (default: every parent). Other non-zero mask "
+                        "values are refused")
+    n.add_argument("--parent", choices=["body-window", "masks"], default="body-window",
+                   help="how the parent structure is made (default body-window)")
+    n.add_argument("--parent-name", default=DEFAULT_PARENT_NAME,
+                   help=f"body-window: name of the derived parent label (default {DEFAULT_PARENT_NAME})")
+    n.add_argument("--air-hu", type=float, default=DEFAULT_AIR_HU,
+                   help=f"body-window: voxels above this HU form the body (default {DEFAULT_AIR_HU:g})")
+    n.add_argument("--tissue-hu", type=float, nargs=2, default=list(DEFAULT_TISSUE_HU), metavar=("LO", "HI"),
+                   help="body-window: HU window of the parent tissue, inclusive (default "
+                        f"{DEFAULT_TISSUE_HU[0]:g} {DEFAULT_TISSUE_HU[1]:g}: muscle-like soft tissue, for soft-tissue "
+                        "tumours)")
+    n.add_argument("--min-component-mm3", type=float, default=DEFAULT_MIN_COMPONENT_MM3,
+                   help="body-window: drop parent components smaller than this (default "
+                        f"{DEFAULT_MIN_COMPONENT_MM3:g} mm^3)")
+    n.add_argument("--parent-masks", type=Path, default=None,
+                   help="masks: folder of organ label files <case>[<parent-suffix>].nii.gz on the images' grids")
+    n.add_argument("--parent-suffix", default="", help="masks: suffix of parent mask file names after the case name")
+    n.add_argument("--parent-label", action="append", default=[], metavar="NAME=VALUE[,VALUE]",
+                   help="masks: a parent label and the organ-mask value(s) forming it (repeatable, in output order); "
+                        "other organ values become background; lesion voxels win over parent voxels")
+    n.add_argument("--test-cases", type=int, default=0,
+                   help="hold this many cases (a seeded random choice) out into imagesTs/labelsTs (default 0)")
+    n.add_argument("--split-seed", type=int, default=0, help="seed of the test split (default 0)")
+    n.add_argument("--allow-healthy", action="store_true",
+                   help="accept masks without any lesion voxel (healthy cases) instead of refusing them")
+    n.add_argument("--prefix", default="", help="case name prefix: cases are named <prefix>_<case> (default: none)")
+    _add_common(n, "NiftiLesions")
+
     mg = sub.add_parser("merge", help="merge converted datasets into one multi-organ dataset",
                         description="Merge datasets converted by this tool (plain labels, each with "
                                     "lesion_spec.json). Labels are matched by name: the same organ from two sources "
@@ -154,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULT_NAMES = {"lits": "LiTS", "ccta": "CCTA", "merge": "MultiOrgan"}
+DEFAULT_NAMES = {"lits": "LiTS", "ccta": "CCTA", "nifti": "NiftiLesions", "merge": "MultiOrgan"}
 
 
 def _options(args, name: str | None = None) -> ConvertOptions:
@@ -205,9 +271,46 @@ def run(args) -> ConversionResult:
         return convert_folder(args.images, args.labels, mapping, _options(args), prefix=args.prefix,
                               label_suffix=args.label_suffix, spacing=args.spacing,
                               unlabelled_to_test=args.unlabelled_to_test)
+    if args.command == "nifti":
+        from ..dataset_conversion.nifti_pairs import BodyWindowParent, LesionMapping, MaskParent, convert_nifti_pairs
+
+        if args.parent == "masks":
+            if args.parent_masks is None:
+                raise ConversionError(["--parent masks needs --parent-masks DIR and --parent-label NAME=VALUE"],
+                                      header="invalid arguments")
+            parent = MaskParent.from_cli(args.parent_masks, args.parent_label, args.parent_suffix)
+        else:
+            if args.parent_masks is not None or args.parent_label:
+                raise ConversionError(["--parent-masks/--parent-label need --parent masks"], header="invalid arguments")
+            parent = BodyWindowParent(args.parent_name, args.air_hu, tuple(args.tissue_hu), args.min_component_mm3)
+        return convert_nifti_pairs(args.images, args.masks, [LesionMapping.parse(a) for a in args.lesion],
+                                   _options(args), parent, test_cases=args.test_cases, split_seed=args.split_seed,
+                                   prefix=args.prefix, mask_suffix=args.mask_suffix, allow_healthy=args.allow_healthy)
     from ..dataset_conversion.merge import merge_datasets
 
     return merge_datasets(args.inputs, _options(args), prefix_cases=args.prefix_cases)
+
+
+def _print_nifti_summary(folder: Path) -> None:
+    import json
+
+    info = json.loads((folder / "conversion.json").read_text())
+    rows = sorted(info["cases"].items())
+    print(f"parent derivation: {info['parent_derivation']}")
+    print(f"{'case':<22} {'split':<5} {'parent %':>8} {'parent HU':>9} {'lesion vox':>10} {'lesion HU p5/50/p95':>20} "
+          f"{'in window':>9}")
+    for cid, st in rows:
+        hu = st.get("lesion_hu_p5_median_p95")
+        win = st.get("lesion_in_window_fraction")
+        print(f"{cid:<22} {st.get('split', 'train'):<5} {100 * st['parent_fraction']:>8.1f} "
+              f"{st['parent_median_hu']:>9.0f} {st['lesion_voxels']:>10d} "
+              f"{'/'.join(f'{x:.0f}' for x in hu) if hu else '-':>20} {'-' if win is None else f'{100 * win:.0f} %':>9}")
+    fr = [st["parent_fraction"] for _, st in rows]
+    print(f"parent fraction of the volume: median {100 * float(sorted(fr)[len(fr) // 2]):.1f} %, "
+          f"min {100 * min(fr):.1f} %, max {100 * max(fr):.1f} %")
+    for name, p in info.get("lesion_intensity_hu", {}).items():
+        print(f"{name}: {p.get('lesions', 0)} training lesion(s); contrast to the parent {p.get('contrast_hu')} HU, "
+              f"texture {p.get('texture_hu')} HU (10th-90th percentile, written to lesion_spec.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{[list(r) for r in l.radius_mm]} mm")
     else:
         print("no lesion_spec.json written: no lesion label with a parent structure (use --lesion LESION:PARENT)")
+    if args.command == "nifti":
+        _print_nifti_summary(res.folder)
     print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity")
     return 0
 

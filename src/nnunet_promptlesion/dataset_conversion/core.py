@@ -150,6 +150,9 @@ class SourceCase:
     value_map: per-case source -> written label values (merges: one map per input dataset);
         None uses the scheme's.
     copy_images: copy the (already .nii.gz, 3D) channel files byte for byte instead of rewriting them.
+    test: a labelled case held out of training: written to imagesTs + labelsTs, not counted in numTraining and
+        not used for the lesion spec's radii or priors.
+    provenance: extra entries for this case's record in conversion.json (e.g. derived-label statistics).
     """
 
     case_id: str
@@ -158,6 +161,8 @@ class SourceCase:
     spacing: tuple[float, float, float] | None = None
     value_map: dict[int, int] | None = None
     copy_images: bool = False
+    test: bool = False
+    provenance: dict | None = None
 
 
 @dataclass
@@ -326,8 +331,11 @@ def _scheme_summary(scheme: LabelScheme) -> list[dict]:
     return [dataclasses.asdict(l) for l in scheme.lesions]
 
 
-def build_lesion_spec(scheme: LabelScheme, radii: dict[int, list[float]]) -> LesionSpec | None:
-    """Lesion spec from the scheme's lesion labels and the equivalent radii (mm) seen per label value."""
+def build_lesion_spec(scheme: LabelScheme, radii: dict[int, list[float]],
+                      priors: dict[int, dict] | None = None) -> LesionSpec | None:
+    """Lesion spec from the scheme's lesion labels and the equivalent radii (mm) seen per label value.
+
+    ``priors``: per label value, extra :class:`LesionClass` fields (e.g. ``contrast_hu``, ``texture_hu``)."""
     lesions = []
     for l in scheme.lesions:
         if not l.parents:
@@ -335,18 +343,22 @@ def build_lesion_spec(scheme: LabelScheme, radii: dict[int, list[float]]) -> Les
             continue
         lesions.append(LesionClass(name=l.name, label=l.value, parents=list(l.parents),
                                    radius_mm=radius_ranges(radii.get(l.value, []), l.stage), shape="mixed",
-                                   may_leave_parent=l.may_leave_parent))
+                                   may_leave_parent=l.may_leave_parent, **(priors or {}).get(l.value, {})))
     return LesionSpec(lesions=lesions) if lesions else None
 
 
 def convert_dataset(cases: Sequence[SourceCase], scheme: LabelScheme, options: ConvertOptions, *,
                     converter: str, source: str, extra_problems: Sequence[str] = (),
                     dataset_json_extra: dict | None = None,
-                    stage_pairs: Sequence[tuple[int, int]] | None = None) -> ConversionResult:
+                    stage_pairs: Sequence[tuple[int, int]] | None = None,
+                    lesion_priors: dict[int, dict] | None = None,
+                    conversion_extra: dict | None = None) -> ConversionResult:
     """Validate and convert ``cases`` into ``nnUNet_raw/DatasetXXX_Name`` (see module docstring).
 
     ``stage_pairs`` [(early value, late value)] stages with a scheme that already holds the
     staged labels (merges); otherwise ``options.stage_tumours`` stages via :meth:`LabelScheme.staged`.
+    ``lesion_priors``: extra lesion spec fields per written lesion value (see :func:`build_lesion_spec`);
+    ``conversion_extra``: extra top-level entries of conversion.json.
     """
     target = target_folder(options)
     validate_cases(cases, scheme, options, extra_problems)
@@ -367,14 +379,15 @@ def convert_dataset(cases: Sequence[SourceCase], scheme: LabelScheme, options: C
         for case in tqdm(cases, desc=f"converting {converter}", unit="case", disable=not options.progress,
                          file=sys.stderr):
             labelled = case.label is not None
-            img_dir = tmp / ("imagesTr" if labelled else "imagesTs")
+            img_dir = tmp / ("imagesTr" if labelled and not case.test else "imagesTs")
             img_dir.mkdir(exist_ok=True)
             try:
                 info = _write_images(case, img_dir, options)
             except Exception as e:
                 raise ConversionError([f"{case.images[0]}: cannot convert image ({e})"]) from e
             provenance[case.case_id] = {"images": [str(p) for p in case.images],
-                                        "label": str(case.label) if labelled else None}
+                                        "label": str(case.label) if labelled else None,
+                                        **({"split": "test"} if case.test else {}), **(case.provenance or {})}
             if not labelled:
                 n_ts += 1
                 log.log(event="case", case=case.case_id, split="test")
@@ -393,6 +406,12 @@ def convert_dataset(cases: Sequence[SourceCase], scheme: LabelScheme, options: C
                                        f"image {info.size} after reorientation"])
             for early_v, late_v in stage_pairs:
                 stage_components(arr, early_v, late_v, info.spacing)
+            if case.test:
+                (tmp / "labelsTs").mkdir(exist_ok=True)
+                _write_label(arr, info, tmp / "labelsTs" / f"{case.case_id}{FILE_ENDING}")
+                n_ts += 1
+                log.log(event="case", case=case.case_id, split="test", labelled=True)
+                continue
             case_radii = {}
             for v in radii:
                 r = component_radii_mm(arr, v, info.spacing)
@@ -407,12 +426,12 @@ def convert_dataset(cases: Sequence[SourceCase], scheme: LabelScheme, options: C
         extra.setdefault("name", options.name)
         extra["converted_by"] = f"promptlesion_convert {converter}"
         ds_json = make_dataset_json(out_scheme.labels, n_tr, channel_names=options.channel_names, **extra)
-        spec = build_lesion_spec(out_scheme, radii)
+        spec = build_lesion_spec(out_scheme, radii, lesion_priors)
         write_dataset_metadata(tmp, ds_json, spec)
         write_json_atomic({"converter": converter, "source": source, "dataset": target.name,
                            "stage_tumours": bool(stage_pairs), "reorient": options.reorient,
                            "source_to_written_values": {str(k): int(v) for k, v in scheme.value_map.items()},
-                           "lesions": _scheme_summary(out_scheme), "cases": provenance},
+                           "lesions": _scheme_summary(out_scheme), **(conversion_extra or {}), "cases": provenance},
                           tmp / CONVERSION_INFO_FILENAME)
         log.log(event="done", num_training=n_tr, num_test=n_ts)
     names = {l.value: l.name for l in out_scheme.lesions}

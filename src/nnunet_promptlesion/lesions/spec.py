@@ -164,6 +164,15 @@ class LesionSpec:
             else:
                 values.add(int(v))
         for l in self.lesions:
+            if 0 in l.parents:
+                # Placement sites come from nnU-Net's class_locations, which never hold background.
+                raise LesionSpecError(
+                    f"lesion spec: '{l.name}' names background (0) as a parent; lesions are placed at voxels of a "
+                    "labelled parent structure and nnU-Net lists no background locations, so placement would fail. "
+                    "Label the structure the lesions lie in (e.g. `promptlesion_convert nifti` derives a soft-tissue "
+                    "parent from the CT) and name its label; for lesions that may extend into background set "
+                    "'may_leave_parent': true.")
+        for l in self.lesions:
             for lab, what in [(l.label, "label")] + [(p, "parent") for p in l.parents]:
                 if lab not in values:
                     raise LesionSpecError(
