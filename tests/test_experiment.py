@@ -350,19 +350,25 @@ def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_chang
 
     plans = tmp_path / "pre" / "Dataset999_Scripted" / "nnUNetPlans.json"
     plans.parent.mkdir(parents=True)
-    plans.write_text("{}")
+    plans_text = json.dumps({"configurations": {"3d_fullres": {"data_identifier": "d", "architecture": {}}}})
+    plans.write_text(plans_text)
+    (plans.parent / "dataset.json").write_text("{}")
+    (plans.parent / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
     out = tmp_path / "out"
     cfg = load_config(str(cfg_path))
     runner = Checked(cfg, out, log=lambda s: None)
-    for arm in cfg.arms:   # what finished steps leave behind
+    for arm in cfg.arms:   # what finished steps leave behind: their outputs and records
         fd = runner.fold_dir(arm, 0, "0")
         fd.mkdir(parents=True)
         (fd / "checkpoint_final.pth").write_bytes(b"")
         runner._train_marker(arm, 0, "0").write_text("done\n")
+        runner._train_record(arm, 0, "0").write_text(json.dumps({"inputs": runner.train_inputs(arm, 0, "0")}))
         (runner.run_dir(arm.name, 0) / "predictions").mkdir()
         (runner.run_dir(arm.name, 0) / "predictions" / ".complete").write_text(f"x {runner._predict_stamp(arm)}\n")
         (runner.run_dir(arm.name, 0) / "evaluation").mkdir()
         (runner.run_dir(arm.name, 0) / "evaluation" / "evaluation.json").write_text("{}")
+        (runner.run_dir(arm.name, 0) / "evaluation" / "inputs.json").write_text(
+            json.dumps({"inputs": runner._evaluate_inputs(arm, 0)}))
     lines = []
 
     def rerun(config=None) -> list[str]:
@@ -375,15 +381,94 @@ def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_chang
     assert Checked.checks == 1
     assert sum("skipped (finished)" in l for l in rerun()) == 2 * 3 and Checked.checks == 1
     assert any("nothing to check or run" in l for l in lines)
-    rerun(load_config(str(cfg_path), {"budget": {"epochs": 7}}))   # another budget: checked again
+    # another budget: checked again, and refused (the models were trained with the old one), naming every step;
+    # experiment.json keeps the config the models were made from
+    with pytest.raises(ExperimentError) as e:
+        rerun(load_config(str(cfg_path), {"budget": {"epochs": 7}}))
     assert Checked.checks == 2
+    for arm in ("a", "b"):
+        assert f"train arm={arm} repeat=0 fold=0: budget.epochs unset -> 7\n" in str(e.value), str(e.value)
+        assert f"predict arm={arm} repeat=0: the models changed (retrained)\n" in str(e.value)
+        assert f"evaluate arm={arm} repeat=0: the predictions changed (redone)\n" in str(e.value)
+    assert "--retrain-changed" in str(e.value)
+    assert "budget" not in json.loads((out / "experiment.json").read_text()) or \
+        json.loads((out / "experiment.json").read_text())["budget"] == {}
     rerun()
-    assert Checked.checks == 3                                      # experiment.json now holds the other budget
-    rerun()
-    assert Checked.checks == 3
+    assert Checked.checks == 2                                      # still finished under the old config
     assert Checked(load_config(str(cfg_path)), out)._finished_before()
     plans.unlink()                                # the data moved: the checks say what is missing
     assert not Checked(load_config(str(cfg_path)), out)._finished_before()
-    plans.write_text("{}")
+    plans.write_text(plans_text)
     (runner.run_dir("b", 0) / "evaluation" / "evaluation.json").unlink()   # one step left to do
     assert not Checked(load_config(str(cfg_path)), out)._finished_before()
+
+
+def test_rerun_with_another_budget_or_settings_refuses_reports_the_models_and_retrains_them(nnunet_paths, tmp_path,
+                                                                                            capsys):
+    """Real nnU-Net, 1 epoch x 1 iteration: a re-run into the same folder with another budget or arm settings never
+    reports the old models under the new config. It refuses (exit 2) naming what changed and every affected step,
+    leaving experiment.json and settings.json as they were; --report-only states what the models were trained with;
+    --retrain-changed retrains exactly the changed training (and its prediction and evaluation)."""
+    import torch
+
+    from nnunet_promptlesion.cli.experiment import main
+
+    root, did, env = nnunet_paths
+    arms = [{"name": "rule", "trainer": "PromptLesionTrainer", "settings": {"synthetic_fraction": 0.5}}]
+    budget = {"epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1, "early_stopping_patience": 0,
+              "mirroring": False, "save_every": 1, "final_validation": False}
+    cfg_path = _config(tmp_path, did, "nnUNetPlans", arms, repeats=1, budget=budget, reference_arm=None,
+                       checkpoint="checkpoint_final.pth", predict={"disable_tta": True, "save_probabilities": False})
+    out = tmp_path / "out"
+    cli = [str(cfg_path), "-o", str(out)]
+    main(cli)
+    rd = out / "runs" / "rule" / "repeat_0"
+    rec = json.loads((rd / "train_fold0.inputs.json").read_text())["inputs"]
+    assert rec["budget"]["epochs"] == 1 and rec["settings"] == {"synthetic_fraction": 0.5} and rec["seed"] == 0
+    assert rec["trainer"] == "PromptLesionTrainer" and rec["fold"] == "0" and rec["data_digest"].startswith("sha256:")
+    assert "1 epochs x 1 iterations" in (out / "results" / "report.txt").read_text()
+    record_before = {f: (out / f).read_text() for f in ("experiment.json", "runs/rule/repeat_0/settings.json")}
+
+    def refused(changed_cfg: dict, *expected: str) -> None:
+        p = tmp_path / "changed.json"
+        p.write_text(json.dumps({**json.loads(cfg_path.read_text()), **changed_cfg}))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(p), "-o", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        for s in expected:
+            assert s in err, err
+        assert {f: (out / f).read_text() for f in record_before} == record_before, "the record was overwritten"
+
+    refused({"budget": {**budget, "epochs": 2}}, "train arm=rule repeat=0 fold=0: budget.epochs 1 -> 2",
+            "predict arm=rule repeat=0: the models changed", "evaluate arm=rule repeat=0: the predictions changed",
+            "--retrain-changed")
+    refused({"arms": [{**arms[0], "settings": {"synthetic_fraction": 1.0}}]},
+            "train arm=rule repeat=0 fold=0: settings.synthetic_fraction 0.5 -> 1.0")
+    refused({"seed": 5}, "train arm=rule repeat=0 fold=0: seed 0 -> 5")
+
+    # --report-only under the changed budget reports the models as trained, and says that the config differs
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({**json.loads(cfg_path.read_text()), "budget": {**budget, "epochs": 2}}))
+    main([str(changed), "-o", str(out), "--report-only"])
+    report = (out / "results" / "report.txt").read_text()
+    assert "Budget: 1 epochs x 1 iterations" in report and "2 epochs" not in report.split("NOTE")[0]
+    assert "NOTE: the config now differs" in report and "arm=rule repeat=0 fold=0: budget.epochs 1 -> 2" in report
+    assert json.loads((out / "results" / "comparison.json").read_text())["models"]["rule"][0]["budget"]["epochs"] == 1
+
+    # --retrain-changed: the training is redone from scratch with 2 epochs, then its prediction and evaluation
+    capsys.readouterr()
+    main([str(changed), "-o", str(out), "--retrain-changed"])
+    printed = capsys.readouterr().out
+    assert "redo (inputs changed): train arm=rule repeat=0 fold=0: budget.epochs 1 -> 2" in printed
+    assert "train    arm=rule repeat=0 fold=0: trained" in printed and "resumed" not in printed
+    fd = next((rd / "nnUNet_results").glob("*/PromptLesionTrainer__nnUNetPlans__3d_fullres/fold_0"))
+    final = torch.load(fd / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert len(final["logging"]["train_losses"]) == 2
+    assert json.loads((rd / "train_fold0.inputs.json").read_text())["inputs"]["budget"]["epochs"] == 2
+    assert "Budget: 2 epochs x 1 iterations" in (out / "results" / "report.txt").read_text()
+    assert json.loads((out / "experiment.json").read_text())["budget"]["epochs"] == 2
+    # the same config once more: every step finished from these inputs
+    main([str(changed), "-o", str(out)])
+    assert "nothing to check or run" in capsys.readouterr().out

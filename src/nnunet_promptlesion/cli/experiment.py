@@ -19,7 +19,9 @@ examples:
 
 Re-running the same command resumes: finished trainings/predictions/evaluations are skipped, an
 interrupted training continues from its last checkpoint with nnUNetv2_train --c, an interrupted
-prediction is redone. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
+prediction is redone. Every step records what it was made from (runs/<arm>/repeat_<r>/train_fold<f>.inputs.json,
+predictions/.complete, evaluation/inputs.json); a re-run with another budget, arm settings, seed, plans or data
+refuses and names the changed steps, unless --retrain-changed redoes exactly those. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
 nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. SIGTERM or Ctrl-C stops the running nnU-Net commands
 and every process they started. Results: OUT/results/report.txt and results.md (one table per class, arms from
 the scarce baseline to the ceiling: Dice mean ± sd over repeats, lesion-wise sensitivity, Dice difference to
@@ -49,7 +51,12 @@ def main(argv=None) -> None:
     ap.add_argument("--include", nargs="+", default=[], metavar="GROUP",
                     help="also run the optional arms of these groups (arms with \"optional\": GROUP, e.g. diffusion)")
     ap.add_argument("--check", action="store_true", help="only check the config, dataset and arms, run nothing")
-    ap.add_argument("--report-only", action="store_true", help="only (re)build the results from finished evaluations")
+    ap.add_argument("--report-only", action="store_true", help="only (re)build the results from finished evaluations; "
+                    "the report states what the models were trained with (their records), whatever the config says now")
+    ap.add_argument("--retrain-changed", action="store_true",
+                    help="redo exactly the steps whose recorded inputs (trainer, settings, budget, seed, folds, plans, "
+                    "data) differ from this config, and the predictions and evaluations of their models; without it "
+                    "such a re-run refuses and names them")
     ap.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     ap.add_argument("--show-config", metavar="NAME", help="print a shipped config and exit")
     args = ap.parse_args(argv)
@@ -73,7 +80,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
                                         "folds": args.folds, "jobs": args.jobs, "budget": budget})
         out = args.output or f"experiments/{cfg.name}"
-        runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include)
+        runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include, retrain_changed=args.retrain_changed)
         if args.check:
             for line in runner.check():
                 print(f"[experiment] {line}")

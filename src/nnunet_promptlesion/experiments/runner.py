@@ -61,6 +61,9 @@ Layout of the output folder::
     experiment.log             every step with its command and outcome (progress lines are printed too)
     runs/<arm>/repeat_<r>/
         settings.json          PROMPTLESION_SETTINGS of the arm (PromptLesion trainers)
+        train_fold<f>.inputs.json  what the training was made from (trainer, settings, budget, seed, fold, plans,
+                               configuration, data digests), written before it starts; a re-run whose config gives
+                               other inputs refuses naming them and the affected steps (--retrain-changed: redo them)
         nnUNet_results/        nnUNet_results of this training (folds, checkpoints, nnU-Net's logs)
         predictions/           nnUNetv2_predict output for the test images (+ .complete when finished)
         evaluation/            promptlesion_evaluate output (+ transfer.json: softmax in real test lesions,
@@ -92,6 +95,8 @@ from .torch_threads import ENV_TORCH_THREADS
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = ".complete"
+TRAIN_RECORD = ".inputs.json"      # runs/<arm>/repeat_<r>/train_fold<f>.inputs.json: what the training is made from
+EVALUATE_RECORD = "inputs.json"    # runs/<arm>/repeat_<r>/evaluation/inputs.json: what the evaluation scored
 _PATH_SETTINGS = ("cache", "diffusion", "vqgan", "quality_model", "lesion_spec")
 
 
@@ -296,18 +301,82 @@ def _expand(value: Any, arm: str) -> Any:
     return value
 
 
+def _digest(obj: Any) -> str:
+    """Short sha256 of bytes or of a JSON-able object (canonical: sorted keys)."""
+    import hashlib
+
+    data = obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def _read_record(path: Path) -> dict | None:
+    """The "inputs" of a step record file; None when it is missing or unreadable (a torn or foreign file)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("inputs") if isinstance(rec, dict) and isinstance(rec.get("inputs"), dict) else None
+
+
+def _read_record_text(text: str) -> dict | None:
+    """The JSON stamp in a predictions/.complete marker ("<time> {json}"); None for an older version's stamp."""
+    try:
+        rec = json.loads(text[text.index("{"):])
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict):   # an empty dict adds no key: {} and a missing budget read alike
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _describe_changes(old: dict | None, new: dict) -> str:
+    """'budget.epochs 1 -> 3; settings.synthetic_fraction 0.5 -> 1.0' (digests: 'data_digest changed')."""
+    if old is None:
+        return "no readable record of what it was made from (an older version's or a torn record)"
+    a, b = _flatten(old), _flatten(new)
+    unset = object()
+
+    def show(v: Any) -> str:
+        return "unset" if v is unset else json.dumps(v)[:80]
+
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, unset) == b.get(k, unset):
+            continue
+        if k == "models":
+            parts.append("the models changed (retrained)")
+        elif k == "predictions":
+            parts.append("the predictions changed (redone)")
+        elif k.endswith("digest"):
+            parts.append(f"{k} changed")
+        else:
+            parts.append(f"{k} {show(a.get(k, unset))} -> {show(b.get(k, unset))}")
+    return "; ".join(parts) or "record differs"
+
+
 class ExperimentRunner:
     """Runs one experiment config into ``out_dir``. ``log`` receives progress lines (default: print).
 
     arms: run only these arms; include: names of optional arm groups to run (``"optional"`` in an arm);
     show: substrings of nnU-Net output lines to echo while a training runs (e.g. "Pseudo dice");
-    class_notes: extra words per class for the report's table titles.
+    class_notes: extra words per class for the report's table titles;
+    retrain_changed: redo the steps whose recorded inputs differ from the config's (default: refuse, naming them).
     """
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | os.PathLike, arms: list[str] | None = None,
                  log: Callable[[str], None] | None = None, include: list[str] | None = None,
-                 show: tuple[str, ...] = (), class_notes: dict[str, str] | None = None):
+                 show: tuple[str, ...] = (), class_notes: dict[str, str] | None = None,
+                 retrain_changed: bool = False):
         self.cfg = cfg
+        self.retrain_changed = retrain_changed
+        self._inputs_cache: dict[tuple, dict] = {}
         self.out = Path(out_dir).resolve()
         self.print = _one_line_at_a_time(log or (lambda s: print(s, flush=True)))
         self.show = tuple(show)
@@ -532,22 +601,162 @@ class ExperimentRunner:
     def _train_marker(self, arm: Arm, repeat: int, fold: str) -> Path:
         return self.run_dir(arm.name, repeat) / f"train_fold{fold}{DONE_MARKER}"
 
-    def _train_finished(self, arm: Arm, repeat: int, fold: str) -> bool:
-        # Finished: nnUNetv2_train returned 0 here before (marker), or nnU-Net's final validation is written
-        # (a training run by hand into this folder). Trainers that skip the final validation need the marker.
-        fd = self.fold_dir(arm, repeat, fold)
-        return (fd / "checkpoint_final.pth").is_file() and (self._train_marker(arm, repeat, fold).is_file()
-                                                            or (fd / "validation" / "summary.json").is_file())
+    def _train_record(self, arm: Arm, repeat: int, fold: str) -> Path:
+        return self.run_dir(arm.name, repeat) / f"train_fold{fold}{TRAIN_RECORD}"
 
-    def _predict_stamp(self, arm: Arm) -> str:
-        return f"folds {' '.join(self.arm_folds(arm))} {self.cfg.checkpoint}"
+    def train_inputs(self, arm: Arm, repeat: int, fold: str) -> dict:
+        """What a training is made from: trainer, settings, budget, seed, fold, plans and configuration, data.
+
+        Written to train_fold<f>.inputs.json before the training starts and compared on every later run, so a
+        folder never holds a model under a config it was not trained with (see :meth:`changed_steps`). The
+        device, "jobs" and "env" are left out: they change how fast a model is made, not what it is trained on."""
+        key = (arm.name, repeat, fold)
+        if key not in self._inputs_cache:   # the data fingerprint lists the fold's files: once per run
+            self._inputs_cache[key] = {
+                "trainer": arm.trainer, "settings": _expand(arm.settings, arm.name) if arm.settings else None,
+                "budget": dict(sorted(self.cfg.budget.items())),
+                "seed": self.cfg.seed + 1000 * repeat + self._base_index(fold), "fold": fold,
+                "plans": self.cfg.plans, "configuration": self.cfg.configuration,
+                **self._data_fingerprint(fold)}
+            # as it reads back from the record file (tuples become lists), so that equal inputs compare equal
+            self._inputs_cache[key] = json.loads(json.dumps(self._inputs_cache[key], default=str))
+        return self._inputs_cache[key]
+
+    def _data_fingerprint(self, fold: str) -> dict:
+        """Digests of the plans (the configuration as nnU-Net resolves it), dataset.json, the fold's training and
+        validation cases, and the names and sizes of their preprocessed files (sizes, not contents: reading every
+        case would cost minutes on a real dataset; re-preprocessing the same data gives the same sizes)."""
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        ds = self.pre / self.dataset_name
+        plans = json.loads((ds / f"{self.cfg.plans}.json").read_text())
+        if self.cfg.configuration not in plans.get("configurations", {}):
+            raise ExperimentError(f"{ds / (self.cfg.plans + '.json')} has no configuration '{self.cfg.configuration}'")
+        cm = PlansManager(plans).get_configuration(self.cfg.configuration)
+        plans_part = {"configuration": cm.configuration, **{k: v for k, v in plans.items() if k != "configurations"}}
+        data = ds / cm.data_identifier
+        files: dict[str, list] = {}
+        if data.is_dir():
+            for e in os.scandir(data):
+                if e.name.endswith(".npy"):   # unpacked copies of .npz cases that older nnU-Net writes while training
+                    continue
+                case = e.name.split(".")[0]
+                files.setdefault(case[:-4] if case.endswith("_seg") else case, []).append((e.name, e.stat().st_size))
+        split = self._fold_split(fold, sorted(files))
+        used = sorted(f for c in sorted(set(split["train"]) | set(split["val"])) for f in files.get(c, []))
+        return {"plans_digest": _digest(plans_part), "dataset_json_digest": _digest((ds / "dataset.json").read_bytes()),
+                "split_digest": _digest(split), "n_train": len(split["train"]), "n_val": len(split["val"]),
+                "data_digest": _digest(used)}
+
+    def _fold_split(self, fold: str, cases: list[str]) -> dict:
+        """{"train": [...], "val": [...]} of ``fold`` as nnU-Net's trainer will use it: fold "all" trains and validates
+        on every case; other folds come from splits_final.json, or (not written yet: nnU-Net writes it at its first
+        training) from the same function and seed nnU-Net uses, so the record does not change once it exists."""
+        if fold == "all":
+            return {"train": sorted(cases), "val": sorted(cases)}
+        sf = self.pre / self.dataset_name / "splits_final.json"
+        if sf.is_file():
+            splits = json.loads(sf.read_text())
+        else:
+            from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+            splits = generate_crossval_split(sorted(cases), seed=12345, n_splits=5)
+        if not 0 <= int(fold) < len(splits):
+            raise ExperimentError(f"fold {fold} is not in {sf} ({len(splits)} folds)")
+        return {k: sorted(splits[int(fold)][k]) for k in ("train", "val")}
+
+    def _train_finished(self, arm: Arm, repeat: int, fold: str) -> bool:
+        # Finished: nnUNetv2_train returned 0 here before (marker) from the inputs the config gives now (record).
+        # A training without a record (an older version's, or one run by hand) is a changed step, see changed_steps.
+        fd = self.fold_dir(arm, repeat, fold)
+        return ((fd / "checkpoint_final.pth").is_file() and self._train_marker(arm, repeat, fold).is_file()
+                and _read_record(self._train_record(arm, repeat, fold)) == self.train_inputs(arm, repeat, fold))
+
+    def _predict_stamp(self, arm: Arm, repeat: int = 0) -> str:
+        """What a prediction is made from, one line of JSON: the models (their training records' digests), the
+        checkpoint, the test images and the predict options."""
+        folds = self.arm_folds(arm)
+        return json.dumps({"folds": folds, "checkpoint": self.cfg.checkpoint, "images": str(self.images),
+                           "predict": dict(sorted(self.cfg.predict.items())),
+                           "models": [_digest(self.train_inputs(arm, repeat, f)) for f in folds]}, sort_keys=True)
 
     def _predict_finished(self, arm: Arm, repeat: int) -> bool:
         done = self.run_dir(arm.name, repeat) / "predictions" / DONE_MARKER
-        return done.is_file() and self._predict_stamp(arm) in done.read_text()
+        return done.is_file() and self._predict_stamp(arm, repeat) in done.read_text()
+
+    def _evaluate_inputs(self, arm: Arm, repeat: int) -> dict:
+        return {"predictions": _digest(self._predict_stamp(arm, repeat)), "labels": str(self.labels),
+                "evaluation": dict(sorted(self.cfg.evaluation.items()))}
 
     def _evaluate_finished(self, arm: Arm, repeat: int) -> bool:
-        return (self.run_dir(arm.name, repeat) / "evaluation" / "evaluation.json").is_file()
+        ev = self.run_dir(arm.name, repeat) / "evaluation"
+        return (ev / "evaluation.json").is_file() and _read_record(ev / EVALUATE_RECORD) == self._evaluate_inputs(arm, repeat)
+
+    def changed_steps(self) -> list[tuple[str, Arm, int, str | None, str]]:
+        """Steps that ran (or started) in this folder from other inputs than the config gives now:
+        [(kind, arm, repeat, fold or None, what changed)]. A changed training makes its prediction and evaluation
+        changed too (their records hold the models' digests)."""
+        out = []
+        for r in range(self.cfg.repeats):
+            for arm in self.cfg.arms:
+                rd = self.run_dir(arm.name, r)
+                for fold in self.arm_folds(arm):
+                    fd = self.fold_dir(arm, r, fold)
+                    rec_file = self._train_record(arm, r, fold)
+                    started = rec_file.is_file() or self._train_marker(arm, r, fold).is_file() or any(
+                        (fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
+                    if not started:
+                        continue
+                    old = _read_record(rec_file)
+                    now = self.train_inputs(arm, r, fold)
+                    if old is None:
+                        out.append(("train", arm, r, fold, f"no record of what it was trained from ({rec_file} "
+                                                           "missing: an older version's or a hand-run training)"))
+                    elif old != now:
+                        out.append(("train", arm, r, fold, _describe_changes(old, now)))
+                done = rd / "predictions" / DONE_MARKER
+                if done.is_file():
+                    stamp = self._predict_stamp(arm, r)
+                    text = done.read_text()
+                    if stamp not in text:
+                        out.append(("predict", arm, r, None, _describe_changes(_read_record_text(text),
+                                                                               json.loads(stamp))))
+                ev = rd / "evaluation"
+                if (ev / "evaluation.json").is_file():
+                    old = _read_record(ev / EVALUATE_RECORD)
+                    now = self._evaluate_inputs(arm, r)
+                    if old != now:
+                        out.append(("evaluate", arm, r, None, _describe_changes(old, now)))
+        return out
+
+    def _settle_changed_steps(self) -> None:
+        """Refuse to run over steps made from other inputs (naming what changed and the steps), or with
+        ``retrain_changed`` clear exactly those steps so that they run again from scratch."""
+        changed = self.changed_steps()
+        if not changed:
+            return
+        lines = [f"{kind} arm={arm.name} repeat={r}" + (f" fold={fold}" if fold is not None else "") + f": {why}"
+                 for kind, arm, r, fold, why in changed]
+        if not self.retrain_changed:
+            raise ExperimentError(
+                f"{self.out} holds results made from other inputs than this config gives; these steps would "
+                "change:\n  " + "\n  ".join(lines) + "\nRun again with --retrain-changed to redo exactly these steps "
+                "(their old models and outputs are deleted), use another output folder, or --report-only to report "
+                "the models as they are.")
+        for line in lines:
+            self.print(f"[experiment] redo (inputs changed): {line}")
+        for kind, arm, r, fold, _ in changed:
+            rd = self.run_dir(arm.name, r)
+            if kind == "train":
+                fd = self.fold_dir(arm, r, fold)
+                if fd.exists():
+                    shutil.rmtree(fd)
+                for f in (self._train_marker(arm, r, fold), self._train_record(arm, r, fold)):
+                    f.unlink(missing_ok=True)
+            if kind in ("train", "predict"):
+                (rd / "predictions" / DONE_MARKER).unlink(missing_ok=True)
+            if (rd / "evaluation").exists():
+                shutil.rmtree(rd / "evaluation")
 
     def _finished_before(self) -> bool:
         """True when this same config ran here before (experiment.json) and every one of its steps finished:
@@ -581,6 +790,9 @@ class ExperimentRunner:
         if resume:
             cmd.append("--c")
         log = self.run_dir(arm.name, repeat) / "logs" / f"train_fold{fold}.log"
+        # before nnU-Net writes anything: a killed training is resumed (--c) only from these same inputs
+        write_json_atomic({"inputs": self.train_inputs(arm, repeat, fold),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, self._train_record(arm, repeat, fold))
         if self._run(cmd, self._env(arm, repeat, fold), log) != 0:
             self._fail(f"training arm '{arm.name}' repeat {repeat} fold {fold}", log)
         write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S\n"), marker)
@@ -615,7 +827,7 @@ class ExperimentRunner:
         log = self.run_dir(arm.name, repeat) / "logs" / "predict.log"
         if self._run(cmd, self._env(arm, repeat, None), log) != 0:
             self._fail(f"prediction arm '{arm.name}' repeat {repeat}", log)
-        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S ") + self._predict_stamp(arm) + "\n", done)
+        write_text_atomic(time.strftime("%Y-%m-%d %H:%M:%S ") + self._predict_stamp(arm, repeat) + "\n", done)
         return "predicted"
 
     def evaluate(self, arm: Arm, repeat: int) -> str:
@@ -633,6 +845,7 @@ class ExperimentRunner:
         transfer = self._transfer(arm, repeat, results)
         with atomic_dir(target, overwrite=True) as tmp:
             write_outputs(results, tmp, title=f"{arm.name} repeat {repeat}")
+            write_json_atomic({"inputs": self._evaluate_inputs(arm, repeat)}, Path(tmp) / EVALUATE_RECORD)
             if transfer is not None:
                 write_json_atomic(transfer, Path(tmp) / "transfer.json")
         dice = {k: v["Dice"] for k, v in results["summary"].items()}
@@ -670,6 +883,8 @@ class ExperimentRunner:
             else:
                 for line in self.check():
                     self.print(f"[experiment] {line}")
+            # before experiment.json is rewritten: a folder's record never describes models it does not hold
+            self._settle_changed_steps()
             write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
             if self.scarcity is None:   # not yet derived by the caller or by _finished_before (same config)
                 self.prepare()
@@ -800,6 +1015,28 @@ class ExperimentRunner:
                     "verdict": (verdicts.get(cls) or {}).get("verdict"), "repeats": len(recs)}
         return out
 
+    def recorded_models(self) -> tuple[dict[str, list[dict]], list[str]]:
+        """({arm: [inputs of every finished training of the arm, from its record]}, lines naming where the config
+        now differs from them). The report states what the models are from these, never from the config alone."""
+        models: dict[str, list[dict]] = {}
+        drift = []
+        for arm in self.cfg.arms:
+            for r in range(self.cfg.repeats):
+                for f in sorted(self.run_dir(arm.name, r).glob(f"train_fold*{TRAIN_RECORD}")):
+                    fold = f.name[len("train_fold"):-len(TRAIN_RECORD)]
+                    rec = _read_record(f)
+                    if rec is None or not self._train_marker(arm, r, fold).is_file():
+                        continue
+                    models.setdefault(arm.name, []).append({**rec, "repeat": r})
+                    try:
+                        now = self.train_inputs(arm, r, fold)
+                    except Exception as e:  # noqa: BLE001 - data moved: the report still says what the models are
+                        drift.append(f"arm={arm.name} repeat={r} fold={fold}: cannot compare ({e})")
+                        continue
+                    if now != rec:
+                        drift.append(f"arm={arm.name} repeat={r} fold={fold}: {_describe_changes(rec, now)}")
+        return models, drift
+
     def report(self) -> dict | None:
         from ..evaluation.statistics import compare_arms, format_comparison_text, plot_comparison
 
@@ -821,6 +1058,7 @@ class ExperimentRunner:
         sc_file = self.out / "scarcity.json"
         comp["scarcity"] = json.loads(sc_file.read_text())["records"] if sc_file.is_file() else None
         comp["gauges"] = self.gauges()
+        comp["models"], drift = self.recorded_models()
         notes = dict(self.class_notes)
         for rec in comp["scarcity"] or []:
             for cls, n in rec["carriers_per_class"].items():
@@ -829,7 +1067,9 @@ class ExperimentRunner:
         res = self.out / "results"
         res.mkdir(parents=True, exist_ok=True)
         write_json_atomic(comp, res / "comparison.json")
-        b = self.cfg.budget
+        # the budget the evaluated models were trained with (their records), not what the config says now
+        budgets = {json.dumps(m["budget"], sort_keys=True) for ms in comp["models"].values() for m in ms}
+        b = json.loads(budgets.pop()) if len(budgets) == 1 else self.cfg.budget
         title = f"{self.cfg.name}: {self.dataset_name}"
         text = format_comparison_text(comp, title=title, class_notes=notes, gauges=comp["gauges"])
         text += (f"\nBudget: {b.get('epochs', 'trainer default')} epochs x {b.get('iterations_per_epoch', 'default')} "
@@ -837,6 +1077,11 @@ class ExperimentRunner:
                  f"{self.cfg.plans}/{self.cfg.configuration}, folds {self.cfg.folds}, device {self.cfg.device}.\n")
         for rec in comp["scarcity"] or []:
             text += _scarcity_line(rec) + ".\n"
+        text += "Models (from their training records): " + "; ".join(
+            f"{arm}: " + ", ".join(_model_line(m) for m in ms) for arm, ms in comp["models"].items()) + ".\n"
+        if drift:
+            text += ("NOTE: the config now differs from the models reported here (a run without --report-only "
+                     "refuses or, with --retrain-changed, retrains them):\n  " + "\n  ".join(drift) + "\n")
         if comp["gauges"]:
             text += ("Transfer gauges: max sm / mean sm = median over real test lesions of the max / mean softmax of "
                      "their class; outside = voxels painted with the class outside its real lesions, per lesion voxel; "
@@ -876,6 +1121,13 @@ class ExperimentRunner:
         self.print(text)
         self.print(f"[experiment] results in {res}")
         return comp
+
+
+def _model_line(m: dict) -> str:
+    b = m.get("budget") or {}
+    s = f" settings {json.dumps(m['settings'], sort_keys=True)}" if m.get("settings") else ""
+    return (f"repeat {m.get('repeat')} fold {m.get('fold')} {m.get('trainer')} {b.get('epochs', 'default')} epochs x "
+            f"{b.get('iterations_per_epoch', 'default')} iterations, seed {m.get('seed')}{s}")
 
 
 def _blank(v):
