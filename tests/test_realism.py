@@ -112,3 +112,70 @@ def test_real_lesion_crops_centre_each_lesion_even_when_their_centroid_is_empty(
     assert [m.sum() for _, m in real_lesion_crops(image, seg, 2, (16, 16), limit=1)] == [9]
     c3 = real_lesion_crops(image, seg, 2, (4, 8, 8), limit=5)      # 3D patch past the volume: padded
     assert [img.shape for img, _ in c3] == [(1, 4, 8, 8)] * 2 and all(m[2, 4, 4] for _, m in c3)
+
+
+# ---------------------------------------------------------------------------------------------- 2D configurations
+def test_lesion_patch_of_a_2d_configuration_is_the_largest_section_in_plane():
+    from nnunet_promptlesion.evaluation.realism import lesion_patch, lesion_measurements
+
+    img = np.arange(8 * 30 * 20, dtype=np.float32).reshape(1, 8, 30, 20)
+    m = np.zeros((8, 30, 20), bool)
+    m[2, 10:13, 5:8] = True                       # 9 voxels
+    m[3, 9:14, 4:9] = True                        # 25 voxels: the largest section
+    m[4, 11, 6] = True
+    ci, cm = lesion_patch(img, m, (12, 12))       # a 2D configuration's patch: (X, Y) of the slices
+    assert ci.shape == (1, 12, 12) and cm.shape == (12, 12) and cm.sum() == 25
+    assert cm[6, 6] and ci[0, 6, 6] == img[0, 3, 11, 6]
+    ci3, cm3 = lesion_patch(img, m, (4, 12, 12))  # a 3D patch: unchanged behaviour
+    assert ci3.shape == (1, 4, 12, 12) and cm3.sum() == 35
+    with pytest.raises(ValueError, match="lesion_patch"):
+        centre_on_lesion(img, m, (12, 12))
+    # a synthetic 2D sample: (C, 1, X, Y) data and (1, X, Y) mask
+    s_img, s_m = lesion_patch(img[:, 3:4], m[3:4], (12, 12))
+    assert np.array_equal(s_m, cm) and np.array_equal(s_img, ci)
+    # 2D size: the equivalent circle of the section at the in-plane spacing (2 values for a 2D configuration)
+    meas = lesion_measurements(LesionPatch("real", "l", "c", ci, cm), (0.5, 0.5), lambda z: z)
+    assert meas["radius_mm"] == pytest.approx(np.sqrt(25 * 0.25 / np.pi))
+
+
+def test_realism_cli_on_a_2d_configuration(ccta_dataset, tmp_path):
+    """promptlesion_realism -c <2D configuration inheriting 3d_fullres> (the demo's 2d_demo) runs: real lesions as
+    their largest section, synthetic ones painted per slice by the 2D trainer's loader, both (C, X, Y)."""
+    import shutil
+
+    from conftest import BIN, run
+    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
+
+    root, did, env = ccta_dataset
+    src = next((root / "preprocessed").glob(f"Dataset{did}_*"))
+    pre = tmp_path / "preprocessed"
+    shutil.copytree(src, pre / src.name)          # the session fixture stays read-only (the scan writes a cache)
+    cfg = add_demo_configuration_2d(pre / src.name / "nnUNetPlans.json")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"synthesizer": "rule_based", "synthetic_fraction": 0.5}))
+    out = tmp_path / "realism"
+    e = {k: v for k, v in env.items() if k != "PROMPTLESION_SETTINGS"}
+    e.update(nnUNet_preprocessed=str(pre), OMP_NUM_THREADS="1")
+    run([BIN / "promptlesion_realism", "-d", did, "-c", "2d_demo", "-f", "0", "--settings", settings,
+         "--features", "intensity_shape", "--per-class", 4, "--montage-per-class", 2, "-o", out], e, timeout=900)
+    rep = json.loads((out / "realism.json").read_text())
+    assert rep["configuration"] == "2d_demo" and rep["patch_size"] == cfg["patch_size"]
+    calc = rep["classes"]["calcified_plaque"]
+    assert calc["n_synthetic"] == 4 and calc["n_real"] >= 2 and calc["frechet"] is not None
+    assert all(m["radius_mm"] > 0 for s in ("real", "synthetic") for m in calc["measurements"][s])
+    assert (out / "blinded_calcified_plaque.png").is_file()
+
+
+def test_nnunet_encoder_features_of_a_2d_network():
+    torch = pytest.importorskip("torch")
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    net = PlainConvUNet(1, 2, [8, 16], torch.nn.Conv2d, 3, [1, 2], [1, 1], 2, [1], conv_bias=True,
+                        norm_op=torch.nn.InstanceNorm2d, norm_op_kwargs={"affine": True},
+                        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    x = np.random.default_rng(0).normal(size=(3, 1, 16, 16)).astype(np.float32)
+    m = np.zeros((3, 16, 16), bool)
+    m[:, 5:10, 6:11] = True
+    f = NnUNetEncoderFeatures(net)(x, m)          # 2D lesion patches (C, X, Y) of a 2D configuration
+    assert f.shape == (3, 8 + 16) and np.all(np.isfinite(f))

@@ -17,7 +17,8 @@ Synthetic lesions are drawn by PromptLesionTrainer's own training loader with th
 (PROMPTLESION_SETTINGS; default: the dataset's promptlesion_settings.json or the defaults), so any
 synthesizer works (rule_based, diffusion_cache, diffusion_online). Real lesions are the connected
 components of the same fold's training cases. Both are centred on the lesion in a patch of the
-configuration's size.
+configuration's size. 2D configurations (e.g. the demo's 2d_demo) compare in plane, as the 2D trainer
+paints: a real lesion is its largest slice section, sizes are equivalent-circle radii.
 
 Features (--features): nnunet_encoder (default) = the encoder of a trained nnU-Net model of the same
 dataset/plans/configuration, stage outputs averaged over the lesion mask; the model folder is

@@ -16,6 +16,11 @@ spacing, CT-normalised (z-scores); HU = z * std + mean with the plans' foregroun
 Real patches are centred on each ground-truth lesion (a connected component) of the training cases; synthetic
 patches come from PromptLesionTrainer's own training loader with the given settings (any synthesizer: rule-based,
 diffusion cache or online), before augmentation -- exactly what the segmenter is fed.
+
+2D configurations (a 2-value patch size on nnU-Net's 3-D preprocessed volumes) train on slices and the trainer
+paints 2-D lesions into single slices, so both sides are compared in plane: a real lesion is represented by its
+largest cross-section (the slice of the first axis with most of its voxels) and patches are (C, X, Y) with (X, Y)
+masks; a 2-D lesion's size is the radius of the circle of the same area (the painter draws ``radius_mm`` in plane).
 """
 from __future__ import annotations
 
@@ -49,7 +54,12 @@ class LesionPatch:
 def centre_on_lesion(image: np.ndarray, mask: np.ndarray, size: Sequence[int], pad_value: float = 0.0,
                      centre: Sequence[int] | None = None):
     """Crop/pad ``image`` (C, *spatial) and ``mask`` (*spatial) to ``size`` centred on ``centre`` (voxel indices;
-    default: the mask's centroid)."""
+    default: the mask's centroid). ``size`` has one entry per spatial axis (a 2D patch of a 3D volume: see
+    :func:`lesion_patch`)."""
+    if len(size) != mask.ndim or image.ndim != mask.ndim + 1:
+        raise ValueError(f"centre_on_lesion: crop size {tuple(size)} and image {image.shape} do not match the "
+                         f"{mask.ndim}-D mask {mask.shape}; for a 2D configuration's patch of a 3D volume use "
+                         "lesion_patch")
     c = np.argwhere(mask).mean(0).round().astype(int) if centre is None else np.asarray(centre, int)
     lo = [int(ci) - s // 2 for ci, s in zip(c, size)]
     img = np.full((image.shape[0], *size), pad_value, dtype=np.float32)
@@ -62,6 +72,26 @@ def centre_on_lesion(image: np.ndarray, mask: np.ndarray, size: Sequence[int], p
     img[(slice(None), *dst)] = image[(slice(None), *src)]
     msk[tuple(dst)] = mask[tuple(src)]
     return img, msk
+
+
+def lesion_patch(image: np.ndarray, mask: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The crop of a training patch's size centred on a lesion: (C, *patch_size) image and (*patch_size) mask.
+
+    ``image`` (C, *spatial), ``mask`` (*spatial) holding one lesion. A 3D configuration crops around the mask's
+    centroid. A 2D configuration (``patch_size`` with one axis fewer than the mask) takes the slice of the first
+    axis with most lesion voxels (its largest cross-section; a synthetic 2D lesion has a single slice) and crops it
+    in plane around the lesion voxel nearest the section's centroid (a curved section's centroid can lie outside
+    it); the slice axis is dropped."""
+    ps = [int(p) for p in patch_size]
+    if len(ps) == mask.ndim:
+        return centre_on_lesion(image, mask, ps)
+    if len(ps) != mask.ndim - 1:
+        raise ValueError(f"lesion_patch: a {len(ps)}-D patch size {tuple(ps)} does not fit a {mask.ndim}-D mask")
+    k = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
+    pts = np.argwhere(mask[k])
+    centre = (k, *pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))])
+    img, msk = centre_on_lesion(image, mask, [1, *ps], centre=centre)
+    return img[:, 0], msk[0]
 
 
 def real_lesion_patches(dataset, identifiers: Sequence[str], lesions: Sequence, patch_size: Sequence[int],
@@ -88,7 +118,7 @@ def real_lesion_patches(dataset, identifiers: Sequence[str], lesions: Sequence, 
         data, seg = np.asarray(data), np.asarray(seg[0])
         for name, k in items:
             lab = label_components(seg == label_of[name])[0]
-            img, msk = centre_on_lesion(data, lab == k, patch_size)
+            img, msk = lesion_patch(data, lab == k, patch_size)
             out.append(LesionPatch("real", name, ident, img, msk))
     if progress:
         progress("real lesions: " + ", ".join(f"{n} {len(found[n])} found, {len(chosen[n])} used" for n in found))
@@ -103,7 +133,7 @@ def synthetic_lesion_patches(loader, lesions: Sequence, per_class: int, patch_si
     for ci, l in enumerate(lesions):
         for _ in range(per_class):
             s = loader.make_synthetic(class_idx=ci)
-            img, msk = centre_on_lesion(np.asarray(s.data, dtype=np.float32), s.mask, patch_size)
+            img, msk = lesion_patch(np.asarray(s.data, dtype=np.float32), s.mask, patch_size)
             out.append(LesionPatch("synthetic", l.name, s.case, img, msk))
         if progress:
             progress(f"synthetic {l.name}: {per_class} drawn")
@@ -209,11 +239,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- statistics
 def lesion_measurements(p: LesionPatch, spacing: Sequence[float], hu: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """radius_mm (equivalent sphere), mean_hu inside, contrast_hu (inside minus a 2-voxel shell around it)."""
+    """radius_mm (equivalent sphere; for a 2-D patch the equivalent circle of the section, in-plane spacing),
+    mean_hu inside, contrast_hu (inside minus a 2-voxel shell around it)."""
     x = hu(p.image[0])
     shell = ndimage.binary_dilation(p.mask, iterations=2) & ~p.mask
     inside = float(x[p.mask].mean())
-    return {"radius_mm": equivalent_radius_mm(int(p.mask.sum()), spacing), "mean_hu": inside,
+    n = int(p.mask.sum())
+    radius = equivalent_radius_mm(n, spacing) if p.mask.ndim == 3 else \
+        math.sqrt(n * float(np.prod(list(spacing)[-p.mask.ndim:])) / math.pi)
+    return {"radius_mm": radius, "mean_hu": inside,
             "contrast_hu": inside - float(x[shell].mean()) if shell.any() else None}
 
 
