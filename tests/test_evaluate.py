@@ -219,3 +219,53 @@ def test_cli(folders, tmp_path):
     p = subprocess.run([sys.executable, "-m", "nnunet_promptlesion.cli.evaluate", str(pred), str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "ground-truth folder" in p.stderr and "does not exist" in p.stderr
+
+
+def test_refuses_truncated_files_and_unknown_labels_on_both_sides(folders, tmp_path):
+    """A prediction cut short (what a killed nnUNetv2_predict leaves) reads as zeros through SimpleITK: it must be
+    refused naming the file, not scored with every lesion "missed"; the same for the ground truth and for an
+    uncompressed .nii; a label dataset.json does not define is refused in the ground truth as in the prediction."""
+    pred, gt = folders
+    g, p = _cases()["c1"]
+    # organ voxels at random outside the first 10^3: a gzip stream long enough that a third of it holds the header
+    big = (np.random.default_rng(0).random((40, 40, 40)) < 0.5).astype(np.uint8)
+    big[:10, :10, :10] = p
+    big_gt = big.copy()
+    big_gt[:10, :10, :10] = g
+    _write(pred / "c1.nii.gz", big)
+    _write(gt / "c1.nii.gz", big_gt)
+    evaluate_folders(pred, gt)                                   # whole files evaluate
+    whole = (pred / "c1.nii.gz").read_bytes()
+    (pred / "c1.nii.gz").write_bytes(whole[: len(whole) // 3])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "c1.nii.gz"))).shape == (40, 40, 40)  # ITK takes it
+    with pytest.raises(EvaluationError, match=r"case 'c1': prediction file .*c1.nii.gz does not decode completely"):
+        evaluate_folders(pred, gt)
+    r = subprocess.run([sys.executable, "-m", "nnunet_promptlesion.cli.evaluate", str(pred), str(gt), "--no-plots",
+                        "-o", str(tmp_path / "ev")], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not decode completely" in r.stderr and "predict the case again" in r.stderr
+    assert not (tmp_path / "ev").exists()
+    (pred / "c1.nii.gz").write_bytes(whole)
+    ref = (gt / "c1.nii.gz").read_bytes()
+    (gt / "c1.nii.gz").write_bytes(ref[: len(ref) // 2])
+    with pytest.raises(EvaluationError, match=r"case 'c1': ground-truth file .*c1.nii.gz does not decode completely"):
+        evaluate_folders(pred, gt)
+    (gt / "c1.nii.gz").write_bytes(ref)
+    # uncompressed NIfTI: the data block ends early
+    for d, arr in ((pred, big), (gt, big_gt)):
+        (d / "c1.nii.gz").unlink()
+        (d / "c2.nii.gz").unlink()
+        _write(d / "c1.nii", arr)
+    (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ".nii",
+                                                               "channel_names": {"0": "CT"}, "numTraining": 2}))
+    evaluate_folders(pred, gt)
+    raw = (pred / "c1.nii").read_bytes()
+    (pred / "c1.nii").write_bytes(raw[:-5000])
+    with pytest.raises(EvaluationError, match=r"prediction file .*c1.nii does not decode completely"):
+        evaluate_folders(pred, gt)
+    (pred / "c1.nii").write_bytes(raw)
+    # a ground-truth label outside dataset.json
+    g9 = big_gt.copy()
+    g9[20, 20, 20] = 9
+    _write(gt / "c1.nii", g9)
+    with pytest.raises(EvaluationError, match=r"case 'c1': ground truth .*c1.nii holds label\(s\) \[9\] that dataset.json"):
+        evaluate_folders(pred, gt)

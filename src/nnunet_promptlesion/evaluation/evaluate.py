@@ -145,20 +145,44 @@ def _check_geometry(case: str, ref: np.ndarray, pred: np.ndarray, gref: dict, gp
                                   f"truth {np.round(a, 4).tolist()}; the files do not share one geometry")
 
 
+def _check_decodes(case: str, path: str, what: str) -> None:
+    """Decode all of ``path`` or refuse naming it. SimpleITK (nnU-Net's reader) reads a truncated NIfTI without a
+    word, filling the missing voxels with zeros: a prediction cut short by a killed nnUNetv2_predict would be
+    scored as empty (every lesion "missed"). The decode check of the converters catches that."""
+    from ..dataset_conversion.validation import check_readable
+
+    try:
+        check_readable(Path(path))
+    except Exception as e:  # noqa: BLE001 - nibabel, gzip, zlib and ITK each raise their own kind
+        fix = ("predict the case again (nnUNetv2_predict; a killed prediction leaves such files)" if what == "prediction"
+               else "restore the file from the dataset")
+        raise EvaluationError(f"case '{case}': {what} file {path} does not decode completely "
+                              f"({type(e).__name__}: {e}); it is truncated or corrupt: {fix}") from None
+
+
+def _check_labels(case: str, arr: np.ndarray, allowed: set[int], what: str, path: str) -> None:
+    # nnU-Net's readers return float arrays; labels are whole numbers (a fraction would be rounded away by int())
+    values = np.unique(arr)
+    unknown = sorted({float(v) for v in values if float(v) != round(float(v)) or int(v) not in allowed})
+    if unknown:
+        shown = [int(v) if v == round(v) else v for v in unknown]
+        raise EvaluationError(f"case '{case}': {what} {path} holds label(s) {shown} that dataset.json does not define "
+                              f"({sorted(allowed)}); is this the right dataset?")
+
+
 # ---------------------------------------------------------------------------------------------- per case
 def evaluate_case(case: str, ref_file: str, pred_file: str, reader_class, classes: list[dict], ignore: int | None,
                   nsd_tolerance_mm: float, detection_min_dice: float, allowed_labels: set[int] | None) -> dict:
     """Everything measured on one case; see the module docstring for the record layout."""
     rw = reader_class()
+    _check_decodes(case, ref_file, "ground-truth")
+    _check_decodes(case, pred_file, "prediction")
     ref, ref_props = rw.read_seg(ref_file)
     pred, pred_props = rw.read_seg(pred_file)
     _check_geometry(case, ref, pred, _geometry(ref_props), _geometry(pred_props))
     if allowed_labels is not None:
-        # nnU-Net's readers return float arrays; labels are whole numbers
-        unknown = {int(v) for v in np.unique(pred)} - allowed_labels
-        if unknown:
-            raise EvaluationError(f"case '{case}': prediction holds label(s) {sorted(unknown)} that dataset.json does "
-                                  f"not define ({sorted(allowed_labels)}); is this the right dataset?")
+        _check_labels(case, ref, allowed_labels, "ground truth", ref_file)
+        _check_labels(case, pred, allowed_labels, "prediction", pred_file)
     spacing = [float(s) for s in ref_props["spacing"]]
     ref, pred = ref[0], pred[0]
     ignore_mask = (ref == ignore) if ignore is not None else None
