@@ -310,7 +310,8 @@ def _print_nifti_summary(folder: Path) -> None:
           f"min {100 * min(fr):.1f} %, max {100 * max(fr):.1f} %")
     for name, p in info.get("lesion_intensity_hu", {}).items():
         print(f"{name}: {p.get('lesions', 0)} training lesion(s); contrast to the parent {p.get('contrast_hu')} HU, "
-              f"texture {p.get('texture_hu')} HU (10th-90th percentile, written to lesion_spec.json)")
+              f"texture {p.get('texture_hu')} HU (10th-90th percentile over lesions, min-max under 5; written to "
+              "lesion_spec.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
