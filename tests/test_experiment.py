@@ -78,7 +78,7 @@ def test_config_and_arm_checks(nnunet_paths, tmp_path, monkeypatch):
                                 scarcity=sc)))
     with pytest.raises(ExperimentError, match="at most one arm may have role \"baseline\""):
         load_config(str(_config(tmp_path, did, "nnUNetPlans", [base, {**base, "name": "b2"}])))
-    with pytest.raises(ExperimentError, match="role must be one of"):
+    with pytest.raises(ExperimentError, match=r"key 'arms\[0\]\.role' must be one of"):
         load_config(str(_config(tmp_path, did, "nnUNetPlans", [{**base, "role": "reference"}])))
     with pytest.raises(ExperimentError, match="differs from the baseline arm"):
         load_config(str(_config(tmp_path, did, "nnUNetPlans", [base, {**base, "name": "x", "role": "arm"}],

@@ -91,6 +91,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..utils.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from ..utils.schema import SchemaError, bounds, check_value, choices, fields_of
 from .torch_threads import ENV_TORCH_THREADS
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -141,6 +142,7 @@ class ExperimentConfig:
     scarcity: dict | None = None
     description: str = ""
     source: str = ""
+    prepare: dict | None = None     # how the dataset is made from source files (experiments.prepare)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "arms"}
@@ -161,8 +163,101 @@ PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget",
             "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms",
-            "description", "scarcity", "source"}   # "source": where OUT/experiment.json's config came from (informational)
+            "description", "scarcity", "source", "prepare"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
+
+
+# The JSON types and ranges of the config's keys (utils.schema): checked before any value is used, so that an error
+# names the file, the key, the expected type and the value. Which keys exist is still TOP_KEYS & co.: a key known
+# there but not typed here passes unchecked.
+@dataclass
+class _BudgetTypes:
+    epochs: int = field(default=1, metadata=bounds(1))
+    iterations_per_epoch: int = field(default=1, metadata=bounds(1))
+    val_iterations_per_epoch: int = field(default=1, metadata=bounds(1))
+    early_stopping_patience: int | None = field(default=None, metadata=bounds(0))   # 0 or null: off
+    mirroring: bool = True
+    save_every: int = field(default=1, metadata=bounds(1))
+    final_validation: bool = True
+
+
+@dataclass
+class _PredictTypes:
+    disable_tta: bool = False
+    save_probabilities: bool = True
+    npp: int = field(default=1, metadata=bounds(0))   # 0: nnU-Net pre/post-processes in the main process (demo)
+    nps: int = field(default=1, metadata=bounds(0))
+
+
+@dataclass
+class _BootstrapTypes:
+    n: int = field(default=2000, metadata=bounds(1))
+    seed: int = 0
+
+
+@dataclass
+class _EvaluationTypes:
+    nsd_tolerance_mm: float = field(default=2.0, metadata=bounds(0.0, lo_open=True))
+    detection_min_dice: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    early_radius_mm: float = field(default=10.0, metadata=bounds(0.0, lo_open=True))
+    paired_cases: str = field(default="defined", metadata=choices("defined", "with_class"))
+    bootstrap: _BootstrapTypes | None = None
+
+
+@dataclass
+class _ArmTypes:
+    name: str = ""
+    trainer: str = ""
+    settings: dict | str | None = None
+    description: str = ""
+    role: str = field(default="arm", metadata=choices(*ROLES))
+    optional: str | None = None
+
+
+@dataclass
+class _ConfigTypes:
+    name: str = ""
+    dataset: int | str = ""
+    configuration: str = ""
+    plans: str = ""
+    folds: list[int | str] = field(default_factory=list)
+    repeats: int = field(default=1, metadata=bounds(1))
+    seed: int = 0
+    device: str = ""
+    jobs: int = field(default=1, metadata=bounds(1))
+    checkpoint: str = ""
+    reference_arm: str | None = None
+    test_images: str | None = None
+    test_labels: str | None = None
+    env: dict[str, str | int | float] = field(default_factory=dict)
+    description: str = ""
+    scarcity: dict | None = None
+    arms: list[dict] = field(default_factory=list)
+    source: str = ""
+
+
+def _check_types(d: dict, path: Path) -> None:
+    """Type and range of every typed key of config ``d`` (nested: budget, predict, evaluation, arms, scarcity)."""
+    def typed(schema: type, obj: Any, prefix: str) -> None:
+        known = fields_of(schema)
+        for k, v in obj.items():
+            if k in known:
+                check_value(v, known[k][0], f"{prefix}{k}", str(path), known[k][1])
+
+    try:
+        typed(_ConfigTypes, d, "")
+        for key, schema in (("budget", _BudgetTypes), ("predict", _PredictTypes), ("evaluation", _EvaluationTypes)):
+            if key in d:
+                typed(schema, check_value(d[key], dict, key, str(path)), f"{key}.")
+        for i, a in enumerate(d.get("arms") or []):
+            typed(_ArmTypes, a, f"arms[{i}].")
+        sc = d.get("scarcity")
+        if isinstance(sc, dict):   # "class" is a Python keyword: no dataclass field, checked by hand
+            for k, tp, meta in (("class", str, {}), ("keep_carriers", int, bounds(0)), ("seed", int, {})):
+                if k in sc:
+                    check_value(sc[k], tp, f"scarcity.{k}", str(path), meta)
+    except SchemaError as e:
+        raise ExperimentError(str(e)) from None
 
 
 def resolve_config_path(config: str) -> Path:
@@ -184,6 +279,9 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExperimentError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ExperimentError(f"{path}: an experiment config must be a JSON object {{\"name\": ..., \"arms\": [...]}}, "
+                              f"got {type(d).__name__}")
     for k, v in (overrides or {}).items():
         if v is None:
             continue
@@ -196,6 +294,7 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
         raise ExperimentError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
     if d.get("dataset") in (None, ""):
         raise ExperimentError(f"{path}: no dataset; set \"dataset\" in the config or pass --dataset")
+    _check_types(d, path)
     bad_budget = set(d.get("budget", {})) - set(BUDGET_KEYS)
     if bad_budget:
         raise ExperimentError(f"{path}: unknown budget keys {sorted(bad_budget)}; known: {sorted(BUDGET_KEYS)}")
@@ -234,7 +333,13 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
             sp = Path(settings) if Path(settings).is_absolute() else path.parent / settings
             if not sp.is_file():
                 raise ExperimentError(f"{path}: arm '{a['name']}': settings file {sp} not found")
-            settings, src = json.loads(sp.read_text()), str(sp)
+            try:
+                settings, src = json.loads(sp.read_text()), str(sp)
+            except json.JSONDecodeError as e:
+                raise ExperimentError(f"{path}: arm '{a['name']}': settings file {sp} is not valid JSON: {e}") from None
+            if not isinstance(settings, dict):
+                raise ExperimentError(f"{sp}: arm '{a['name']}': the settings must be a JSON object, got "
+                                      f"{type(settings).__name__}")
         elif settings is not None and not isinstance(settings, dict):
             raise ExperimentError(f"{path}: arm '{a['name']}': settings must be a dict or a JSON file path")
         arms.append(Arm(a["name"], a["trainer"], settings, src, a.get("role", "arm"), a.get("optional"),
@@ -273,6 +378,13 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
     for k in ("test_images", "test_labels"):
         if d.get(k) and not Path(d[k]).is_absolute():
             d[k] = str((path.parent / d[k]).resolve())
+    prepare = d.get("prepare")
+    if prepare is not None:
+        from .prepare import PrepareError, check_prepare
+        try:
+            check_prepare(prepare, str(path))
+        except PrepareError as e:
+            raise ExperimentError(str(e)) from None
     return ExperimentConfig(dataset=str(d["dataset"]), arms=arms, name=d.get("name", path.stem),
                             configuration=d.get("configuration", "3d_fullres"), plans=d.get("plans", "nnUNetPlans"),
                             folds=folds, repeats=int(d.get("repeats", 3)), seed=int(d.get("seed", 0)),
@@ -281,7 +393,7 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                             test_images=d.get("test_images"), test_labels=d.get("test_labels"),
                             predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
                             env={k: str(v) for k, v in d.get("env", {}).items()}, scarcity=scarcity,
-                            description=d.get("description", ""), source=str(path))
+                            description=d.get("description", ""), source=str(path), prepare=prepare)
 
 
 def _expand(value: Any, arm: str) -> Any:
@@ -1287,8 +1399,9 @@ def parse_budget(items: list[str] | None, error: Callable[[str], Any]) -> dict |
         k, sep, v = item.partition("=")
         if not sep:
             error(f"--budget expects KEY=VALUE, got '{item}'")
-        if v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
+        if v.lower() in ("true", "false") or (k in ("mirroring", "final_validation") and v in ("0", "1")):
+            # the switches are JSON booleans in the config; on the command line 0/1 (documented) mean the same
+            out[k] = v.lower() in ("true", "1")
             continue
         try:
             out[k] = int(v)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..utils.atomic import write_json_atomic
+from ..utils.schema import bounds, check_value, choices, validate
 
 LESION_SPEC_FILENAME = "lesion_spec.json"
 SPEC_VERSION = 1
@@ -38,6 +39,9 @@ SHAPES = ("ellipsoid", "bank", "mixed")
 DIFFTUMOR_RADIUS_CLASSES_MM = {"tiny": (3.0, 5.0), "small": (6.0, 10.0), "medium": (12.0, 20.0), "large": (24.0, 64.0)}
 #: Equivalent-sphere radius separating early (<= 10 mm, diameter <= 2 cm) from late tumours.
 EARLY_RADIUS_MM = 10.0
+#: Largest radius_mm accepted: above DiffTumor's largest class (64 mm). The mask is drawn on a grid of about
+#: (3.4 r / spacing)^3 voxels, so a typo such as 500 mm would allocate ~3400^3 voxels at 0.5 mm before failing.
+MAX_RADIUS_MM = 100.0
 
 
 class LesionSpecError(ValueError):
@@ -62,20 +66,28 @@ class LesionClass:
         real lesions in the training cases (it needs CT data: CTNormalization maps HU to z-scores).
     texture_hu: optional [min, max] standard deviation of the lesion texture in HU (default [5, 15] when
         ``contrast_hu`` is given).
+    min_parent_fraction: None (default): the mask is clipped to the parent voxel by voxel. A number in (0, 1]:
+        the lesion is a *mass* - its mask is kept whole (compact, no holes) and must have at least this fraction
+        of its voxels in the parent, the rest in background, none in another label or nnU-Net's padding. Why: a
+        parent derived from a HU window (soft tissue without fat) is ragged; clipping to it gives fragmented
+        synthetic labels unlike real tumours, which displace the fat around them (docs/results.md, sarcoma).
     """
 
+    # the annotations and metadata are the JSON schema of a lesion entry (utils.schema, checked in from_dict)
     name: str
-    label: int
-    parents: list[int]
-    radius_mm: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 5.0), (6.0, 10.0)])
-    radius_weights: list[float] | None = None
-    shape: str = "mixed"
+    label: int = field(metadata=bounds(1))
+    parents: list[int] | int = field(metadata=bounds(0))
+    radius_mm: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 5.0), (6.0, 10.0)],
+                                                 metadata=bounds(0.0, MAX_RADIUS_MM, lo_open=True))
+    radius_weights: list[float] | None = field(default=None, metadata=bounds(0.0))
+    shape: str = field(default="mixed", metadata=choices(*SHAPES))
     elastic: bool = True
-    bank_probability: float = 0.5
+    bank_probability: float = field(default=0.5, metadata=bounds(0.0, 1.0))
     may_leave_parent: bool = False
     prompt: str | None = None
     contrast_hu: list[float] | None = None
     texture_hu: list[float] | None = None
+    min_parent_fraction: float | None = None
 
     def __post_init__(self):
         self.label = int(self.label)
@@ -87,8 +99,9 @@ class LesionClass:
             raise LesionSpecError(f"lesion '{self.name}': its label {self.label} cannot be its own parent")
         if self.label <= 0:
             raise LesionSpecError(f"lesion '{self.name}': label must be > 0 (0 is background)")
-        if not self.radius_mm or any(len(r) != 2 or not (0 < r[0] <= r[1]) for r in self.radius_mm):
-            raise LesionSpecError(f"lesion '{self.name}': radius_mm must be a list of [min, max] with 0 < min <= max")
+        if not self.radius_mm or any(len(r) != 2 or not (0 < r[0] <= r[1] <= MAX_RADIUS_MM) for r in self.radius_mm):
+            raise LesionSpecError(f"lesion '{self.name}': radius_mm must be a list of [min, max] with 0 < min <= max "
+                                  f"<= {MAX_RADIUS_MM:g} mm, got {self.radius_mm}")
         if self.radius_weights is None:
             self.radius_weights = [1.0] * len(self.radius_mm)
         self.radius_weights = [float(w) for w in self.radius_weights]
@@ -115,6 +128,12 @@ class LesionClass:
             raise LesionSpecError(f"lesion '{self.name}': texture_hu needs contrast_hu")
         if self.contrast_hu is not None and self.texture_hu is None:
             self.texture_hu = [5.0, 15.0]
+        if self.min_parent_fraction is not None:
+            f = self.min_parent_fraction
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) <= 1.0:
+                raise LesionSpecError(f"lesion '{self.name}': min_parent_fraction must be a number in (0, 1] or null, "
+                                      f"got {f!r}")
+            self.min_parent_fraction = float(f)
 
 
 @dataclass
@@ -183,7 +202,7 @@ class LesionSpec:
     def to_dict(self) -> dict:
         # Optional intensity priors are written only when set, so specs without them keep their old form.
         lesions = [{k: v for k, v in dataclasses.asdict(l).items()
-                    if not (k in ("contrast_hu", "texture_hu") and v is None)} for l in self.lesions]
+                    if not (k in ("contrast_hu", "texture_hu", "min_parent_fraction") and v is None)} for l in self.lesions]
         return {"version": self.version, "lesions": lesions}
 
     @classmethod
@@ -192,12 +211,17 @@ class LesionSpec:
             raise LesionSpecError(f"{source}: a lesion spec needs a 'lesions' list")
         if d.get("version", SPEC_VERSION) != SPEC_VERSION:
             raise LesionSpecError(f"{source}: unsupported lesion spec version {d.get('version')}")
-        known = {f.name for f in dataclasses.fields(LesionClass)}
+        try:
+            entries = check_value(d["lesions"], list[dict], "lesions", source)
+        except ValueError as e:
+            raise LesionSpecError(str(e)) from None
         lesions = []
-        for i, entry in enumerate(d["lesions"]):
-            unknown = set(entry) - known
-            if unknown:
-                raise LesionSpecError(f"{source}: lesion #{i} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        for i, entry in enumerate(entries):
+            # types and ranges of every key (file, key, expected type, value) before the checks between keys
+            entry = validate(LesionClass, entry, source, prefix=f"lesions[{i}]", error=LesionSpecError)
+            missing = [k for k in ("name", "label", "parents") if k not in entry]
+            if missing:
+                raise LesionSpecError(f"{source}: lesion #{i} lacks the key(s) {missing}")
             try:
                 lesions.append(LesionClass(**entry))
             except TypeError as e:

@@ -99,9 +99,13 @@ def resolve_patience(preprocessed_dataset_folder_base: str | os.PathLike) -> tup
         Path(preprocessed_dataset_folder_base) / SETTINGS_FILENAME
     if path.is_file():
         try:
-            value = json.loads(path.read_text()).get(SETTINGS_KEY)
+            d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise EarlyStoppingConfigError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):   # a list or number at the top level: say so rather than an AttributeError
+            raise EarlyStoppingConfigError(f"{path}: the settings must be a JSON object {{\"key\": value, ...}}, "
+                                           f"got {type(d).__name__}")
+        value = d.get(SETTINGS_KEY)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EarlyStoppingConfigError(f"{path}: '{SETTINGS_KEY}' must be a positive integer or null, got {value!r}")
