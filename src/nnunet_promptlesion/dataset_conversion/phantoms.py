@@ -388,7 +388,6 @@ def write_phantom_dataset(kind: str, dataset_id: int, n_cases: int, seed: int, n
     splits = [("Tr", TRAIN, n_cases), ("Ts", TEST, n_test)]
     records: dict[str, list] = {"training": [], "test": []}
     with atomic_dir(target, overwrite=True) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a dataset folder is meant to be shared
         for sub, split, n in splits:
             if n == 0:
                 continue
@@ -426,8 +425,6 @@ def write_phantom_dataset(kind: str, dataset_id: int, n_cases: int, seed: int, n
             "test_healthy_fraction": split_fractions(k, cfg, TEST)[1],
             **records,
         }, tmp / MANIFEST_FILENAME)
-        for f in tmp.glob("*.json"):
-            f.chmod(0o644)
     for other in clashes:
         if other.resolve() != target.resolve() and other.exists():
             logger.warning("removing %s: it used the same dataset id as the new %s", other, target)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,16 +339,11 @@ def save_nifti_atomic(nimg, target: Path) -> None:
     """nibabel picks gzip from the file name, so the temporary sibling keeps the .nii.gz / .nii ending."""
     import nibabel as nib
 
+    from ..utils.atomic import atomic_path
+
     target = Path(target)
-    suffix = ".nii.gz" if target.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        nib.save(nimg, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(target, suffix=".nii.gz" if target.name.endswith(".gz") else ".nii") as tmp:
+        nib.save(nimg, str(tmp))
 
 
 __all__ = ["SingleCTOptions", "SingleCTError", "synthesize_ct", "place_masks", "extract_patches", "run_generator",
