@@ -472,3 +472,73 @@ def test_rerun_with_another_budget_or_settings_refuses_reports_the_models_and_re
     # the same config once more: every step finished from these inputs
     main([str(changed), "-o", str(out)])
     assert "nothing to check or run" in capsys.readouterr().out
+
+
+def test_postprocessing_option_decided_on_validation_reported_beside_raw_and_skipped_when_finished(nnunet_paths,
+                                                                                                   tmp_path, capsys):
+    """Real nnU-Net, 1 epoch x 1 iteration: with "postprocessing": true nnU-Net's own postprocessing is decided on the
+    training's validation cases (never the test set), applied to the test predictions (predictions_pp/) and scored
+    (evaluation_pp/); the report holds a second block of the same tables after the raw one, which stays first. A
+    re-run skips the finished steps; a postprocessing step killed half-way (its temporary folder left) is redone."""
+    from nnunet_promptlesion.cli.experiment import main
+
+    root, did, env = nnunet_paths
+    arms = [{"name": "real_only", "trainer": "nnUNetTrainer_earlyStopping"}]
+    budget = {"epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1, "early_stopping_patience": 0,
+              "mirroring": False, "save_every": 1, "final_validation": True}
+    kw = dict(repeats=1, budget=budget, checkpoint="checkpoint_final.pth",
+              predict={"disable_tta": True, "save_probabilities": False})
+    # refused where the decision could not come from held-out validation cases
+    for bad, msg in (({"folds": ["all"]}, "fold \"all\" validates on its own training cases"),
+                     ({"budget": {**budget, "final_validation": False}}, "\"final_validation\": false skips"),
+                     ({"postprocessing": "yes"}, "postprocessing must be true or false")):
+        with pytest.raises(ExperimentError, match=msg):
+            load_config(str(_config(tmp_path, did, "nnUNetPlans", arms, **{**kw, "postprocessing": True, **bad})))
+    assert "postprocessing" not in load_config(str(_config(tmp_path, did, "nnUNetPlans", arms, **kw))).to_dict()
+
+    cfg_path = _config(tmp_path, did, "nnUNetPlans", arms, postprocessing=True, **kw)
+    out = tmp_path / "out"
+    main([str(cfg_path), "-o", str(out)])
+    rd = out / "runs" / "real_only" / "repeat_0"
+    pp = rd / "postprocessing"
+    assert (pp / "postprocessing.pkl").is_file() and (pp / "postprocessing.json").is_file()
+    assert not (pp / "validation").exists()
+    splits = json.loads((Path(env["nnUNet_preprocessed"]) / next((root / "raw").glob(f"Dataset{did:03d}_*")).name /
+                         "splits_final.json").read_text())
+    # decided on fold 0's validation cases, none of them a test case
+    decided_on = json.loads((pp / "inputs.json").read_text())["validation_cases"]
+    assert [c[:-len(".nii.gz")] for c in decided_on] == sorted(splits[0]["val"])
+    test_cases = sorted(p.name for p in (rd / "predictions").glob("*.nii.gz"))
+    assert not set(decided_on) & set(test_cases)
+    assert sorted(p.name for p in (rd / "predictions_pp").glob("*.nii.gz")) == test_cases
+    assert (rd / "evaluation_pp" / "evaluation.json").is_file() and (rd / "evaluation" / "evaluation.json").is_file()
+    report = (out / "results" / "report.txt").read_text()
+    raw, sep, after = report.partition("After nnU-Net postprocessing")
+    assert sep and "nnUNetv2_determine_postprocessing on its validation cases\n(held out" in after
+    assert raw.startswith("tiny: ") and "after nnU-Net postprocessing" not in raw
+    for cls in ("vessel_wall", "calcified_plaque", "noncalcified_plaque"):   # every class in both blocks
+        assert f"\n{cls}" in raw and f"\n{cls}" in after
+    assert "Postprocessing decided on validation: real_only repeat 0: " in after
+    assert "After nnU-Net postprocessing" in (out / "results" / "results.md").read_text()
+    comp = json.loads((out / "results" / "comparison.json").read_text())
+    assert set(comp["postprocessed"]["table"]) == set(comp["table"])
+    assert list(comp["postprocessed"]["table"]["vessel_wall"]) == ["real_only"]
+
+    # a re-run: every step, the postprocessing ones included, finished
+    capsys.readouterr()
+    main([str(cfg_path), "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "nothing to check or run" in printed
+    for step in ("postprocess arm=real_only repeat=0: skipped (finished)",
+                 "evaluate_pp arm=real_only repeat=0: skipped (finished)"):
+        assert step in printed, printed
+    # the application killed half-way: its output is gone, a temporary folder is left; the decision is kept
+    shutil.rmtree(rd / "predictions_pp")
+    (rd / ".predictions_pp.x.partial").mkdir()
+    pkl_before = (pp / "postprocessing.pkl").stat().st_mtime_ns
+    main([str(cfg_path), "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "postprocess arm=real_only repeat=0: decision kept (finished)" in printed, printed
+    assert sorted(p.name for p in (rd / "predictions_pp").glob("*.nii.gz")) == test_cases
+    assert not (rd / ".predictions_pp.x.partial").exists()
+    assert (pp / "postprocessing.pkl").stat().st_mtime_ns == pkl_before

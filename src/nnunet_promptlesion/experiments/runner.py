@@ -24,6 +24,7 @@ Config (JSON; relative paths are relative to the config file)::
                      "paired_cases": "defined"},   # or "with_class": pair only cases whose ground truth has the class
       "env": {"nnUNet_n_proc_DA": "4"},    # extra environment for every nnU-Net command
       "scarcity": {"class": "noncalcified_plaque", "keep_carriers": 3, "seed": 0},   # optional, see below
+      "postprocessing": false,             # true: also nnU-Net's own postprocessing, see "Postprocessing" below
       "arms": [
         {"name": "real_scarce", "role": "baseline", "trainer": "nnUNetTrainer_earlyStopping"},
         {"name": "rule_based", "trainer": "PromptLesionTrainer", "settings": {"synthesizer": "rule_based"}},
@@ -45,6 +46,15 @@ The budget reaches the trainers through environment variables read by
 :class:`nnunet_promptlesion.trainers.early_stopping.EarlyStoppingMixin` (PromptLesionTrainer and
 nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refused before anything runs.
 ``"${VAR}"`` in a settings value is replaced by the environment variable VAR (e.g. a checkpoint path).
+
+Postprocessing: with ``"postprocessing": true`` every (arm, repeat) also gets nnU-Net's own postprocessing (keep
+only the largest connected component of the foreground and/or of single classes where that raised the Dice),
+decided by ``nnUNetv2_determine_postprocessing`` on the training's *validation* predictions (nnU-Net's final
+validation: cases held out of that training; never the test set), applied to the test predictions by
+``nnUNetv2_apply_postprocessing`` and evaluated; the report shows it as a second block after the raw predictions,
+which stay first and unchanged. It needs the budget's ``final_validation`` and numeric folds (fold "all" validates
+on its training cases: refused). Several folds: decided once on all their validation predictions together (each case
+once), as nnU-Net's ``nnUNetv2_find_best_configuration`` does on merged cross-validation folds.
 
 Parallel runs: with ``"jobs": N`` (or ``--jobs N``) up to N (arm, repeat) chains - train every fold, predict,
 evaluate - run at the same time, each its own nnU-Net processes. Worth it where one training leaves the device
@@ -68,7 +78,11 @@ Layout of the output folder::
         predictions/           nnUNetv2_predict output for the test images (+ .complete when finished)
         evaluation/            promptlesion_evaluate output (+ transfer.json: softmax in real test lesions,
                                synthetic pseudo-Dice, verdict; needs predict.save_probabilities, the default)
-        logs/                  train_fold<f>.log, predict.log
+        logs/                  train_fold<f>.log, predict.log (+ postprocessing.log)
+        postprocessing/        with "postprocessing": nnU-Net's postprocessing.pkl and postprocessing.json decided on
+                               the validation predictions (+ inputs.json: what it was decided from)
+        predictions_pp/        the test predictions after nnUNetv2_apply_postprocessing (+ inputs.json)
+        evaluation_pp/         promptlesion_evaluate output of predictions_pp
     results/                   comparison.json, report.txt, results.md, per-class CSVs, dice_by_arm.png,
                                sensitivity_by_arm.png, nsd_by_arm.png
 """
@@ -138,6 +152,7 @@ class ExperimentConfig:
     test_labels: str | None = None
     predict: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    postprocessing: bool = False    # nnU-Net's postprocessing decided on validation, reported beside the raw
     env: dict = field(default_factory=dict)
     scarcity: dict | None = None
     description: str = ""
@@ -146,6 +161,8 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "arms"}
+        if not d.get("postprocessing"):   # off: experiment.json reads as before the option existed
+            d.pop("postprocessing", None)
         d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings, "role": a.role,
                       **({"optional": a.optional} if a.optional else {})} for a in self.arms]
         return d
@@ -163,6 +180,7 @@ PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget",
             "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms",
+            "postprocessing",
             "description", "scarcity", "source", "prepare"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
@@ -375,6 +393,15 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ExperimentError(f"{path}: jobs must be an integer >= 1, got {jobs!r}")
     folds = [str(f) for f in d.get("folds", [0])]
+    postprocessing = d.get("postprocessing", False)
+    if not isinstance(postprocessing, bool):
+        raise ExperimentError(f"{path}: postprocessing must be true or false, got {postprocessing!r}")
+    if postprocessing and d.get("budget", {}).get("final_validation", True) is False:
+        raise ExperimentError(f"{path}: \"postprocessing\" is decided on nnU-Net's validation predictions, which the "
+                              "budget's \"final_validation\": false skips; set it true (or drop postprocessing)")
+    if postprocessing and "all" in folds:
+        raise ExperimentError(f"{path}: \"postprocessing\" must be decided on held-out validation cases, but fold "
+                              "\"all\" validates on its own training cases; use numeric folds (or drop postprocessing)")
     for k in ("test_images", "test_labels"):
         if d.get(k) and not Path(d[k]).is_absolute():
             d[k] = str((path.parent / d[k]).resolve())
@@ -393,6 +420,7 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                             test_images=d.get("test_images"), test_labels=d.get("test_labels"),
                             predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
                             env={k: str(v) for k, v in d.get("env", {}).items()}, scarcity=scarcity,
+                            postprocessing=postprocessing,
                             description=d.get("description", ""), source=str(path), prepare=prepare)
 
 
@@ -466,6 +494,8 @@ def _describe_changes(old: dict | None, new: dict) -> str:
             parts.append("the models changed (retrained)")
         elif k == "predictions":
             parts.append("the predictions changed (redone)")
+        elif k == "decision":
+            parts.append("the postprocessing decision changed (redone)")
         elif k.endswith("digest"):
             parts.append(f"{k} changed")
         else:
@@ -839,6 +869,8 @@ class ExperimentRunner:
                     now = self._evaluate_inputs(arm, r)
                     if old != now:
                         out.append(("evaluate", arm, r, None, _describe_changes(old, now)))
+                if self.cfg.postprocessing:
+                    out += self._changed_pp_steps(arm, r)
         return out
 
     def _settle_changed_steps(self) -> None:
@@ -867,8 +899,14 @@ class ExperimentRunner:
                     f.unlink(missing_ok=True)
             if kind in ("train", "predict"):
                 (rd / "predictions" / DONE_MARKER).unlink(missing_ok=True)
-            if (rd / "evaluation").exists():
+            if kind in ("train", "predict", "evaluate") and (rd / "evaluation").exists():
                 shutil.rmtree(rd / "evaluation")
+            # postprocessing outputs downstream of the changed step (all three follow a changed training)
+            for folder, kinds in (("postprocessing", ("train", "postprocess")),
+                                  ("predictions_pp", ("train", "predict", "postprocess")),
+                                  ("evaluation_pp", ("train", "predict", "postprocess", "evaluate_pp"))):
+                if kind in kinds and (rd / folder).exists():
+                    shutil.rmtree(rd / folder)
 
     def _finished_before(self) -> bool:
         """True when this same config ran here before (experiment.json) and every one of its steps finished:
@@ -885,6 +923,7 @@ class ExperimentRunner:
             return False   # the data moved: check() says what is missing (the scarce folds below read the plans)
         return all(all(self._train_finished(arm, r, f) for f in self.arm_folds(arm))
                    and self._predict_finished(arm, r) and self._evaluate_finished(arm, r)
+                   and self._pp_finished(arm, r)
                    for r in range(self.cfg.repeats) for arm in self.cfg.arms)
 
     def train(self, arm: Arm, repeat: int, fold: str) -> str:
@@ -981,6 +1020,182 @@ class ExperimentRunner:
         return {"real": {"summary": real}, "synthetic": synthetic, "synthetic_epoch": epoch,
                 "verdicts": transfer_verdicts(real, synthetic)}
 
+    # ------------------------------------------------------------------ nnU-Net's postprocessing ("postprocessing")
+    # Per (arm, repeat): nnUNetv2_determine_postprocessing decides on the training's validation predictions (nnU-Net's
+    # final validation of cases held out of it) against nnUNet_preprocessed/<dataset>/gt_segmentations, into
+    # postprocessing/; nnUNetv2_apply_postprocessing applies that to the test predictions, into predictions_pp/;
+    # evaluate_pp scores them into evaluation_pp/. Every folder is written whole (atomic_dir) with an inputs.json
+    # record, so a killed step leaves nothing that reads as finished and a re-run redoes exactly what changed.
+    def _pp_decision_inputs(self, arm: Arm, repeat: int) -> dict:
+        """What the decision is made from: the trainings (their validation predictions) and the reference labels."""
+        folds = self.arm_folds(arm)
+        return {"folds": folds, "models": [_digest(self.train_inputs(arm, repeat, f)) for f in folds],
+                "reference": str(self.pre / self.dataset_name / "gt_segmentations")}
+
+    def _pp_apply_inputs(self, arm: Arm, repeat: int) -> dict:
+        return {"predictions": _digest(self._predict_stamp(arm, repeat)),
+                "decision": _digest(self._pp_decision_inputs(arm, repeat))}
+
+    def _pp_evaluate_inputs(self, arm: Arm, repeat: int) -> dict:
+        return {"predictions": _digest(self._pp_apply_inputs(arm, repeat)), "labels": str(self.labels),
+                "evaluation": dict(sorted(self.cfg.evaluation.items()))}
+
+    def _pp_records(self, arm: Arm, repeat: int) -> list[tuple[str, str, str, Callable[[Arm, int], dict]]]:
+        """(step kind, folder, the file that makes it finished, its inputs) of the three postprocessing outputs."""
+        return [("postprocess", "postprocessing", "postprocessing.pkl", self._pp_decision_inputs),
+                ("postprocess", "predictions_pp", EVALUATE_RECORD, self._pp_apply_inputs),
+                ("evaluate_pp", "evaluation_pp", "evaluation.json", self._pp_evaluate_inputs)]
+
+    def _pp_done(self, arm: Arm, repeat: int, folder: str) -> bool:
+        _, _, product, inputs = next(x for x in self._pp_records(arm, repeat) if x[1] == folder)
+        d = self.run_dir(arm.name, repeat) / folder
+        return (d / product).is_file() and _read_record(d / EVALUATE_RECORD) == inputs(arm, repeat)
+
+    def _pp_finished(self, arm: Arm, repeat: int) -> bool:
+        return not self.cfg.postprocessing or all(self._pp_done(arm, repeat, folder)
+                                                  for _, folder, _, _ in self._pp_records(arm, repeat))
+
+    def _changed_pp_steps(self, arm: Arm, r: int) -> list[tuple[str, Arm, int, str | None, str]]:
+        out = []
+        for kind, folder, _, inputs in self._pp_records(arm, r):
+            rec = self.run_dir(arm.name, r) / folder / EVALUATE_RECORD
+            if rec.is_file() and (old := _read_record(rec)) != (now := inputs(arm, r)):
+                if not any(k == kind for k, *_ in out):   # a changed decision redoes its application too
+                    out.append((kind, arm, r, None, _describe_changes(old, now)))
+        return out
+
+    def postprocess(self, arm: Arm, repeat: int) -> str:
+        """Decide nnU-Net's postprocessing on validation (unless finished), apply it to the test predictions."""
+        decided = self._pp_done(arm, repeat, "postprocessing")
+        applied = decided and self._pp_done(arm, repeat, "predictions_pp")
+        if applied:
+            return "skipped (finished)"
+        n = None if decided else self._determine_postprocessing(arm, repeat)
+        self._apply_postprocessing(arm, repeat)
+        return (("decision kept (finished)" if n is None else f"decided on {n} validation cases") +
+                f": {self._pp_decision_text(arm.name, repeat)}; applied to the test predictions")
+
+    def _pp_command(self, name: str) -> str:
+        exe = Path(sys.executable).parent / name   # nnU-Net's console script of this environment
+        return str(exe) if exe.is_file() else (shutil.which(name) or name)
+
+    def _determine_postprocessing(self, arm: Arm, repeat: int) -> int:
+        rd = self.run_dir(arm.name, repeat)
+        ds = self.pre / self.dataset_name
+        ending = json.loads((ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+        cases: dict[str, Path] = {}
+        for fold in self.arm_folds(arm):
+            val = self.fold_dir(arm, repeat, fold) / "validation"
+            found = sorted(val.glob(f"*{ending}")) if val.is_dir() else []
+            if not found:
+                raise ExperimentError(f"postprocessing arm '{arm.name}' repeat {repeat}: {val} holds no validation "
+                                      f"predictions; nnU-Net writes them in the training's final validation (budget "
+                                      f"\"final_validation\": true), retrain with --retrain-changed after setting it")
+            for p in found:
+                if p.name in cases:
+                    raise ExperimentError(f"postprocessing arm '{arm.name}' repeat {repeat}: validation case {p.name} "
+                                          f"is in two folds ({cases[p.name].parent.parent.name}, fold_{fold}); the "
+                                          "decision takes every case once: use folds of one cross-validation")
+                cases[p.name] = p
+        _remove_partials(rd, "postprocessing")
+        log = rd / "logs" / "postprocessing.log"
+        with atomic_dir(rd / "postprocessing", overwrite=True) as tmp:
+            val = tmp / "validation"   # the folds' validation predictions together; nnU-Net writes into this folder
+            val.mkdir()
+            for name, p in cases.items():
+                shutil.copyfile(p, val / name)
+            cmd = [self._pp_command("nnUNetv2_determine_postprocessing"), "-i", str(val),
+                   "-ref", str(ds / "gt_segmentations"), "-plans_json", str(ds / f"{self.cfg.plans}.json"),
+                   "-dataset_json", str(ds / "dataset.json"), "-np", "1", "--remove_postprocessed"]
+            if self._run(cmd, self._env(arm, repeat, None), log) != 0:
+                self._fail(f"postprocessing decision arm '{arm.name}' repeat {repeat}", log)
+            # postprocessing.pkl is the pickle nnU-Net writes here and reads back in nnUNetv2_apply_postprocessing;
+            # only ever one that the command above made in this run's own folder, never a file from elsewhere
+            for name in ("postprocessing.pkl", "postprocessing.json"):
+                os.replace(val / name, tmp / name)
+            shutil.rmtree(val)
+            write_json_atomic({"inputs": self._pp_decision_inputs(arm, repeat), "validation_cases": sorted(cases)},
+                              tmp / EVALUATE_RECORD)
+        return len(cases)
+
+    def _apply_postprocessing(self, arm: Arm, repeat: int) -> None:
+        rd = self.run_dir(arm.name, repeat)
+        ds = self.pre / self.dataset_name
+        _remove_partials(rd, "predictions_pp")
+        log = rd / "logs" / "postprocessing.log"
+        with atomic_dir(rd / "predictions_pp", overwrite=True) as tmp:
+            cmd = [self._pp_command("nnUNetv2_apply_postprocessing"), "-i", str(rd / "predictions"), "-o", str(tmp),
+                   "-pp_pkl_file", str(rd / "postprocessing" / "postprocessing.pkl"), "-np", "1",
+                   "-plans_json", str(ds / f"{self.cfg.plans}.json"), "-dataset_json", str(ds / "dataset.json")]
+            if self._run(cmd, self._env(arm, repeat, None), log) != 0:
+                self._fail(f"applying the postprocessing arm '{arm.name}' repeat {repeat}", log)
+            write_json_atomic({"inputs": self._pp_apply_inputs(arm, repeat)}, tmp / EVALUATE_RECORD)
+
+    def _pp_decision_text(self, arm_name: str, repeat: int) -> str:
+        """'largest component of: foreground, <class>', or 'none' (nnU-Net found no gain on validation)."""
+        try:
+            pj = json.loads((self.run_dir(arm_name, repeat) / "postprocessing" / "postprocessing.json").read_text())
+            labels = json.loads((self.pre / self.dataset_name / "dataset.json").read_text())["labels"]
+        except (OSError, ValueError, KeyError):
+            return "n/a"
+        names = {json.dumps(v): k for k, v in labels.items()}
+        kept = []
+        for kw in pj.get("postprocessing_kwargs") or []:
+            lr = kw.get("labels_or_regions")
+            if isinstance(lr, list) and len(lr) > 1:
+                kept.append("foreground")
+            else:
+                lr = lr[0] if isinstance(lr, list) else lr
+                kept.append(names.get(json.dumps(lr), str(lr)))
+        return "largest component of " + ", ".join(kept) if kept else "none"
+
+    def evaluate_pp(self, arm: Arm, repeat: int) -> str:
+        from ..evaluation.evaluate import evaluate_folders, write_outputs
+
+        if self._pp_done(arm, repeat, "evaluation_pp"):
+            return "skipped (finished)"
+        rd = self.run_dir(arm.name, repeat)
+        e = self.cfg.evaluation
+        kwargs = {k: e[k] for k in ("nsd_tolerance_mm", "detection_min_dice", "early_radius_mm") if k in e}
+        results = evaluate_folders(rd / "predictions_pp", self.labels,
+                                   dataset_json=self.pre / self.dataset_name / "dataset.json", **kwargs)
+        _remove_partials(rd, "evaluation_pp")
+        with atomic_dir(rd / "evaluation_pp", overwrite=True) as tmp:
+            write_outputs(results, tmp, title=f"{arm.name} repeat {repeat}, after nnU-Net postprocessing")
+            write_json_atomic({"inputs": self._pp_evaluate_inputs(arm, repeat)}, Path(tmp) / EVALUATE_RECORD)
+        dice = {k: v["Dice"] for k, v in results["summary"].items()}
+        return "evaluated after postprocessing: Dice " + ", ".join(
+            f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in dice.items())
+
+    def _postprocessed_comparison(self, notes: dict) -> tuple[dict | None, str]:
+        """(the comparison of the postprocessed predictions, its report block); same tables as the raw one."""
+        from ..evaluation.statistics import compare_arms, format_comparison_text
+
+        evals = self.collect("evaluation_pp")
+        head = ("\n" + "=" * 100 + "\nAfter nnU-Net postprocessing: decided per training by "
+                "nnUNetv2_determine_postprocessing on its validation cases\n(held out of the training, never the test "
+                "set), applied to its test predictions by nnUNetv2_apply_postprocessing.\nThe tables above are the raw "
+                "predictions.\n")
+        if not evals:
+            return None, head + "Nothing postprocessed and evaluated yet.\n"
+        ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
+        ceiling = self.cfg.arm_with_role("ceiling")
+        ceil = ceiling.name if ceiling is not None and ceiling.name in evals and ref else None
+        boot = self.cfg.evaluation.get("bootstrap", {})
+        comp = compare_arms(evals, reference=ref, ceiling=ceil,
+                            paired_cases=self.cfg.evaluation.get("paired_cases", "defined"),
+                            n_boot=int(boot.get("n", 2000)), seed=int(boot.get("seed", 0)))
+        comp["missing"] = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
+                           if r not in evals.get(a.name, {})]
+        comp["decisions"] = {a: {str(r): self._pp_decision_text(a, r) for r in reps} for a, reps in evals.items()}
+        text = head + "\n" + format_comparison_text(comp, title=f"{self.cfg.name}: {self.dataset_name}, after nnU-Net "
+                                                     "postprocessing", class_notes=notes)
+        text += "Postprocessing decided on validation: " + "; ".join(
+            f"{a} repeat {r}: {d}" for a, ds in comp["decisions"].items() for r, d in ds.items()) + ".\n"
+        if comp["missing"]:
+            text += f"Not yet postprocessed and evaluated: {', '.join(comp['missing'])}.\n"
+        return comp, text
+
     def run(self, report: bool = True) -> dict | None:
         """Every step (skipping finished ones), then the report. Returns the comparison dict (or None).
 
@@ -1007,6 +1222,8 @@ class ExperimentRunner:
             for r in range(self.cfg.repeats):
                 for arm in self.cfg.arms:
                     kinds = [("train", f) for f in self.arm_folds(arm)] + [("predict", None), ("evaluate", None)]
+                    if self.cfg.postprocessing:
+                        kinds += [("postprocess", None), ("evaluate_pp", None)]
                     chains.append((arm, r, [(n + k + 1, kind, fold) for k, (kind, fold) in enumerate(kinds)]))
                     n += len(kinds)
             self._halt.clear()
@@ -1039,9 +1256,11 @@ class ExperimentRunner:
                 msg = self.train(arm, r, fold)
             elif kind == "predict":
                 msg = self.predict(arm, r)
+            elif kind == "postprocess":
+                msg = self.postprocess(arm, r)
             else:
                 with self._evaluate_lock:
-                    msg = self.evaluate(arm, r)
+                    msg = self.evaluate_pp(arm, r) if kind == "evaluate_pp" else self.evaluate(arm, r)
             self._progress(i, n, f"{what}: {msg} ({time.time() - t:.0f} s)")
 
     def _run_parallel(self, chains: list, n: int) -> None:
@@ -1085,14 +1304,14 @@ class ExperimentRunner:
             write_json_atomic(settings, path)
 
     # ------------------------------------------------------------------ report
-    def collect(self) -> dict[str, dict[int, dict]]:
+    def collect(self, folder: str = "evaluation") -> dict[str, dict[int, dict]]:
         from ..evaluation.evaluate import load_results
 
         out = {}
         for arm in self.cfg.arms:
             reps = {}
             for r in range(self.cfg.repeats):
-                f = self.run_dir(arm.name, r) / "evaluation" / "evaluation.json"
+                f = self.run_dir(arm.name, r) / folder / "evaluation.json"
                 if f.is_file():
                     reps[r] = load_results(f)
             if reps:
@@ -1176,6 +1395,9 @@ class ExperimentRunner:
             for cls, n in rec["carriers_per_class"].items():
                 extra = f"training cases with the class: scarce {n['scarce']}, full {n['full']}"
                 notes[cls] = f"{notes[cls]}; {extra}" if cls in notes else extra
+        pp_text = ""
+        if self.cfg.postprocessing:   # a second block after the raw one, which stays as it is
+            comp["postprocessed"], pp_text = self._postprocessed_comparison(notes)
         res = self.out / "results"
         res.mkdir(parents=True, exist_ok=True)
         write_json_atomic(comp, res / "comparison.json")
@@ -1202,6 +1424,7 @@ class ExperimentRunner:
                      "synthetic, not real) / budget gap (learns neither).\n")
         if missing:
             text += f"Not yet evaluated: {', '.join(missing)}.\n"
+        text += pp_text
         write_text_atomic(text, res / "report.txt")
         write_text_atomic(f"# {title}\n\n```\n{text}```\n\n![Dice](dice_by_arm.png)\n\n"
                           "![Lesion-wise sensitivity](sensitivity_by_arm.png)\n", res / "results.md")
@@ -1233,6 +1456,12 @@ class ExperimentRunner:
         self.print(text)
         self.print(f"[experiment] results in {res}")
         return comp
+
+
+def _remove_partials(parent: Path, name: str) -> None:
+    """The temporary folders of an atomic_dir(parent / name) that a killed run left behind."""
+    for p in parent.glob(f".{name}.*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _model_line(m: dict) -> str:
