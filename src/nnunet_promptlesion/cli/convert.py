@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--unlabelled-to-test", action="store_true", help="put images without a label map into imagesTs")
     _add_common(c, "CCTA")
 
+    from ..dataset_conversion.nifti_pairs import DEFAULT_MASS_FRACTION  # noqa: F401 - used in the help below
     from ..dataset_conversion.nifti_pairs import DEFAULT_AIR_HU, DEFAULT_MIN_COMPONENT_MM3, DEFAULT_PARENT_NAME, \
         DEFAULT_TISSUE_HU
     n = sub.add_parser(
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--allow-healthy", action="store_true",
                    help="accept masks without any lesion voxel (healthy cases) instead of refusing them")
     n.add_argument("--prefix", default="", help="case name prefix: cases are named <prefix>_<case> (default: none)")
+    n.add_argument("--mass-fraction", type=_fraction_or_none, default=DEFAULT_MASS_FRACTION, metavar="F|none",
+                   help="lesion_spec.json's min_parent_fraction for the lesions: synthetic lesions are masses kept "
+                        "whole (not clipped to the ragged derived parent) with at least this share of their voxels "
+                        f"in it, never over bone (default {DEFAULT_MASS_FRACTION}); 'none' clips them to the parent")
     _add_common(n, "NiftiLesions")
 
     mg = sub.add_parser("merge", help="merge converted datasets into one multi-organ dataset",
@@ -221,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_NAMES = {"lits": "LiTS", "ccta": "CCTA", "nifti": "NiftiLesions", "merge": "MultiOrgan"}
+
+
+def _fraction_or_none(v: str) -> float | None:
+    if v.lower() == "none":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got '{v}'") from None
+    if not 0.0 < f <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {f}")
+    return f
 
 
 def _options(args, name: str | None = None) -> ConvertOptions:
@@ -285,7 +302,8 @@ def run(args) -> ConversionResult:
             parent = BodyWindowParent(args.parent_name, args.air_hu, tuple(args.tissue_hu), args.min_component_mm3)
         return convert_nifti_pairs(args.images, args.masks, [LesionMapping.parse(a) for a in args.lesion],
                                    _options(args), parent, test_cases=args.test_cases, split_seed=args.split_seed,
-                                   prefix=args.prefix, mask_suffix=args.mask_suffix, allow_healthy=args.allow_healthy)
+                                   prefix=args.prefix, mask_suffix=args.mask_suffix, allow_healthy=args.allow_healthy,
+                                   mass_fraction=args.mass_fraction)
     from ..dataset_conversion.merge import merge_datasets
 
     return merge_datasets(args.inputs, _options(args), prefix_cases=args.prefix_cases)

@@ -85,35 +85,17 @@ def add_demo_configuration_2d(plans_file: Path, name: str = "2d_demo", batch_siz
                               features=(16, 32, 64, 128), patch_size=(32, 32)) -> dict:
     """Add a 2D configuration ``name`` that trains on 3d_fullres's preprocessed data (idempotent).
 
-    It "inherits_from" 3d_fullres (same data_identifier, so no second preprocessing) and overrides what makes
-    nnU-Net train slice-wise: a 2-D in-plane patch (``patch_size`` voxels (y, x), capped at the slice size),
-    2-D convolutions and instance norms, batch Dice, in-plane spacing. For a phantom whose cases share one
-    spacing this is nnU-Net's ``2d`` configuration with a smaller patch and network (16-128 features).
+    :func:`~nnunet_promptlesion.experiments.plans_configs.add_2d_configuration` on ``3d_fullres``. For a phantom
+    whose cases share one spacing this is nnU-Net's ``2d`` configuration with a smaller patch and network.
     Why (docs/results.md, demo design): a 32 x 32 patch costs ~0.28 CPU-s per iteration of 16 against ~0.47
     for the whole 48 x 48 slice, and nnU-Net's foreground oversampling then centres a third of the patches on
     a labelled structure; at 600 iterations the full training set reached 69-90 % calcified Dice where 300
     iterations of whole slices reached 0-56 %. Batch 8 (default) costs ~2/3 of batch 16 for the same steps.
     """
-    import copy
+    from ..experiments.plans_configs import add_2d_configuration
 
-    plans = json.loads(plans_file.read_text())
-    base = plans["configurations"]["3d_fullres"]
-    slice_size = [int(s) for s in (base.get("median_image_size_in_voxels") or base["patch_size"])[1:]]
-    ps = [min(int(p), s) for p, s in zip(patch_size, slice_size)]
-    n = len(features)
-    strides = [[1, 1]] + [[2 if p % 2 ** (k + 1) == 0 and p // 2 ** (k + 1) >= 4 else 1 for p in ps]
-                          for k in range(n - 1)]
-    arch = copy.deepcopy(base["architecture"])
-    arch["arch_kwargs"].update(n_stages=n, features_per_stage=list(features), kernel_sizes=[[3, 3]] * n,
-                               strides=strides, n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1),
-                               conv_op="torch.nn.modules.conv.Conv2d",
-                               norm_op="torch.nn.modules.instancenorm.InstanceNorm2d")
-    wanted = {"inherits_from": "3d_fullres", "patch_size": ps, "batch_size": int(batch_size), "batch_dice": True,
-              "spacing": list(base["spacing"])[1:], "median_image_size_in_voxels": slice_size, "architecture": arch}
-    if plans["configurations"].get(name) != wanted:
-        plans["configurations"][name] = wanted
-        write_json_atomic(plans, plans_file)
-    return wanted
+    return add_2d_configuration(plans_file, name, "3d_fullres", batch_size=batch_size, features=features,
+                                patch_size=patch_size)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -149,6 +131,8 @@ def main(argv=None) -> None:
                     help="--diffusion: VQGAN and diffusion training steps each (default 2000, the tiny preset)")
     ap.add_argument("--diffusion-cache", type=int, default=200, help="--diffusion: cached lesions per class (default 200)")
     ap.add_argument("--montage-samples", type=int, default=6, help="samples per class in the montage (0: none)")
+    ap.add_argument("--retrain-changed", action="store_true", help="redo the experiment steps whose recorded inputs "
+                    "(budget, settings, seed, data) differ from this run's (default: refuse, naming them)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -179,6 +163,10 @@ def run_demo(args, budget: dict | None) -> dict | None:
     from ..dataset_conversion.phantoms import MANIFEST_FILENAME
     from ..experiments.runner import ExperimentError, ExperimentRunner, load_config
 
+    # the config (name, types, ranges) is checked before any work: a typo must not cost a phantom and its
+    # preprocessing first; it is loaded again below, once the plans it names exist
+    load_config(args.config, {"dataset": str(args.dataset_id), "device": args.device, "repeats": args.repeats,
+                              "jobs": args.jobs, "budget": budget})
     work = Path(args.work_dir).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -230,7 +218,7 @@ def run_demo(args, budget: dict | None) -> dict | None:
                                   f"promptlesion_demo --config demo_3d --diffusion")
     manifest = json.loads((ds_dir / MANIFEST_FILENAME).read_text())
     runner = ExperimentRunner(cfg, work / "experiment", include=["diffusion"] if args.diffusion else [],
-                              show=SHOW, class_notes=_class_notes(manifest))
+                              show=SHOW, class_notes=_class_notes(manifest), retrain_changed=args.retrain_changed)
     runner.out.mkdir(parents=True, exist_ok=True)
     runner.prepare()
     scarce_fold = runner.scarcity[0]["scarce_fold"] if runner.scarcity else cfg.folds[0]

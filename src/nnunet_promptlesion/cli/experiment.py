@@ -80,6 +80,16 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
                                         "folds": args.folds, "jobs": args.jobs, "budget": budget})
         out = args.output or f"experiments/{cfg.name}"
+        if cfg.prepare and not (args.check or args.report_only):
+            # the dataset is made from its source files first (convert, plan, CPU configurations, preprocess)
+            from pathlib import Path
+
+            from ..experiments.prepare import PrepareError, prepare_dataset
+            try:
+                prepare_dataset(cfg.prepare, cfg.dataset, Path(out) / "logs", where=cfg.source)
+            except PrepareError as e:
+                from ..experiments.runner import ExperimentError
+                raise ExperimentError(str(e)) from None
         runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include, retrain_changed=args.retrain_changed)
         if args.check:
             for line in runner.check():

@@ -90,6 +90,11 @@ class LesionMapping:
                    [p.strip() for p in parents.split(",")] if parents.strip() else None)
 
 
+#: min_parent_fraction written for the lesions: a parent derived from a HU window (or organ masks) is ragged, and
+#: tumours are masses that displace the fat and septa around them (docs/results.md, sarcoma experiment)
+DEFAULT_MASS_FRACTION = 0.8
+
+
 @dataclass
 class BodyWindowParent:
     """Derive the parent from the CT: body (largest component above ``air_hu``, holes filled) within
@@ -350,8 +355,12 @@ def _check_parent_file(path: Path, image: Path, rtol: float) -> list[str]:
 def convert_nifti_pairs(images: str | Path, masks: str | Path, lesions: Sequence[LesionMapping],
                         options: ConvertOptions, parent: BodyWindowParent | MaskParent | None = None,
                         test_cases: int = 0, split_seed: int = 0, prefix: str = "", mask_suffix: str = "",
-                        allow_healthy: bool = False) -> ConversionResult:
+                        allow_healthy: bool = False, mass_fraction: float | None = DEFAULT_MASS_FRACTION
+                        ) -> ConversionResult:
     """Convert CT + lesion-mask pairs into ``nnUNet_raw/DatasetXXX_Name`` with a derived parent (module docstring).
+
+    mass_fraction: written as every lesion's ``min_parent_fraction`` in lesion_spec.json (synthetic lesions are
+    masses kept whole with at least this share in the parent, see lesions.spec); None: clipped to the parent.
 
     Raises :class:`ConversionError` listing every problem (each with its file) before anything is written.
     """
@@ -494,6 +503,9 @@ def convert_nifti_pairs(images: str | Path, masks: str | Path, lesions: Sequence
             if contrast:
                 priors[v] = {"contrast_hu": _prior_range(contrast),
                              "texture_hu": [max(0.0, x) for x in _prior_range([c["std_hu"] for c in comps])]}
+        if mass_fraction is not None:
+            for v in per_lesion:
+                priors.setdefault(v, {})["min_parent_fraction"] = float(mass_fraction)
         if options.stage_tumours:
             for early, late in scheme.staged()[1]:
                 if early in priors:

@@ -250,6 +250,7 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
             per_repeat = {m: [reps[r]["summary"][cls].get(m) for r in sorted(reps)] for m in METRICS}
             row = {m: dict(zip(("mean", "sd", "n"), mean_sd(per_repeat[m]))) for m in METRICS}
             row["per_repeat"] = per_repeat
+            row["fp_by_size"] = fp_by_size(reps, cls)
             ok = np.isfinite(case_mean[arm])
             row["case_level"] = {"Dice": float(case_mean[arm][ok].mean()) if ok.any() else None,
                                  "n_cases": int(ok.sum()), "sensitivity": _sens(detm[arm]),
@@ -266,6 +267,27 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
     return {"reference": reference, "ceiling": ceiling, "paired_cases": paired_cases, "arms": arms, "classes": classes,
             "cases": len(cases), "repeats": {a: sorted(evaluations[a]) for a in arms}, "n_boot": n_boot,
             "confidence": confidence, "table": table}
+
+
+#: false-positive component sizes (voxels of the evaluated grid) reported separately: most false positives are
+#: specks of a few voxels, so a count alone hides whether an arm adds large ones
+FP_SIZE_BINS = (10, 100, 1000)
+
+
+def fp_by_size(reps: dict[int, dict], cls: str, bins=FP_SIZE_BINS) -> dict | None:
+    """{">=N": mean over repeats of the false-positive components per case with at least N voxels} of ``cls``;
+    None when the evaluations list no false-positive components (a class without lesion-wise counting)."""
+    per = {f">={b}": [] for b in bins}
+    for r in sorted(reps):
+        res = reps[r]
+        fps = res.get("false_positives")
+        if fps is None:
+            return None
+        n_cases = max(len(res["cases"]), 1)
+        sizes = np.asarray([f["voxels"] for f in fps if f.get("class") == cls], float)
+        for b in bins:
+            per[f">={b}"].append(float((sizes >= b).sum()) / n_cases)
+    return {k: float(np.mean(v)) if v else None for k, v in per.items()}
 
 
 def _sens(dm) -> float | None:
@@ -368,7 +390,8 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
     lines += [f"{comp['cases']} test cases; repeats (independent trainings) per arm: {reps}.",
               "Dice: mean ± sd over repeats of the per-repeat Dice (%); case Dice: mean over test cases of each case's",
               "Dice averaged over repeats. Sens: lesion-wise sensitivity, detected / ground-truth lesions (detections",
-              "averaged over repeats). FP/case: false-positive components per case."]
+              "averaged over repeats). FP/case: false-positive components per case; FP>=: those of at least",
+              "10 / 100 / 1000 voxels (of the evaluated image grid) per case, mean over repeats."]
     if ref:
         lines += [f"dDice: case Dice minus the baseline's (points) with its {conf}% bootstrap CI over test cases and",
                   "trainings; n, p t, p W: test cases compared, paired t-test and Wilcoxon p, each case's Dice",
@@ -385,7 +408,7 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
         lines += ["", f"{cls}" + (f"  ({note})" if note else "")]
         header = ["arm", "role", "Dice", "case Dice"]
         if lesion:
-            header += ["Sens", "FP/case"]
+            header += ["Sens", "FP/case", "FP>=" + "/".join(str(b) for b in FP_SIZE_BINS)]
         if ref:
             header += ["dDice [CI]", "n", "p t", "p W"]
         if ceil:
@@ -401,7 +424,9 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
             if lesion:
                 sens = "n/a" if cl["lesions"] in (None, 0) else \
                     f"{cl['detected']:g}/{cl['lesions']} ({_pct(cl['sensitivity'], 0)}%)"
-                cells += [sens, _ms(row["fp_per_case"], pct=False)]
+                fs = row.get("fp_by_size")
+                cells += [sens, _ms(row["fp_per_case"], pct=False),
+                          "n/a" if not fs else "/".join(_num(v, 1) for v in fs.values())]
             if ref:
                 t = row["test"]
                 if t is None:

@@ -224,11 +224,14 @@ class MaskSampler:
         """(mask, centre voxel): a lesion centred on a parent voxel inside ``centre_region``.
 
         The mask is clipped to ``allowed`` (default: the parent, or everything when
-        ``lesion.may_leave_parent``). Returns None when the region holds no parent voxel or every try
-        came out empty.
+        ``lesion.may_leave_parent``). A *mass* (``lesion.min_parent_fraction`` set) is not clipped: a drawn shape
+        is kept whole when it lies inside ``allowed`` and holds at least that fraction of parent voxels, else
+        redrawn. Returns None when the region holds no parent voxel or every try came out empty (or, for a
+        mass, did not fit).
         """
+        mass = lesion.min_parent_fraction
         if allowed is None:
-            allowed = parent if not lesion.may_leave_parent else np.ones_like(parent, dtype=bool)
+            allowed = parent if not (lesion.may_leave_parent or mass) else np.ones_like(parent, dtype=bool)
         sub = parent[centre_region] if centre_region is not None else parent
         candidates = np.argwhere(sub)
         if len(candidates) == 0:
@@ -237,7 +240,25 @@ class MaskSampler:
         for _ in range(self.max_tries):
             centre = candidates[rng.integers(len(candidates))] + offset
             mask = paste_centered(parent.shape, self._shape(lesion, rng), centre)
+            if mass:
+                n = int(mask.sum())
+                if n and not (mask & ~allowed).any() and (mask & parent).sum() >= mass * n:
+                    return mask, centre
+                continue
             mask &= allowed
             if mask.any():
                 return mask, centre
         return None
+
+
+def brighter_than_parent(image: np.ndarray, seg: np.ndarray, parents, percentile: float = 99.0) -> np.ndarray:
+    """Non-parent voxels brighter than the parent's ``percentile`` in ``image`` (*spatial, one channel).
+
+    Where a mass (``min_parent_fraction``) may not go: it displaces fat (darker than soft tissue), not bone or
+    calcium (brighter). image and seg share one grid (any axis order); units are the image's own (z-scores
+    for nnU-Net CT data). All False when the crop holds no parent voxel.
+    """
+    parent = np.isin(seg, parents)
+    if not parent.any():
+        return np.zeros(seg.shape, dtype=bool)
+    return ~parent & (image > np.percentile(image[parent], percentile))

@@ -140,11 +140,12 @@ def place_lesion(ctx: RunContext, index, sampler, label: int, footprint, rng, se
     half = np.maximum(size // 8, 1)
     mid = size // 2
     centre_region = tuple(slice(int(m - h), int(m + h + 1)) for m, h in zip(mid, half))
-    mask = sampler.sample(lesion, parent, rng, centre_region)
+    leaves = lesion.may_leave_parent or lesion.min_parent_fraction is not None
+    allowed = (parent | (seg[0] == 0) if leaves else parent) & (seg[0] >= 0)
+    mask = sampler.sample(lesion, parent, rng, centre_region, allowed=allowed)
     if mask is None:
         return None
-    allowed = parent | (seg[0] == 0) if lesion.may_leave_parent else parent
-    mask = mask & allowed & (seg[0] >= 0)
+    mask = mask & allowed
     if not mask.any():
         return None
     idx = np.argwhere(mask)

@@ -24,6 +24,16 @@ from .sources import Placement, SampleSource, SourceContext, register_source
 from .synthesizer import SynthesisError, Synthesizer
 
 
+#: "synthetic": SynTumor's recipe, the lesion's texture replaces the carrier; "carrier_noise": the carrier's
+#: fine-scale noise is kept and smooth heterogeneity added; "matched_noise": a homogeneous lesion whose texture is
+#: noise with the carrier's grain at the real lesions' std (see RuleBasedSynthesizer.paint)
+TEXTURES = ("synthetic", "carrier_noise", "matched_noise")
+#: Gaussian sigma (voxels) separating a carrier's fine noise from its smooth level
+NOISE_SIGMA_VOXELS = 1.5
+#: Gaussian sigma (voxels) of the smooth heterogeneity added by "carrier_noise"
+HETEROGENEITY_SIGMA_VOXELS = 2.0
+
+
 @dataclass
 class LesionIntensityStats:
     """Per-channel contrast to the parent (lesion mean - parent mean) and lesion texture std.
@@ -110,6 +120,31 @@ def ct_window_z(intensity: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _grain_sigma(fine: np.ndarray, where: np.ndarray, lo: float = 0.3, hi: float = 2.0) -> float:
+    """Gaussian sigma (voxels) of blurred white noise with the lag-1 correlation of ``fine`` inside ``where``.
+
+    Blurred white noise with sigma s has lag-1 autocorrelation exp(-1 / (4 s^2)); the correlation is averaged
+    over the axes longer than one voxel. Clipped to [lo, hi] (a flat or tiny region gives no estimate).
+    """
+    rhos = []
+    for ax, n in enumerate(fine.shape):
+        if n < 3:
+            continue
+        a = np.take(fine, np.arange(n - 1), axis=ax)
+        b = np.take(fine, np.arange(1, n), axis=ax)
+        m = np.take(where, np.arange(n - 1), axis=ax) & np.take(where, np.arange(1, n), axis=ax)
+        if m.sum() < 10:
+            continue
+        x, y = a[m] - a[m].mean(), b[m] - b[m].mean()
+        den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+        if den > 0:
+            rhos.append(float((x * y).sum()) / den)
+    rho = float(np.mean(rhos)) if rhos else 0.0
+    if not 0.0 < rho < 1.0:
+        return lo
+    return float(np.clip(np.sqrt(-1.0 / (4.0 * np.log(rho))), lo, hi))
+
+
 class RuleBasedSynthesizer(Synthesizer):
     """Textured intensity change relative to the local parent intensity.
 
@@ -126,12 +161,15 @@ class RuleBasedSynthesizer(Synthesizer):
     def __init__(self, mask_sampler: MaskSampler | None, stats: dict[int, LesionIntensityStats],
                  blend_sigma_voxels: tuple[float, float] = (0.5, 1.5),
                  priors: dict[int, IntensityPrior] | None = None,
-                 window: tuple[np.ndarray, np.ndarray] | None = None):
+                 window: tuple[np.ndarray, np.ndarray] | None = None, texture: str = "synthetic"):
         super().__init__(mask_sampler)
+        if texture not in TEXTURES:
+            raise ValueError(f"rule_texture must be one of {TEXTURES}, got {texture!r}")
         self.stats = stats
         self.priors = priors or {}
         self.window = window
         self.blend_sigma_voxels = tuple(blend_sigma_voxels)
+        self.texture = texture
 
     def can_paint(self, label: int) -> bool:
         st = self.stats.get(label)
@@ -140,6 +178,20 @@ class RuleBasedSynthesizer(Synthesizer):
     def _texture(self, shape, rng: np.random.Generator) -> np.ndarray:
         t = ndimage.gaussian_filter(rng.uniform(size=shape).astype(np.float32), 1.0)
         t = ndimage.gaussian_filter((rng.uniform(size=shape) < t).astype(np.float32), 0.7)
+        t -= t.mean()
+        return t / max(float(t.std()), 1e-6)
+
+    @staticmethod
+    def _noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
+        """Unit-std white noise blurred with ``sigma`` voxels along every axis longer than one voxel."""
+        t = rng.standard_normal(size=shape).astype(np.float32)
+        t = ndimage.gaussian_filter(t, [sigma if n > 1 else 0 for n in shape])
+        t -= t.mean()
+        return t / max(float(t.std()), 1e-6)
+
+    def _smooth_texture(self, shape, rng: np.random.Generator) -> np.ndarray:
+        """Unit-std heterogeneity on the scale of a few voxels (not voxel speckle)."""
+        t = ndimage.gaussian_filter(rng.standard_normal(size=shape).astype(np.float32), HETEROGENEITY_SIGMA_VOXELS)
         t -= t.mean()
         return t / max(float(t.std()), 1e-6)
 
@@ -170,9 +222,30 @@ class RuleBasedSynthesizer(Synthesizer):
         ref = sub_parent & ~sub_mask
         ref_vals = sub[:, ref] if ref.any() else sub[:, sub_mask]
         local_mean = ref_vals.mean(1)
-        tex = self._texture(sub_mask.shape, rng)
         chan = (-1,) + (1,) * mask.ndim
-        target = (local_mean + contrast).reshape(chan) + tex_std.reshape(chan) * tex[None]
+        if self.texture == "carrier_noise":
+            # The carrier's own fine structure (its CT noise) is kept and only its smooth level moves to the
+            # lesion's; the real lesions' std beyond that noise becomes smooth heterogeneity. Why: replacing the
+            # noise by synthetic speckle gives painted lesions a texture no real tissue has, which the network
+            # learns as the cue, and then it finds that cue in noisy healthy tissue (false positives).
+            fine = sub - ndimage.gaussian_filter(sub, (0,) + (NOISE_SIGMA_VOXELS,) * mask.ndim)
+            # Heterogeneity beyond the surroundings': the real lesions' std minus the carrier parent's own std
+            # (its noise and texture), so a lesion as homogeneous as its tissue gets no blotches.
+            around_var = sub[:, ref].var(1) if ref.any() else fine[:, sub_mask].var(1)
+            extra = np.sqrt(np.maximum(tex_std.astype(np.float64) ** 2 - around_var, 0.0)).astype(np.float32)
+            tex = self._smooth_texture(sub_mask.shape, rng)
+            target = (local_mean + contrast).reshape(chan) + fine + extra.reshape(chan) * tex[None]
+        elif self.texture == "matched_noise":
+            # Homogeneous lesion whose texture is noise with the carrier's own grain: white noise blurred to the
+            # lag-1 correlation of the carrier parent's fine component, at the real lesions' std. Unlike
+            # "carrier_noise" no structure of the carrier (fascia, fat septa) survives inside the lesion.
+            fine = sub - ndimage.gaussian_filter(sub, (0,) + (NOISE_SIGMA_VOXELS,) * mask.ndim)
+            sigma = _grain_sigma(fine[0], ref if ref.any() else sub_mask)
+            tex = self._noise(sub_mask.shape, sigma, rng)
+            target = (local_mean + contrast).reshape(chan) + tex_std.reshape(chan) * tex[None]
+        else:
+            tex = self._texture(sub_mask.shape, rng)
+            target = (local_mean + contrast).reshape(chan) + tex_std.reshape(chan) * tex[None]
         if self.window is not None:
             target = np.clip(target, self.window[0].reshape(chan), self.window[1].reshape(chan))
         out = carrier.copy()
@@ -215,9 +288,14 @@ def build_rule_based_source(ctx: SourceContext) -> RuleBasedSource:
     priors = {l.label: IntensityPrior.from_hu(l, ctx.intensity) for l in ctx.spec.lesions
               if l.contrast_hu is not None and ctx.intensity}
     window = ct_window_z(ctx.intensity) if ctx.intensity else None
+    texture = s.extra.get("rule_texture", RULE_SETTINGS["rule_texture"])
+    if texture not in TEXTURES:
+        from ..utils.errors import PromptLesionConfigError
+        raise PromptLesionConfigError(f"settings: rule_texture must be one of {list(TEXTURES)}, got {texture!r}")
     painter = RuleBasedSynthesizer(None, ctx.index.stats, blend_sigma_voxels=tuple(s.blend_sigma_voxels),
-                                   priors=priors, window=window)
+                                   priors=priors, window=window, texture=texture)
     return RuleBasedSource(painter, ctx.spec)
 
 
-register_source("rule_based", build_rule_based_source)
+RULE_SETTINGS = {"rule_texture": "matched_noise"}
+register_source("rule_based", build_rule_based_source, settings=RULE_SETTINGS)

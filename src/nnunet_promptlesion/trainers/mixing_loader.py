@@ -34,7 +34,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from ..lesions.masks import MaskSampler
+from ..lesions.masks import MaskSampler, brighter_than_parent
 from ..synthesis.sources import Placement, SampleSource, SyntheticSample
 from ..synthesis.synthesizer import SynthesisError
 from .lesion_index import LesionIndex, centre_box, centre_slices
@@ -147,9 +147,10 @@ class PromptLesionDataLoader(nnUNetDataLoader):
     @staticmethod
     def allowed_region(seg: np.ndarray, lesion) -> np.ndarray:
         """Where a lesion of this class may be written in ``seg`` (*spatial): its parents, plus background
-        when it may leave them; never another label and never nnU-Net's -1 padding."""
+        when it may leave them or is a mass (``min_parent_fraction``); never another label and never nnU-Net's
+        -1 padding."""
         allowed = np.isin(seg, lesion.parents)
-        if lesion.may_leave_parent:
+        if lesion.may_leave_parent or lesion.min_parent_fraction is not None:
             allowed |= seg == 0
         return allowed
 
@@ -169,8 +170,11 @@ class PromptLesionDataLoader(nnUNetDataLoader):
             bbox = self.carrier_bbox(centre)
             data, seg = self.load_crop(ident, bbox)
             s = seg[0, 0] if two_d else seg[0]
+            allowed = self.allowed_region(s, lesion)
+            if lesion.min_parent_fraction is not None:
+                allowed &= ~brighter_than_parent(data[0, 0] if two_d else data[0], s, lesion.parents)
             out = self.mask_sampler.sample_with_centre(lesion, np.isin(s, lesion.parents), rng, region,
-                                                       allowed=self.allowed_region(s, lesion))
+                                                       allowed=allowed)
             if out is None:
                 self.count("placement_retries")
                 continue
