@@ -100,6 +100,9 @@ def main(argv=None) -> None:
     pre = Path(pre_root) / name
     if not (pre / f"{args.plans}.json").is_file():
         raise SystemExit(f"promptlesion_realism: {pre / (args.plans + '.json')} not found; plan and preprocess first")
+    if args.settings and not Path(args.settings).is_file():
+        # named here: the trainer would blame PROMPTLESION_SETTINGS, a variable the user never set
+        raise SystemExit(f"promptlesion_realism: --settings {args.settings} does not point to a file")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)

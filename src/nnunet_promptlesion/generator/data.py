@@ -284,6 +284,30 @@ def list_nifti(folder: Path) -> list[Path]:
     return sorted([p for p in Path(folder).iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith(".")])
 
 
+#: data and generator spacings further apart than this factor on some axis are worth a warning (see below)
+SPACING_WARN_FACTOR = 2.0
+
+
+def spacing_mismatch(data_spacing: Sequence[float], model_spacing: Sequence[float], shape: Sequence[int] | None = None,
+                     what: str = "the CT", factor: float = SPACING_WARN_FACTOR) -> str | None:
+    """A warning naming both spacings (mm, same axis order) when they differ by more than ``factor`` on some axis,
+    else None. A generator works at its own spacing: a CT far coarser than it gets lesions drawn finer than its
+    voxels (a few-voxel lesion in the generator becomes one CT voxel); a CT far finer is resampled up to a grid of
+    ``shape`` x ratio voxels (minutes of sliding-window inference)."""
+    d = np.asarray([float(s) for s in data_spacing])
+    m = np.asarray([float(s) for s in model_spacing])
+    ratio = d / m
+    if not np.any((ratio > factor) | (ratio < 1.0 / factor)):
+        return None
+    fmt = lambda v: "(" + ", ".join(f"{x:.3g}" for x in v) + ")"  # noqa: E731
+    msg = (f"{what} has spacing {fmt(d)} mm, the generator was trained at {fmt(m)} mm (ratio {fmt(ratio)}, more than "
+           f"{factor:g}x on some axis)")
+    if shape is not None:
+        grid = [max(1, int(round(n * r))) for n, r in zip(shape, ratio)]
+        msg += f"; resampled to the generator's spacing its {list(shape)} voxels become {grid}"
+    return msg + ": results are unreliable; use a generator trained near this spacing (or resample the input)"
+
+
 def resample_to_spacing(arr: np.ndarray, spacing_in: Sequence[float], spacing_out: Sequence[float], order: int) -> np.ndarray:
     """Resample an (X, Y, Z) array from ``spacing_in`` to ``spacing_out`` (mm); order 1 trilinear, 0 nearest."""
     import torch

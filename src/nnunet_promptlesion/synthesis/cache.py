@@ -107,15 +107,21 @@ def run_fingerprint(plans: dict, configuration: str, fold, train_ids: Iterable[s
     return body
 
 
+def _as_json(value):
+    """``value`` as it reads back from a manifest: a fingerprint made now holds tuples (radius_mm) where the stored one
+    holds lists, and the two must compare equal (else every refusal also blamed an unchanged lesion_spec)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def fingerprint_difference(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if k != "sha256" and a.get(k) != b.get(k)]
+    return [k for k in sorted(set(a) | set(b)) if k != "sha256" and _as_json(a.get(k)) != _as_json(b.get(k))]
 
 
 def describe_difference(have: dict, want: dict) -> str:
     """One line per differing fingerprint key, naming what changed (cases, labels, spec classes)."""
     lines = []
     for k in fingerprint_difference(have, want):
-        a, b = have.get(k), want.get(k)
+        a, b = _as_json(have.get(k)), _as_json(want.get(k))
         if k == "case_files" and isinstance(a, dict) and isinstance(b, dict):
             changed = sorted(c for c in set(a) & set(b) if a[c] != b[c])
             lines.append(f"case_files: the preprocessed files of {len(changed)} training case(s) changed since the "

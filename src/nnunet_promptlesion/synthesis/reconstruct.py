@@ -22,7 +22,8 @@ class ReconstructError(ValueError):
     """Bad input for reconstruction; the message says what to fix."""
 
 
-def reconstruct_volume(model, meta: dict, hu, zooms, overlap: float = 0.25, sw_batch_size: int = 1, device="cpu") -> dict:
+def reconstruct_volume(model, meta: dict, hu, zooms, overlap: float = 0.25, sw_batch_size: int = 1, device="cpu",
+                       progress: bool = False) -> dict:
     """Reconstruct an HU array with spacing ``zooms`` (mm), both in the checkpoint's array order.
 
     Returns ``reconstruction_hu`` (input grid) and ``metrics``.
@@ -43,7 +44,8 @@ def reconstruct_volume(model, meta: dict, hu, zooms, overlap: float = 0.25, sw_b
     xp = torch.nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
     roi = [min(int(p), int(s)) // f * f for p, s in zip(model.config.patch_size, xp.shape[2:])]
     with torch.no_grad():
-        y = sliding_window_inference(xp, roi, sw_batch_size, model.reconstruct, overlap=overlap, mode="gaussian")
+        y = sliding_window_inference(xp, roi, sw_batch_size, model.reconstruct, overlap=overlap, mode="gaussian",
+                                     progress=progress)
     y = y[:, :, : x.shape[2], : x.shape[3], : x.shape[4]].clamp(-1, 1)
     metrics = {"psnr_db": psnr(x.cpu(), y.cpu()), "ssim": ssim3d(x.cpu(), y.cpu())}
     x_hu = space.model_to_hu(x.cpu().numpy()[0, 0])
@@ -62,7 +64,7 @@ def _fit_shape(a, shape):
 
 
 def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25, sw_batch_size: int = 1,
-                      device: str = "auto") -> dict:
+                      device: str = "auto", progress: bool = True) -> dict:
     """Reconstruct ``input_path`` with the VQGAN ``checkpoint``; write the reconstruction (HU, input grid and
     header) to ``output_path`` and the report to its sibling ``.json``. Returns the report.
 
@@ -86,7 +88,17 @@ def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25
     except ValueError as e:
         raise ReconstructError(str(e)) from e
     view = NiftiView(img, array_axes(meta.get("source")))
-    r = reconstruct_volume(model, meta, view.to_view(hu), [float(s) for s in view.spacing], overlap, sw_batch_size, dev)
+    from ..generator.data import spacing_mismatch
+
+    # before the work: a spacing far from the generator's makes a long run (a finer CT is resampled up) of little use
+    warning = spacing_mismatch(view.spacing, meta["spacing"], np.shape(view.to_view(hu)), what=str(inp))
+    if warning:
+        import warnings
+
+        warnings.warn(warning, stacklevel=2)
+    # progress bar (stderr) over the sliding windows: a large input takes minutes on a CPU
+    r = reconstruct_volume(model, meta, view.to_view(hu), [float(s) for s in view.spacing], overlap, sw_batch_size, dev,
+                           progress=progress)
     rec_hu = view.from_view(r["reconstruction_hu"])
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = nib.Nifti1Image(rec_hu.astype(np.float32), img.affine, img.header)
@@ -103,6 +115,7 @@ def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25
               "checkpoint_id": meta["checkpoint_id"], "preset": meta["preset"], "step": meta["step"],
               "spacing_mm": meta["spacing"], "intensity": meta["intensity"],
               "model_axes": list(view.permutation), "model_reorients": view.order.reorient, **r["metrics"],
+              "spacing_warning": warning,
               "note": "PSNR/SSIM in model space [-1, 1] (data range 2) at the checkpoint spacing; MAE in HU inside "
                       "the intensity window"}
     json_path = out.with_name(out.name.replace(".nii.gz", "").replace(".nii", "") + ".json")

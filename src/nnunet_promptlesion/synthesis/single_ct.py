@@ -276,6 +276,14 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     view = NiftiView(img, array_axes(meta))
     spacing_cg = view.spacing
     spacing_g = np.array([float(s) for s in meta["spacing"]])
+    from ..generator.data import spacing_mismatch
+
+    # a generator trained at 0.5 mm painting 2.5 mm CT writes lesions of a voxel or two: said, and recorded
+    spacing_warning = spacing_mismatch(spacing_cg, spacing_g, what=str(ct_path))
+    if spacing_warning:
+        import warnings
+
+        warnings.warn(spacing_warning, stacklevel=2)
     patch = [int(p) for p in meta["patch_size"]]
     space = IntensitySpace.from_dict(meta["intensity"])
     ct_g = view.to_view(ct)
@@ -327,6 +335,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
               "steps": opts.steps if opts.sampler == "ddim" else meta["schedule"]["timesteps"], "eta": opts.eta,
               "guidance": opts.guidance, "blend_sigma_voxels": opts.blend_sigma,
               "ct_spacing_mm": [float(s) for s in file_geo.spacing], "generator_spacing_mm": spacing_g.tolist(),
+              "spacing_warning": spacing_warning,
               "generator_axes": [int(p) for p in view.permutation], "generator_reorients": view.order.reorient,
               "diffusion_checkpoint": {"path": str(Path(diffusion).resolve()), "checkpoint_id": meta["checkpoint_id"]},
               "vqgan_checkpoint_id": vq_meta.get("checkpoint_id")}

@@ -45,7 +45,12 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.promptlesion_settings, self.promptlesion_settings_source = load_settings(self.preprocessed_dataset_folder_base)
+        try:
+            self.promptlesion_settings, self.promptlesion_settings_source = load_settings(
+                self.preprocessed_dataset_folder_base)
+        except Exception as e:
+            self._log_refusal(e)
+            raise
         self.lesion_index: LesionIndex | None = None
         self.promptlesion_source: SampleSource | None = None
         self._promptlesion_epoch_stats: Counter = Counter()
@@ -112,8 +117,20 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
 
     def initialize(self):
         if not self.was_initialized:
-            self.promptlesion_setup()
+            try:
+                self.promptlesion_setup()
+            except Exception as e:
+                self._log_refusal(e)
+                raise
         super().initialize()
+
+    def _log_refusal(self, e: BaseException) -> None:
+        """The error in the training log too: nnU-Net opens the log with its header before our checks run, and a
+        log that stops after the header gives no hint why (the message otherwise goes to the console only)."""
+        try:
+            self.print_to_log_file(f"PromptLesionTrainer stopped: {type(e).__name__}: {e}", also_print_to_console=False)
+        except Exception:  # noqa: BLE001 - an unwritable log must not hide the error itself
+            pass
 
     # ---------------------------------------------------------------- synthesis
     def _intensity_properties(self) -> list[dict]:
@@ -343,6 +360,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         try:
             super().run_training()
         except BaseException as e:
+            if isinstance(e, Exception):   # refusals when the loader is built, and failures mid-run (not Ctrl-C)
+                self._log_refusal(e)
             src = self.promptlesion_source
             if src is not None and hasattr(src, "raise_if_failed") and type(e).__name__ != "ProducerDeadError":
                 src.raise_if_failed()  # a worker's lock timeout or a dead augmenter: name the producer's failure

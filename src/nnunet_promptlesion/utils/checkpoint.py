@@ -4,10 +4,15 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 ``torch.load(weights_only=True)``: loading never unpickles arbitrary objects. Configuration
 dataclasses are stored as dicts (``dataclasses.asdict``) together with their class name and
 the spacing / intensity space the model was trained in, under the key ``"meta"``.
+
+``meta["checkpoint_id"]`` is the sha256 of the sampling weights (:func:`weights_id`); loading recomputes it, so
+a checkpoint changed after it was written (a bit flip on disk, a torn or tampered copy of the right size) is
+refused instead of synthesizing with weights nobody trained.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -50,14 +55,43 @@ def config_from_dict(cls: type, d: dict):
     return cls(**kwargs)
 
 
+def weights_id(state_dict: dict) -> str:
+    """sha256 over the model tensors (names, shapes, bytes): identifies a set of weights."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def verify_weights(state: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose weights do not hash to its stored ``meta["checkpoint_id"]``. The id is taken over
+    the sampling weights: the EMA copy where a training checkpoint holds one, else the model's."""
+    want = state["meta"].get("checkpoint_id") if isinstance(state.get("meta"), dict) else None
+    candidates = [state[k] for k in ("ema", "model") if isinstance(state.get(k), dict)]
+    if not want or not candidates:
+        return   # nothing to compare (a checkpoint kind without an id)
+    if all(weights_id(c) != want for c in candidates):
+        raise CheckpointError(f"{path}: its weights do not match the checkpoint_id stored with them ({want}); the file "
+                              "changed after it was written (a bit flip on disk, a torn or edited copy): copy it again "
+                              "from its source or retrain")
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write ``state`` atomically (temporary sibling + rename): never a half-written file."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", kind: str | None = None) -> dict:
-    """Load a checkpoint with ``weights_only=True``; optionally check its ``meta['kind']``."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", kind: str | None = None,
+                    verify: bool = True) -> dict:
+    """Load a checkpoint with ``weights_only=True``; optionally check its ``meta['kind']``; with ``verify`` (default)
+    check the weights against ``meta['checkpoint_id']`` (:func:`verify_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -72,4 +106,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} is not an nnunet_promptlesion checkpoint (no 'meta' entry)")
     if kind is not None and state["meta"].get("kind") != kind:
         raise CheckpointError(f"{path} is a '{state['meta'].get('kind')}' checkpoint, expected '{kind}'")
+    if verify:
+        verify_weights(state, path)
     return state

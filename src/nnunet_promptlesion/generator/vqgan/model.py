@@ -11,7 +11,6 @@ normalisation, snaps every vector to its nearest code (chunked search) and decod
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -103,17 +102,11 @@ class VQGAN(nn.Module):
 # checkpoints
 # ------------------------------------------------------------------------------------------------
 def weights_id(state_dict: dict) -> str:
-    """sha256 over the model tensors (names, shapes, bytes): identifies a set of weights."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        t = state_dict[k]
-        if not torch.is_tensor(t):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
+    """sha256 over the model tensors (names, shapes, bytes): identifies a set of weights (the id load_checkpoint
+    verifies, so there is one implementation of it)."""
+    from ...utils.checkpoint import weights_id as _weights_id
+
+    return _weights_id(state_dict)
 
 
 def build_meta(model: VQGAN, spacing, intensity: IntensitySpace, step: int, source: dict, extra: dict | None = None) -> dict:
