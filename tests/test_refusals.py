@@ -78,6 +78,19 @@ def test_a_trainer_refusal_lands_in_its_training_log(nnunet_paths, tmp_path, mon
     with pytest.raises(PromptLesionConfigError):
         t.initialize()
     assert "PromptLesionTrainer stopped: PromptLesionConfigError: no lesion spec found" in logs()
+    # the plain baseline's experiment controls (a bad budget variable) likewise
+    from nnunet_promptlesion.trainers.early_stopping import EarlyStoppingConfigError, nnUNetTrainer_earlyStopping
+
+    monkeypatch.delenv(SETTINGS_ENV)
+    monkeypatch.setenv("PROMPTLESION_NUM_EPOCHS", "ten")
+    plans = load_json(str(pre / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    base = nnUNetTrainer_earlyStopping(plans, "3d_fullres", 0, load_json(str(pre / "dataset.json")),
+                                       device=torch.device("cpu"))
+    with pytest.raises(EarlyStoppingConfigError):
+        base.initialize()
+    assert "nnUNetTrainer_earlyStopping stopped: EarlyStoppingConfigError: environment variable " \
+           "PROMPTLESION_NUM_EPOCHS='ten' must be an integer" in logs()
 
 
 def test_spacing_far_from_the_generators_is_named_with_both_spacings(tmp_path, monkeypatch):

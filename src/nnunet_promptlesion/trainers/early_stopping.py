@@ -130,7 +130,14 @@ class EarlyStoppingMixin(ThrottledProgressPlotMixin, AtomicCheckpointMixin):
 
     def initialize(self):
         if not self.was_initialized:
-            self._apply_experiment_controls()
+            try:
+                self._apply_experiment_controls()
+            except Exception as e:
+                # also into the training log: nnU-Net opened it with its header, and a log that stops there gives
+                # no hint why the training never started
+                self.print_to_log_file(f"{type(self).__name__} stopped: {type(e).__name__}: {e}",
+                                       also_print_to_console=False)
+                raise
         super().initialize()
 
     def _apply_experiment_controls(self) -> None:
