@@ -165,3 +165,42 @@ def test_a_training_without_a_record_is_never_reported_as_this_configs(tmp_path,
     runner.retrain_changed = True
     runner._settle_changed_steps()                                   # cleared: it trains again from scratch
     assert not fd.exists() and not runner._train_marker(arm, 0, "0").exists() and runner.changed_steps() == []
+
+
+def test_a_generator_or_spec_changed_at_the_same_path_changes_the_trainings_inputs(tmp_path, monkeypatch):
+    """The settings name files (a generator checkpoint, a lesion spec): a file retrained or edited in place is another
+    input even though the settings text is the same; the dataset's own lesion_spec.json counts for PromptLesion arms."""
+    from nnunet_promptlesion.experiments.runner import ExperimentRunner, load_config
+
+    pre = tmp_path / "pre" / "Dataset998_Files"
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"data_identifier": "d",
+                                                                                        "architecture": {}}}}))
+    (pre / "dataset.json").write_text("{}")
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
+    (pre / "lesion_spec.json").write_text('{"lesions": []}')
+    gen = tmp_path / "gen.pt"
+    gen.write_bytes(b"weights v1")
+    for k, v in (("nnUNet_raw", tmp_path / "raw"), ("nnUNet_preprocessed", tmp_path / "pre")):
+        monkeypatch.setenv(k, str(v))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"name": "files", "dataset": "Dataset998_Files", "folds": [0], "repeats": 1,
+                               "arms": [{"name": "gen", "trainer": "PromptLesionTrainer",
+                                         "settings": {"synthesizer": "diffusion_online", "diffusion": str(gen)}},
+                                        {"name": "base", "trainer": "nnUNetTrainer_earlyStopping"}]}))
+
+    def runner():
+        return ExperimentRunner(load_config(str(cfg)), tmp_path / "out")
+
+    r = runner()
+    for arm in r.cfg.arms:
+        r._train_record(arm, 0, "0").parent.mkdir(parents=True, exist_ok=True)
+        r._train_record(arm, 0, "0").write_text(json.dumps({"inputs": r.train_inputs(arm, 0, "0")}))
+    assert set(r.train_inputs(r.cfg.arms[0], 0, "0")["synthesis_files"]) == {"diffusion", "lesion_spec"}
+    assert "synthesis_files" not in r.train_inputs(r.cfg.arms[1], 0, "0")     # the baseline synthesizes nothing
+    assert runner().changed_steps() == []
+    gen.write_bytes(b"weights v2")                                               # retrained into the same file
+    (pre / "lesion_spec.json").write_text('{"lesions": [], "version": 1}')       # the spec edited
+    [(kind, arm, _, _, why)] = runner().changed_steps()
+    assert (kind, arm.name) == ("train", "gen")
+    assert why == "synthesis_files.diffusion changed; synthesis_files.lesion_spec changed"

@@ -158,11 +158,14 @@ class ExperimentConfig:
     description: str = ""
     source: str = ""
     prepare: dict | None = None     # how the dataset is made from source files (experiments.prepare)
+    executor: dict | None = None    # where the chains run: local (default), slurm, submitit_local (.executors)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "arms"}
         if not d.get("postprocessing"):   # off: experiment.json reads as before the option existed
             d.pop("postprocessing", None)
+        if not d.get("executor"):   # local: experiment.json reads as before the option existed
+            d.pop("executor", None)
         d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings, "role": a.role,
                       **({"optional": a.optional} if a.optional else {})} for a in self.arms]
         return d
@@ -180,7 +183,7 @@ PREDICT_KEYS = {"disable_tta", "save_probabilities", "npp", "nps"}
 SCARCITY_KEYS = {"class", "keep_carriers", "seed"}
 TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "seed", "device", "jobs", "budget",
             "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms",
-            "postprocessing",
+            "postprocessing", "executor",
             "description", "scarcity", "source", "prepare"}   # "source": where OUT/experiment.json's config came from (informational)
 ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
 
@@ -305,6 +308,9 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
             continue
         if k == "budget":   # merged key by key, so "--budget epochs=5" keeps the other budget entries
             d["budget"] = {**d.get("budget", {}), **v}
+        elif k == "executor":   # --executor KIND keeps the config's resources (partition, time, ...)
+            ex = d.get("executor") or {}
+            d["executor"] = {**({"kind": ex} if isinstance(ex, str) else ex), "kind": v}
         else:
             d[k] = v
     unknown = set(d) - TOP_KEYS
@@ -405,6 +411,12 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
     for k in ("test_images", "test_labels"):
         if d.get(k) and not Path(d[k]).is_absolute():
             d[k] = str((path.parent / d[k]).resolve())
+    executor = None
+    if d.get("executor") is not None:
+        from .executors import check_executor
+        executor = check_executor(d["executor"], str(path))
+        if executor.get("kind", "local") == "local" and set(executor) == {"kind"}:
+            executor = None   # the default, said explicitly
     prepare = d.get("prepare")
     if prepare is not None:
         from .prepare import PrepareError, check_prepare
@@ -421,7 +433,8 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                             predict=dict(d.get("predict", {})), evaluation=dict(d.get("evaluation", {})),
                             env={k: str(v) for k, v in d.get("env", {}).items()}, scarcity=scarcity,
                             postprocessing=postprocessing,
-                            description=d.get("description", ""), source=str(path), prepare=prepare)
+                            description=d.get("description", ""), source=str(path), prepare=prepare,
+                            executor=executor)
 
 
 def _expand(value: Any, arm: str) -> Any:
@@ -447,6 +460,33 @@ def _digest(obj: Any) -> str:
 
     data = obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True, default=str).encode()
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+_CONTENT_DIGESTS: dict[tuple, str] = {}
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file's content (a folder: of its manifest.json, or of its file names and sizes); "missing" when
+    there is nothing. Cached per (path, size, mtime) within the process: a generator checkpoint is read once."""
+    import hashlib
+
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            return _digest(manifest.read_bytes())
+        return _digest(sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file()))
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                h.update(block)
+        _CONTENT_DIGESTS[key] = "sha256:" + h.hexdigest()[:16]
+    return _CONTENT_DIGESTS[key]
 
 
 def _read_record(path: Path) -> dict | None:
@@ -496,7 +536,7 @@ def _describe_changes(old: dict | None, new: dict) -> str:
             parts.append("the predictions changed (redone)")
         elif k == "decision":
             parts.append("the postprocessing decision changed (redone)")
-        elif k.endswith("digest"):
+        elif k.endswith("digest") or k.startswith("synthesis_files."):   # digests say only that it changed
             parts.append(f"{k} changed")
         else:
             parts.append(f"{k} {show(a.get(k, unset))} -> {show(b.get(k, unset))}")
@@ -667,12 +707,12 @@ class ExperimentRunner:
             raise ExperimentError(f"scarcity: {e}") from None
 
     def prepare(self) -> None:
-        """Derive the scarce and full folds (appended to splits_final.json) and record them in scarcity.json."""
+        """Derive the scarce and full folds (appended to splits_final.json). run() records them in scarcity.json once
+        the folder's steps are known to match this config (a refused re-run leaves the old record)."""
         if not self.cfg.scarcity:
             self.scarcity = None
             return
         self.scarcity = self._derive_scarcity(write=True)
-        write_json_atomic({"records": self.scarcity, "setting": self.cfg.scarcity}, self.out / "scarcity.json")
 
     def arm_folds(self, arm: Arm) -> list[str]:
         """The nnU-Net folds an arm trains on: the base folds, or with scarcity their scarce/full derivation."""
@@ -759,10 +799,29 @@ class ExperimentRunner:
                 "budget": dict(sorted(self.cfg.budget.items())),
                 "seed": self.cfg.seed + 1000 * repeat + self._base_index(fold), "fold": fold,
                 "plans": self.cfg.plans, "configuration": self.cfg.configuration,
-                **self._data_fingerprint(fold)}
+                **self._data_fingerprint(fold), **self._synthesis_files(arm)}
             # as it reads back from the record file (tuples become lists), so that equal inputs compare equal
             self._inputs_cache[key] = json.loads(json.dumps(self._inputs_cache[key], default=str))
         return self._inputs_cache[key]
+
+    def _synthesis_files(self, arm: Arm) -> dict:
+        """Digests of the files a PromptLesion arm synthesizes from: every path in its settings (generator checkpoints,
+        a lesion cache, a lesion spec) and else the dataset's lesion_spec.json (where the trainer finds it). A path
+        that now holds other content (a generator retrained into the same file, an edited spec) changes the inputs
+        like a changed setting. An arm without settings whose trainer name does not start with "PromptLesion"
+        synthesizes nothing and gets none (the trainer class is not imported here: this runs on every re-run)."""
+        if arm.settings is None and not arm.trainer.startswith("PromptLesion"):
+            return {}
+        settings = _expand(arm.settings or {}, arm.name)
+        files = {k: settings[k] for k in _PATH_SETTINGS if isinstance(settings.get(k), str)}
+        if "lesion_spec" not in files:
+            from ..lesions.spec import LESION_SPEC_FILENAME
+
+            for c in (self.pre / self.dataset_name / LESION_SPEC_FILENAME, self.raw / self.dataset_name / LESION_SPEC_FILENAME):
+                if c.is_file():
+                    files["lesion_spec"] = str(c)
+                    break
+        return {"synthesis_files": {k: _content_digest(Path(p)) for k, p in sorted(files.items())}}
 
     def _data_fingerprint(self, fold: str) -> dict:
         """Digests of the plans (the configuration as nnU-Net resolves it), dataset.json, the fold's training and
@@ -917,14 +976,22 @@ class ExperimentRunner:
         except (OSError, ValueError):
             return False
         now = json.loads(json.dumps(self.cfg.to_dict()))
-        if {k: v for k, v in last.items() if k != "source"} != {k: v for k, v in now.items() if k != "source"}:
-            return False   # another config (where it was read from is only informational)
+        info = ("source", "executor")   # where it was read from and where it ran change nothing made
+        if {k: v for k, v in last.items() if k not in info} != {k: v for k, v in now.items() if k not in info}:
+            return False   # another config
         if not (self.pre / self.dataset_name / f"{self.cfg.plans}.json").is_file():
             return False   # the data moved: check() says what is missing (the scarce folds below read the plans)
         return all(all(self._train_finished(arm, r, f) for f in self.arm_folds(arm))
                    and self._predict_finished(arm, r) and self._evaluate_finished(arm, r)
                    and self._pp_finished(arm, r)
                    for r in range(self.cfg.repeats) for arm in self.cfg.arms)
+
+    def chain_finished(self, arm: Arm, repeat: int) -> bool:
+        """Every step of the (arm, repeat) chain finished from the inputs the config gives now (an executor
+        submits no job for such a chain)."""
+        return (all(self._train_finished(arm, repeat, f) for f in self.arm_folds(arm))
+                and self._predict_finished(arm, repeat) and self._evaluate_finished(arm, repeat)
+                and self._pp_finished(arm, repeat))
 
     def train(self, arm: Arm, repeat: int, fold: str) -> str:
         if self._train_finished(arm, repeat, fold):
@@ -1201,6 +1268,10 @@ class ExperimentRunner:
 
         SIGTERM is handled like Ctrl-C while the steps run: every running nnU-Net command and every process it
         started are stopped (see :func:`run_command`), finished steps stay, and the same call resumes."""
+        executor = (self.cfg.executor or {}).get("kind", "local")
+        if executor != "local":   # before the checks: without submitit, say how to install it at once
+            from .executors import import_submitit
+            import_submitit()
         self.out.mkdir(parents=True, exist_ok=True)
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -1215,6 +1286,8 @@ class ExperimentRunner:
             write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
             if self.scarcity is None:   # not yet derived by the caller or by _finished_before (same config)
                 self.prepare()
+            if self.scarcity is not None:
+                write_json_atomic({"records": self.scarcity, "setting": self.cfg.scarcity}, self.out / "scarcity.json")
             for rec in self.scarcity or []:
                 self.print(f"[experiment] {_scarcity_line(rec)} (recorded in {self.out / 'scarcity.json'})")
             # one chain per (arm, repeat): its folds' trainings, then prediction and evaluation, in that order
@@ -1227,7 +1300,10 @@ class ExperimentRunner:
                     chains.append((arm, r, [(n + k + 1, kind, fold) for k, (kind, fold) in enumerate(kinds)]))
                     n += len(kinds)
             self._halt.clear()
-            if self.cfg.jobs == 1 or len(chains) == 1:
+            if executor != "local":   # one submitit job per chain (slurm, submitit_local): see .executors
+                from .executors import run_chains
+                run_chains(self, chains, n)
+            elif self.cfg.jobs == 1 or len(chains) == 1:
                 for arm, r, steps in chains:
                     self._run_chain(arm, r, steps, n)
             else:
@@ -1424,6 +1500,9 @@ class ExperimentRunner:
                      "synthetic, not real) / budget gap (learns neither).\n")
         if missing:
             text += f"Not yet evaluated: {', '.join(missing)}.\n"
+        if (self.out / "jobs" / "jobs.json").is_file():   # run through submitit (.executors): the jobs' states
+            from .executors import jobs_note
+            text += jobs_note(self.out)
         text += pp_text
         write_text_atomic(text, res / "report.txt")
         write_text_atomic(f"# {title}\n\n```\n{text}```\n\n![Dice](dice_by_arm.png)\n\n"
