@@ -16,6 +16,8 @@ examples:
   promptlesion_experiment my_config.json -o runs/exp --arms real_only rule_based --repeats 2
   promptlesion_experiment demo --dataset 501 -o runs/demo501 --jobs 2       # two trainings at a time
   promptlesion_experiment my_config.json -o runs/exp --report-only     # table from what is finished
+  promptlesion_experiment paper_ablation --dataset 501 -o runs/paper --executor slurm   # one SLURM job per
+                                          # (arm, repeat) via submitit; resources: "executor" (docs/cluster.md)
 
 Re-running the same command resumes: finished trainings/predictions/evaluations are skipped, an
 interrupted training continues from its last checkpoint with nnUNetv2_train --c, an interrupted
@@ -23,7 +25,9 @@ prediction is redone. Every step records what it was made from (runs/<arm>/repea
 predictions/.complete, evaluation/inputs.json); a re-run with another budget, arm settings, seed, plans or data
 refuses and names the changed steps, unless --retrain-changed redoes exactly those. Every step prints a progress line; commands and outcomes go to OUT/experiment.log,
 nnU-Net's output to OUT/runs/<arm>/repeat_<r>/logs/. SIGTERM or Ctrl-C stops the running nnU-Net commands
-and every process they started. Results: OUT/results/report.txt and results.md (one table per class, arms from
+and every process they started (--executor slurm: cancels the submitted jobs; OUT/jobs/ records them, and a
+re-run waits for jobs still queued or running instead of submitting them again; see docs/cluster.md).
+Results: OUT/results/report.txt and results.md (one table per class, arms from
 the scarce baseline to the ceiling: Dice mean ± sd over repeats, lesion-wise sensitivity, Dice difference to
 the baseline with a bootstrap CI, paired t-test and Wilcoxon over test cases, gap closed, transfer gauges),
 comparison.json, per_class_<class>.csv, dice_by_arm.png, sensitivity_by_arm.png, nsd_by_arm.png.
@@ -44,6 +48,12 @@ def main(argv=None) -> None:
     ap.add_argument("--folds", nargs="+", help="folds to train (overrides the config's)")
     ap.add_argument("--jobs", type=int, help="(arm, repeat) chains run at the same time (overrides the config's; "
                     "default 1). Worth it where one training leaves the device partly idle, e.g. on a CPU")
+    ap.add_argument("--executor", choices=("local", "slurm", "submitit_local"),
+                    help="where the (arm, repeat) chains run (overrides the config's \"executor\" kind): local "
+                    "(default: child processes here), slurm (one SLURM job per chain through submitit; partition, "
+                    "GPUs, time from the config's \"executor\" object, see docs/cluster.md), submitit_local (the same "
+                    "jobs as local processes). slurm and submitit_local need: "
+                    "pip install \"nnunet_promptlesion[cluster]\"")
     ap.add_argument("--budget", nargs="+", metavar="KEY=VALUE", help="override budget entries: epochs, "
                     "iterations_per_epoch, val_iterations_per_epoch, early_stopping_patience (0: off), mirroring (0/1), "
                     "save_every, final_validation (0/1); e.g. --budget epochs=50 iterations_per_epoch=25")
@@ -78,7 +88,8 @@ def main(argv=None) -> None:
 
     def body() -> None:
         cfg = load_config(args.config, {"dataset": args.dataset, "device": args.device, "repeats": args.repeats,
-                                        "folds": args.folds, "jobs": args.jobs, "budget": budget})
+                                        "folds": args.folds, "jobs": args.jobs, "budget": budget,
+                                        "executor": args.executor})
         out = args.output or f"experiments/{cfg.name}"
         if cfg.prepare and not (args.check or args.report_only):
             # the dataset is made from its source files first (convert, plan, CPU configurations, preprocess)
@@ -94,6 +105,9 @@ def main(argv=None) -> None:
         if args.check:
             for line in runner.check():
                 print(f"[experiment] {line}")
+            if (cfg.executor or {}).get("kind") == "slurm":   # what would be submitted, made without a cluster
+                from ..experiments.executors import sbatch_script
+                print("[experiment] the sbatch script of each (arm, repeat) job (submitit):\n" + sbatch_script(runner))
             print("[experiment] config OK")
         elif args.report_only:
             if runner.report() is None:
