@@ -165,7 +165,7 @@ def test_false_positives_are_counted_by_size():
 
 @pytest.mark.slow
 def test_sarcoma_experiment_prepares_and_runs_on_three_real_cases(tmp_path):
-    """The shipped sarcoma config, on 3 of the real cases at 1 iteration: convert (derived parent, test split),
+    """The shipped sarcoma config, on 6 of the real cases (5 training: nnU-Net's 5-fold split) at 1 iteration: convert (derived parent, test split),
     plan with --verify_dataset_integrity, the CPU configurations, nnU-Net's preprocessing, training, prediction,
     evaluation and the report; a re-run prepares nothing again."""
     if not (IBSI_STS / "imagesTr").is_dir():
@@ -173,7 +173,7 @@ def test_sarcoma_experiment_prepares_and_runs_on_three_real_cases(tmp_path):
     src = tmp_path / "sts"
     for sub in ("imagesTr", "labelsTr"):
         (src / sub).mkdir(parents=True)
-        for case in ("STS_003", "STS_004", "STS_005"):
+        for case in ("STS_003", "STS_004", "STS_005", "STS_007", "STS_008", "STS_009"):
             shutil.copy(IBSI_STS / sub / f"{case}.nii.gz", src / sub / f"{case}.nii.gz")
     cfg = json.loads((REPO / "src/nnunet_promptlesion/experiments/configs/sarcoma.json").read_text())
     conv = cfg["prepare"]["convert"]

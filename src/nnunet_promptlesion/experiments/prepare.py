@@ -121,6 +121,10 @@ def prepare_dataset(section: dict, dataset, log_dir: Path, where: str = "config"
         raise PrepareError(f"{where}: a config with \"prepare\" needs a numeric dataset id (the converter's -d), got "
                            f"'{dataset}'") from None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if env.get("nnUNet_n_proc_DA") == "0":
+        # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA (2.8: set_num_threads(0) raises); the variable
+        # only matters for training's data loading, so planning and preprocessing run without it
+        env.pop("nnUNet_n_proc_DA")
     log_dir = Path(log_dir)
 
     def step(name: str, cmd: list[str]) -> None:

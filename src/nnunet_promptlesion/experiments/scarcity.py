@@ -103,6 +103,9 @@ def ensure_folds(preprocessed_dataset_dir: Path, identifiers: Sequence[str], fol
         else:
             from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+            if len(identifiers) < 5:
+                raise ScarcityError(f"the derived folds follow nnU-Net's 5-fold split, which needs at least 5 training "
+                                    f"cases; {d.name} has {len(identifiers)}")
             # exactly what nnUNetTrainer.do_split writes when the file is missing, so folds 0-4 do not change
             splits = generate_crossval_split(list(np.sort(list(identifiers))), seed=12345, n_splits=5)
         key = [(sorted(map(str, s["train"])), sorted(map(str, s["val"]))) for s in splits]
