@@ -106,8 +106,8 @@ FAKE_SLURM = {
 def test_slurm_executor_submits_one_job_per_chain_with_the_config_resources_and_cancels_them(nnunet_paths, tmp_path):
     """--executor slurm against stand-in SLURM commands: `--check` prints the sbatch script; the run submits one job
     per (arm, repeat) chain, each script with the config's partition, GPUs, CPUs, memory, time and extra flags, and
-    records the jobs; a re-run finds them pending and submits nothing; SIGTERM cancels every one (scancel) and says
-    so. Nothing runs: the jobs stay pending."""
+    records the jobs; --report-only says where they stand; a re-run finds them pending and submits nothing; SIGTERM
+    cancels every one (scancel) and says so. Nothing runs: the jobs stay pending."""
     root, did, env = nnunet_paths
     fake = tmp_path / "fake_slurm"
     fake.mkdir()
@@ -163,6 +163,10 @@ def test_slurm_executor_submits_one_job_per_chain_with_the_config_resources_and_
         assert "module load cuda/12.1" in text and f"-m submitit.core._submit {out / 'jobs' / 'submitit'}" in text
     # settings of the PromptLesion arm are written at submission, as the local runner writes them
     assert json.loads((out / "runs" / "rule" / "repeat_0" / "settings.json").read_text()) == {"synthetic_fraction": 0.5}
+    # --report-only while the jobs wait: nothing evaluated yet, and where the jobs stand as recorded
+    r = subprocess.run(cmd + ["--report-only"], env=run_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "nothing evaluated yet" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Jobs (slurm, as recorded" in r.stdout and "real_only/repeat_0 (job 4242)" in r.stdout, r.stdout
 
     # a re-run finds the four jobs pending (sacct) and waits for them; SIGTERM cancels all of them
     p = start()

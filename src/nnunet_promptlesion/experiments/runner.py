@@ -1450,6 +1450,9 @@ class ExperimentRunner:
         evals = self.collect()
         if not evals:
             self.print("[experiment] nothing evaluated yet: no report")
+            if (self.out / "jobs" / "jobs.json").is_file():   # submitit jobs (.executors): where they stand
+                from .executors import jobs_note
+                self.print("[experiment] " + jobs_note(self.out).rstrip())
             return None
         ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
         ceiling = self.cfg.arm_with_role("ceiling")
