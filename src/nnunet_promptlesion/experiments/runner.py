@@ -830,6 +830,10 @@ class ExperimentRunner:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         ds = self.pre / self.dataset_name
+        if not (ds / f"{self.cfg.plans}.json").is_file():
+            raise ExperimentError(f"{ds / (self.cfg.plans + '.json')} not found: the trainings in {self.out} cannot be "
+                                  f"compared with this config; plan and preprocess first, e.g. nnUNetv2_plan_and_preprocess "
+                                  f"-d {self.dataset_name} -c {self.cfg.configuration}")
         plans = json.loads((ds / f"{self.cfg.plans}.json").read_text())
         if self.cfg.configuration not in plans.get("configurations", {}):
             raise ExperimentError(f"{ds / (self.cfg.plans + '.json')} has no configuration '{self.cfg.configuration}'")
@@ -1279,9 +1283,12 @@ class ExperimentRunner:
                 self.print(f"[experiment] every step of this config finished in an earlier run ({self.out}): "
                            "nothing to check or run")
             else:
+                if not self.retrain_changed:
+                    self._settle_changed_steps()   # a refusal needs no arm checks (they import every trainer)
                 for line in self.check():
                     self.print(f"[experiment] {line}")
-            # before experiment.json is rewritten: a folder's record never describes models it does not hold
+            # before experiment.json is rewritten: a folder's record never describes models it does not hold (with
+            # --retrain-changed only after the checks: a config that cannot run deletes nothing)
             self._settle_changed_steps()
             write_json_atomic(self.cfg.to_dict(), self.out / "experiment.json")
             if self.scarcity is None:   # not yet derived by the caller or by _finished_before (same config)
@@ -1490,8 +1497,10 @@ class ExperimentRunner:
                  f"{self.cfg.plans}/{self.cfg.configuration}, folds {self.cfg.folds}, device {self.cfg.device}.\n")
         for rec in comp["scarcity"] or []:
             text += _scarcity_line(rec) + ".\n"
-        text += "Models (from their training records): " + "; ".join(
+        text += ("Models (from their training records): " + "; ".join(
             f"{arm}: " + ", ".join(_model_line(m) for m in ms) for arm, ms in comp["models"].items()) + ".\n"
+            if comp["models"] else "Models: no training record here (trained by an older version or by hand): what "
+            "they were trained with is unknown; the budget above is the config's.\n")
         if drift:
             text += ("NOTE: the config now differs from the models reported here (a run without --report-only "
                      "refuses or, with --retrain-changed, retrains them):\n  " + "\n  ".join(drift) + "\n")
