@@ -160,6 +160,18 @@ class _Job:
         return JobPaths(self.folder, job_id=self.job_id, task_id=0)
 
 
+def _squeue_state(job_id: str) -> str | None:
+    """The job's state as squeue shows it (jobs in the queue or running), None when it shows none."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    states = r.stdout.split() if r.returncode == 0 else []
+    return states[0].upper() if states else None
+
+
 def _tail(path: Path, n: int = 40) -> str:
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-n:])
@@ -232,9 +244,10 @@ class SubmititChains:
             earlier = entry.get("earlier_jobs", []) + ([{"job_id": entry["job_id"], "state": entry.get("state")}]
                                                        if entry.get("job_id") else [])
             entry.clear()
-            entry.update(arm=j.arm.name, repeat=j.repeat, earlier_jobs=earlier)
+            entry.update(arm=j.arm.name, repeat=j.repeat, earlier_jobs=earlier,
+                         submitted=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.submitted_at)))
         entry.update(job_id=j.job_id, state=j.state, executor=j.kind, stdout=str(p.stdout), stderr=str(p.stderr),
-                     submitted=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.submitted_at)), **extra)
+                     **extra)
         if j.start_time is not None:
             entry["process_start_time"] = j.start_time
         self._write_record(rec)
@@ -279,6 +292,8 @@ class SubmititChains:
         if outcome is not None:
             j.state = "COMPLETED" if outcome == "success" else f"FAILED ({raw})" if raw != "UNKNOWN" else "FAILED"
             return "success" if outcome == "success" else "failed"
+        if raw == "UNKNOWN" and not j.mine:   # not (or no longer) in sacct: ask squeue before it counts as gone
+            raw = _squeue_state(j.job_id) or raw
         j.state = raw
         if raw.split()[0] in ACTIVE_STATES:
             return "active"
