@@ -68,6 +68,8 @@ def test_settings_top_level_and_good_values(tmp_path, monkeypatch):
                                         "blend_sigma_voxels": [0, 1], "online_warmup_s": 600, "steps": 3}, "x")
     assert s.synthetic_fraction == 1.0 and isinstance(s.synthetic_fraction, float) and s.index_cache is False
     assert s.class_weights == {"a": 2.0} and s.extra["online_warmup_s"] == 600.0 and s.extra["steps"] == 3
+    # a fold is a string or an integer, as nnU-Net's -f takes it
+    assert PromptLesionSettings.from_dict({"quality_fold": 0}, "x").extra["quality_fold"] == 0
 
 
 def test_early_stopping_reads_a_list_settings_file_as_an_error(tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ class PromptLesionSettings:
         for k, v in d.items():
             if k in extras:
                 try:
-                    extra[k] = check_value(v, _json_type_of(extras[k][1]), k, source)
+                    extra[k] = check_value(v, _json_type_of(extras[k][1], k), k, source)
                 except ValueError as e:
                     raise SettingsError(str(e)) from None
         try:
@@ -124,8 +124,14 @@ class PromptLesionSettings:
             raise SettingsError(f"{source}: {e}") from e
 
 
-def _json_type_of(default: Any) -> Any:
+#: extra settings whose JSON type is wider than their default's: a fold is "0" or 0 alike (nnU-Net's -f)
+_EXTRA_TYPES = {"quality_fold": Union[str, int]}
+
+
+def _json_type_of(default: Any, key: str = "") -> Any:
     """The annotation a registered extra setting is checked against: its default's JSON type."""
+    if key in _EXTRA_TYPES:
+        return _EXTRA_TYPES[key]
     if default is None:
         return Union[str, None]    # the extras without a default are paths and device names
     if isinstance(default, bool):
