@@ -128,6 +128,14 @@ def test_lesion_spec_top_level_shapes(tmp_path):
     with pytest.raises(LesionSpecError, match="<= 100 mm"):
         LesionClass("big", 2, [1], radius_mm=[(10.0, 500.0)])
     assert LesionClass("large", 2, [1], radius_mm=[(24.0, 64.0)]).radius_mm == [(24.0, 64.0)]
+    # converters observing huge tumours write ranges under the bound (else their own spec would be refused)
+    from nnunet_promptlesion.dataset_conversion.staging import radius_ranges
+    from nnunet_promptlesion.lesions.spec import radius_ranges_from_observed
+
+    for ranges in (radius_ranges_from_observed([150.0, 320.0]), radius_ranges([40.0, 140.0], "late"),
+                   radius_ranges_from_observed([90.0, 400.0] * 15)):
+        assert all(0 < lo <= hi <= MAX_RADIUS_MM for lo, hi in ranges), ranges
+        LesionClass("huge", 2, [1], radius_mm=ranges)
 
 
 BASE_CONFIG = {"name": "x", "dataset": 501, "arms": [{"name": "a", "trainer": "nnUNetTrainer_earlyStopping"}]}

@@ -249,7 +249,9 @@ def radius_ranges_from_observed(radii_mm: Sequence[float], n_bins: int = 2) -> l
     """Radius ranges (mm) covering the observed equivalent radii of real lesions.
 
     Used by converters to write the size range seen in the data. Returns ``n_bins`` contiguous
-    ranges between the 5th and 95th percentile (or the min/max for few lesions).
+    ranges between the 5th and 95th percentile (or the min/max for few lesions), capped at
+    :data:`MAX_RADIUS_MM` (a spec above it is refused; a huge tumour, e.g. a 25 cm sarcoma, then gets
+    synthetic lesions up to the cap).
     """
     import numpy as np
 
@@ -257,7 +259,7 @@ def radius_ranges_from_observed(radii_mm: Sequence[float], n_bins: int = 2) -> l
     if r.size == 0:
         return [DIFFTUMOR_RADIUS_CLASSES_MM["tiny"], DIFFTUMOR_RADIUS_CLASSES_MM["small"]]
     lo, hi = (np.percentile(r, 5), np.percentile(r, 95)) if r.size >= 20 else (r.min(), r.max())
-    lo = max(float(lo), 0.5)
-    hi = max(float(hi), lo * 1.2)
+    lo = min(max(float(lo), 0.5), MAX_RADIUS_MM / 1.2)
+    hi = min(max(float(hi), lo * 1.2), MAX_RADIUS_MM)
     edges = np.geomspace(lo, hi, n_bins + 1)
     return [(round(float(a), 2), round(float(b), 2)) for a, b in zip(edges[:-1], edges[1:])]
