@@ -417,8 +417,10 @@ def test_rerun_with_another_budget_or_settings_refuses_reports_the_models_and_re
     arms = [{"name": "rule", "trainer": "PromptLesionTrainer", "settings": {"synthetic_fraction": 0.5}}]
     budget = {"epochs": 1, "iterations_per_epoch": 1, "val_iterations_per_epoch": 1, "early_stopping_patience": 0,
               "mirroring": False, "save_every": 1, "final_validation": False}
+    # npp/nps 0: nnU-Net's pre- and post-processing in the predicting process (no worker start-ups to wait for)
     cfg_path = _config(tmp_path, did, "nnUNetPlans", arms, repeats=1, budget=budget, reference_arm=None,
-                       checkpoint="checkpoint_final.pth", predict={"disable_tta": True, "save_probabilities": False})
+                       checkpoint="checkpoint_final.pth",
+                       predict={"disable_tta": True, "save_probabilities": False, "npp": 0, "nps": 0})
     out = tmp_path / "out"
     cli = [str(cfg_path), "-o", str(out)]
     main(cli)
