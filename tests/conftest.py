@@ -213,7 +213,7 @@ def pytest_sessionfinish(session, exitstatus):
 #: --no-loadscope-reorder (make test), pytest-xdist hands files to its workers in collection order; starting the long
 #: ones first keeps one worker from running a 3-minute file alone at the end while the other idles (by default
 #: xdist orders files by their number of tests, which put the 4-test, 3-minute demo file near the end).
-LONG_FILES = ("test_demo.py", "test_cache.py", "test_online.py", "test_gauges.py", "test_trainer_paths.py",
+LONG_FILES = ("test_real_ct.py", "test_demo.py", "test_cache.py", "test_online.py", "test_gauges.py", "test_trainer_paths.py",
               "test_experiment.py", "test_cluster.py", "test_faults.py", "test_install.py", "test_gpu_suite.py",
               "test_vqgan_train.py")
 

@@ -164,7 +164,7 @@ def test_false_positives_are_counted_by_size():
 
 
 @pytest.mark.slow
-def test_sarcoma_experiment_prepares_and_runs_on_three_real_cases(tmp_path):
+def test_sarcoma_experiment_prepares_and_runs_on_six_real_cases(tmp_path):
     """The shipped sarcoma config, on 6 of the real cases (5 training: nnU-Net's 5-fold split) at 1 iteration: convert (derived parent, test split),
     plan with --verify_dataset_integrity, the CPU configurations, nnU-Net's preprocessing, training, prediction,
     evaluation and the report; a re-run prepares nothing again."""
