@@ -8,6 +8,8 @@ CONFIG is a JSON file or the name of a shipped config:
   paper_ablation    real-only, rule-based, diffusion one-hot / MaskTransformer / no prompt, 1:1 vs 1:3
   rule_based_vs_real  real-only vs rule-based PromptLesion (runs anywhere, no generator needed)
   demo              what promptlesion_demo runs: scarce real-only, rule-based 1:1, ceiling (+ diffusion)
+  sarcoma           real CT: 36 soft-tissue sarcoma scans (set PROMPTLESION_IBSI_STS), converted, planned and
+                    preprocessed by its "prepare" section, then scarce / rule-based 1:1 and 1:3 / ceiling
 (see docs/evaluation.md for the format, and `--show-config NAME` to print one).
 
 examples:
@@ -16,6 +18,7 @@ examples:
   promptlesion_experiment my_config.json -o runs/exp --arms real_only rule_based --repeats 2
   promptlesion_experiment demo --dataset 501 -o runs/demo501 --jobs 2       # two trainings at a time
   promptlesion_experiment my_config.json -o runs/exp --report-only     # table from what is finished
+  PROMPTLESION_IBSI_STS=../shared/data/ibsi_sts promptlesion_experiment sarcoma -o runs/sarcoma   # from source files
   promptlesion_experiment paper_ablation --dataset 501 -o runs/paper --executor slurm   # one SLURM job per
                                           # (arm, repeat) via submitit; resources: "executor" (docs/cluster.md)
 
