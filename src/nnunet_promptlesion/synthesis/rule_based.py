@@ -189,12 +189,6 @@ class RuleBasedSynthesizer(Synthesizer):
         t -= t.mean()
         return t / max(float(t.std()), 1e-6)
 
-    def _smooth_texture(self, shape, rng: np.random.Generator) -> np.ndarray:
-        """Unit-std heterogeneity on the scale of a few voxels (not voxel speckle)."""
-        t = ndimage.gaussian_filter(rng.standard_normal(size=shape).astype(np.float32), HETEROGENEITY_SIGMA_VOXELS)
-        t -= t.mean()
-        return t / max(float(t.std()), 1e-6)
-
     def _intensity(self, lesion: LesionClass, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         st = self.stats.get(lesion.label)
         if st is not None and st.n > 0:
@@ -223,23 +217,24 @@ class RuleBasedSynthesizer(Synthesizer):
         ref_vals = sub[:, ref] if ref.any() else sub[:, sub_mask]
         local_mean = ref_vals.mean(1)
         chan = (-1,) + (1,) * mask.ndim
+        if self.texture != "synthetic":
+            # the carrier's fine component: its CT noise (and fine structure), without its smooth level
+            fine = sub - ndimage.gaussian_filter(sub, (0,) + (NOISE_SIGMA_VOXELS,) * mask.ndim)
         if self.texture == "carrier_noise":
             # The carrier's own fine structure (its CT noise) is kept and only its smooth level moves to the
             # lesion's; the real lesions' std beyond that noise becomes smooth heterogeneity. Why: replacing the
             # noise by synthetic speckle gives painted lesions a texture no real tissue has, which the network
             # learns as the cue, and then it finds that cue in noisy healthy tissue (false positives).
-            fine = sub - ndimage.gaussian_filter(sub, (0,) + (NOISE_SIGMA_VOXELS,) * mask.ndim)
             # Heterogeneity beyond the surroundings': the real lesions' std minus the carrier parent's own std
             # (its noise and texture), so a lesion as homogeneous as its tissue gets no blotches.
             around_var = sub[:, ref].var(1) if ref.any() else fine[:, sub_mask].var(1)
             extra = np.sqrt(np.maximum(tex_std.astype(np.float64) ** 2 - around_var, 0.0)).astype(np.float32)
-            tex = self._smooth_texture(sub_mask.shape, rng)
+            tex = self._noise(sub_mask.shape, HETEROGENEITY_SIGMA_VOXELS, rng)
             target = (local_mean + contrast).reshape(chan) + fine + extra.reshape(chan) * tex[None]
         elif self.texture == "matched_noise":
             # Homogeneous lesion whose texture is noise with the carrier's own grain: white noise blurred to the
             # lag-1 correlation of the carrier parent's fine component, at the real lesions' std. Unlike
             # "carrier_noise" no structure of the carrier (fascia, fat septa) survives inside the lesion.
-            fine = sub - ndimage.gaussian_filter(sub, (0,) + (NOISE_SIGMA_VOXELS,) * mask.ndim)
             sigma = _grain_sigma(fine[0], ref if ref.any() else sub_mask)
             tex = self._noise(sub_mask.shape, sigma, rng)
             target = (local_mean + contrast).reshape(chan) + tex_std.reshape(chan) * tex[None]
