@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -370,11 +371,13 @@ def test_ddp_two_gloo_ranks_keep_the_global_synthetic_share(nnunet_paths, tmp_pa
     pre = Path(env["nnUNet_preprocessed"]) / CCTA
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    e = {**env, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
+    # a private copy without the index cache, so that rank 0 really builds: the shared phantom's cache can be written
+    # by a test in another xdist worker between an unlink here and the ranks' start (seen in CI)
+    iso = tmp_path / "preprocessed"
+    shutil.copytree(pre, iso / CCTA, ignore=shutil.ignore_patterns("promptlesion_index"))
+    pre = iso / CCTA
+    e = {**env, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0", "nnUNet_preprocessed": str(iso)}
     e.pop(SETTINGS_ENV, None)
-    # a fresh cache location so that rank 0 really builds
-    for f in (pre / "promptlesion_index").glob("*.pkl"):
-        f.unlink()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), str(pre), str(tmp_path)], env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
