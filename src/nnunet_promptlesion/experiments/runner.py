@@ -1249,15 +1249,8 @@ class ExperimentRunner:
                 "predictions.\n")
         if not evals:
             return None, head + "Nothing postprocessed and evaluated yet.\n"
-        ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
-        ceiling = self.cfg.arm_with_role("ceiling")
-        ceil = ceiling.name if ceiling is not None and ceiling.name in evals and ref else None
-        boot = self.cfg.evaluation.get("bootstrap", {})
-        comp = compare_arms(evals, reference=ref, ceiling=ceil,
-                            paired_cases=self.cfg.evaluation.get("paired_cases", "defined"),
-                            n_boot=int(boot.get("n", 2000)), seed=int(boot.get("seed", 0)))
-        comp["missing"] = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
-                           if r not in evals.get(a.name, {})]
+        comp, missing = self._compare(evals)
+        comp["missing"] = missing
         comp["decisions"] = {a: {str(r): self._pp_decision_text(a, r) for r in reps} for a, reps in evals.items()}
         text = head + "\n" + format_comparison_text(comp, title=f"{self.cfg.name}: {self.dataset_name}, after nnU-Net "
                                                      "postprocessing", class_notes=notes)
@@ -1451,6 +1444,22 @@ class ExperimentRunner:
                         drift.append(f"arm={arm.name} repeat={r} fold={fold}: {_describe_changes(rec, now)}")
         return models, drift
 
+    def _compare(self, evals: dict) -> tuple[dict, list[str]]:
+        """compare_arms on ``evals`` with this config's baseline, ceiling and bootstrap, and the (arm, repeat)
+        pairs not evaluated yet (raw and postprocessed reports alike)."""
+        from ..evaluation.statistics import compare_arms
+
+        ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
+        ceiling = self.cfg.arm_with_role("ceiling")
+        ceil = ceiling.name if ceiling is not None and ceiling.name in evals and ref else None
+        boot = self.cfg.evaluation.get("bootstrap", {})
+        comp = compare_arms(evals, reference=ref, ceiling=ceil,
+                            paired_cases=self.cfg.evaluation.get("paired_cases", "defined"),
+                            n_boot=int(boot.get("n", 2000)), seed=int(boot.get("seed", 0)))
+        missing = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
+                   if r not in evals.get(a.name, {})]
+        return comp, missing
+
     def report(self) -> dict | None:
         from ..evaluation.statistics import compare_arms, format_comparison_text, plot_comparison
 
@@ -1461,15 +1470,7 @@ class ExperimentRunner:
                 from .executors import jobs_note
                 self.print("[experiment] " + jobs_note(self.out).rstrip())
             return None
-        ref = self.cfg.reference_arm if self.cfg.reference_arm in evals else None
-        ceiling = self.cfg.arm_with_role("ceiling")
-        ceil = ceiling.name if ceiling is not None and ceiling.name in evals and ref else None
-        boot = self.cfg.evaluation.get("bootstrap", {})
-        comp = compare_arms(evals, reference=ref, ceiling=ceil,
-                            paired_cases=self.cfg.evaluation.get("paired_cases", "defined"),
-                            n_boot=int(boot.get("n", 2000)), seed=int(boot.get("seed", 0)))
-        missing = [f"{a.name}/repeat_{r}" for a in self.cfg.arms for r in range(self.cfg.repeats)
-                   if r not in evals.get(a.name, {})]
+        comp, missing = self._compare(evals)
         comp["missing"] = missing
         comp["config"] = self.cfg.to_dict()
         sc_file = self.out / "scarcity.json"
