@@ -1240,7 +1240,7 @@ class ExperimentRunner:
 
     def _postprocessed_comparison(self, notes: dict) -> tuple[dict | None, str]:
         """(the comparison of the postprocessed predictions, its report block); same tables as the raw one."""
-        from ..evaluation.statistics import compare_arms, format_comparison_text
+        from ..evaluation.statistics import format_comparison_text
 
         evals = self.collect("evaluation_pp")
         head = ("\n" + "=" * 100 + "\nAfter nnU-Net postprocessing: decided per training by "
@@ -1461,7 +1461,7 @@ class ExperimentRunner:
         return comp, missing
 
     def report(self) -> dict | None:
-        from ..evaluation.statistics import compare_arms, format_comparison_text, plot_comparison
+        from ..evaluation.statistics import format_comparison_text, plot_comparison
 
         evals = self.collect()
         if not evals:
