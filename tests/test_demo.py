@@ -106,7 +106,37 @@ def test_shipped_demo_config_is_an_experiment_with_baseline_arm_and_ceiling():
 
 def _processes_using(folder: Path) -> list[str]:
     """Command lines of live processes whose arguments or environment mention ``folder`` (Linux /proc)."""
-    out = []
+    return list(_pids_using(folder).values())
+
+
+def _freeze(folder: Path, keep: int | None = None) -> list[int]:
+    """SIGSTOP every live process of ``folder`` but ``keep``; returns the pids stopped.
+
+    The trainings here run one iteration per epoch, so on an idle machine a few epochs pass between "epoch 1 is
+    in the log" and the kill; a frozen training cannot finish meanwhile, which makes the kill point deterministic.
+    """
+    frozen = []
+    for pid in _pids_using(folder):
+        if pid != keep:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+            except ProcessLookupError:
+                pass
+    return frozen
+
+
+def _thaw(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _pids_using(folder: Path) -> dict[int, str]:
+    """{pid: command line} of live processes whose arguments or environment mention ``folder`` (Linux /proc)."""
+    out = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
@@ -117,7 +147,7 @@ def _processes_using(folder: Path) -> list[str]:
             except OSError:
                 continue
             if str(folder) in cmd or str(folder) in env:
-                out.append(cmd)
+                out[int(d.name)] = cmd
     return out
 
 
@@ -224,6 +254,7 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     p = start()
     try:
         first_fold = _wait_for_epoch(runs["real_scarce"], p, 900)
+        _freeze(work)            # SIGKILL reaches stopped processes; freezing first keeps the baseline unfinished
         assert _trainings(work) == {"nnUNetTrainer_earlyStopping", "PromptLesionTrainer"}, "not two trainings at a time"
     finally:
         os.killpg(p.pid, signal.SIGKILL)
@@ -252,9 +283,11 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     shm = set()
     try:
         second_fold = _wait_for_epoch(runs["rule_based"], p, 900, "[1-9]", shm, work, exclude=before)
+        frozen = _freeze(work, keep=p.pid)  # the trainings wait (SIGSTOP) while the checks below read /proc
         assert _trainings(work), "no training running"
         shm |= _shm_used_by(work)
         os.kill(p.pid, signal.SIGTERM)
+        _thaw(frozen)            # the demo's own SIGTERMs to its children are delivered as they resume
         out_b, _ = p.communicate(timeout=120)
     finally:
         if p.poll() is None:

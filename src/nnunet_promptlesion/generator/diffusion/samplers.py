@@ -1,4 +1,5 @@
-"""Batched reverse-diffusion samplers: DDPM ancestral (all T steps) and DDIM (any step count, eta).
+"""Batched reverse-diffusion samplers: DDPM ancestral (all T steps), DDIM (any step count, eta) and two
+few-step multistep ODE solvers from diffusers (DPM-Solver++ 2M, UniPC).
 
 A sampler only needs an ``eps_fn(z_t, t) -> eps`` with ``z_t`` (B, C, D, H, W) and ``t`` a (B,) long
 tensor, so the same code runs the trained denoiser (:func:`guided_eps_fn`, classifier-free guidance),
@@ -21,7 +22,8 @@ import torch
 from .schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim")
+SOLVERS = ("dpmpp", "unipc")
+SAMPLERS = ("ddpm", "ddim") + SOLVERS
 
 
 def randn_rows(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -128,16 +130,68 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps
     return z
 
 
+def _solver_scheduler(name: str, schedule: NoiseSchedule, steps: int):
+    """A diffusers multistep scheduler configured with this schedule's betas, its timesteps set for ``steps``."""
+    # diffusers costs 1-3 s to import: only pay it when a few-step solver is asked for
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    # at steps == T diffusers' last interval ends at sigma 0 twice and returns NaN
+    if not 1 <= steps < schedule.T:
+        raise ValueError(f"{name} step count must lie in [1, {schedule.T - 1}], got {steps}")
+    common = dict(num_train_timesteps=schedule.T, trained_betas=schedule._f64["betas"].numpy(),
+                  prediction_type="epsilon", timestep_spacing="linspace", final_sigmas_type="zero",
+                  solver_order=2, lower_order_final=True)
+    if name == "dpmpp":
+        s = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++")
+    elif name == "unipc":
+        s = UniPCMultistepScheduler(**common, predict_x0=True)
+    else:
+        raise ValueError(f"unknown solver '{name}', choose one of {SOLVERS}")
+    s.set_timesteps(steps)
+    return s
+
+
+def solver_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, solver: str = "dpmpp", steps: int = 20,
+                  generator: "torch.Generator | Sequence[torch.Generator] | None" = None,
+                  known: torch.Tensor | None = None, keep: torch.Tensor | None = None, progress: bool = False,
+                  clip_x0: float | None = None) -> torch.Tensor:
+    """``steps`` denoiser evaluations of a multistep probability-flow ODE solver, from ``z_T`` (B, C, *spatial).
+
+    Only the solver's update is diffusers' (used as a library, configured with this package's betas so that a
+    timestep means what the denoiser was trained on); guidance, inpainting and per-row noise stay ours.
+    Deterministic after ``z_T``: ``generator`` only noises ``known``. ``known``/``keep``/``clip_x0`` as in
+    :func:`ddim_sample`.
+    """
+    sched = _solver_scheduler(solver, schedule, steps)
+    ts = [int(t) for t in sched.timesteps]
+    pairs = list(zip(ts, ts[1:] + [-1]))
+    if progress:
+        from tqdm import tqdm
+        pairs = tqdm(pairs, desc=f"{solver}{steps}", leave=False)
+    z = z_T
+    b = z.shape[0]
+    for t, t_next in pairs:
+        tt = torch.full((b,), t, device=z.device, dtype=torch.long)
+        eps = eps_fn(z, tt).to(z.dtype)
+        if clip_x0:
+            _, eps = _clip_x0(z, eps, schedule.alpha_bar[t], clip_x0)
+        z = sched.step(eps, t, z).prev_sample.to(z.dtype)
+        z = _keep_known(z, t_next, schedule, known, keep, generator)
+    return z
+
+
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
            eta: float = 0.0, generator: "torch.Generator | Sequence[torch.Generator] | None" = None, known: torch.Tensor | None = None,
            keep: torch.Tensor | None = None, progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
-    """Dispatch to :func:`ddpm_sample` (``steps`` must be None or T) or :func:`ddim_sample`."""
+    """Dispatch to :func:`ddpm_sample` (``steps`` must be None or T), :func:`ddim_sample` or :func:`solver_sample`."""
     if sampler == "ddpm":
         if steps not in (None, schedule.T):
             raise ValueError(f"DDPM runs all {schedule.T} steps; use --sampler ddim for {steps} steps")
         return ddpm_sample(eps_fn, schedule, z_T, generator, known, keep, progress, clip_x0)
     if sampler == "ddim":
         return ddim_sample(eps_fn, schedule, z_T, steps or 50, eta, generator, known, keep, progress, clip_x0)
+    if sampler in SOLVERS:
+        return solver_sample(eps_fn, schedule, z_T, sampler, steps or 20, generator, known, keep, progress, clip_x0)
     raise ValueError(f"unknown sampler '{sampler}', choose one of {SAMPLERS}")
 
 
