@@ -237,7 +237,7 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
 
     _, did, _ = ccta_dataset
     work, name, env = _demo_work_dir(ccta_dataset, tmp_path)
-    epochs = 4     # kills land at epoch >= 1 of a training and leave epochs to resume
+    epochs = 6     # kills land at epoch >= 1 of a training; 6 leaves (b) >= 2 epochs to interrupt after a resume
     cmd = [str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did), "--repeats", "1",
            "--montage-samples", "1", "--budget", f"epochs={epochs}", "iterations_per_epoch=1",
            "val_iterations_per_epoch=1"]
