@@ -13,7 +13,7 @@ line printed is the settings snippet for promptlesion_settings.json (diffusion_c
 diffusion_online). For several GPUs run the steps one by one under torchrun (each command supports it).
 
 A 2D configuration (e.g. promptlesion_demo's 2d_demo, 32 x 32 slices) trains 2D generators on (y, x) slices of its
-preprocessed data; without --preset it uses cpu2d (thousands of steps in minutes on a CPU). The lesion cache
+preprocessed data; without --preset it uses cpu2d (3000 + 3000 steps, about half an hour on one CPU thread). The lesion cache
 (--cache-per-class) is 3D-only for now.
 """
 from __future__ import annotations
