@@ -97,17 +97,21 @@ def test_preprocessed_source_uses_only_the_folds_training_cases(preprocessed, mo
         (Path(env["nnUNet_preprocessed"]) / "Dataset911_VQTest" / "splits_final.json").unlink()
 
 
-def test_2d_configuration_is_refused_naming_its_3d_parent(preprocessed, monkeypatch):
-    """The generators are 3-D: a 2-D configuration (here promptlesion_demo's, inheriting 3d_fullres's data) is
-    refused with the 3-D configuration to pass instead, not a shape error deep inside mask sampling."""
+def test_2d_configuration_gives_in_plane_slices(preprocessed, monkeypatch):
+    """A 2-D configuration (here promptlesion_demo's, inheriting 3d_fullres's data) is a 2-D source: in-plane
+    spacing, (y, x) patches from slices of the same preprocessed arrays; a 3-entry patch stays 3-D."""
     root, env, ds = preprocessed
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, env[k])
     from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
 
     add_demo_configuration_2d(Path(env["nnUNet_preprocessed"]) / "Dataset911_VQTest" / "nnUNetPlans.json", name="2d_x")
-    with pytest.raises(ValueError, match=r"'2d_x' is 2-D .* '3d_fullres' has the same preprocessed data \(-c 3d_fullres\)"):
-        PreprocessedPatchSource(911, "2d_x", fold=0)
+    src = PreprocessedPatchSource(911, "2d_x", fold=0)
+    src3 = PreprocessedPatchSource(911, "3d_fullres", fold=0)
+    assert src.spatial_dims == 2 and src.spacing == src3.spacing[1:] and src.case_ids == src3.case_ids
+    p = src.patch_around(src.case_ids[0], (5, 16, 16), (16, 16))
+    assert p.image.shape == (1, 16, 16) and p.start == (5, 8, 8)
+    assert np.array_equal(p.image, src3.patch_around(src.case_ids[0], (5, 16, 16), (1, 16, 16)).image[:, 0])
 
 
 def test_train_and_reconstruct_commands(preprocessed, tmp_path, monkeypatch, capsys):

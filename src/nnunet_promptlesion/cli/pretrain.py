@@ -11,6 +11,10 @@ its own checkpoint / shards when interrupted: re-run the same command after a st
 on the dataset's own preprocessed patches, so the trainer uses them with the identity space mapping. The last
 line printed is the settings snippet for promptlesion_settings.json (diffusion_cache with a cache, else
 diffusion_online). For several GPUs run the steps one by one under torchrun (each command supports it).
+
+A 2D configuration (e.g. promptlesion_demo's 2d_demo, 32 x 32 slices) trains 2D generators on (y, x) slices of its
+preprocessed data; without --preset it uses cpu2d (3000 + 3000 steps, about half an hour on one CPU thread). The lesion cache
+(--cache-per-class) is 3D-only for now.
 """
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ from pathlib import Path
 EPILOG = """examples:
   promptlesion_pretrain -d 502 -c 3d_fullres -f 0 --preset tiny --device cpu            # CPU demo scale
   promptlesion_pretrain -d 502 -f 0 --preset paper --cache-per-class 2000 --device cuda  # paper scale
-  promptlesion_pretrain -d 502 -f 0 --preset tiny --dry-run                              # print the plan only"""
+  promptlesion_pretrain -d 502 -f 0 --preset tiny --dry-run                              # print the plan only
+  promptlesion_pretrain -d 501 -c 2d_demo -f 0 --device cpu        # 2D generators, preset cpu2d (CPU minutes)"""
 
-PRESET_STEPS = {"tiny": (2000, 2000), "paper": (100000, 60000)}
+# (VQGAN steps, diffusion steps) per preset
+PRESET_STEPS = {"tiny": (2000, 2000), "paper": (100000, 60000), "tiny2d": (500, 500), "cpu2d": (3000, 3000),
+                "gpu2d": (50000, 60000)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
     p.add_argument("-f", "--fold", default="0", help="fold (default 0): only its training cases are used")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--preset", choices=["tiny", "paper"], default="paper", help="generator preset for both models")
-    p.add_argument("--vqgan-steps", type=int, default=None, help="VQGAN steps (default tiny 2000, paper 100000)")
-    p.add_argument("--diffusion-steps", type=int, default=None, help="diffusion steps (default tiny 2000, paper 60000)")
+    p.add_argument("--preset", choices=list(PRESET_STEPS), default=None,
+                   help="generator preset for both models (default paper for a 3D configuration, cpu2d for a 2D one); "
+                        "3D: paper, tiny; 2D: tiny2d, cpu2d, gpu2d")
+    p.add_argument("--vqgan-steps", type=int, default=None,
+                   help="VQGAN steps (default tiny 2000, paper 100000, tiny2d 500, cpu2d 3000, gpu2d 50000)")
+    p.add_argument("--diffusion-steps", type=int, default=None,
+                   help="diffusion steps (default tiny 2000, paper 60000, tiny2d 500, cpu2d 3000, gpu2d 60000)")
     p.add_argument("--prompt-type", choices=["onehot", "mask"], default="onehot", help="diffusion prompt (default onehot)")
     p.add_argument("--cache-per-class", type=int, default=0, help="also build a lesion cache with N samples per class")
     p.add_argument("--cache-steps", type=int, default=50, help="DDIM steps for the cache (default 50)")
@@ -82,11 +93,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import importlib
 
-    from ..generator.data import resolve_preprocessed_dataset
+    from ..generator.data import configuration_spatial_dims, resolve_preprocessed_dataset
+    from ..generator.vqgan.config import DEFAULT_PRESET, check_preset_dims
 
     try:
         ds = resolve_preprocessed_dataset(args.dataset)
-    except (FileNotFoundError, RuntimeError) as e:
+        dims = configuration_spatial_dims(args.dataset, args.configuration, args.plans)
+        if args.preset is None:
+            args.preset = DEFAULT_PRESET[dims]
+        check_preset_dims(args.preset, dims, f"configuration '{args.configuration}'")
+        if dims == 2 and args.cache_per_class > 0:
+            raise ValueError(f"--cache-per-class: the lesion cache is 3D-only for now; configuration "
+                             f"'{args.configuration}' is 2D (drop --cache-per-class)")
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = os.environ.get("nnUNet_results")

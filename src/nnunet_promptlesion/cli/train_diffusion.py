@@ -3,7 +3,9 @@
 Crops: lesion-centred crops of every lesion class of the lesion spec (class-balanced) and healthy crops
 (with a pseudo-lesion region) for the "healthy" prompt, from (a) an nnU-Net preprocessed dataset
 (training cases of one fold only) or (b) a folder of NIfTI CTs with label maps. The VQGAN checkpoint fixes
-the patch spacing and intensity space; the data must match it (a VQGAN trained on the same source does).
+the patch spacing, intensity space and dimensionality; the data must match it (a VQGAN trained on the same
+source does). A 2D VQGAN (trained on a 2D nnU-Net configuration such as 2d_demo) gives a 2D diffusion model on
+(y, x) slices of that configuration; the preset then defaults to cpu2d (2D presets: tiny2d, cpu2d, gpu2d).
 Run it again with the same --output-dir to resume; run it under torchrun for DDP.
 """
 from __future__ import annotations
@@ -14,12 +16,16 @@ import sys
 from pathlib import Path
 
 from .run_options import add_run_options
+from .train_vqgan import PRESET_CHOICES
 
 EPILOG = """examples:
   # (a) nnU-Net preprocessed dataset 502, training cases of fold 0, VQGAN trained on the same data
   promptlesion_train_diffusion -d 502 -c 3d_fullres -f 0 \\
       --vqgan $nnUNet_results/Dataset502_PhantomAbdomen/promptlesion_vqgan__tiny__3d_fullres__fold0/checkpoint_final.pt \\
       --preset tiny --steps 2000
+  # 2D configuration (VQGAN from promptlesion_train_vqgan -c 2d_demo; preset cpu2d by default)
+  promptlesion_train_diffusion -d 501 -c 2d_demo -f 0 --steps 3000 \
+      --vqgan $nnUNet_results/Dataset501_PhantomCCTA/promptlesion_vqgan__cpu2d__2d_demo__fold0/checkpoint_final.pt
   # (b) NIfTI CTs + label maps (lesion_spec.json next to the folder or --lesion-spec), one-hot or mask prompts
   promptlesion_train_diffusion --nifti-folder raw/imagesTr --label-folder raw/labelsTr \\
       --lesion-spec raw/lesion_spec.json --vqgan runs/vqgan/checkpoint_final.pt \\
@@ -46,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "for -d, next to --nifti-folder / --label-folder otherwise)")
     m = p.add_argument_group("model and training")
     m.add_argument("--vqgan", required=True, help="frozen VQGAN checkpoint (promptlesion_train_vqgan output)")
-    m.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="diffusion preset (default paper)")
+    m.add_argument("--preset", default=None, choices=list(PRESET_CHOICES),
+                   help="diffusion preset (default paper for a 3D VQGAN, cpu2d for a 2D one); 3D: paper, tiny; "
+                        "2D: tiny2d, cpu2d, gpu2d")
     m.add_argument("--prompt-type", default="onehot", choices=["onehot", "mask"],
                    help="onehot: class prompt; mask: implicit MaskTransformer prompt over the class mask (default onehot)")
     m.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
@@ -103,6 +111,9 @@ def make_source(args, vqgan_meta):
         return PreprocessedPatchSource(args.dataset, args.configuration, fold, args.plans, subset="train")
     if not args.label_folder:
         raise SystemExit("error: --nifti-folder needs --label-folder (the lesion labels pick the training crops)")
+    if int(vqgan_meta.get("spatial_dims", 3)) != 3:
+        raise SystemExit(f"error: the VQGAN {args.vqgan} is 2D; 2D generators train on a 2D nnU-Net configuration "
+                         "(-d DATASET -c 2d_demo), not on a NIfTI folder")
     space = IntensitySpace.from_dict(vqgan_meta["intensity"])
     if space.kind != "hu_window":
         raise SystemExit(f"error: the VQGAN {args.vqgan} was trained on nnU-Net preprocessed data "
@@ -119,7 +130,7 @@ def main(argv=None) -> int:
     from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
     from ..generator.train_utils import run_trainer
-    from ..generator.vqgan import check_meta, load_vqgan
+    from ..generator.vqgan import DEFAULT_PRESET, check_meta, check_preset_dims, load_vqgan
     from ..lesions.spec import LesionSpec, LesionSpecError
     from ..utils.checkpoint import CheckpointError
 
@@ -128,8 +139,13 @@ def main(argv=None) -> int:
     try:
         vqgan, vqgan_meta = load_vqgan(args.vqgan)
         source = make_source(args, vqgan_meta)
-        # the VQGAN only understands the spacing and intensity space it was trained in
-        check_meta(vqgan_meta, args.vqgan, expect_intensity=source.intensity, expect_spacing=source.spacing)
+        # the VQGAN only understands the dimensionality, spacing and intensity space it was trained in
+        check_meta(vqgan_meta, args.vqgan, expect_intensity=source.intensity, expect_spacing=source.spacing,
+                   expect_spatial_dims=source.spatial_dims)
+        dims = source.spatial_dims
+        if args.preset is None:
+            args.preset = DEFAULT_PRESET[dims]
+        check_preset_dims(args.preset, dims, f"VQGAN {args.vqgan}")
         spec_path = find_lesion_spec(args, source)
         spec = LesionSpec.load(spec_path)
         vocab = PromptVocabulary.from_lesion_spec(spec)

@@ -1,7 +1,9 @@
-"""promptlesion_train_vqgan: pretrain the 3D VQGAN autoencoder on CT patches.
+"""promptlesion_train_vqgan: pretrain the VQGAN autoencoder on CT patches (3D, or 2D slices).
 
 Data comes from (a) an nnU-Net preprocessed dataset (training cases of one fold, nnU-Net's own spacing and
-CT normalisation) or (b) a folder of NIfTI CTs resampled to ``--spacing`` with a HU window.
+CT normalisation) or (b) a folder of NIfTI CTs resampled to ``--spacing`` with a HU window. A 2D nnU-Net
+configuration (e.g. promptlesion_demo's 2d_demo) trains a 2D VQGAN on (y, x) slices of its preprocessed data
+at its in-plane spacing; the preset then defaults to cpu2d (2D presets: tiny2d, cpu2d, gpu2d).
 Run it again with the same ``--output-dir`` to resume; run it under ``torchrun`` for DDP.
 """
 from __future__ import annotations
@@ -13,9 +15,13 @@ from pathlib import Path
 
 from .run_options import add_run_options
 
+PRESET_CHOICES = ("paper", "tiny", "tiny2d", "cpu2d", "gpu2d")  # generator.vqgan.config.PRESETS (not imported: --help stays fast)
+
 EPILOG = """examples:
   # (a) nnU-Net preprocessed dataset 501, 3d_fullres, training cases of fold 0 only
   promptlesion_train_vqgan -d 501 -c 3d_fullres -f 0 --preset paper --steps 100000
+  # 2D configuration: a 2D VQGAN on 32 x 32 slices (preset cpu2d by default; gpu2d on a GPU)
+  promptlesion_train_vqgan -d 501 -c 2d_demo -f 0 --steps 3000
   # (b) NIfTI CTs at 1 mm with DiffTumor's HU window, organ/lesion labels for oversampling
   promptlesion_train_vqgan --nifti-folder cts/ --label-folder labels/ --spacing 1 1 1 \\
       --hu-window -175 250 -o runs/vqgan_tiny --preset tiny --steps 2000
@@ -57,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--val-cases", type=int, default=None,
                      help="NIfTI source: hold out the last N cases for PSNR/SSIM (default 1 if >= 3 cases, else 0)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--preset", default="paper", choices=["paper", "tiny"], help="VQGAN preset (default paper)")
+    m.add_argument("--preset", default=None, choices=list(PRESET_CHOICES),
+                   help="VQGAN preset (default paper for 3D data, cpu2d for a 2D configuration); 3D: paper, tiny; "
+                        "2D: tiny2d, cpu2d, gpu2d")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
                                              "promptlesion_vqgan__PRESET__CONFIG__foldF)")
-    m.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("P0", "P1", "P2"),
-                   help="patch size in voxels (default: preset, 96 96 96 for paper); divisible by 4")
+    m.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="P",
+                   help="patch size in voxels, 3 values (3D) or 2 (2D preset) (default: preset, 96 96 96 for paper, "
+                        "32 32 for cpu2d); divisible by 4")
     m.add_argument("--steps", type=int, default=100000, help="total training steps (default 100000)")
     m.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default: preset, 4 for paper)")
     m.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-4)")
@@ -119,7 +128,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..generator.train_utils import run_trainer
-    from ..generator.vqgan.config import VQGANConfig
+    from ..generator.vqgan.config import DEFAULT_PRESET, VQGANConfig, check_preset_dims
     from ..generator.vqgan.train import VQGANRunConfig, VQGANTrainer
 
     if args.num_threads:
@@ -139,7 +148,14 @@ def main(argv=None) -> int:
     if args.patch_size is not None:
         overrides["patch_size"] = tuple(args.patch_size)
     try:
+        dims = train_src.spatial_dims
+        if args.preset is None:
+            args.preset = DEFAULT_PRESET[dims]
+        what = f"configuration '{args.configuration}'" if args.dataset else "the NIfTI data"
+        check_preset_dims(args.preset, dims, what)
         cfg = VQGANConfig.from_preset(args.preset, **overrides)
+        if cfg.spatial_dims != dims:
+            raise ValueError(f"--patch-size {list(cfg.patch_size)} has {cfg.spatial_dims} axes but {what} is {dims}D")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

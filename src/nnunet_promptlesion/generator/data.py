@@ -29,10 +29,19 @@ Common API (``PatchSource``):
         case; ``None`` = every foreground label of the case, equal weights); otherwise the centre is uniform. The patch stays inside the image when the image is large enough.
     ``patch_around(case_id, center_xyz, patch_size)`` -> :class:`Patch` centred at a voxel (no shifting).
     ``describe()``                   JSON-able dict for checkpoint metadata.
+    ``spatial_dims``                 3, or 2 for a 2D nnU-Net configuration (``len(spacing)``)
 
-A :class:`Patch` holds ``image`` (float32, (1, X, Y, Z), model space [-1, 1], padded with -1 outside the image),
-``seg`` (int16, (1, X, Y, Z), -1 outside the image, or None), ``case_id`` and ``start`` (voxel index of the patch
-corner in the case array; negative when padded).
+2D configurations (``PreprocessedPatchSource(dataset, "2d", ...)``, e.g. promptlesion_demo's ``2d_demo``): nnU-Net
+keeps their preprocessed arrays 3D, (C, Z, Y, X), and trains on (Y, X) slices. Such a source has the in-plane
+``spacing`` (2 entries, mm) and takes 2-entry patch sizes: ``random_patch`` and ``patch_around`` cut a (Y, X) patch
+from one slice, chosen exactly as the 3D path chooses a patch centre (a labelled voxel when oversampling, else
+uniform; ``patch_around``'s centre is a (z, y, x) voxel, so lesion-centred crops lie on a slice through the lesion).
+Every method also accepts 2-entry patch sizes on any source (slices along axis 0).
+
+A :class:`Patch` holds ``image`` (float32, (1, X, Y, Z), model space [-1, 1], padded with -1 outside the image;
+(1, Y, X) for a 2-entry patch size), ``seg`` (int16, same shape, -1 outside the image, or None), ``case_id`` and
+``start`` (voxel index (3 entries) of the patch corner in the case array, the slice index first for a 2D patch;
+negative when padded).
 """
 from __future__ import annotations
 
@@ -61,8 +70,8 @@ class CaseArrays:
 
 @dataclasses.dataclass
 class Patch:
-    image: np.ndarray        # (1, X, Y, Z) float32 in [-1, 1]
-    seg: np.ndarray | None   # (1, X, Y, Z) int16, -1 = outside the image
+    image: np.ndarray        # (1, X, Y, Z) float32 in [-1, 1]; (1, Y, X) for a 2D patch
+    seg: np.ndarray | None   # same shape, int16, -1 = outside the image
     case_id: str
     start: tuple[int, int, int]
 
@@ -81,10 +90,24 @@ def _crop_padded(arr, start: Sequence[int], size: Sequence[int], pad_value) -> n
     return out
 
 
+def _as_3d(patch_size: Sequence[int]) -> tuple[list[int], bool]:
+    """(3-entry crop size, is_2d): a 2-entry (Y, X) patch is cut as a one-slice (1, Y, X) crop."""
+    ps = [int(p) for p in patch_size]
+    if len(ps) == 2:
+        return [1, *ps], True
+    if len(ps) != 3:
+        raise ValueError(f"patch size {ps} needs 3 entries (3D) or 2 (a 2D slice patch)")
+    return ps, False
+
+
 class PatchSource:
     case_ids: list[str]
-    spacing: tuple[float, float, float]
+    spacing: tuple[float, ...]  # mm; 3 entries, or 2 (in-plane) for a 2D configuration
     intensity: IntensitySpace
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spacing)
 
     def __init__(self, cache_cases: int = 8):
         self._cache: OrderedDict[str, CaseArrays] = OrderedDict()
@@ -110,7 +133,7 @@ class PatchSource:
             self._cache.popitem(last=False)
         return c
 
-    def _make_patch(self, case_id: str, c: CaseArrays, start, patch_size) -> Patch:
+    def _make_patch(self, case_id: str, c: CaseArrays, start, patch_size, is_2d: bool = False) -> Patch:
         img = _crop_padded(c.image[:1], start, patch_size, np.nan).astype(np.float32)
         outside = np.isnan(img)
         img = self.intensity.to_model(np.nan_to_num(img, nan=0.0)).astype(np.float32)
@@ -118,12 +141,18 @@ class PatchSource:
         seg = None
         if c.seg is not None:
             seg = _crop_padded(c.seg, start, patch_size, -1).astype(np.int16)
+        if is_2d:  # (1, 1, Y, X) one-slice crop -> (1, Y, X)
+            img = img[:, 0]
+            seg = None if seg is None else seg[:, 0]
         return Patch(image=img, seg=seg, case_id=case_id, start=tuple(int(s) for s in start))
 
     def patch_around(self, case_id: str, center_xyz: Sequence[int], patch_size: Sequence[int]) -> Patch:
+        """Patch centred at voxel ``center_xyz`` (3 entries, array order); a 2-entry ``patch_size`` cuts a (Y, X)
+        patch from slice ``center_xyz[0]``."""
         c = self.load_case(case_id)
+        patch_size, is_2d = _as_3d(patch_size)
         start = [int(ct) - int(p) // 2 for ct, p in zip(center_xyz, patch_size)]
-        return self._make_patch(case_id, c, start, patch_size)
+        return self._make_patch(case_id, c, start, patch_size, is_2d)
 
     def random_patch(self, rng: np.random.Generator, patch_size: Sequence[int],
                      oversample_labels: dict[int, float] | None = None, oversample_rate: float = 0.0) -> Patch:
@@ -132,7 +161,7 @@ class PatchSource:
         case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
         c = self.load_case(case_id)
         shape = c.image.shape[1:]
-        patch_size = [int(p) for p in patch_size]
+        patch_size, is_2d = _as_3d(patch_size)
         center = None
         if oversample_rate > 0 and rng.random() < oversample_rate:
             weights = oversample_labels if oversample_labels is not None else {l: 1.0 for l in c.class_locations}
@@ -151,7 +180,7 @@ class PatchSource:
             # keep the patch inside the image when it fits; centre it (padding both sides) when it does not
             st = min(max(st, 0), s - p) if s >= p else (s - p) // 2
             start.append(st)
-        return self._make_patch(case_id, c, start, patch_size)
+        return self._make_patch(case_id, c, start, patch_size, is_2d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +235,20 @@ def nnunet_fold_split(preprocessed_dataset_folder: Path, identifiers: Sequence[s
     return [str(keys[i]) for i in idx_tr], [str(keys[i]) for i in idx_val]
 
 
+def configuration_spatial_dims(dataset: str | int, configuration: str, plans: str = "nnUNetPlans") -> int:
+    """2 or 3: the dimensionality of an nnU-Net configuration (the length of its spacing in the plans)."""
+    plans_file = resolve_preprocessed_dataset(dataset) / f"{plans}.json"
+    if not plans_file.is_file():
+        raise FileNotFoundError(f"{plans_file} not found; pass the plans identifier used for preprocessing (-p).")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(json.loads(plans_file.read_text()))
+    if configuration not in pm.available_configurations:
+        raise ValueError(f"configuration '{configuration}' is not in {plans_file} "
+                         f"(available: {', '.join(pm.available_configurations)})")
+    return len(pm.get_configuration(configuration).spacing)
+
+
 class PreprocessedPatchSource(PatchSource):
     def __init__(self, dataset: str | int, configuration: str = "3d_fullres", fold: int | str = 0,
                  plans: str = "nnUNetPlans", subset: str = "train", cache_cases: int = 8):
@@ -223,15 +266,10 @@ class PreprocessedPatchSource(PatchSource):
 
         pm = PlansManager(self.plans)
         cm = pm.get_configuration(configuration)
-        if len(cm.spacing) != 3:
-            # The generators are 3-D; a 2-D configuration's spacing and patch have two axes. Its preprocessed
-            # arrays are 3-D, though, and usually a 3-D configuration's (inherits_from): name that one.
-            same = [c for c in self.plans["configurations"] if c != configuration and
-                    len(pm.get_configuration(c).spacing) == 3 and
-                    pm.get_configuration(c).data_identifier == cm.data_identifier]
-            raise ValueError(f"configuration '{configuration}' is 2-D (spacing {list(cm.spacing)}); the generators "
-                             "are 3-D: pass a 3-D configuration" + (f" - '{same[0]}' has the same preprocessed data "
-                                                                   f"(-c {same[0]})" if same else " (-c 3d_fullres)"))
+        if len(cm.spacing) not in (2, 3):
+            raise ValueError(f"configuration '{configuration}' has spacing {list(cm.spacing)}: neither 2-D nor 3-D")
+        # A 2-D configuration's preprocessed arrays are 3-D (C, Z, Y, X) like a 3-D one's; its spacing is the
+        # in-plane (Y, X) one, and its patches are slices (see the module docstring).
         self.data_folder = self.dataset_folder / cm.data_identifier
         if not self.data_folder.is_dir():
             raise FileNotFoundError(

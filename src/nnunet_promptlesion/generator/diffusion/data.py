@@ -17,6 +17,10 @@ region drawn with the lesion spec's shape prior (:class:`~nnunet_promptlesion.le
 inside the parent structure of a random lesion class (anywhere in the central half of the crop when the
 crop holds no parent voxel), so the model learns to fill a masked region with healthy tissue.
 Lesion classes are drawn uniformly (class-balanced): rare classes get as many crops as common ones.
+With a 2-entry ``patch_size`` (a 2D source, nnU-Net 2D configuration) every crop is a (1, Y, X) slice: lesion
+crops lie on a slice through a voxel of the class (the centre is jittered in plane only, so the lesion stays in
+the slice), healthy crops are lesion-free slices with a 2D pseudo-lesion from the same shape prior at the
+in-plane spacing.
 A healthy crop never holds a lesion voxel: when ``max_tries`` random crops all hold one, the draw is refused
 (:class:`NoHealthyCropError`), counted in ``healthy_refused``, and :meth:`LesionCropSampler.sample` uses a
 lesion crop instead.
@@ -57,6 +61,9 @@ class LesionCropSampler:
                  healthy_fraction: float = 0.25, jitter: float = 0.25, max_tries: int = 20):
         self.source, self.spec, self.vocab = source, spec, vocab
         self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != len(source.spacing):
+            raise ValueError(f"patch size {list(self.patch_size)} has {len(self.patch_size)} axes but the source is "
+                             f"{len(source.spacing)}D (spacing {list(source.spacing)} mm)")
         self.healthy_fraction = float(healthy_fraction)
         self.jitter = float(jitter)
         self.max_tries = int(max_tries)
@@ -89,7 +96,9 @@ class LesionCropSampler:
         cid = cases[int(rng.integers(len(cases)))]
         locs = self.source.load_case(cid).class_locations[label]
         centre = np.asarray(locs[int(rng.integers(len(locs)))], dtype=int)
-        shift = np.round(rng.uniform(-self.jitter, self.jitter, 3) * np.asarray(self.patch_size)).astype(int)
+        # a 2D crop is one slice: jitter in plane only, so the slice still cuts the lesion
+        extent = np.asarray(self.patch_size if len(self.patch_size) == 3 else (0, *self.patch_size))
+        shift = np.round(rng.uniform(-self.jitter, self.jitter, 3) * extent).astype(int)
         p = self.source.patch_around(cid, centre + shift, self.patch_size)
         mask = (p.seg == label).astype(np.float32)
         lesion = next((l for l in self.spec.lesions if l.label == label), None)

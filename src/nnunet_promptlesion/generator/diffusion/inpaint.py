@@ -30,6 +30,9 @@ vessel-wall mask (used by MaskTransformer-prompt models; None = the lesion mask 
 
 VQGAN encode/decode run in chunks of ``vae_chunk`` samples, so large batches fit; the denoiser runs in its
 own dtype (bf16 weights on CUDA when loaded with ``load_generator_pair(..., dtype="auto")``).
+
+2D generators (VQGAN and denoiser with ``spatial_dims`` 2) take (B, 1, H, W) slices everywhere a (B, 1, D, H, W)
+patch is written here; pooling, dilation and blur follow the tensors' number of spatial axes.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ...lesions.blending import blend_margin
+from .. import nd
 from .samplers import guided_eps_fn, randn_rows, sample
 from .schedule import NoiseSchedule
 
@@ -50,8 +54,9 @@ MASK_FILL = 0.0
 
 
 def latent_region(mask: torch.Tensor, factor: int, size: Sequence[int] | None = None) -> torch.Tensor:
-    """Binary (B, 1, d, h, w) latent-grid region of an image mask (B, 1, D, H, W): any voxel of a cell set."""
-    m = F.max_pool3d((mask > 0.5).float(), kernel_size=factor, stride=factor, ceil_mode=True)
+    """Binary (B, 1, d, h, w) latent-grid region of an image mask (B, 1, D, H, W): any voxel of a cell set
+    (2D: (B, 1, H, W) -> (B, 1, h, w))."""
+    m = nd.max_pool_fn(nd.spatial_dims_of(mask))((mask > 0.5).float(), kernel_size=factor, stride=factor, ceil_mode=True)
     if size is not None and tuple(m.shape[2:]) != tuple(size):
         m = m[(slice(None), slice(None), *[slice(0, s) for s in size])]
     return m
@@ -60,26 +65,31 @@ def latent_region(mask: torch.Tensor, factor: int, size: Sequence[int] | None = 
 def dilate(mask: torch.Tensor, radius: torch.Tensor | int) -> torch.Tensor:
     """Cube dilation of a binary (B, 1, D, H, W) mask by ``radius`` voxels, one radius per sample allowed.
 
-    Runs as repeated 3^3 max-pools over the batch (a loop over the radius, not over samples).
+    Runs as repeated 3^3 max-pools over the batch (a loop over the radius, not over samples); a (B, 1, H, W)
+    mask is dilated in plane (3^2 squares).
     """
     b = mask.shape[0]
+    pool = nd.max_pool_fn(nd.spatial_dims_of(mask))
     d = (mask > 0.5).to(torch.float32)
     if isinstance(radius, int):  # one radius for all: no per-sample selection, no host sync for its maximum
         for _ in range(radius):
-            d = F.max_pool3d(d, 3, stride=1, padding=1)
+            d = pool(d, 3, stride=1, padding=1)
         return d > 0.5
     radius = torch.as_tensor(radius, device=mask.device).long().reshape(-1).expand(b)
     out = d.clone()
     for i in range(1, int(radius.max().item()) + 1):
-        d = F.max_pool3d(d, 3, stride=1, padding=1)
-        sel = (radius == i).reshape(b, 1, 1, 1, 1)
+        d = pool(d, 3, stride=1, padding=1)
+        sel = (radius == i).reshape(b, *(1,) * (mask.ndim - 1))
         out = torch.where(sel, d, out)
     return out > 0.5
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, D, H, W) with a per-sample sigma (voxels); zero padding, sigma 0 = copy."""
+    """Separable Gaussian blur of (B, 1, D, H, W) with a per-sample sigma (voxels); zero padding, sigma 0 = copy.
+
+    A (B, 1, H, W) input is blurred in plane (the 2D generators' slices)."""
     b = x.shape[0]
+    sd = nd.spatial_dims_of(x)
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
     r = max(int(math.ceil(3.0 * float(sigma.max().item()))), 1)
     offs = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
@@ -89,12 +99,13 @@ def gaussian_blur3d(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tenso
     delta = (offs == 0).float()[None].expand(b, -1)
     k = torch.where(sigma[:, None] > 1e-3, k, delta).to(x.dtype)  # (B, 2r+1)
     y = x.reshape(1, b, *x.shape[2:])
-    for axis in range(3):
-        shape = [b, 1, 1, 1, 1]
+    conv = nd.conv_fn(sd)
+    for axis in range(sd):
+        shape = [b, 1] + [1] * sd
         shape[2 + axis] = 2 * r + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        y = F.conv3d(F.pad(y, pad), k.reshape(shape), groups=b)
+        pad = [0, 0] * sd
+        pad[2 * (sd - 1 - axis)] = pad[2 * (sd - 1 - axis) + 1] = r
+        y = conv(F.pad(y, pad), k.reshape(shape), groups=b)
     return y.reshape(x.shape)
 
 
@@ -184,7 +195,8 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
                     null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool | str = False):
     """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
 
-    Signature (all tensors on one device; sizes in voxels of the generator grid, axis order of its arrays):
+    Signature (all tensors on one device; sizes in voxels of the generator grid, axis order of its arrays;
+    a 2D generator pair takes (B, 1, H, W) slices wherever (B, 1, D, H, W) is written):
 
     - ``image`` (B, 1, D, H, W) float, model space [-1, 1]; ``lesion_mask`` (B, 1, D, H, W) {0, 1};
       ``prompt_ids`` (B,) long: 0 healthy, 1..K lesion classes;
@@ -209,11 +221,15 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     Returns the blended image (B, 1, D, H, W) in model space (the image's dtype), or (image, decoded, latents)
     with ``return_decoded``.
     """
-    if image.ndim != 5 or image.shape[1] != 1 or lesion_mask.shape != image.shape:
-        raise ValueError(f"image and lesion_mask must both be (B, 1, D, H, W); got {tuple(image.shape)} and "
+    sd = int(getattr(getattr(model, "config", None), "spatial_dims", 3))
+    want = "(B, 1, D, H, W)" if sd == 3 else "(B, 1, H, W)"
+    if image.ndim != 2 + sd or image.shape[1] != 1 or lesion_mask.shape != image.shape:
+        raise ValueError(f"a {sd}D generator needs image and lesion_mask both {want}; got {tuple(image.shape)} and "
                          f"{tuple(lesion_mask.shape)}")
+    if int(getattr(vqgan, "spatial_dims", sd)) != sd:
+        raise ValueError(f"the VQGAN is {vqgan.spatial_dims}D but the denoiser is {sd}D")
     if parent_mask is not None and parent_mask.shape != image.shape:
-        raise ValueError(f"parent_mask must be (B, 1, D, H, W) like the image; got {tuple(parent_mask.shape)}")
+        raise ValueError(f"parent_mask must be {want} like the image; got {tuple(parent_mask.shape)}")
     f = int(vqgan.downsample_factor)
     if any(s % f for s in image.shape[2:]):
         raise ValueError(f"image size {tuple(image.shape[2:])} must be divisible by the VQGAN factor {f}")

@@ -1,7 +1,8 @@
 """PNG previews: three orthogonal planes through a point, with the lesion mask as a contour overlay.
 
 Arrays are 3D (axis 0, 1, 2 in the array order of the data); the three panels are the planes normal to
-axis 0, 1 and 2 through ``centre`` (voxel indices). Intensities are shown in a fixed window (model space
+axis 0, 1 and 2 through ``centre`` (voxel indices). A 2D array (a 2D generator's slice) is one panel, shown
+whole. Intensities are shown in a fixed window (model space
 [-1, 1] or HU), so panels of one figure are comparable.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from ...utils.atomic import atomic_path
 
 
 def _planes(vol: np.ndarray, c: Sequence[int]) -> list[np.ndarray]:
+    if vol.ndim == 2:
+        return [vol]
     return [vol[c[0], :, :], vol[:, c[1], :], vol[:, :, c[2]]]
 
 
@@ -38,17 +41,18 @@ def save_grid(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray | None]]]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ncols = max(len(cols) for _, cols in rows) * 3
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.6 * ncols, 1.7 * len(rows) + 0.4), squeeze=False)
-    sp = list(aspect) if aspect is not None else [1.0, 1.0, 1.0]
-    plane_aspect = [sp[1] / sp[2], sp[0] / sp[2], sp[0] / sp[1]]
+    per = 3 if rows[0][1][0][0].ndim == 3 else 1  # panels per volume
+    ncols = max(len(cols) for _, cols in rows) * per
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(max(1.6 * ncols, 3.0), 1.7 * len(rows) + 0.4), squeeze=False)
+    sp = list(aspect) if aspect is not None else [1.0] * (3 if per == 3 else 2)
+    plane_aspect = [sp[1] / sp[2], sp[0] / sp[2], sp[0] / sp[1]] if per == 3 else [sp[0] / sp[1]]
     for r, (label, cols) in enumerate(rows):
         for j in range(ncols):
             axes[r, j].axis("off")
         for k, (vol, mask) in enumerate(cols):
             c = centre if centre is not None else mask_centre(mask, vol.shape)
             for p, (img, asp) in enumerate(zip(_planes(vol, c), plane_aspect)):
-                ax = axes[r, 3 * k + p]
+                ax = axes[r, per * k + p]
                 ax.imshow(img.T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
                           aspect=1.0 / asp if asp else 1.0, interpolation="nearest")
                 if mask is not None and np.any(_planes(mask, c)[p]):

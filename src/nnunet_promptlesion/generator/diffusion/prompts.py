@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import nd
+
 
 def class_mask_from_prompt(region: torch.Tensor, prompt_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, K, ...) class mask: the region (B, 1, ...) in channel ``id - 1`` for ids 1..K; all zero for the
@@ -71,8 +73,9 @@ class MaskTransformer(nn.Module):
     """Implicit prompt from the multi-class segmentation mask.
 
     Input (B, 2 + K, D, H, W) in [0, 1] on the latent grid (any size; resampled to ``grid``^3 latent voxels),
-    channels: parent structure, region to generate, one per lesion class. Patch embedding ``patch``^3 with
-    stride ``patch`` (24^3 -> 27 tokens), ``depth`` pre-norm blocks of ``width`` with ``heads`` heads and a
+    channels: parent structure, region to generate, one per lesion class; with ``spatial_dims`` 2 a latent
+    slice (B, 2 + K, H, W) resampled to ``grid``^2. Patch embedding ``patch``^3 with
+    stride ``patch`` (24^3 -> 27 tokens; 24^2 -> 9 in 2D), ``depth`` pre-norm blocks of ``width`` with ``heads`` heads and a
     ``ff`` hidden MLP, learned positions, global average pool, LayerNorm + Linear -> ``out_dim``.
 
     The patch embedding is a Conv3d over the two shape channels (parent, region) plus a per-patch class
@@ -81,13 +84,14 @@ class MaskTransformer(nn.Module):
     """
 
     def __init__(self, num_classes: int, grid: int = 24, patch: int = 8, width: int = 64, depth: int = 3,
-                 heads: int = 4, ff: int = 256, out_dim: int = 64):
+                 heads: int = 4, ff: int = 256, out_dim: int = 64, spatial_dims: int = 3):
         super().__init__()
         if grid % patch:
             raise ValueError("grid must be a multiple of patch")
         self.grid, self.patch, self.num_classes = grid, patch, num_classes
-        self.num_tokens = (grid // patch) ** 3
-        self.shape_embed = nn.Conv3d(2, width, patch, stride=patch)
+        self.spatial_dims = nd.check_dims(spatial_dims)
+        self.num_tokens = (grid // patch) ** self.spatial_dims
+        self.shape_embed = nd.conv(spatial_dims)(2, width, patch, stride=patch)
         self.class_embed = nn.Linear(num_classes, width)
         self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, width))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -101,10 +105,11 @@ class MaskTransformer(nn.Module):
             raise ValueError(f"MaskTransformer expects {2 + self.num_classes} channels (parent, region, classes), "
                              f"got {mask.shape[1]}")
         dtype = self.shape_embed.weight.dtype
+        sd = self.spatial_dims
         mask = mask.float()  # resampling and pooling of a tiny mask in fp32 (CPU has no bf16 avg_pool3d)
-        if tuple(mask.shape[2:]) != (g, g, g):
-            mask = F.interpolate(mask, size=(g, g, g), mode="trilinear", align_corners=False)
-        frac = F.avg_pool3d(mask[:, 2:], self.patch).flatten(2).transpose(1, 2).to(dtype)  # (B, N, K)
+        if tuple(mask.shape[2:]) != (g,) * sd:
+            mask = F.interpolate(mask, size=(g,) * sd, mode=nd.linear_mode(sd), align_corners=False)
+        frac = nd.avg_pool_fn(sd)(mask[:, 2:], self.patch).flatten(2).transpose(1, 2).to(dtype)  # (B, N, K)
         tok = self.shape_embed(mask[:, :2].to(dtype)).flatten(2).transpose(1, 2)  # (B, N, width)
         x = tok + self.class_embed(frac) + self.pos
         for blk in self.blocks:
@@ -142,28 +147,32 @@ class MaskPrompt(nn.Module):
 class PromptGenBlock(nn.Module):
     """Decoder features + prompt vector -> spatial prompt tensor (B, channels, *size).
 
-    ``basis(size)`` (step-invariant, (n, channels, *size)) = conv3x3(resize(component_i)) for every component;
+    ``basis(size)`` (step-invariant, (n, channels, *size)) = conv3x3(resize(component_i)) for every component
+    (``spatial_dims`` 2: b^2 components, 3x3 conv, bilinear resize);
     ``forward(h, prompt, basis)`` mixes it with softmax(Linear(GAP(h)) + Linear(prompt)) (B, n). Equal to
     conv(resize(sum_i w_i component_i)) because both maps are linear and the weights sum to 1.
     """
 
-    def __init__(self, prompt_dim: int, feature_channels: int, channels: int, n_components: int = 5, base_size: int = 4):
+    def __init__(self, prompt_dim: int, feature_channels: int, channels: int, n_components: int = 5, base_size: int = 4,
+                 spatial_dims: int = 3):
         super().__init__()
-        self.components = nn.Parameter(torch.randn(n_components, channels, base_size, base_size, base_size)
+        self.spatial_dims = nd.check_dims(spatial_dims)
+        self.components = nn.Parameter(torch.randn(n_components, channels, *(base_size,) * self.spatial_dims)
                                        / math.sqrt(channels))
         self.from_features = nn.Linear(feature_channels, n_components)
         self.from_prompt = nn.Linear(prompt_dim, n_components)
-        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+        self.conv = nd.conv(spatial_dims)(channels, channels, 3, padding=1)
 
-    def basis(self, size: tuple[int, int, int]) -> torch.Tensor:
-        p = F.interpolate(self.components, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
+    def basis(self, size: tuple[int, ...]) -> torch.Tensor:
+        p = F.interpolate(self.components, size=tuple(int(s) for s in size), mode=nd.linear_mode(self.spatial_dims),
+                          align_corners=False)
         return self.conv(p)
 
     def prompt_logits(self, prompt: torch.Tensor) -> torch.Tensor:
         return self.from_prompt(prompt)
 
     def mix(self, h: torch.Tensor, prompt_logits: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        w = torch.softmax((self.from_features(h.mean(dim=(2, 3, 4))) + prompt_logits).float(), dim=-1)
+        w = torch.softmax((self.from_features(h.mean(dim=tuple(range(2, h.ndim)))) + prompt_logits).float(), dim=-1)
         n = basis.shape[0]
         return (w.to(basis.dtype) @ basis.reshape(n, -1)).reshape(h.shape[0], *basis.shape[1:])
 

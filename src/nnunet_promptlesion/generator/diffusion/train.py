@@ -135,6 +135,9 @@ class DiffusionTrainer(tu.GeneratorTrainer):
             raise ValueError(f"config has {cfg.num_classes} classes but the vocabulary {self.vocab.names} has "
                              f"{len(self.vocab.names) - 1}")
         self._setup(run, output_dir)
+        if int(vqgan.config.spatial_dims) != cfg.spatial_dims:
+            raise ValueError(f"diffusion preset '{cfg.preset}' is {cfg.spatial_dims}D but VQGAN {vqgan_path} is "
+                             f"{vqgan.config.spatial_dims}D: use a {vqgan.config.spatial_dims}D diffusion preset")
         self.vqgan = vqgan.to(self.device).eval().requires_grad_(False)
         self.vqgan_meta, self.vqgan_path = vqgan_meta, vqgan_path
         self.factor = int(vqgan.downsample_factor)
@@ -242,10 +245,9 @@ class DiffusionTrainer(tu.GeneratorTrainer):
     def sample_pngs(self) -> list[Path]:
         carrier = self._eval["carrier"]
         k = len(self.vocab.names)
-        img = torch.from_numpy(carrier.image)[None].expand(k, -1, -1, -1, -1).to(self.device)
-        mask = torch.from_numpy(carrier.mask)[None].expand(k, -1, -1, -1, -1).to(self.device)
-        parent = torch.from_numpy(carrier.parent if carrier.parent is not None else carrier.mask)[None].expand(
-            k, -1, -1, -1, -1).to(self.device)
+        rows = (lambda a: torch.from_numpy(a)[None].expand(k, *a.shape).to(self.device))
+        img, mask = rows(carrier.image), rows(carrier.mask)
+        parent = rows(carrier.parent if carrier.parent is not None else carrier.mask)
         ids = torch.arange(k, device=self.device)
         g = torch.Generator(device=self.device).manual_seed(4321)
         out = inpaint_lesions(self.vqgan, self.ema.model, img, mask, ids, steps=self.run.eval_steps,

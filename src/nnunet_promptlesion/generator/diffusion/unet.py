@@ -1,4 +1,4 @@
-"""The PromptLesion denoiser: a compact 3D UNet on VQGAN latents.
+"""The PromptLesion denoiser: a compact 3D UNet on VQGAN latents (2D with ``config.spatial_dims`` 2).
 
 Input channels are concatenated: noisy latent z_t (8), healthy context latent (8; the VQGAN latent of
 the image with the region blanked, zero inside the region, see :func:`~.inpaint.healthy_context`) and the
@@ -18,6 +18,10 @@ so the prompt enters at exactly ``len(prompt_levels)`` (three) decoder resolutio
 A compact own UNet keeps that injection point explicit; MONAI's DiffusionModelUNet would need its
 up-block internals overridden for it.
 
+One definition serves 2D and 3D: every conv comes from :mod:`~nnunet_promptlesion.generator.nd` for
+``config.spatial_dims``, so a 2D model (latents (B, C, H, W) of 2D VQGAN slices) has the same blocks, prompt
+injection points and sampling path with 3x3 instead of 3x3x3 kernels.
+
 Sampling calls the denoiser hundreds of times with the same conditioning. :meth:`PromptLesionUNet.prepare`
 computes everything that does not depend on the step once (prompt encoder, the PromptGenBlocks' prompt
 logits and resized/convolved components, and the input conv's response to the constant channels: the conv
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import nd
 from .config import DiffusionConfig
 from .prompts import MaskPrompt, OneHotPrompt, PromptGenBlock, class_mask_from_prompt
 
@@ -54,19 +59,21 @@ def _zero(m: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv x2 with an additive time embedding; 1x1x1 conv on the shortcut if channels change."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, dropout: float = 0.0):
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, dropout: float = 0.0, spatial_dims: int = 3):
         super().__init__()
+        conv = nd.conv(spatial_dims)
+        self.spatial_dims = spatial_dims
         self.norm1 = nn.GroupNorm(_groups(cin, groups), cin)
-        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.conv1 = conv(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
         self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
         self.drop = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv3d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv2 = _zero(conv(cout, cout, 3, padding=1))
+        self.skip = conv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None, None]
+        h = h + self.temb(F.silu(temb)).reshape(*h.shape[:2], *(1,) * self.spatial_dims)
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -108,12 +115,12 @@ class PromptInjection(nn.Module):
     """cat(features, prompt tensor) -> two time-conditioned ResNet blocks -> 1x1x1 conv."""
 
     def __init__(self, channels: int, prompt_dim: int, prompt_channels: int, temb_dim: int, groups: int,
-                 n_components: int, base_size: int):
+                 n_components: int, base_size: int, spatial_dims: int = 3):
         super().__init__()
-        self.gen = PromptGenBlock(prompt_dim, channels, prompt_channels, n_components, base_size)
-        self.res1 = ResBlock(channels + prompt_channels, channels, temb_dim, groups)
-        self.res2 = ResBlock(channels, channels, temb_dim, groups)
-        self.out = nn.Conv3d(channels, channels, 1)
+        self.gen = PromptGenBlock(prompt_dim, channels, prompt_channels, n_components, base_size, spatial_dims)
+        self.res1 = ResBlock(channels + prompt_channels, channels, temb_dim, groups, spatial_dims=spatial_dims)
+        self.res2 = ResBlock(channels, channels, temb_dim, groups, spatial_dims=spatial_dims)
+        self.out = nd.conv(spatial_dims)(channels, channels, 1)
 
     def forward(self, h: torch.Tensor, prompt_logits: torch.Tensor, basis: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         p = self.gen.mix(h, prompt_logits, basis)
@@ -136,12 +143,15 @@ class PromptLesionUNet(nn.Module):
     (B, 1, D, H, W) in [0, 1] on the latent grid, prompt_ids (B,) long (0 healthy, 1..K classes, K + 1 null
     token), parent (B, 1, D, H, W) or None, used by the MaskTransformer prompt only) -> predicted noise
     (B, 8, D, H, W). Any latent grid size works: skips are matched by interpolation, so odd sizes
-    (6^3 -> 3^3 -> 2^3) are fine.
+    (6^3 -> 3^3 -> 2^3) are fine. With ``config.spatial_dims`` 2 every tensor is (B, C, H, W) instead.
     """
 
     def __init__(self, config: DiffusionConfig):
         super().__init__()
         self.config = cfg = config
+        sd = self.spatial_dims = cfg.spatial_dims
+        conv = nd.conv(sd)
+        self._conv_fn = nd.conv_fn(sd)
         ch = cfg.channels
         g = cfg.norm_groups
         temb_dim = 4 * ch[0]
@@ -150,9 +160,10 @@ class PromptLesionUNet(nn.Module):
             self.prompt_encoder: nn.Module = OneHotPrompt(cfg.vocab_size, cfg.prompt_dim)
         else:
             self.prompt_encoder = MaskPrompt(cfg.num_classes, out_dim=cfg.prompt_dim, grid=cfg.mt_grid, patch=cfg.mt_patch,
-                                             width=cfg.mt_width, depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff)
+                                             width=cfg.mt_width, depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff,
+                                             spatial_dims=sd)
         self.prompt_temb = nn.Linear(cfg.prompt_dim, temb_dim) if cfg.prompt_to_temb else None
-        self.conv_in = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = conv(cfg.in_channels, ch[0], 3, padding=1)
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -160,17 +171,17 @@ class PromptLesionUNet(nn.Module):
         for lvl, c in enumerate(ch):
             blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cprev, c, temb_dim, g, cfg.dropout))
+                blocks.append(ResBlock(cprev, c, temb_dim, g, cfg.dropout, sd))
                 if cfg.attention_levels[lvl]:
                     blocks.append(AttentionBlock(c, cfg.head_channels, g))
                 cprev = c
             self.down.append(blocks)
-            self.downsample.append(nn.Conv3d(c, c, 3, stride=2, padding=1) if lvl < len(ch) - 1 else nn.Identity())
+            self.downsample.append(conv(c, c, 3, stride=2, padding=1) if lvl < len(ch) - 1 else nn.Identity())
 
         cm = ch[-1]
-        self.mid1 = ResBlock(cm, cm, temb_dim, g, cfg.dropout)
+        self.mid1 = ResBlock(cm, cm, temb_dim, g, cfg.dropout, sd)
         self.mid_attn = AttentionBlock(cm, cfg.head_channels, g) if cfg.mid_attention else nn.Identity()
-        self.mid2 = ResBlock(cm, cm, temb_dim, g, cfg.dropout)
+        self.mid2 = ResBlock(cm, cm, temb_dim, g, cfg.dropout, sd)
 
         self.inject = nn.ModuleDict()
         self.up = nn.ModuleList([nn.Module() for _ in ch])  # indexed by level
@@ -179,22 +190,22 @@ class PromptLesionUNet(nn.Module):
         for lvl in reversed(range(len(ch))):
             c = ch[lvl]
             if lvl < len(ch) - 1:
-                self.upsample[lvl] = nn.Conv3d(cur, c, 3, padding=1)
+                self.upsample[lvl] = conv(cur, c, 3, padding=1)
                 cur = c
             if lvl in cfg.prompt_levels:
                 self.inject[str(lvl)] = PromptInjection(cur, cfg.prompt_dim, cfg.prompt_channels, temb_dim, g,
-                                                        cfg.prompt_components, cfg.prompt_base_size)
+                                                        cfg.prompt_components, cfg.prompt_base_size, sd)
             blocks = nn.ModuleList()
             cin = cur + c
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cin, c, temb_dim, g, cfg.dropout))
+                blocks.append(ResBlock(cin, c, temb_dim, g, cfg.dropout, sd))
                 if cfg.attention_levels[lvl]:
                     blocks.append(AttentionBlock(c, cfg.head_channels, g))
                 cin = c
             self.up[lvl] = blocks
             cur = c
         self.norm_out = nn.GroupNorm(_groups(ch[0], g), ch[0])
-        self.conv_out = _zero(nn.Conv3d(ch[0], cfg.latent_channels, 3, padding=1))
+        self.conv_out = _zero(conv(ch[0], cfg.latent_channels, 3, padding=1))
 
     def mask_input(self, region: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         if not self.config.per_class_mask:
@@ -222,7 +233,7 @@ class PromptLesionUNet(nn.Module):
         region = region.to(dtype)
         c = self.config.latent_channels
         const = torch.cat([z_healthy.to(dtype), self.mask_input(region, prompt_ids)], 1)
-        cond = {"const_in": F.conv3d(const, self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)}
+        cond = {"const_in": self._conv_fn(const, self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)}
         prompt = self.encode_prompt(prompt_ids, region, None if parent is None else parent.to(dtype))
         sizes = level_sizes(z_healthy.shape[2:], len(self.config.channels))
         if self.prompt_temb is not None:
@@ -240,7 +251,7 @@ class PromptLesionUNet(nn.Module):
         temb = self.temb(timestep_embedding(t, self.config.channels[0]).to(dtype))
         if "temb_prompt" in cond:
             temb = temb + cond["temb_prompt"]
-        h = F.conv3d(z_t.to(dtype), self.conv_in.weight[:, :c], None, padding=1) + cond["const_in"]
+        h = self._conv_fn(z_t.to(dtype), self.conv_in.weight[:, :c], None, padding=1) + cond["const_in"]
         skips = []
         for lvl, blocks in enumerate(self.down):
             h = self._run(blocks, h, temb)

@@ -1,8 +1,9 @@
-"""The 3D VQGAN autoencoder (MONAI AutoencoderKL encoder/decoder blocks + our EMA quantizer).
+"""The VQGAN autoencoder (MONAI AutoencoderKL encoder/decoder blocks + our EMA quantizer), 3D or 2D.
 
 Axis order everywhere: tensors are (B, C, D, H, W) where (D, H, W) is the patch's array axis order
-(the nnU-Net preprocessed array order or the NIfTI array order); intensities are in model space [-1, 1]
-(see :mod:`nnunet_promptlesion.generator.intensity`).
+(the nnU-Net preprocessed array order or the NIfTI array order); a 2D model (``config.spatial_dims == 2``,
+two-entry ``patch_size``) takes (B, C, H, W) slices, (H, W) the in-plane axes of that order. Intensities
+are in model space [-1, 1] (see :mod:`nnunet_promptlesion.generator.intensity`).
 
 Latent interface for the diffusion model (DiffTumor convention):
 ``encode_latent(x)`` returns the *pre-quantization* encoder output, min-max normalised to [-1, 1] by
@@ -32,7 +33,7 @@ class VQGAN(nn.Module):
         super().__init__()
         self.config = config
         n = len(config.channels)
-        common = dict(spatial_dims=3, channels=config.channels, num_res_blocks=config.num_res_blocks,
+        common = dict(spatial_dims=config.spatial_dims, channels=config.channels, num_res_blocks=config.num_res_blocks,
                       norm_num_groups=config.norm_num_groups, norm_eps=1e-6, attention_levels=(False,) * n,
                       with_nonlocal_attn=config.bottleneck_attention, include_fc=False,
                       use_flash_attention=config.bottleneck_attention)
@@ -47,9 +48,16 @@ class VQGAN(nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
+    @property
+    def spatial_dims(self) -> int:
+        return self.config.spatial_dims
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) in [-1, 1] -> pre-quantization latent (B, latent_dim, D/f, H/f, W/f)."""
+        """(B, 1, D, H, W) in [-1, 1] -> pre-quantization latent (B, latent_dim, D/f, H/f, W/f); 2D: (B, 1, H, W)."""
         f = self.downsample_factor
+        if x.ndim != 2 + self.spatial_dims:
+            raise ValueError(f"a {self.spatial_dims}D VQGAN takes (B, C{', D' if self.spatial_dims == 3 else ''}, H, W) "
+                             f"inputs, got shape {tuple(x.shape)}")
         if any(s % f for s in x.shape[2:]):
             raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {f}")
         return self.encoder(x)
@@ -117,6 +125,7 @@ def build_meta(model: VQGAN, spacing, intensity: IntensitySpace, step: int, sour
         "kind": KIND,
         "preset": model.config.preset,
         "config": config_to_dict(model.config),
+        "spatial_dims": int(model.config.spatial_dims),
         "spacing": [float(s) for s in spacing],
         "intensity": intensity.as_dict(),
         "step": int(step),
@@ -141,11 +150,32 @@ def save_vqgan(model: VQGAN, path: str | os.PathLike, spacing, intensity: Intens
     return meta
 
 
+def meta_spatial_dims(meta: dict) -> int:
+    """The checkpoint's spatial dims; checkpoints written before 2D models existed hold none and are 3D."""
+    return int(meta.get("spatial_dims", 3))
+
+
+def check_spatial_dims(meta: dict, path, expect_spatial_dims: int | None, what: str = "generator") -> None:
+    """Refuse a checkpoint of the other dimensionality (2D slices vs 3D patches) than the caller needs."""
+    if expect_spatial_dims is None:
+        return
+    have = meta_spatial_dims(meta)
+    if have != int(expect_spatial_dims):
+        raise CheckpointError(
+            f"{path} is a {have}D {what} (trained on {'2D slices' if have == 2 else '3D patches'}), but a "
+            f"{int(expect_spatial_dims)}D one is needed here (a {int(expect_spatial_dims)}D nnU-Net configuration). "
+            f"Train the {what} on a {int(expect_spatial_dims)}D configuration "
+            f"({'e.g. -c 2d_demo' if int(expect_spatial_dims) == 2 else 'e.g. -c 3d_fullres'}) or use a "
+            f"{have}D configuration.")
+
+
 def check_meta(meta: dict, path, expect_preset: str | None = None, expect_intensity: IntensitySpace | None = None,
-               expect_spacing=None, spacing_tol: float = 1e-3) -> None:
-    """Refuse a VQGAN checkpoint whose preset, intensity space or spacing differs from what the caller needs."""
+               expect_spacing=None, spacing_tol: float = 1e-3, expect_spatial_dims: int | None = None) -> None:
+    """Refuse a VQGAN checkpoint whose preset, dimensionality, intensity space or spacing differs from what the
+    caller needs (``expect_spatial_dims`` 2 or 3; checkpoints without the field are 3D)."""
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path} is a '{meta.get('kind')}' checkpoint, not a VQGAN checkpoint")
+    check_spatial_dims(meta, path, expect_spatial_dims, "VQGAN")
     if expect_preset is not None and meta.get("preset") != expect_preset:
         raise CheckpointError(
             f"{path} was trained with VQGAN preset '{meta.get('preset')}', but preset '{expect_preset}' was requested. "
@@ -164,18 +194,23 @@ def check_meta(meta: dict, path, expect_preset: str | None = None, expect_intens
 
 
 def load_vqgan(path: str | os.PathLike, map_location: str | torch.device = "cpu", expect_preset: str | None = None,
-               expect_intensity: IntensitySpace | None = None, expect_spacing=None) -> tuple[VQGAN, dict]:
+               expect_intensity: IntensitySpace | None = None, expect_spacing=None,
+               expect_spatial_dims: int | None = None) -> tuple[VQGAN, dict]:
     """Load a VQGAN checkpoint safely (``weights_only=True``) -> (eval-mode model, meta).
 
-    ``meta`` keys: kind, preset, config, spacing (mm, array axis order), intensity (IntensitySpace dict),
+    ``meta`` keys: kind, preset, config, spatial_dims (2 or 3; filled in as 3 for checkpoints written before the
+    field existed), spacing (mm, array axis order; 2 entries for a 2D model), intensity (IntensitySpace dict),
     step, source, checkpoint_id (sha256 of the weights), created, package_version (+ training extras).
     Raises :class:`~nnunet_promptlesion.utils.checkpoint.CheckpointError` for another kind, preset,
-    intensity space or spacing than expected, or for a file that is not a safe checkpoint.
+    dimensionality, intensity space or spacing than expected, or for a file that is not a safe checkpoint.
     """
     state = load_checkpoint(path, map_location=map_location)
     meta = state["meta"]
-    check_meta(meta, path, expect_preset, expect_intensity, expect_spacing)
+    check_meta(meta, path, expect_preset, expect_intensity, expect_spacing, expect_spatial_dims=expect_spatial_dims)
     cfg = config_from_dict(VQGANConfig, meta["config"])
+    if cfg.spatial_dims != meta_spatial_dims(meta):
+        raise CheckpointError(f"{path}: meta says {meta_spatial_dims(meta)}D but the stored config has patch size "
+                              f"{cfg.patch_size} ({cfg.spatial_dims}D)")
     if cfg.preset not in PRESETS:
         raise CheckpointError(f"{path}: unknown VQGAN preset '{cfg.preset}'")
     model = VQGAN(cfg)
@@ -184,4 +219,6 @@ def load_vqgan(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the stored VQGAN config: {e}") from e
     model.to(map_location).eval()
-    return model, dict(meta)
+    meta = dict(meta)
+    meta["spatial_dims"] = meta_spatial_dims(meta)
+    return model, meta

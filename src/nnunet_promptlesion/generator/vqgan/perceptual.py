@@ -15,7 +15,8 @@ Two interchangeable 2D networks (:func:`build_perceptual` picks one and says whi
     adds the learned-feature part.
 
 :class:`SlicePerceptualLoss` applies the network to one random slice per sample along each axis (the same
-slices the 2D discriminator sees) and averages over the three planes. Inputs are in [-1, 1].
+slices the 2D discriminator sees) and averages over the three planes; a 2D model's (B, 1, H, W) patch is its
+own single plane. Inputs are in [-1, 1].
 """
 from __future__ import annotations
 

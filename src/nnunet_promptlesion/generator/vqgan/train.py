@@ -7,7 +7,8 @@ then the discriminator update. DDP through ``torchrun`` (gloo on CPU, NCCL on GP
 Outputs in ``output_dir``: ``checkpoint_latest.pt`` (every ``checkpoint_every`` steps, atomic, full training
 state: model, discriminators, optimizers, schedulers, codebook EMA, per-rank RNG, step), ``checkpoint_final.pt``,
 ``train_log.jsonl`` (losses, codebook usage/perplexity; PSNR/SSIM on held-out patches at each evaluation),
-``train.log``, ``recon_stepNNNNNNNN.png`` (held-out patch and reconstruction in three planes).
+``train.log``, ``recon_stepNNNNNNNN.png`` (held-out patch and reconstruction in three planes; one slice for a
+2D model). A 2D model (two-entry ``patch_size``) trains on (y, x) slices of the source (``generator.data``).
 A run restarted with the same output folder resumes from ``checkpoint_latest.pt`` at the exact step.
 """
 from __future__ import annotations
@@ -57,27 +58,35 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
 
 
-def ssim3d(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
-    """Mean 3D SSIM (MONAI SSIMMetric, Gaussian 11^3 window) of (B, 1, D, H, W) tensors."""
+def ssim_nd(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
+    """Mean SSIM (MONAI SSIMMetric, Gaussian window of 11 voxels per axis, fewer for small patches) of
+    (B, 1, D, H, W) volumes (3D SSIM) or (B, 1, H, W) slices (2D SSIM)."""
     from monai.metrics import SSIMMetric
 
     k = int(min(11, *x.shape[2:]))
     k = k if k % 2 else k - 1
-    m = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=k)
+    m = SSIMMetric(spatial_dims=x.ndim - 2, data_range=data_range, win_size=k)
     return float(m(x.float(), y.float()).mean())
 
 
+ssim3d = ssim_nd  # the name of the 3D-only version
+
+
 def save_three_plane_png(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
-    """Centre slices of input ``x`` and reconstruction ``y`` ((D, H, W), [-1, 1]) along the three axes."""
+    """Centre slices of input ``x`` and reconstruction ``y`` ((D, H, W), [-1, 1]) along the three axes; a 2D
+    model's (H, W) slices are shown whole (one panel each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    ncol = 3 if x.ndim == 3 else 1
+    fig, axes = plt.subplots(2, ncol, figsize=(3 * ncol, 6), squeeze=False)
     for row, (vol, name) in enumerate(((x, "input"), (y, "reconstruction"))):
         c = [s // 2 for s in vol.shape]
-        for col, (sl, plane) in enumerate(((vol[c[0]], "axis 0"), (vol[:, c[1]], "axis 1"), (vol[:, :, c[2]], "axis 2"))):
+        planes = (((vol[c[0]], "axis 0"), (vol[:, c[1]], "axis 1"), (vol[:, :, c[2]], "axis 2")) if vol.ndim == 3
+                  else ((vol, "slice"),))
+        for col, (sl, plane) in enumerate(planes):
             ax = axes[row, col]
             ax.imshow(sl.T, cmap="gray", vmin=-1, vmax=1, origin="lower")
             ax.set_title(f"{name}, {plane}", fontsize=8)
@@ -102,6 +111,10 @@ class VQGANTrainer(tu.GeneratorTrainer):
     def __init__(self, cfg: VQGANConfig, run: VQGANRunConfig, source: PatchSource, eval_source: PatchSource | None,
                  output_dir: str | Path, resume: bool = True):
         self.cfg, self.source = cfg, source
+        src_dims = len(source.spacing)
+        if src_dims != cfg.spatial_dims:
+            raise ValueError(f"VQGAN preset '{cfg.preset}' is {cfg.spatial_dims}D (patch {list(cfg.patch_size)}) but the "
+                             f"data source is {src_dims}D (spacing {list(source.spacing)} mm): use a {src_dims}D preset")
         self.eval_source = eval_source if eval_source is not None and len(eval_source) else source
         self._setup(run, output_dir)
         self.model = VQGAN(cfg).to(self.device)
@@ -132,7 +145,7 @@ class VQGANTrainer(tu.GeneratorTrainer):
 
     def check_resume(self, meta: dict, path) -> None:
         check_meta(meta, path, expect_preset=self.cfg.preset, expect_intensity=self.source.intensity,
-                   expect_spacing=self.source.spacing)
+                   expect_spacing=self.source.spacing, expect_spatial_dims=self.cfg.spatial_dims)
 
     def checkpoint_meta(self) -> dict:
         return build_meta(self.model, self.source.spacing, self.source.intensity, self.step, self.source_meta(),
@@ -186,7 +199,7 @@ class VQGANTrainer(tu.GeneratorTrainer):
         self.model.train()
         x, y = torch.cat(xs), torch.cat(ys)
         used = torch.unique(torch.cat(codes)).numel()
-        res = {"eval_psnr": psnr(x, y), "eval_ssim": ssim3d(x, y), "eval_l1": float((x - y).abs().mean()),
+        res = {"eval_psnr": psnr(x, y), "eval_ssim": ssim_nd(x, y), "eval_l1": float((x - y).abs().mean()),
                "eval_codes_used": int(used), "eval_code_usage": used / self.cfg.codebook_size}
         if self.run.save_png:
             save_three_plane_png(x[0, 0].numpy(), y[0, 0].numpy(), self.out / f"recon_step{self.step:08d}.png",
