@@ -329,3 +329,36 @@ def test_loader_places_and_labels_and_the_source_only_renders_what_it_is_handed(
     assert (sample.seg[0][expect & allowed] == lesion.label).all() and (expect & allowed).any()
     np.testing.assert_array_equal(sample.seg[0][~(expect & allowed)], seg[0][~(expect & allowed)])
 
+
+
+def test_placer_on_an_in_memory_case_keeps_lesions_in_the_allowed_region_and_labels_only_there():
+    """The Placer's data seam: the rule the loader uses, on an in-memory volume (single-CT synthesis's path)."""
+    from nnunet_promptlesion.lesions.masks import MaskBank
+    from nnunet_promptlesion.lesions.spec import LesionSpec
+    from nnunet_promptlesion.placement.index import LesionIndex
+    from nnunet_promptlesion.placement.placer import ArrayCases, Placer
+
+    seg = np.zeros((1, 40, 40, 40), np.int16)
+    seg[0, 8:32, 8:32, 8:32] = 1           # parent
+    seg[0, 8:32, 8:32, 26:32] = 7          # another structure
+    data = np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    exo = LesionClass(name="exo", label=2, parents=[1], radius_mm=[(6.0, 8.0)], shape="ellipsoid",
+                      may_leave_parent=True)
+    index = LesionIndex(spec=LesionSpec([exo]), counts={}, stats={}, bank=MaskBank.empty((1.0, 1.0, 1.0)),
+                        carriers={1: [("vol", np.array([[20, 20, 20]], np.uint16))]})
+    placer = Placer(ArrayCases({"vol": (data, seg)}), index, MaskSampler((1.0, 1.0, 1.0)), (32, 32, 32), (9, 9, 9),
+                    tries=3)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        placement, d, s = placer.place(0, rng)
+        assert placement.case == "vol" and placement.bbox == [[4, 36]] * 3
+        np.testing.assert_array_equal(d, data[:, 4:36, 4:36, 4:36])
+        assert all(sl.start <= c < sl.stop for sl, c in zip(placer.centre_region, placement.centre))
+        m = placement.mask()
+        assert m.any() and not (m & np.isin(s[0], [7, -1])).any()
+        labelled = placer.write_label(s, placement)
+        assert ((labelled[0] == 2) == m).all() and (labelled[0][~m] == s[0][~m]).all()
+    # a carrier whose central region holds no parent voxel: every try fails and is counted
+    placer.pools[0] = [("vol", np.array([[2, 2, 2]], np.uint16))]
+    assert placer.place(0, rng) is None
+    assert placer.take_stats() == {"placement_retries": 3, "placement_failures": 1} and not placer.stats
