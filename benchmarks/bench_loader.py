@@ -111,8 +111,8 @@ def scan_full_volume(dataset, identifiers, spec, spacing, patch_size, centre_fra
     from scipy import ndimage
 
     from nnunet_promptlesion.lesions.masks import MaskBank
-    from nnunet_promptlesion.synthesis.rule_based import LesionIntensityStats, measure_lesions
-    from nnunet_promptlesion.trainers.lesion_index import centre_box
+    from nnunet_promptlesion.lesions.intensity_stats import LesionIntensityStats, measure_lesions
+    from nnunet_promptlesion.placement.index import centre_box
 
     box = centre_box(patch_size, centre_fraction)
     stats = {l.label: LesionIntensityStats() for l in spec.lesions}
@@ -142,8 +142,7 @@ def scan_full_volume(dataset, identifiers, spec, spacing, patch_size, centre_fra
 
 
 def bench_scan(pre: Path, args) -> dict:
-    from nnunet_promptlesion.trainers.lesion_index import (build_lesion_index, index_fingerprint, load_cached_index,
-                                                           save_index)
+    from nnunet_promptlesion.placement.index import build_lesion_index, index_fingerprint, load_cached_index, save_index
     from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
 
     t = _trainer(PromptLesionTrainer, pre)

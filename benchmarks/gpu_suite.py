@@ -519,10 +519,8 @@ class Suite:
         t0 = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
             if build_cache is not None:
-                from nnunet_promptlesion.trainers.lesion_index import build_lesion_index
-
                 cfg = CacheBuildConfig(**vars(bc.build_parser().parse_args(argv)))
-                build_cache(cfg, build_lesion_index=build_lesion_index, save_montage=None, announce=lambda msg: None)
+                build_cache(cfg, save_montage=None, announce=lambda msg: None)
                 via, rc = "nnunet_promptlesion.synthesis.cache_build.build_cache (no montage)", 0
             else:
                 via, rc = "nnunet_promptlesion.cli.build_cache.main", bc.main(argv)

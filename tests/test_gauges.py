@@ -203,7 +203,7 @@ def test_validation_carriers_are_held_back(nnunet_paths, monkeypatch, fold):
     write_tiny_plans(pre)
     t, loader = _trainer_with_loader(pre, fold)
     g = t.promptlesion_gauges
-    train_cases = {c for pool in loader._pools for c, _ in pool}
+    train_cases = {c for pool in loader.placer.pools for c, _ in pool}
     val_cases = {c for l in g.spec.lesions for c, _ in g.index.carrier_pool(l)}
     if fold == "all":
         every = sorted({c for entries in t.lesion_index.carriers.values() for c, _ in entries})
@@ -211,7 +211,7 @@ def test_validation_carriers_are_held_back(nnunet_paths, monkeypatch, fold):
     else:
         _, val_keys = t.do_split()
         assert val_cases <= set(val_keys)
-    assert val_cases and not (val_cases & train_cases) and all(loader._pools)
+    assert val_cases and not (val_cases & train_cases) and all(loader.placer.pools)
     samples = g.draw_set(t)
     for l in g.spec.lesions:
         assert len(samples[l.name]) == g.samples_per_class
@@ -235,7 +235,7 @@ def test_gauge_can_be_switched_off(nnunet_paths, monkeypatch):
     t, loader = _trainer_with_loader(pre, "all")
     assert t.promptlesion_gauges is None
     # no hold-back either: training places lesions on every carrier case
-    assert {c for pool in loader._pools for c, _ in pool} == \
+    assert {c for pool in loader.placer.pools for c, _ in pool} == \
         {c for entries in t.lesion_index.carriers.values() for c, _ in entries}
     t.close_sample_source()
 

@@ -19,6 +19,7 @@ FLOORS = {
     "utils": 0,
     "lesions": 1,
     "generator": 2,
+    "placement": 2,
     "synthesis": 3,
     "trainers": 4,
     "dataset_conversion": 4,

@@ -14,9 +14,10 @@ import pytest
 from conftest import REPO, nnunet_env, run
 from nnunet_promptlesion.experiments.plans_configs import add_2d_configuration, add_coarse_configuration
 from nnunet_promptlesion.experiments.prepare import PrepareError, check_prepare
+from nnunet_promptlesion.lesions.intensity_stats import LesionIntensityStats
 from nnunet_promptlesion.lesions.masks import MaskSampler, brighter_than_parent
 from nnunet_promptlesion.lesions.spec import LesionClass, LesionSpecError
-from nnunet_promptlesion.synthesis.rule_based import LesionIntensityStats, RuleBasedSynthesizer, _grain_sigma
+from nnunet_promptlesion.synthesis.rule_based import RuleBasedSynthesizer, _grain_sigma
 
 IBSI_STS = Path(os.environ.get("PROMPTLESION_IBSI_STS", REPO.parent / "shared" / "data" / "ibsi_sts"))
 BIN = Path(sys.executable).parent

@@ -88,10 +88,10 @@ def test_intensity_priors_paint_tumours_into_real_ct_without_real_lesions(real_c
         samples = []
         for _ in range(2):
             s = loader.make_synthetic(class_idx)
-            carrier, _ = loader.load_crop(s.case, s.bbox)
+            carrier, _ = loader.placer.load_crop(s.case, s.bbox)
             m = s.mask
             assert m.any()
-            orig_seg = loader.load_crop(s.case, s.bbox)[1][0]
+            orig_seg = loader.placer.load_crop(s.case, s.bbox)[1][0]
             assert (orig_seg[m] == parent).all() and (s.seg[0][m] == label).all()
             # the painted lesion's mean differs from the surrounding organ by the prior's HU contrast
             ring = dilate(m, 3) & ~m & (orig_seg == parent)

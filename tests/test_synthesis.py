@@ -9,8 +9,9 @@ from nnunet_promptlesion.lesions.blending import blend, blend_margin, dilate
 from nnunet_promptlesion.lesions.spec import LesionClass, LesionSpec, LesionSpecError
 from nnunet_promptlesion.lesions.masks import (MaskBank, MaskSampler, elastic_ellipsoid, equivalent_radius_mm,
                                                  random_flip_rotate)
-from nnunet_promptlesion.synthesis.rule_based import LesionIntensityStats, RuleBasedSynthesizer, measure_lesions
-from nnunet_promptlesion.trainers.lesion_index import class_probabilities
+from nnunet_promptlesion.lesions.intensity_stats import LesionIntensityStats, measure_lesions
+from nnunet_promptlesion.placement.index import class_probabilities
+from nnunet_promptlesion.synthesis.rule_based import RuleBasedSynthesizer
 
 
 def _tube_parent(shape=(40, 40, 40), r_out=6, r_in=3):
@@ -194,7 +195,7 @@ def test_two_d_masks_follow_in_plane_spacing():
 
 def test_masks_never_leave_the_allowed_region_even_when_leaving_the_parent():
     """may_leave_parent lesions may cover background, never another label or nnU-Net's -1 padding."""
-    from nnunet_promptlesion.trainers.mixing_loader import PromptLesionDataLoader
+    from nnunet_promptlesion.placement.placer import Placer
 
     rng = np.random.default_rng(7)
     seg = np.zeros((40, 40, 40), np.int16)
@@ -203,7 +204,7 @@ def test_masks_never_leave_the_allowed_region_even_when_leaving_the_parent():
     seg[:, :, :6] = -1                     # padding
     exo = LesionClass(name="exo", label=2, parents=[1], radius_mm=[(9.0, 10.0)], shape="ellipsoid",
                       may_leave_parent=True)
-    allowed = PromptLesionDataLoader.allowed_region(seg, exo)
+    allowed = Placer.allowed_region(seg, exo)
     sampler = MaskSampler((1.0, 1.0, 1.0))
     left = 0
     for _ in range(10):
@@ -251,12 +252,12 @@ def test_synthetic_slots_hold_the_global_share_over_ranks():
 
 
 def test_centre_region_is_symmetric_about_the_carrier_centre():
-    from nnunet_promptlesion.trainers.lesion_index import centre_box, centre_slices
+    from nnunet_promptlesion.placement.index import centre_box, centre_slices
 
     for p in (7, 8, 64, 65, 1):
         box = centre_box([p], 0.5)
         (sl,) = centre_slices([p], box)
-        c = p // 2  # the carrier centre voxel's index in the patch (PromptLesionDataLoader.carrier_bbox)
+        c = p // 2  # the carrier centre voxel's index in the patch (Placer.carrier_bbox)
         assert c - sl.start == sl.stop - 1 - c == box[0] // 2
 
 
@@ -265,7 +266,8 @@ def test_loader_places_and_labels_and_the_source_only_renders_what_it_is_handed(
     time (pick), cuts the carrier around it, hands that Placement to render and writes the label. The source
     never gets the loader; what it pastes lands exactly where the placement says."""
     from nnunet_promptlesion.synthesis.diffusion_render import RenderedLesion
-    from nnunet_promptlesion.synthesis.sources import Placement, SampleSource
+    from nnunet_promptlesion.placement.placement import Placement
+    from nnunet_promptlesion.synthesis.sources import SampleSource
     from test_trainer import make_loader, make_trainer
 
     _, _, env = ccta_dataset
@@ -311,19 +313,52 @@ def test_loader_places_and_labels_and_the_source_only_renders_what_it_is_handed(
     assert isinstance(fresh, Placement) and fresh.rendered is None and fresh.label == lesion.label
     assert placed is sample.placement and placed.rendered is rendered and sample.case == ident
     # the lesion centre lies in the patch's central region, and the placement's mask is the rendered one
-    assert all(sl.start <= v < sl.stop for sl, v in zip(loader.centre_region, placed.centre))
+    assert all(sl.start <= v < sl.stop for sl, v in zip(loader.placer.centre_region, placed.centre))
     lo = np.array([b[0] for b in placed.bbox])
     expect = np.zeros(placed.patch_shape, bool)
     expect[tuple(slice(a, a + 5) for a in c - 2 - lo)] = mask
     assert np.array_equal(placed.mask(), expect)
     # data: the carrier crop, with the rendered values exactly at the support voxels; label under mask & allowed
-    data, seg = loader.load_crop(ident, placed.bbox)
+    data, seg = loader.placer.load_crop(ident, placed.bbox)
     box = tuple(slice(a, a + 5) for a in c - 2 - lo)
     sup = np.zeros(placed.patch_shape, bool)
     sup[box] = True
     np.testing.assert_array_equal(sample.data[0][box].ravel(), rendered.values)
     np.testing.assert_array_equal(sample.data[:, ~sup], data[:, ~sup])
-    allowed = loader.allowed_region(seg[0], lesion)
+    allowed = loader.placer.allowed_region(seg[0], lesion)
     assert (sample.seg[0][expect & allowed] == lesion.label).all() and (expect & allowed).any()
     np.testing.assert_array_equal(sample.seg[0][~(expect & allowed)], seg[0][~(expect & allowed)])
 
+
+
+def test_placer_on_an_in_memory_case_keeps_lesions_in_the_allowed_region_and_labels_only_there():
+    """The Placer's data seam: the rule the loader uses, on an in-memory volume (single-CT synthesis's path)."""
+    from nnunet_promptlesion.lesions.masks import MaskBank
+    from nnunet_promptlesion.lesions.spec import LesionSpec
+    from nnunet_promptlesion.placement.index import LesionIndex
+    from nnunet_promptlesion.placement.placer import ArrayCases, Placer
+
+    seg = np.zeros((1, 40, 40, 40), np.int16)
+    seg[0, 8:32, 8:32, 8:32] = 1           # parent
+    seg[0, 8:32, 8:32, 26:32] = 7          # another structure
+    data = np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    exo = LesionClass(name="exo", label=2, parents=[1], radius_mm=[(6.0, 8.0)], shape="ellipsoid",
+                      may_leave_parent=True)
+    index = LesionIndex(spec=LesionSpec([exo]), counts={}, stats={}, bank=MaskBank.empty((1.0, 1.0, 1.0)),
+                        carriers={1: [("vol", np.array([[20, 20, 20]], np.uint16))]})
+    placer = Placer(ArrayCases({"vol": (data, seg)}), index, MaskSampler((1.0, 1.0, 1.0)), (32, 32, 32), (9, 9, 9),
+                    tries=3)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        placement, d, s = placer.place(0, rng)
+        assert placement.case == "vol" and placement.bbox == [[4, 36]] * 3
+        np.testing.assert_array_equal(d, data[:, 4:36, 4:36, 4:36])
+        assert all(sl.start <= c < sl.stop for sl, c in zip(placer.centre_region, placement.centre))
+        m = placement.mask()
+        assert m.any() and not (m & np.isin(s[0], [7, -1])).any()
+        labelled = placer.write_label(s, placement)
+        assert ((labelled[0] == 2) == m).all() and (labelled[0][~m] == s[0][~m]).all()
+    # a carrier whose central region holds no parent voxel: every try fails and is counted
+    placer.pools[0] = [("vol", np.array([[2, 2, 2]], np.uint16))]
+    assert placer.place(0, rng) is None
+    assert placer.take_stats() == {"placement_retries": 3, "placement_failures": 1} and not placer.stats

@@ -12,7 +12,7 @@ from scipy import stats as sps
 
 from nnunet_promptlesion.lesions.blending import blend_margin, dilate
 from nnunet_promptlesion.lesions.spec import LesionSpecError
-from nnunet_promptlesion.trainers.lesion_index import NoHealthyRegionError, centre_box, centre_slices
+from nnunet_promptlesion.placement.index import NoHealthyRegionError, centre_box, centre_slices
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionConfigError, PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV, SettingsError
 
@@ -95,7 +95,7 @@ def test_ratio_setting_and_odd_batches_round_synthetic_down(nnunet_paths, tmp_pa
 def test_synthetic_lesions_inside_parent_with_right_label_and_healthy_carriers(loader_and_data):
     trainer, loader, ds = loader_and_data
     spec = loader.index.spec
-    box = centre_box(loader.final_patch_size, loader.centre_fraction)
+    box = centre_box(loader.final_patch_size, trainer.promptlesion_settings.centre_fraction)
     centre = centre_slices(loader.patch_size, box)
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     np.random.seed(2)

@@ -20,7 +20,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from conftest import BIN, nnunet_env, run
 
 from nnunet_promptlesion.utils.errors import PromptLesionConfigError
-from nnunet_promptlesion.trainers.lesion_index import MAX_CENTRES_PER_CASE, centre_box, centre_slices
+from nnunet_promptlesion.placement.index import MAX_CENTRES_PER_CASE, centre_box, centre_slices
 from nnunet_promptlesion.trainers.mixing_loader import STATS_KEY
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV
@@ -183,10 +183,10 @@ def test_failed_placements_fall_back_to_real_samples_and_are_counted(nnunet_path
     loader, ds = build_loader(trainer)
     # Point every carrier of the first class at a background voxel: no parent voxel in any centre region.
     first = loader.index.spec.lesions[0]
-    case = loader._pools[0][0][0]
+    case = loader.placer.pools[0][0][0]
     _, seg, _, props = ds.load_case(case)
     bg = np.argwhere(np.asarray(seg[0]) == 0)[:5].astype(np.uint16)
-    loader._pools[0] = [(case, bg)]
+    loader.placer.pools[0] = [(case, bg)]
     loader.class_probs = np.eye(len(loader.class_probs))[0]
     np.random.seed(2)
     batch = loader.generate_train_batch()
@@ -214,7 +214,7 @@ def test_scan_carriers_are_exactly_the_healthy_parent_locations(loader_and_data_
     trainer, loader, ds = loader_and_data_ccta
     index = loader.index
     spec = index.spec
-    box = centre_box(trainer.configuration_manager.patch_size, loader.centre_fraction)
+    box = centre_box(trainer.configuration_manager.patch_size, trainer.promptlesion_settings.centre_fraction)
     for p, entries in index.carriers.items():
         for case, xyz in entries:
             assert xyz.dtype == np.uint16
@@ -227,9 +227,9 @@ def test_scan_carriers_are_exactly_the_healthy_parent_locations(loader_and_data_
             # every healthy location, subsampled to MAX_CENTRES_PER_CASE
             assert got <= expected and len(got) == len(xyz) == min(len(expected), MAX_CENTRES_PER_CASE)
             # and in the loader's own coordinates: the centre region of every carrier patch is lesion-free
-            region = centre_slices(loader.patch_size, loader.centre_box)
+            region = centre_slices(loader.patch_size, loader.placer.centre_box)
             for v in xyz[:: max(1, len(xyz) // 50)]:
-                crop = crop_and_pad_nd(seg[None], loader.carrier_bbox(v), -1)[0]
+                crop = crop_and_pad_nd(seg[None], loader.placer.carrier_bbox(v), -1)[0]
                 assert not np.isin(crop[region], spec.labels).any()
 
 

@@ -5,6 +5,7 @@ Subpackages, lowest floor first; a module imports only from its own floor or the
     utils               atomic writes, checkpoint loading, errors
     lesions             the lesion vocabulary: spec, mask shapes, blending
     generator           VQGAN autoencoder and PromptLesion latent diffusion
+    placement           where a synthetic lesion goes: carrier index, Placement, the Placer (sibling of generator)
     synthesis           sample sources (rule-based, diffusion cache, online producer), space mapping, cache
     trainers            PromptLesionTrainer and its mixing data loader
     dataset_conversion  raw sources and procedural phantoms -> nnU-Net raw datasets + lesion spec

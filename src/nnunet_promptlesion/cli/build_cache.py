@@ -76,10 +76,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..evaluation.montage import save_montage
     from ..synthesis.cache_build import CacheBuildConfig, CacheBuildError, build_cache
-    from ..trainers.lesion_index import build_lesion_index
 
     try:
-        build_cache(CacheBuildConfig(**vars(args)), build_lesion_index=build_lesion_index, save_montage=save_montage)
+        build_cache(CacheBuildConfig(**vars(args)), save_montage=save_montage)
     except CacheBuildError as e:
         return _fail(str(e))
     return 0

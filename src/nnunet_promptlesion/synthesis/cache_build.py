@@ -1,14 +1,15 @@
 """Building a lesion cache (what ``promptlesion_build_cache`` runs): placement, shard rendering, packing, logging.
 
-Lesions of every requested class (``per_class`` each) are placed like PromptLesionTrainer places them (a
-parent-structure voxel of a training case whose surroundings hold no real lesion, an elastic or real-mask shape
-drawn inside the parent), rendered in batches by the diffusion model (:class:`.diffusion_render.DiffusionRenderer`:
+Lesions of every requested class (``per_class`` each) are placed by the placer PromptLesionTrainer places with
+(:class:`~nnunet_promptlesion.placement.placer.Placer`: a parent-structure voxel of a training case whose
+surroundings hold no real lesion, an elastic or real-mask shape drawn inside the allowed region; here the carrier
+patch is the generator's footprint and the lesion centre stays in its middle quarter), rendered in batches by the diffusion model (:class:`.diffusion_render.DiffusionRenderer`:
 space mapping to the generator's spacing/intensity/axis order and back, blending) and written as shards of a
 :mod:`.cache`. Only the fold's training cases (nnU-Net's own split) are carriers. Resumable and torchrun-aware
 (see :mod:`.cache`).
 
-The lesion index (carrier search) lives in the trainer layer and the montage in the evaluation layer: both are
-passed in as functions (``build_index``, ``save_montage``) so that this module only imports downwards.
+The montage lives in the evaluation layer: it is passed in as a function (``save_montage``) so that this module
+only imports downwards.
 """
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
+import torch.distributed
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from tqdm import tqdm
+
+from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
+from ..generator.train_utils import resolve_device
+from ..lesions.masks import MaskSampler
+from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
+from ..placement.index import LesionIndex, build_lesion_index
+from ..placement.placer import NnunetCases, Placer
+from ..utils.atomic import write_json_atomic
+from ..utils.checkpoint import CheckpointError
+from .cache import (FORMAT, VERSION, BuildPlan, CacheError, LesionCache, completed_shards, describe_difference,
+                    pack_shards, read_manifest, run_fingerprint, shard_name, write_manifest, write_shard)
+from .diffusion_render import CaseReader, DiffusionRenderer, LesionRequest
+from .quality import QualityFilter
+from .space import GridSpec, SpaceMismatchError
 
 
 class CacheBuildError(ValueError):
@@ -63,8 +83,6 @@ class CacheBuildConfig:
 
 
 def find_lesion_spec(arg, dataset_folder: Path) -> Path:
-    from ..lesions.spec import LESION_SPEC_FILENAME
-
     cands = [Path(arg)] if arg else [dataset_folder / LESION_SPEC_FILENAME,
                                      Path(os.environ.get("nnUNet_raw", "")) / dataset_folder.name / LESION_SPEC_FILENAME]
     for c in cands:
@@ -77,15 +95,6 @@ class RunContext:
     """Everything about the nnU-Net side of a cache build: plans, split, reader, lesion index, fingerprint."""
 
     def __init__(self, dataset, configuration, fold, plans_name, lesion_spec=None):
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
-        from ..lesions.spec import LesionSpec
-        from .cache import run_fingerprint
-        from .diffusion_render import CaseReader
-        from .space import GridSpec
-
         self.dataset_folder = resolve_preprocessed_dataset(dataset)
         plans_file = self.dataset_folder / f"{plans_name}.json"
         if not plans_file.is_file():
@@ -110,49 +119,30 @@ class RunContext:
                                            data_folder=self.data_folder, labels=dataset_json.get("labels"),
                                            lesion_spec=self.spec.to_dict())
 
-    def build_index(self, build_lesion_index: Callable, centre_fraction: float, max_cases: int, progress: bool):
-        """The trainer's lesion index over the training cases (``build_lesion_index``: trainers.lesion_index's)."""
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-        ds = infer_dataset_class(str(self.data_folder))(str(self.data_folder), self.train_ids)
-        return build_lesion_index(ds, self.train_ids, self.spec, spacing=self.cm.spacing,
+    def build_index(self, centre_fraction: float, max_cases: int, progress: bool) -> LesionIndex:
+        """The trainer's carrier index over the fold's training cases."""
+        return build_lesion_index(self.cases(), self.train_ids, self.spec, spacing=self.cm.spacing,
                                   patch_size=self.cm.patch_size, centre_fraction=centre_fraction,
                                   max_cases=max_cases, progress=progress)
 
+    def cases(self):
+        """The fold's training cases as an nnU-Net dataset (``load_case``)."""
+        return infer_dataset_class(str(self.data_folder))(str(self.data_folder), self.train_ids)
 
-def place_lesion(ctx: RunContext, index, sampler, label: int, footprint, rng, seed: int, sigma: float):
-    """A LesionRequest for class ``label`` on a healthy carrier of the fold's training cases, or None.
+    def placer(self, index: LesionIndex, mask_sampler: MaskSampler, footprint) -> Placer:
+        """The training placer's rule on carriers of the generator patch ``footprint`` (data voxels, X, Y, Z of the
+        preprocessed grid), one carrier per try (a failed attempt is retried with the next seed)."""
+        size = np.asarray(footprint, int)
+        # lesion centres in the middle quarter of the generator patch, so that the blend rim fits inside it
+        box = 2 * np.maximum(size // 8, 1) + 1
+        return Placer(NnunetCases(self.cases()), index, mask_sampler, size, box, tries=1)
 
-    ``footprint``: the generator patch in data voxels (X, Y, Z of the preprocessed grid)."""
-    from .diffusion_render import LesionRequest
 
-    lesion = ctx.spec.by_label(label)
-    pool = index.carrier_pool(lesion)
-    if not pool:
-        return None
-    ident, centres = pool[int(rng.integers(len(pool)))]
-    c = np.asarray(centres[int(rng.integers(len(centres)))], int)
-    size = np.asarray(footprint, int)
-    lo = c - size // 2
-    _, seg = ctx.reader.crop(ident, lo, size)
-    parent = np.isin(seg[0], lesion.parents)
-    # keep the lesion near the middle of the generator patch so its blend rim fits
-    half = np.maximum(size // 8, 1)
-    mid = size // 2
-    centre_region = tuple(slice(int(m - h), int(m + h + 1)) for m, h in zip(mid, half))
-    leaves = lesion.may_leave_parent or lesion.min_parent_fraction is not None
-    allowed = (parent | (seg[0] == 0) if leaves else parent) & (seg[0] >= 0)
-    mask = sampler.sample(lesion, parent, rng, centre_region, allowed=allowed)
-    if mask is None:
-        return None
-    mask = mask & allowed
-    if not mask.any():
-        return None
-    idx = np.argwhere(mask)
-    mlo, mhi = idx.min(0), idx.max(0) + 1
-    return LesionRequest(case=ident, label=int(label), mask_lo=lo + mlo,
-                         mask=np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(mlo, mhi))]),
-                         seed=int(seed), sigma=float(sigma))
+def place_lesion(placer: Placer, label: int, rng, seed: int, sigma: float) -> LesionRequest | None:
+    """A LesionRequest for class ``label`` on a healthy carrier of the fold's training cases, or None."""
+    class_idx = placer.index.spec.lesions.index(placer.index.spec.by_label(label))
+    placed = placer.place(class_idx, rng, seed=seed)
+    return None if placed is None else LesionRequest.from_placement(placed[0], sigma)
 
 
 def setup_logging(path: Path, rank: int) -> logging.Logger:
@@ -172,7 +162,7 @@ def setup_logging(path: Path, rank: int) -> logging.Logger:
     return log
 
 
-def render_shard(k: int, plan, ctx: RunContext, index, mask_sampler, renderer, quality, cfg: CacheBuildConfig,
+def render_shard(k: int, plan, ctx: RunContext, placer: Placer, renderer, quality, cfg: CacheBuildConfig,
                  stats: dict):
     """Render work items of shard ``k``; returns (samples, items). Deterministic given the shard index."""
     samples, items = [], []
@@ -187,7 +177,7 @@ def render_shard(k: int, plan, ctx: RunContext, index, mask_sampler, renderer, q
             seed = plan.item_seed(i, attempt)
             rng = np.random.default_rng(seed)
             sigma = float(rng.uniform(*cfg.blend_sigma))
-            req = place_lesion(ctx, index, mask_sampler, plan.item_class(i), renderer.mapping.footprint(), rng, seed, sigma)
+            req = place_lesion(placer, plan.item_class(i), rng, seed, sigma)
             if req is None:
                 pending.insert(0, (i, attempt + 1))
                 continue
@@ -224,8 +214,6 @@ def save_cache_montage(folder: Path, ctx: RunContext, save_montage: Callable, pe
     """montage.png: for each class a few cached samples (slice through the lesion, z-scores, mask contour).
 
     ``save_montage(rows, path, title)``: evaluation.montage's (passed in: it lives on a higher floor)."""
-    from .cache import LesionCache
-
     cache = LesionCache(folder)
     rows = []
     for l in ctx.spec.lesions:
@@ -246,10 +234,6 @@ def save_cache_montage(folder: Path, ctx: RunContext, save_montage: Callable, pe
 
 
 def _device(cfg: CacheBuildConfig, world: int, local_rank: int) -> str:
-    import torch
-
-    from ..generator.train_utils import resolve_device
-
     if cfg.device == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if cfg.device == "cuda" and world > 1:
@@ -257,24 +241,12 @@ def _device(cfg: CacheBuildConfig, world: int, local_rank: int) -> str:
     return str(resolve_device(cfg.device))
 
 
-def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montage: Callable | None = None,
+def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
                 announce: Callable[[str], None] = print) -> Path | None:
     """Build (or resume) a cache; returns its folder on the rank that completed it (rank 0), else None.
 
-    ``build_lesion_index``: trainers.lesion_index.build_lesion_index; ``save_montage``: evaluation.montage's
-    (None: no montage). ``announce`` gets the settings snippet line at the end. Raises CacheBuildError for
+    ``save_montage``: evaluation.montage's (None: no montage). ``announce`` gets the settings snippet line at the end. Raises CacheBuildError for
     anything the user must change. Under torchrun (WORLD_SIZE > 1) every rank calls this."""
-    import torch
-    from tqdm import tqdm
-
-    from ..lesions.masks import MaskSampler
-    from ..utils.atomic import write_json_atomic
-    from ..utils.checkpoint import CheckpointError
-    from .cache import (FORMAT, VERSION, BuildPlan, CacheError, completed_shards, pack_shards, read_manifest,
-                        shard_name, write_manifest, write_shard)
-    from .diffusion_render import DiffusionRenderer
-    from .space import SpaceMismatchError
-
     if cfg.per_class < 1 or cfg.batch < 1 or cfg.shard_size < 1:
         raise CacheBuildError("--per-class, --batch and --shard-size must be >= 1")
     if cfg.num_threads:
@@ -283,10 +255,8 @@ def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montag
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only for barriers; each rank renders on its own device
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")  # only for barriers; each rank renders on its own device
     device = _device(cfg, world, local_rank)
     try:
         ctx = RunContext(cfg.dataset, cfg.configuration, cfg.fold, cfg.plans, cfg.lesion_spec)
@@ -330,8 +300,6 @@ def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montag
             if json.dumps(old.get(key), sort_keys=True) != json.dumps(manifest[key], sort_keys=True):
                 detail = ""
                 if key == "fingerprint":
-                    from .cache import describe_difference
-
                     detail = f" ({describe_difference(old.get(key) or {}, manifest[key])})"
                 raise CacheBuildError(f"{out} holds a cache built with other {key} settings{detail}; pass another -o "
                                       "or delete it")
@@ -343,8 +311,6 @@ def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montag
 
     quality = None
     if quality_cfg:
-        from .quality import QualityFilter
-
         quality = QualityFilter(cfg.quality_model, cfg.quality_fold, device=device, min_iou=cfg.quality_min_iou,
                                 expect_plans=ctx.plans, configuration=cfg.configuration)
     done = set(completed_shards(out, plan))
@@ -352,9 +318,8 @@ def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montag
     log.info(f"cache {out}: {plan.n_items} samples in {plan.n_shards} shards, {len(done)} already done; rank {rank}/"
              f"{world} renders {len(mine)} on {device}; generator {gen_id['diffusion_checkpoint_id']} "
              f"({cfg.sampler} {renderer.steps}), mapping {json.dumps(renderer.mapping.describe())}")
-    index = ctx.build_index(build_lesion_index, cfg.centre_fraction, cfg.max_scan_cases,
-                            progress=(rank == 0 and not cfg.no_progress))
-    mask_sampler = MaskSampler(ctx.cm.spacing, bank=index.bank)
+    index = ctx.build_index(cfg.centre_fraction, cfg.max_scan_cases, progress=(rank == 0 and not cfg.no_progress))
+    placer = ctx.placer(index, MaskSampler(ctx.cm.spacing, bank=index.bank), renderer.mapping.footprint())
     stats = {"skipped": {}, "did_not_fit": 0, "quality": {}}
     t0 = time.perf_counter()
     n_done = 0
@@ -365,7 +330,7 @@ def build_cache(cfg: CacheBuildConfig, build_lesion_index: Callable, save_montag
             log.info(f"stopping after {j} shards as asked")
             bar.close()
             return None
-        samples, items = render_shard(k, plan, ctx, index, mask_sampler, renderer, quality, cfg, stats)
+        samples, items = render_shard(k, plan, ctx, placer, renderer, quality, cfg, stats)
         write_shard(out / "shards" / shard_name(k), samples, items,
                     {"shard": k, "rank": rank, "stats": {"did_not_fit": stats["did_not_fit"]}})
         n_done += len(plan.shard_items(k))

@@ -34,6 +34,14 @@ class LesionRequest:
     seed: int
     sigma: float
 
+    @classmethod
+    def from_placement(cls, placement, sigma: float) -> "LesionRequest":
+        """The request to render a fresh :class:`~nnunet_promptlesion.placement.placement.Placement` (its seed,
+        blend sigma ``sigma`` in voxels)."""
+        lo = np.array([lo for lo, _ in placement.lesion_box_in_case()])
+        return cls(case=placement.case, label=placement.label, mask_lo=lo, mask=placement.lesion_mask,
+                   seed=placement.seed, sigma=float(sigma))
+
 
 @dataclass
 class RenderedLesion:

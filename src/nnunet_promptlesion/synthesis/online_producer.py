@@ -3,7 +3,7 @@
 Data flow (``"synthesizer": "diffusion_online"``)::
 
     loader workers (forked, CPU)                      producer (spawned, owns the GPU model)
-      place(class) -> LesionRequest --- queue -->       render a batch (space mapping, inpainting, blend)
+      placer.place(class) -> LesionRequest -- queue --> render a batch (space mapping, inpainting, blend)
       take(class)  <-- shared-memory ring <------------ optional quality filter, write into the ring
 
 :class:`SharedRing` is a bounded block of shared memory: ``slots_per_class`` slots per lesion class, each

@@ -7,20 +7,23 @@ structure, its texture the standard deviation inside it. A class without real le
 training cases uses the lesion spec's intensity prior (``contrast_hu``, ``texture_hu``, relative to
 the parent), mapped from HU to the data's z-scores with the plans' CTNormalization properties.
 
-:class:`RuleBasedSource` is the ``"rule_based"`` sample source (see :mod:`.sources`): the loader places,
-this source paints the placement it is handed, both in the loader worker.
+:class:`RuleBasedSource` is the ``"rule_based"`` sample source (see :mod:`.sources`): the placer
+(:mod:`nnunet_promptlesion.placement`) places, this source paints the placement it is handed, both in the loader
+worker.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from ..lesions.blending import blend, dilate
+from ..lesions.blending import blend
+from ..lesions.intensity_stats import LesionIntensityStats
 from ..lesions.spec import LesionClass
 from ..lesions.masks import MaskSampler
-from .sources import Placement, SampleSource, SourceContext, register_source
+from ..placement.placement import Placement
+from .sources import SampleSource, SourceContext, register_source
 from .synthesizer import SynthesisError, Synthesizer
 
 
@@ -32,67 +35,6 @@ TEXTURES = ("synthetic", "carrier_noise", "matched_noise")
 NOISE_SIGMA_VOXELS = 1.5
 #: Gaussian sigma (voxels) of the smooth heterogeneity added by "carrier_noise"
 HETEROGENEITY_SIGMA_VOXELS = 2.0
-
-
-@dataclass
-class LesionIntensityStats:
-    """Per-channel contrast to the parent (lesion mean - parent mean) and lesion texture std.
-
-    Values are in the data's intensity units (z-scores for nnU-Net CT-normalised data). Each
-    list holds one sample per real lesion component; synthesis draws one at random.
-    """
-
-    contrast: list[list[float]] = field(default_factory=list)  # [component][channel]
-    texture_std: list[list[float]] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.contrast)
-
-    def add(self, contrast, texture_std) -> None:
-        self.contrast.append([float(c) for c in np.atleast_1d(contrast)])
-        self.texture_std.append([float(s) for s in np.atleast_1d(texture_std)])
-
-    def summary(self) -> dict:
-        c = np.asarray(self.contrast)
-        return {"n": self.n, "contrast_median": np.median(c, 0).tolist() if self.n else None,
-                "texture_std_median": np.median(np.asarray(self.texture_std), 0).tolist() if self.n else None}
-
-
-def measure_lesions(image: np.ndarray, seg: np.ndarray, lesion: LesionClass, stats: LesionIntensityStats,
-                    ring_voxels: int = 3, min_voxels: int = 2, min_interior_voxels: int = 4) -> list[np.ndarray]:
-    """Add the contrast/texture of every component of ``lesion.label`` in one case to ``stats``.
-
-    image: (C, X, Y, Z); seg: (X, Y, Z). The parent reference is the parent-labelled voxels in a
-    ring of ``ring_voxels`` around the component. The lesion's own mean and std are taken on its
-    interior (the component without its one-voxel rim) when that holds ``min_interior_voxels``, else on
-    the whole component. Returns the component crops (for a mask bank).
-    """
-    # Why the interior: the rim voxels mix lesion and surroundings (partial volume, the scanner's blur). Their
-    # spread is an edge, not a texture, and painting makes its own soft edge (blending). Measured with the rim,
-    # a small bright lesion gets a mean well below its core and a "texture" std that is mostly that edge, so
-    # painted lesions came out darker and noisier than the real ones (docs/results.md, false positives).
-    labelled, _ = ndimage.label(seg == lesion.label, structure=np.ones((3,) * seg.ndim, bool))
-    parent = np.isin(seg, lesion.parents)
-    rim_structure = ndimage.generate_binary_structure(seg.ndim, 1)
-    comps = []
-    for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
-        if sl is None:
-            continue
-        grown = tuple(slice(max(s.start - ring_voxels, 0), s.stop + ring_voxels) for s in sl)
-        grown_l = labelled[grown]
-        comp = grown_l == i
-        if comp.sum() < min_voxels:
-            continue
-        ring = dilate(comp, ring_voxels) & ~comp & parent[grown]
-        if ring.sum() < 3:
-            continue
-        crop = image[(slice(None),) + grown]
-        core = ndimage.binary_erosion(comp, structure=rim_structure)
-        inside, around = crop[:, core if core.sum() >= min_interior_voxels else comp], crop[:, ring]
-        stats.add(inside.mean(1) - around.mean(1), inside.std(1))
-        comps.append(labelled[sl] == i)
-    return comps
 
 
 @dataclass

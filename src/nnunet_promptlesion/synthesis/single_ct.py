@@ -20,12 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+from scipy import ndimage
+from scipy.ndimage import map_coordinates
 
+from ..generator import train_utils as tu
+from ..generator.data import spacing_mismatch
+from ..generator.diffusion import inpaint
+from ..generator.diffusion.checkpoint import load_generator_pair
+from ..generator.diffusion.preview import save_grid
+from ..generator.intensity import IntensitySpace
+from ..lesions.masks import MaskBank, MaskSampler
+from ..lesions.spec import LesionClass, LesionSpec
+from ..placement.index import LesionIndex
+from ..placement.placer import ArrayCases, Placer
+from ..utils.atomic import atomic_path, write_json_atomic
 from ..utils.geometry import ArrayGeometry, NiftiView, array_axes
+from .diffusion_render import sampling_prompt_id
 
 
 class SingleCTError(ValueError):
@@ -65,36 +82,48 @@ def cranio_caudal_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(np.asarray(affine, float)[2, :3])))
 
 
+#: the value the parent takes in the in-memory segmentation the placer reads (any label > 0 that is not the lesion's)
+_PARENT, _OTHER_PARENT = 1, 2
+
+
 def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None, lesion, rng, may_leave: bool,
-                parent_label: int = 1, z_axis: int = 2) -> list[np.ndarray]:
-    """``count`` bool lesion masks on the CT grid (nibabel order, ``spacing`` mm per axis), drawn by the trainer's
-    :class:`~nnunet_promptlesion.lesions.masks.MaskSampler`: centred on a parent voxel in the middle 30-70 % of the
-    parent's extent along ``z_axis``, clipped to the parent unless ``may_leave``.
+                parent_label: int = 1, z_axis: int = 2, ct: np.ndarray | None = None) -> list[np.ndarray]:
+    """``count`` bool lesion masks on the CT grid (nibabel order, ``spacing`` mm per axis), placed by the trainer's
+    :class:`~nnunet_promptlesion.placement.placer.Placer` on the CT as one in-memory case (the whole volume is the
+    carrier): centred on a parent voxel in the middle 30-70 % of the parent's extent along ``z_axis`` (anywhere in
+    the parent when that fails), clipped to the parent unless ``may_leave``.
 
     ``radius_mm`` fixes the equivalent-sphere radius (elastic ellipsoid); None draws it (and the shape prior)
-    from ``lesion``, the checkpoint's lesion-spec class.
+    from ``lesion``, the checkpoint's lesion-spec class. ``ct`` (HU, same grid) lets a mass class avoid voxels
+    brighter than the parent, as in training; without it that part of the rule sees a flat image and excludes none.
     """
-    from ..lesions.masks import MaskSampler
-    from ..lesions.spec import LesionClass
-
     if lesion is None:  # "healthy" prompt or a checkpoint without a lesion spec: an elastic ellipsoid of radius_mm
         lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
                              radius_mm=[(radius_mm, radius_mm)], shape="ellipsoid")
     elif radius_mm is not None:
         lesion = dataclasses.replace(lesion, radius_mm=[(radius_mm, radius_mm)], radius_weights=None, shape="ellipsoid")
-    lesion = dataclasses.replace(lesion, may_leave_parent=may_leave)
+    # the placer reads parents from a segmentation: the file's parent label becomes one value of an in-memory one
+    value = _PARENT if lesion.label != _PARENT else _OTHER_PARENT
+    lesion = dataclasses.replace(lesion, parents=[value], may_leave_parent=may_leave)
+    seg = np.where(parent, value, 0).astype(np.int16)[None]
+    shape = np.array(parent.shape)
+    index = LesionIndex(spec=LesionSpec([lesion]), counts={}, stats={}, bank=MaskBank.empty(spacing),
+                        carriers={value: [("ct", (shape // 2)[None])]})
+    image = np.zeros(parent.shape, np.float32) if ct is None else np.asarray(ct, np.float32)
+    cases = ArrayCases({"ct": (image[None], seg)})
+    placer = Placer(cases, index, MaskSampler(spacing, max_tries=20), parent.shape, (1, 1, 1), tries=1)
     zs = np.nonzero(parent.any(axis=tuple(a for a in range(3) if a != z_axis)))[0]
     lo, hi = int(zs.min()), int(zs.max())
     central = [slice(None)] * 3
     central[z_axis] = slice(int(lo + 0.3 * (hi - lo)), int(np.ceil(lo + 0.7 * (hi - lo))) + 1)
-    sampler = MaskSampler(spacing, max_tries=20)
     out = []
     for _ in range(count):
-        m = sampler.sample(lesion, parent, rng, tuple(central))
-        if m is None:
-            m = sampler.sample(lesion, parent, rng)
-        if m is not None:
-            out.append(m)
+        # seed=0: a rendering seed is not needed here, and drawing one would change the next lesion's draws
+        placed = placer.place(0, rng, region=tuple(central), seed=0)
+        if placed is None:
+            placed = placer.place(0, rng, region=(slice(None),) * 3, seed=0)
+        if placed is not None:
+            out.append(placed[0].mask())
     return out
 
 
@@ -113,8 +142,6 @@ def extract_patches(ct: np.ndarray, parent: np.ndarray, masks: list[np.ndarray],
     generator voxels. Returns ``image`` (n, 1, *patch) model space, ``mask`` and ``parent`` (n, 1, *patch)
     {0, 1} float32, and ``centres`` (CT voxel coordinates of the patch centres).
     """
-    from scipy.ndimage import map_coordinates
-
     centres = [np.argwhere(m).mean(0) for m in masks]
     imgs, msks, pars = [], [], []
     for m, c in zip(masks, centres):
@@ -135,11 +162,6 @@ def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOpt
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Inpaint all patches in one batch with ``prompt_id`` (the id to *sample* with) -> (decoded image in model
     space, blend weight), both (n, *patch)."""
-    import torch
-
-    from ..generator import train_utils as tu
-    from ..generator.diffusion import inpaint
-
     image = torch.from_numpy(patches["image"]).to(device)
     mask = torch.from_numpy(patches["mask"]).to(device)
     parent = torch.from_numpy(patches["parent"]).to(device)
@@ -161,8 +183,6 @@ def write_back(ct: np.ndarray, centres, decoded_hu: np.ndarray, weights: np.ndar
 
     Only voxels with a non-zero resampled blend weight change; every other voxel keeps its exact value.
     """
-    from scipy.ndimage import map_coordinates
-
     out = ct.copy()
     half_mm = (np.array(patch) - 1) / 2.0 * spacing_g
     for i, c in enumerate(centres):
@@ -181,8 +201,6 @@ def write_back(ct: np.ndarray, centres, decoded_hu: np.ndarray, weights: np.ndar
 
 def read_inputs(ct_path, parent_path, parent_label: int):
     """(nibabel image, CT (nibabel order) float32 HU, parent bool); :class:`SingleCTError` for bad files."""
-    import nibabel as nib
-
     inp, pm = Path(ct_path), Path(parent_path)
     for f in (inp, pm):
         if not f.is_file():
@@ -206,11 +224,9 @@ def read_inputs(ct_path, parent_path, parent_label: int):
     return img, ct, parent
 
 
-def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng) -> list[np.ndarray]:
-    """Lesion masks on the CT grid (nibabel order) from ``opts.mask`` or placed by the sampler."""
-    import nibabel as nib
-    from scipy import ndimage
-
+def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: np.ndarray | None = None
+                 ) -> list[np.ndarray]:
+    """Lesion masks on the CT grid (nibabel order) from ``opts.mask`` or placed by the placer (``ct``: HU)."""
     may_leave = bool(lesion is not None and lesion.may_leave_parent)
     if opts.mask:
         mp = Path(opts.mask)
@@ -233,7 +249,7 @@ def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng) -> li
         raise SingleCTError("--size-mm must be > 0")
     geo = ArrayGeometry.from_nifti(img)
     masks = place_masks(parent, np.asarray(geo.spacing), opts.count, opts.size_mm, lesion, rng, may_leave,
-                        opts.parent_label, z_axis=cranio_caudal_axis(img.affine))
+                        opts.parent_label, z_axis=cranio_caudal_axis(img.affine), ct=ct)
     if not masks:
         raise SingleCTError(f"could not place a lesion inside parent label {opts.parent_label}")
     return masks
@@ -245,16 +261,6 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     Returns the record written to ``<name>_synthesis.json``. Raises :class:`SingleCTError` for bad input and
     :class:`~nnunet_promptlesion.utils.checkpoint.CheckpointError` for unusable checkpoints.
     """
-    import nibabel as nib
-
-    from ..generator import train_utils as tu
-    from ..generator.diffusion.checkpoint import load_generator_pair
-    from ..generator.diffusion.preview import save_grid
-    from ..generator.intensity import IntensitySpace
-    from ..lesions.spec import LesionSpec
-    from ..utils.atomic import write_json_atomic
-    from .diffusion_render import sampling_prompt_id
-
     if opts.count < 1:
         raise SingleCTError("--count must be >= 1")
     img, ct, parent = read_inputs(ct_path, parent_path, opts.parent_label)
@@ -271,18 +277,15 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     rng = np.random.default_rng(opts.seed)
 
     # 1. placement on the CT grid (nibabel order)
-    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng)
+    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng, ct=ct)
     # 2. generator space: its axis order, spacing and patch
     view = NiftiView(img, array_axes(meta))
     spacing_cg = view.spacing
     spacing_g = np.array([float(s) for s in meta["spacing"]])
-    from ..generator.data import spacing_mismatch
 
     # a generator trained at 0.5 mm painting 2.5 mm CT writes lesions of a voxel or two: said, and recorded
     spacing_warning = spacing_mismatch(spacing_cg, spacing_g, what=str(ct_path))
     if spacing_warning:
-        import warnings
-
         warnings.warn(spacing_warning, stacklevel=2)
     patch = [int(p) for p in meta["patch_size"]]
     space = IntensitySpace.from_dict(meta["intensity"])
@@ -346,10 +349,6 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
 
 def save_nifti_atomic(nimg, target: Path) -> None:
     """nibabel picks gzip from the file name, so the temporary sibling keeps the .nii.gz / .nii ending."""
-    import nibabel as nib
-
-    from ..utils.atomic import atomic_path
-
     target = Path(target)
     with atomic_path(target, suffix=".nii.gz" if target.name.endswith(".gz") else ".nii") as tmp:
         nib.save(nimg, str(tmp))

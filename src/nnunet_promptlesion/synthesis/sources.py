@@ -1,16 +1,24 @@
 """Where PromptLesionTrainer's synthetic samples come from: one interface for every synthesizer.
 
-A synthetic sample is born in one direction, driven by the loader
+A synthetic sample passes three places, each answering one question:
+
+    where it goes          :mod:`nnunet_promptlesion.placement` (the ``Placer``: carrier case and centre from the
+                           carrier index, lesion mask inside the allowed region, carrier crops, the label)
+    how it looks           the sources (this module's :class:`SampleSource` and its implementations)
+    how it enters a batch  :mod:`nnunet_promptlesion.trainers.mixing_loader` (class sampling, synthetic slots,
+                           nnU-Net's transforms)
+
+It is born in one direction, driven by the loader
 (:meth:`PromptLesionDataLoader.synthesize <nnunet_promptlesion.trainers.mixing_loader.PromptLesionDataLoader.synthesize>`,
 inside nnU-Net's forked loader workers); the source never calls the loader::
 
     loader: class drawn                    (class probabilities)
-    loader: fresh Placement                -> source.submit(placement, rng)   only if source.wants_placement(class)
+    placer: fresh Placement                -> source.submit(placement, rng)   only if source.wants_placement(class)
     source.pick(class, rng)                -> a lesion the source rendered ahead of time, or None
-    loader: Placement (+ carrier crops)    around the picked lesion, or a fresh one (healthy carrier patch cut
+    placer: Placement (+ carrier crops)    around the picked lesion, or a fresh one (healthy carrier patch cut
                                            around a parent-structure voxel, lesion mask drawn inside the parent)
     source.render(placement, data, seg)    -> the carrier crop with the lesion painted in, or None
-    loader: label written                  (``write_label``: under the mask, never over another label or -1)
+    placer: label written                  (``write_label``: under the mask, never over another label or -1)
 
 A :class:`Placement` holds everything needed to rebuild the carrier and the mask later (case, crop box, lesion
 box, compact mask, seed) and, for a picked lesion, the lesion itself (``rendered``). The rule-based source paints
@@ -23,7 +31,7 @@ with a real sample, counted in the per-epoch log.
 
 Lifetime (owned by the trainer): the source is built in the main process by :func:`build_source`
 before the worker processes fork, gets :meth:`SampleSource.attach` once the loader exists (start a
-producer here; a producer's start-up may ask the loader for placements with ``loader.offer_placement``),
+producer here; a producer's start-up places its warm-up requests with the context's ``placer``),
 reports :meth:`SampleSource.worker_stats` from inside the workers (summed per epoch
 by the trainer through the batches) and :meth:`SampleSource.epoch_stats` from the main process, and
 gets :meth:`SampleSource.close` when training ends, also after an exception.
@@ -55,73 +63,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..placement.placement import Placement
+
 #: Modules imported by :func:`load_builtin_sources`; each registers its sources on import.
 BUILTIN_SOURCE_MODULES: tuple[str, ...] = (
     "nnunet_promptlesion.synthesis.rule_based",
     "nnunet_promptlesion.synthesis.diffusion_source",
 )
-
-Box = tuple[tuple[int, int], ...]
-
-
-@dataclass
-class Placement:
-    """Where a synthetic lesion goes; enough to rebuild carrier and mask from the preprocessed case.
-
-    case: carrier case identifier (nnU-Net preprocessed dataset).
-    bbox: crop of the (initial, pre-augmentation) patch in the case's voxel grid, ``[[lo, hi], ...]``
-        per spatial axis (a list of lists, as acvl_utils' ``crop_and_pad_nd`` wants it; may extend past the
-        volume: the crop is padded, data 0, seg -1).
-    class_idx: index into the lesion spec's ``lesions``; label: the label value written into the seg.
-    lesion_box: tight box of the lesion inside the patch (patch voxel coordinates).
-    lesion_mask: bool, shape of ``lesion_box``: the lesion voxels (already inside the allowed region:
-        the parent, plus background when the class may leave its parent; never another label or padding).
-    centre: the lesion centre voxel in patch coordinates.
-    seed: a seed for rendering (diffusion noise, texture) so a placement renders reproducibly.
-    rendered: the lesion already rendered into the case (a ``RenderedLesion`` from a cache or a producer) that
-        this placement was cut around, or None for a fresh placement.
-    """
-
-    case: str
-    bbox: list[list[int]]
-    class_idx: int
-    label: int
-    lesion_box: Box
-    lesion_mask: np.ndarray
-    centre: tuple[int, ...]
-    seed: int
-    rendered: Any = None
-
-    @property
-    def patch_shape(self) -> tuple[int, ...]:
-        return tuple(int(hi - lo) for lo, hi in self.bbox)
-
-    @property
-    def lesion_slices(self) -> tuple[slice, ...]:
-        """Slices of the lesion box in patch coordinates."""
-        return tuple(slice(lo, hi) for lo, hi in self.lesion_box)
-
-    def mask(self) -> np.ndarray:
-        """The lesion mask as a bool array of the patch shape."""
-        out = np.zeros(self.patch_shape, dtype=bool)
-        out[self.lesion_slices] = self.lesion_mask
-        return out
-
-    def lesion_box_in_case(self) -> Box:
-        """The lesion box in the case's voxel grid."""
-        return tuple((int(b[0] + lo), int(b[0] + hi)) for b, (lo, hi) in zip(self.bbox, self.lesion_box))
-
-    @classmethod
-    def from_mask(cls, case: str, bbox, class_idx: int, label: int, mask: np.ndarray, centre, seed: int,
-                  rendered: Any = None) -> "Placement":
-        """Build from a patch-shaped bool mask (must hold at least one voxel)."""
-        idx = np.argwhere(mask)
-        lo, hi = idx.min(0), idx.max(0) + 1
-        box = tuple((int(a), int(b)) for a, b in zip(lo, hi))
-        return cls(case=case, bbox=[[int(a), int(b)] for a, b in bbox], class_idx=int(class_idx),
-                   label=int(label), lesion_box=box,
-                   lesion_mask=np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in box)]),
-                   centre=tuple(int(c) for c in centre), seed=int(seed), rendered=rendered)
 
 
 @dataclass
@@ -129,7 +77,7 @@ class SyntheticSample:
     """One synthetic sample before nnU-Net's transforms.
 
     data: (C, *patch) float32 carrier with the lesion rendered in; seg: (1, *patch) int16 with the lesion
-    label written (see ``PromptLesionDataLoader.write_label``); placement: where and what.
+    label written (see :meth:`~nnunet_promptlesion.placement.placer.Placer.write_label`); placement: where and what.
     """
 
     data: np.ndarray
@@ -220,7 +168,9 @@ class SourceContext:
     2 values for 2D configurations); patch_size / initial_patch_size: voxels; intensity: per-channel
     CTNormalization properties from the plans (``mean``, ``std``, ``percentile_00_5``, ``percentile_99_5``
     in HU); trainer: the nnU-Net trainer (plans, configuration, fold, device, output folders); log: a
-    ``print``-like function writing to the training log.
+    ``print``-like function writing to the training log; placer: the
+    :class:`~nnunet_promptlesion.placement.placer.Placer` the loader places with (a source that renders ahead
+    of time places its warm-up requests with it).
     """
 
     settings: Any
@@ -232,6 +182,7 @@ class SourceContext:
     intensity: list[dict]
     trainer: Any = None
     log: Callable[[str], None] = print
+    placer: Any = None
     extra: dict = field(default_factory=dict)
 
 

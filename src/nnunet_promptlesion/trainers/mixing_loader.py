@@ -2,17 +2,18 @@
 
 Every batch holds ``n_real`` samples drawn by nnU-Net's own logic (the parent class, with
 probabilistic foreground oversampling so the real share keeps nnU-Net's oversampling rate) followed
-by ``n_synthetic`` synthetic samples, each born in one direction (:meth:`PromptLesionDataLoader.synthesize`):
-the loader draws a class with the configured class probabilities, makes the
-:class:`~nnunet_promptlesion.synthesis.sources.Placement` (a healthy carrier patch cut around a
-parent-structure voxel with a lesion mask inside the parent, :meth:`PromptLesionDataLoader.place`; or a
-carrier cut around a lesion the source rendered ahead of time, :meth:`PromptLesionDataLoader.place_around`),
-hands it to the :class:`~nnunet_promptlesion.synthesis.sources.SampleSource` to render and writes the label
-into the segmentation (:meth:`PromptLesionDataLoader.write_label`). The source never calls the loader.
+by ``n_synthetic`` synthetic samples. A synthetic sample passes three places: where it goes
+(:mod:`nnunet_promptlesion.placement`, the :class:`~nnunet_promptlesion.placement.placer.Placer`), how it looks
+(the :class:`~nnunet_promptlesion.synthesis.sources.SampleSource`), how it enters the batch (here). Each is born in
+one direction (:meth:`PromptLesionDataLoader.synthesize`): the loader draws a class with the configured class
+probabilities, the placer makes the :class:`~nnunet_promptlesion.placement.placement.Placement` (a healthy
+carrier patch cut around a parent-structure voxel with a lesion mask inside the parent, or a carrier cut around a
+lesion the source rendered ahead of time), the source renders it and the placer writes the label into the
+segmentation. The source never calls the loader.
 Synthetic samples then go through the same nnU-Net transforms as real ones, so augmentation,
 deep-supervision targets and region handling are identical.
 
-A synthetic slot whose draws all fail (no placement after ``placement_tries`` carriers, or the source
+A synthetic slot whose draws all fail (no placement after the placer's ``tries`` carriers, or the source
 has nothing ready) is filled with a real sample; ``batch['promptlesion_stats']`` carries the counts
 (summed per epoch by the trainer). ``batch['synthetic']`` (bool tensor, one per sample) marks which
 samples are synthetic.
@@ -30,14 +31,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from ..lesions.masks import MaskSampler, brighter_than_parent
-from ..synthesis.sources import Placement, SampleSource, SyntheticSample
+from ..placement.index import LesionIndex
+from ..placement.placer import Placer
+from ..synthesis.sources import SampleSource, SyntheticSample
 from ..synthesis.synthesizer import SynthesisError
-from .lesion_index import LesionIndex, centre_box, centre_slices
 
 STATS_KEY = "promptlesion_stats"
 
@@ -67,14 +67,14 @@ class PromptLesionDataLoader(nnUNetDataLoader):
     """See the module docstring.
 
     patch_size: initial (pre-augmentation) patch, final_patch_size: network patch (voxels; 2 values for
-    2D configurations). source: the sample source; mask_sampler: draws lesion masks (spacing of the
-    configuration, mm, same axis order). n_synthetic: synthetic samples per batch of this rank.
+    2D configurations). placer: places the synthetic lesions (carriers of ``patch_size``, see
+    :meth:`Placer.for_training <nnunet_promptlesion.placement.placer.Placer.for_training>`); source: the sample
+    source. n_synthetic: synthetic samples per batch of this rank.
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
-                 index: LesionIndex, source: SampleSource, mask_sampler: MaskSampler, class_probs: np.ndarray,
-                 n_synthetic: int, centre_fraction: float, oversample_foreground_percent: float = 0.33,
-                 transforms=None, placement_tries: int = 20, draw_tries: int = 2):
+                 placer: Placer, source: SampleSource, class_probs: np.ndarray, n_synthetic: int,
+                 oversample_foreground_percent: float = 0.33, transforms=None, draw_tries: int = 2):
         if not 0 <= n_synthetic <= batch_size:
             raise ValueError(f"n_synthetic={n_synthetic} must lie in [0, batch_size={batch_size}]")
         self.total_batch_size = batch_size
@@ -84,23 +84,24 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         super().__init__(data, max(batch_size - n_synthetic, 1), patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=oversample_foreground_percent, probabilistic_oversampling=True,
                          transforms=transforms)
-        self.index = index
+        if placer.patch_size != tuple(int(p) for p in self.patch_size):
+            raise ValueError(f"the placer cuts carriers of {placer.patch_size} voxels, the loader's patch is "
+                             f"{tuple(self.patch_size)}")
+        self.placer = placer
         self.source = source
-        self.mask_sampler = mask_sampler
         self.class_probs = np.asarray(class_probs, dtype=float)
-        self.centre_fraction = centre_fraction
-        self.placement_tries = int(placement_tries)
         self.draw_tries = int(draw_tries)
-        # One definition of the lesion-centre region, shared with the start-up scan (lesion_index).
-        self.centre_box = centre_box(self.final_patch_size, centre_fraction)
-        self.centre_region = centre_slices(self.patch_size, self.centre_box)
-        self._pools = [index.carrier_pool(l) for l in index.spec.lesions]
         self._owner_pid = os.getpid()
         self._rng = None
         self._rng_pid = None
         self._stats: Counter = Counter()
 
     # ------------------------------------------------------------------ random streams
+    @property
+    def index(self) -> LesionIndex:
+        """The carrier index the placer draws from (its spec names the classes, its counts weight them)."""
+        return self.placer.index
+
     @property
     def n_real(self) -> int:
         return self.total_batch_size - self.n_synthetic
@@ -130,120 +131,30 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         """Add to a per-batch counter (reported in ``batch['promptlesion_stats']``, summed per epoch)."""
         self._stats[key] += n
 
-    # ------------------------------------------------------------------ placement
-    def carrier_bbox(self, centre_xyz) -> list[list[int]]:
-        """Crop box of the initial patch with voxel ``centre_xyz`` at index ``patch_size // 2``."""
-        lbs = [int(c) - p // 2 for c, p in zip(centre_xyz, self.patch_size)]
-        return [[lb, lb + p] for lb, p in zip(lbs, self.patch_size)]
-
-    def load_crop(self, case: str, bbox) -> tuple[np.ndarray, np.ndarray]:
-        """(data (C, *patch) float32, seg (1, *patch) int16) of ``case`` cut to ``bbox`` (padding: data 0, seg -1)."""
-        data, seg, _, _ = self._data.load_case(case)
-        bbox = [list(b) for b in bbox]
-        data_c = np.ascontiguousarray(crop_and_pad_nd(data, bbox, 0), dtype=np.float32)
-        seg_c = np.ascontiguousarray(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16), dtype=np.int16)
-        return data_c, seg_c
-
-    @staticmethod
-    def allowed_region(seg: np.ndarray, lesion) -> np.ndarray:
-        """Where a lesion of this class may be written in ``seg`` (*spatial): its parents, plus background
-        when it may leave them or is a mass (``min_parent_fraction``); never another label and never nnU-Net's
-        -1 padding."""
-        allowed = np.isin(seg, lesion.parents)
-        if lesion.may_leave_parent or lesion.min_parent_fraction is not None:
-            allowed |= seg == 0
-        return allowed
-
-    def place(self, class_idx: int, rng: np.random.Generator) -> tuple[Placement, np.ndarray, np.ndarray] | None:
-        """A placement of lesion class ``class_idx`` and the carrier crops (data (C, *patch), seg (1, *patch)).
-
-        Tries up to ``placement_tries`` carrier patches (each failure counted as ``placement_retries``);
-        returns None when all fail (counted as ``placement_failures``).
-        """
-        lesion = self.index.spec.lesions[class_idx]
-        pool = self._pools[class_idx]
-        two_d = self.patch_size_was_2d
-        region = self.centre_region[1:] if two_d else self.centre_region
-        for _ in range(self.placement_tries):
-            ident, centres = pool[rng.integers(len(pool))]
-            centre = centres[rng.integers(len(centres))]
-            bbox = self.carrier_bbox(centre)
-            data, seg = self.load_crop(ident, bbox)
-            s = seg[0, 0] if two_d else seg[0]
-            allowed = self.allowed_region(s, lesion)
-            if lesion.min_parent_fraction is not None:
-                allowed &= ~brighter_than_parent(data[0, 0] if two_d else data[0], s, lesion.parents)
-            out = self.mask_sampler.sample_with_centre(lesion, np.isin(s, lesion.parents), rng, region,
-                                                       allowed=allowed)
-            if out is None:
-                self.count("placement_retries")
-                continue
-            mask, c = out
-            if two_d:
-                mask, c = mask[None], (0, *c)
-            placement = Placement.from_mask(ident, bbox, class_idx, lesion.label, mask, c,
-                                            seed=int(rng.integers(2**31 - 1)))
-            return placement, data, seg
-        self.count("placement_failures")
-        return None
-
-    def place_around(self, rendered, class_idx: int, rng: np.random.Generator
-                     ) -> tuple[Placement, np.ndarray, np.ndarray] | None:
-        """A placement around a lesion already rendered into a case (``RenderedLesion``: cache, producer ring)
-        and the carrier crops: the patch is cut so that the lesion centre lies at a random position of the
-        central region, as for fresh placements. None if no lesion voxel falls inside the patch."""
-        box = np.asarray(self.centre_box)
-        shift = np.array([int(rng.integers(-(b // 2), b // 2 + 1)) for b in box])
-        bbox = self.carrier_bbox(np.asarray(rendered.centre) - shift)
-        data, seg = self.load_crop(rendered.case, bbox)
-        lo = np.array([b[0] for b in bbox])
-        mask = rendered.mask_in(lo, data.shape[1:])
-        if not mask.any():
-            return None
-        placement = Placement.from_mask(rendered.case, bbox, class_idx, rendered.label, mask,
-                                        np.asarray(rendered.centre) - lo, rendered.seed, rendered=rendered)
-        return placement, data, seg
-
-    def offer_placement(self, class_idx: int, rng: np.random.Generator):
-        """If the source wants a fresh placement of ``class_idx`` (to render ahead of time), place one and submit
-        it. Returns what :meth:`place` returned (None if nothing was placed)."""
-        if not self.source.wants_placement(class_idx):
-            return None
-        placed = self.place(class_idx, rng)
-        if placed is not None:
-            self.source.submit(placed[0], rng)
-        return placed
-
-    def write_label(self, seg: np.ndarray, placement: Placement) -> np.ndarray:
-        """A copy of ``seg`` (1, *patch) with the lesion label under the placement's mask.
-
-        Only voxels of the allowed region are written (see :meth:`allowed_region`), so another class's
-        label and the -1 padding are never overwritten, whatever the mask says.
-        """
-        lesion = self.index.spec.lesions[placement.class_idx]
-        out = seg.copy()
-        sl = (0,) + placement.lesion_slices
-        sub = out[sl]
-        sub[placement.lesion_mask & self.allowed_region(sub, lesion)] = placement.label
-        return out
-
     # ------------------------------------------------------------------ batches
     def synthesize(self, class_idx: int, rng: np.random.Generator) -> SyntheticSample | None:
         """One attempt at an untransformed synthetic sample of lesion class ``class_idx`` (index into the spec's
-        lesions), in one direction: placement here, rendering by the source, label here. None if it fails."""
-        fresh = self.offer_placement(class_idx, rng)
+        lesions), in one direction: placement by the placer, rendering by the source, label by the placer. None if
+        it fails."""
+        placer = self.placer
+        fresh = None
+        if self.source.wants_placement(class_idx):
+            # a source that renders ahead of time gets this fresh placement to render for a later draw
+            fresh = placer.place(class_idx, rng)
+            if fresh is not None:
+                self.source.submit(fresh[0], rng)
         rendered = self.source.pick(class_idx, rng)
         if rendered is not None:
-            placed = self.place_around(rendered, class_idx, rng)
+            placed = placer.place_around(rendered, class_idx, rng)
         else:
-            placed = fresh if fresh is not None else self.place(class_idx, rng)
+            placed = fresh if fresh is not None else placer.place(class_idx, rng)
         if placed is None:
             return None
         placement, data, seg = placed
         image = self.source.render(placement, data, seg)
         if image is None:
             return None
-        return SyntheticSample(data=np.asarray(image, dtype=np.float32), seg=self.write_label(seg, placement),
+        return SyntheticSample(data=np.asarray(image, dtype=np.float32), seg=placer.write_label(seg, placement),
                                placement=placement)
 
     def draw_synthetic(self, class_idx: int | None = None) -> SyntheticSample | None:
@@ -325,6 +236,8 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         keys = [k for p in parts for k in p[2]]
         synthetic = torch.tensor([k.startswith("synthetic:") for k in keys])
         stats = dict(self._stats)
+        for k, v in self.placer.take_stats().items():
+            stats[k] = stats.get(k, 0) + v
         for k, v in self.source.worker_stats().items():
             stats[f"{self.source.name}/{k}"] = stats.get(f"{self.source.name}/{k}", 0) + v
         stats["batches"] = 1

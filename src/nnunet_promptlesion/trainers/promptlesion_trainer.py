@@ -28,11 +28,12 @@ from torch import distributed as dist
 
 from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
 from ..lesions.masks import MaskSampler
+from ..placement.index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
+                               load_or_build_index)
+from ..placement.placer import NnunetCases, Placer
 from ..synthesis.sources import SampleSource, SourceContext, build_source
 from ..utils.errors import PromptLesionConfigError
 from ..utils.lifetime import children_die_with_this_process, raise_if_terminated, sigterm_as_keyboard_interrupt
-from .lesion_index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
-                           load_or_build_index)
 from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_per_rank
 from .synthetic_validation import SyntheticValidation, prepare_synthetic_validation
 from .early_stopping import EarlyStoppingMixin
@@ -195,13 +196,13 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
                 also_print_to_console=True)
         return n
 
-    def build_sample_source(self, index: LesionIndex, initial_patch_size) -> SampleSource:
+    def build_sample_source(self, index: LesionIndex, initial_patch_size, placer: Placer | None = None) -> SampleSource:
         s = self.promptlesion_settings
         cm = self.configuration_manager
         ctx = SourceContext(settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
                             patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
                             intensity=self._intensity_properties(), trainer=self,
-                            log=lambda msg: self.print_to_log_file(msg, also_print_to_console=True))
+                            log=lambda msg: self.print_to_log_file(msg, also_print_to_console=True), placer=placer)
         return build_source(s.synthesizer, ctx)
 
     def build_train_loader(self, dataset_tr, initial_patch_size, tr_transforms):
@@ -211,6 +212,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         # fold "all": carriers held back for synthetic validation leave the index training places lesions with
         self.promptlesion_gauges, index = prepare_synthetic_validation(self, index)
         probs = self._class_probabilities(index)
+        placer = Placer.for_training(NnunetCases(dataset_tr), index, MaskSampler(cm.spacing, bank=index.bank),
+                                     initial_patch_size, cm.patch_size, s.centre_fraction, s.placement_tries)
         self.close_sample_source()
         n_syn = self.synthetic_per_batch()
         if n_syn == 0 and s.synthesizer != "rule_based":
@@ -220,9 +223,9 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             source = build_source("rule_based", SourceContext(
                 settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
                 patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
-                intensity=self._intensity_properties(), trainer=self, log=lambda msg: None))
+                intensity=self._intensity_properties(), trainer=self, log=lambda msg: None, placer=placer))
         else:
-            source = self.build_sample_source(index, initial_patch_size)
+            source = self.build_sample_source(index, initial_patch_size, placer)
         self.promptlesion_source = source
         source.check(index, probs)
         self.print_to_log_file(
@@ -232,10 +235,9 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             f"PromptLesion: lesion index {json.dumps(index.summary())}", also_print_to_console=True)
         loader = PromptLesionDataLoader(
             dataset_tr, self.batch_size, initial_patch_size, self.configuration_manager.patch_size, self.label_manager,
-            index=index, source=source, mask_sampler=MaskSampler(self.configuration_manager.spacing, bank=index.bank),
-            class_probs=probs, n_synthetic=n_syn, centre_fraction=s.centre_fraction,
+            placer=placer, source=source, class_probs=probs, n_synthetic=n_syn,
             oversample_foreground_percent=getattr(self, "_promptlesion_oversample", self.oversample_foreground_percent),
-            transforms=tr_transforms, placement_tries=s.placement_tries, draw_tries=s.draw_tries)
+            transforms=tr_transforms, draw_tries=s.draw_tries)
         source.attach(loader)
         return loader
 

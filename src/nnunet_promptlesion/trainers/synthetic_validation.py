@@ -52,9 +52,10 @@ import numpy as np
 import torch
 
 from ..lesions.masks import MaskSampler
+from ..placement.index import INDEX_DIRNAME, LesionIndex, NoHealthyRegionError, build_lesion_index, \
+    index_fingerprint, load_or_build_index
+from ..placement.placer import NnunetCases, Placer
 from ..utils.atomic import atomic_path, write_json_atomic
-from .lesion_index import INDEX_DIRNAME, LesionIndex, NoHealthyRegionError, build_lesion_index, index_fingerprint, \
-    load_or_build_index
 
 GAUGES_FILENAME = "promptlesion_gauges.json"
 PLOT_FILENAME = "progress_promptlesion.png"
@@ -67,7 +68,7 @@ SEED = 12345
 DEFAULT_SAMPLES_PER_CLASS = 4
 #: fold "all": every HOLD_BACK_EVERY-th training case (sorted) lends its carriers to validation only
 HOLD_BACK_EVERY = 5
-#: sources whose samples are placed by ``loader.place`` (so held-back carriers apply)
+#: sources whose samples are placed fresh by the placer (so held-back carriers apply)
 PLACEMENT_SOURCES = ("rule_based",)
 
 __all__ = ["GAUGES_FILENAME", "PLOT_FILENAME", "SyntheticValidation", "prepare_synthetic_validation", "load_gauges",
@@ -256,12 +257,11 @@ class SyntheticValidation:
         s = trainer.promptlesion_settings
         ps = tuple(int(p) for p in cm.patch_size)
         k = len(self.spec.lesions)
-        return PromptLesionDataLoader(ds, 1, ps, ps, trainer.label_manager, index=self.index,
-                                      source=trainer.promptlesion_source,
-                                      mask_sampler=MaskSampler(cm.spacing, bank=self.index.bank),
-                                      class_probs=np.full(k, 1.0 / k), n_synthetic=1,
-                                      centre_fraction=s.centre_fraction, transforms=None,
-                                      placement_tries=s.placement_tries, draw_tries=s.draw_tries)
+        placer = Placer.for_training(NnunetCases(ds), self.index, MaskSampler(cm.spacing, bank=self.index.bank), ps,
+                                     ps, s.centre_fraction, s.placement_tries)
+        return PromptLesionDataLoader(ds, 1, ps, ps, trainer.label_manager, placer=placer,
+                                      source=trainer.promptlesion_source, class_probs=np.full(k, 1.0 / k),
+                                      n_synthetic=1, transforms=None, draw_tries=s.draw_tries)
 
     def draw_set(self, trainer) -> dict[str, list[_Sample]]:
         """Draw the fixed set (seeded) through the trainer's source; classes that cannot be made get none."""

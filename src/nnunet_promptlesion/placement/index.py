@@ -1,4 +1,4 @@
-"""One start-up pass over the training cases: what PromptLesionTrainer needs to synthesize.
+"""The carrier index: one start-up pass over the training cases, what every placement draws from.
 
 For every lesion class of the spec it collects the real lesions' intensity statistics (rule-based
 synthesis), their masks (the real-mask bank) and their number (class-balanced sampling), and for
@@ -35,12 +35,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..lesions.spec import LesionClass, LesionSpec
+from ..lesions.intensity_stats import LesionIntensityStats, measure_lesions
 from ..lesions.masks import MaskBank
-from ..synthesis.rule_based import LesionIntensityStats, measure_lesions
+from ..lesions.spec import LesionClass, LesionSpec
 from ..utils.atomic import atomic_path
 
-INDEX_VERSION = 3
+#: 4: the index moved to nnunet_promptlesion.placement (pickles name the classes' modules)
+INDEX_VERSION = 4
 INDEX_DIRNAME = "promptlesion_index"
 #: carrier centres kept per (case, parent label); nnU-Net's class_locations hold up to 10,000
 MAX_CENTRES_PER_CASE = 2000
