@@ -62,17 +62,6 @@ class CacheBuildConfig:
     stop_after_shards: int | None = None  # tests: simulate a stop after this many shards
 
 
-def find_lesion_spec(arg, dataset_folder: Path) -> Path:
-    from ..lesions.spec import LESION_SPEC_FILENAME
-
-    cands = [Path(arg)] if arg else [dataset_folder / LESION_SPEC_FILENAME,
-                                     Path(os.environ.get("nnUNet_raw", "")) / dataset_folder.name / LESION_SPEC_FILENAME]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no lesion spec found (looked at {[str(c) for c in cands]}); pass --lesion-spec")
-
-
 class RunContext:
     """Everything about the nnU-Net side of a cache build: plans, split, reader, lesion index, fingerprint."""
 
@@ -81,7 +70,7 @@ class RunContext:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
-        from ..lesions.spec import LesionSpec
+        from ..lesions.spec import LesionSpec, dataset_spec_folders, find_lesion_spec
         from .cache import run_fingerprint
         from .diffusion_render import CaseReader
         from .space import GridSpec
@@ -100,7 +89,8 @@ class RunContext:
         self.train_ids, self.val_ids = nnunet_fold_split(self.dataset_folder, all_ids, fold)
         self.train_ids = sorted(self.train_ids)
         self.fold = fold
-        self.spec_path = find_lesion_spec(lesion_spec, self.dataset_folder)
+        self.spec_path = find_lesion_spec(dataset_spec_folders(self.dataset_folder), given=lesion_spec,
+                                          error=FileNotFoundError, hint="Pass --lesion-spec.")
         self.spec = LesionSpec.load(self.spec_path)
         dataset_json = json.loads((self.dataset_folder / "dataset.json").read_text())
         self.spec.validate_against_dataset(dataset_json, source=f"{self.dataset_folder}/dataset.json")

@@ -35,8 +35,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
 from ..lesions.masks import MaskSampler, brighter_than_parent
-from ..synthesis.sources import Placement, SampleSource, SyntheticSample
-from ..synthesis.synthesizer import SynthesisError
+from ..synthesis.sources import Placement, SampleSource, SynthesisError, SyntheticSample
 from .lesion_index import LesionIndex, centre_box, centre_slices
 
 STATS_KEY = "promptlesion_stats"
