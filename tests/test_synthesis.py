@@ -328,3 +328,19 @@ def test_loader_places_and_labels_and_the_source_only_renders_what_it_is_handed(
     assert (sample.seg[0][expect & allowed] == lesion.label).all() and (expect & allowed).any()
     np.testing.assert_array_equal(sample.seg[0][~(expect & allowed)], seg[0][~(expect & allowed)])
 
+
+
+def test_a_source_that_only_renders_has_the_hooks_the_trainer_calls():
+    # The trainer calls raise_if_failed / pause and reads baseline_iterations on every source, without probing:
+    # a source that renders in the worker (the rule-based one, or a user's) gets hooks that do nothing and no
+    # no-rendering baseline.
+    from nnunet_promptlesion.synthesis.rule_based import RuleBasedSource
+    from nnunet_promptlesion.synthesis.sources import SampleSource
+
+    class PaintOnly(SampleSource):
+        def render(self, placement, data, seg):
+            return data
+
+    for source in (PaintOnly(), RuleBasedSource(RuleBasedSynthesizer({}), LesionSpec([LesionClass("a", 2, [1])]))):
+        assert source.raise_if_failed() is None and source.pause(True) is None and source.pause(False) is None
+        assert source.baseline_iterations == 0
