@@ -49,34 +49,26 @@ def _trainer(cls, pre: Path, configuration: str = "3d_fullres"):
     return t
 
 
-def _transforms(t):
-    ps = t.configuration_manager.patch_size
-    rot, dummy, initial, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    lm = t.label_manager
-    tr = t.get_training_transforms(ps, rot, t._get_deep_supervision_scales(), mirror, dummy,
-                                   foreground_labels=lm.foreground_labels,
-                                   regions=lm.foreground_regions if lm.has_regions else None,
-                                   ignore_label=lm.ignore_label)
-    return initial, tr
-
-
 def arm_nnunet(pre: Path, args):
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    from nnunet_promptlesion.trainers.transforms import training_transforms
+
     t = _trainer(nnUNetTrainer, pre)
     ds_tr, _ = t.get_tr_and_val_datasets()
-    initial, tr = _transforms(t)
+    initial, tr = training_transforms(t)
     return nnUNetDataLoader(ds_tr, t.batch_size, initial, t.configuration_manager.patch_size, t.label_manager,
                             oversample_foreground_percent=t.oversample_foreground_percent, transforms=tr), t.batch_size
 
 
 def arm_promptlesion_rule_based(pre: Path, args):
     from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from nnunet_promptlesion.trainers.transforms import training_transforms
 
     t = _trainer(PromptLesionTrainer, pre)
     ds_tr, _ = t.get_tr_and_val_datasets()
-    initial, tr = _transforms(t)
+    initial, tr = training_transforms(t)
     return t.build_train_loader(ds_tr, initial, tr), t.batch_size
 
 
@@ -252,6 +244,7 @@ def _bench_generator(pre: Path, args) -> Path:
 
 def _promptlesion_with_settings(pre: Path, settings: dict, tag: str):
     from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from nnunet_promptlesion.trainers.transforms import training_transforms
 
     sfile = pre.parents[1] / f"bench_settings_{tag}.json"
     sfile.write_text(json.dumps(settings))
@@ -259,7 +252,7 @@ def _promptlesion_with_settings(pre: Path, settings: dict, tag: str):
     try:
         t = _trainer(PromptLesionTrainer, pre)
         ds_tr, _ = t.get_tr_and_val_datasets()
-        initial, tr = _transforms(t)
+        initial, tr = training_transforms(t)
         return t, t.build_train_loader(ds_tr, initial, tr)
     finally:
         os.environ.pop("PROMPTLESION_SETTINGS", None)

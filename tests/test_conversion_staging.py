@@ -6,8 +6,8 @@ import pytest
 
 from nnunet_promptlesion.dataset_conversion.core import LabelScheme, LesionDef
 from nnunet_promptlesion.dataset_conversion.kits import kits_label_scheme
-from nnunet_promptlesion.dataset_conversion.staging import (component_radii_mm, equivalent_radius_mm, radius_ranges,
-                                                            stage_components)
+from nnunet_promptlesion.dataset_conversion.staging import component_radii_mm, radius_ranges, stage_components
+from nnunet_promptlesion.lesions.masks import equivalent_radius_mm
 
 # (z, y, x) spacing in mm: thick CT slices, fine in-plane
 SPACING_ZYX = (3.0, 0.7, 0.7)
@@ -30,6 +30,9 @@ def test_equivalent_radius_of_a_known_volume():
     # 4/3 pi 10^3 mm^3 at 0.5 x 0.5 x 2 mm voxels (0.5 mm^3) is a 10 mm sphere
     n = 4.0 / 3.0 * np.pi * 1000 / 0.5
     assert equivalent_radius_mm(n, (0.5, 0.5, 2.0)) == pytest.approx(10.0)
+    # the staging path passes one count per component: 8x the volume is twice the radius
+    radii = equivalent_radius_mm(np.array([n, 8 * n]), (0.5, 0.5, 2.0))
+    np.testing.assert_allclose(radii, [10.0, 20.0])
 
 
 def test_staging_assigns_early_and_late_on_anisotropic_spheres():

@@ -12,8 +12,8 @@ import SimpleITK as sitk
 
 from nnunet_promptlesion.evaluation.evaluate import (EvaluationError, evaluate_folders, format_markdown,
                                                      load_results, write_outputs)
-from nnunet_promptlesion.evaluation.metrics import (SizeBins, equivalent_radius_mm, match_lesions,
-                                                    normalized_surface_dice)
+from nnunet_promptlesion.evaluation.metrics import SizeBins, match_lesions, normalized_surface_dice
+from nnunet_promptlesion.lesions.masks import equivalent_radius_mm
 from nnunet_promptlesion.lesions.spec import LesionClass, LesionSpec
 
 LABELS = {"background": 0, "organ": 1, "lesion_a": 2, "lesion_b": 3}

@@ -81,6 +81,99 @@ def layering_violations(root: Path = PACKAGE_ROOT) -> list[str]:
     return violations
 
 
+def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, dict[str, int]]:
+    """Module -> {imported module of this package: first line}, every import counted (also inside functions).
+
+    ``from pkg import name`` is an import of the module ``pkg.name`` when that is a module or subpackage,
+    otherwise of ``pkg`` itself; a package is the module of its ``__init__.py``."""
+    files = {".".join(_module_name(p, root)): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for here, path in files.items():
+        edges = graph.setdefault(here, {})
+        for line, target in _imported_modules(path, root):
+            name = ".".join(target)
+            while name not in files and "." in name:  # an imported function or class: its module
+                name = name.rsplit(".", 1)[0]
+            if name in files and name != here:
+                edges.setdefault(name, line)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        package = _module_name(path, root) if path.name == "__init__.py" else _module_name(path, root)[:-1]
+        for node in ast.walk(tree):
+            # "from .pkg import mod": _imported_modules names pkg; mod may itself be a module
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(root.name)):
+                base = (package[: len(package) - (node.level - 1)] if node.level else []) + \
+                    (node.module.split(".") if node.module else [])
+                for alias in node.names:
+                    name = ".".join(base + [alias.name])
+                    if name in files and name != here:
+                        edges.setdefault(name, node.lineno)
+    return graph
+
+
+def import_cycles(root: Path = PACKAGE_ROOT) -> list[list[str]]:
+    """One cycle per group of modules that import each other (directly or around a circle), as a path
+    ``[a, b, ..., a]`` starting at the group's first module by name; empty when there is none."""
+    graph = import_graph(root)
+    return [_cycle_through(graph, group) for group in _import_groups(graph)]
+
+
+def _import_groups(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), members sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return sorted(groups)
+
+
+def _cycle_through(graph: dict[str, dict[str, int]], group: list[str]) -> list[str]:
+    """The shortest import path from the group's first module back to itself, inside the group."""
+    start, members = group[0], set(group)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:
+                    return paths[v] + [start]
+                if w in members and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{group} is not a cycle")  # cannot happen for a strongly connected group
+
+
+def _describe(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
+    return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+
+
 def test_every_subpackage_is_on_a_floor():
     subpackages = {p.name for p in PACKAGE_ROOT.iterdir() if (p / "__init__.py").exists()}
     assert subpackages <= set(FLOORS), f"add {sorted(subpackages - set(FLOORS))} to FLOORS and the package docstring"
@@ -102,3 +195,40 @@ def test_checker_catches_an_upward_import(tmp_path):
     (pkg / "synthesis" / "source.py").write_text("def f():\n    from ..trainers.errors import E\n    return E\n")
     violations = layering_violations(pkg)
     assert len(violations) == 1 and "synthesis" in violations[0] and "trainers.errors" in violations[0]
+
+
+#: Import circles known when this test was written, each listed by its modules; nothing else may form one. Issue 26
+#: splits experiments/runner.py (runner <-> executors, runner <-> prepare import each other inside functions); the
+#: test fails once a listed circle is gone, so that the entry is removed with it.
+KNOWN_CYCLES = [
+    ["nnunet_promptlesion.experiments.executors", "nnunet_promptlesion.experiments.prepare",
+     "nnunet_promptlesion.experiments.runner"],
+]
+
+
+def test_no_import_cycle_between_modules():
+    # A circle hidden behind an import inside a function still couples both modules (and breaks when one of the
+    # imports moves to the top); every module must be importable before the ones that import it.
+    graph = import_graph()
+    groups = _import_groups(graph)
+    new = [g for g in groups if g not in KNOWN_CYCLES]
+    assert not new, "import cycles:\n" + "\n".join(
+        f"{_describe(graph, _cycle_through(graph, g))}   (modules in the circle: {', '.join(g)})" for g in new)
+    gone = [g for g in KNOWN_CYCLES if g not in groups]
+    assert not gone, f"these circles are gone (or changed): remove them from KNOWN_CYCLES: {gone}"
+
+
+def test_cycle_checker_reports_the_path(tmp_path):
+    # The check must be able to fail: a -> b at the top, b -> a inside a function, and "from . import c" naming a
+    # module, are found as one cycle with its path; a tree without the back edge has none.
+    pkg = tmp_path / "nnunet_promptlesion"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("from .b import g\n")
+    (pkg / "sub" / "b.py").write_text("from . import c\n\ndef g():\n    return c\n")
+    (pkg / "sub" / "c.py").write_text("def f():\n    from .a import g\n    return g\n")
+    assert import_cycles(pkg) == [["nnunet_promptlesion.sub.a", "nnunet_promptlesion.sub.b",
+                                   "nnunet_promptlesion.sub.c", "nnunet_promptlesion.sub.a"]]
+    (pkg / "sub" / "c.py").write_text("def f():\n    return 1\n")
+    assert import_cycles(pkg) == []

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from nnunet_promptlesion.cli.make_phantoms import main as make_phantoms_main
 from nnunet_promptlesion.dataset_conversion import phantoms as P
-from nnunet_promptlesion.dataset_conversion import phantoms_abdomen, phantoms_ccta
+from nnunet_promptlesion.dataset_conversion import phantom_base, phantoms_abdomen, phantoms_ccta
 from nnunet_promptlesion.lesions.spec import EARLY_RADIUS_MM, LesionSpec
 
 N_CASES = 8
@@ -132,7 +132,7 @@ def test_ccta_imbalance_and_healthy_cases(ccta_cases):
 def test_ct_image_formation_noise_and_partial_volume():
     hu = np.zeros((40, 40, 20), np.float32)
     hu[20:] = 400.0
-    img = P.form_ct_image(hu, (0.5, 0.5, 0.6), np.random.default_rng(0), (0.3, 0.3, 0.35), noise_sd_hu=15.0)
+    img = phantom_base.form_ct_image(hu, (0.5, 0.5, 0.6), np.random.default_rng(0), (0.3, 0.3, 0.35), noise_sd_hu=15.0)
     assert img.dtype == np.int16
     assert 13.5 < img[:15].std() < 16.5  # noise SD as asked, on a flat region
     edge = img[19:21].astype(float).mean(axis=(1, 2))  # partial volume across the step

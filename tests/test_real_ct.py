@@ -136,7 +136,7 @@ def test_painter_textures_keep_level_and_touch_only_the_dilated_mask(texture):
     parent = np.ones_like(mask)
     stats = LesionIntensityStats()
     stats.add(1.0, 0.5)                   # contrast +1, texture std 0.5 (the data's units)
-    painter = RuleBasedSynthesizer(None, {2: stats}, blend_sigma_voxels=(1.0, 1.0), texture=texture)
+    painter = RuleBasedSynthesizer({2: stats}, blend_sigma_voxels=(1.0, 1.0), texture=texture)
     lesion = LesionClass("l", 2, [1], radius_mm=[(5, 10)])
     out = painter.paint(carrier, mask, parent, lesion, np.random.default_rng(3))
     core = ndimage.binary_erosion(mask[0], iterations=4)

@@ -95,17 +95,18 @@ def test_rule_based_statistics_come_from_real_lesions_and_outside_is_unchanged()
     assert st.n == 2 and len(comps) == 2
     assert abs(np.median(np.asarray(st.contrast)) - 2.0) < 0.2
 
-    synth = RuleBasedSynthesizer(MaskSampler((1.0, 1.0, 1.0)), {2: st}, blend_sigma_voxels=(0.5, 1.5))
+    synth = RuleBasedSynthesizer({2: st}, blend_sigma_voxels=(0.5, 1.5))
     carrier_img = rng.normal(0, 0.1, size=(1, 40, 40, 40)).astype(np.float32)
     parent = _tube_parent((40, 40, 40))
     carrier_img[0][parent] += 1.0
-    res = synth.synthesize(carrier_img, parent, lesion, rng, (slice(10, 30),) * 3)
-    assert res.mask.any() and not (res.mask & ~parent).any()
-    outside = ~dilate(res.mask, blend_margin(1.5))
-    assert np.array_equal(res.image[0][outside], carrier_img[0][outside])
+    mask = MaskSampler((1.0, 1.0, 1.0)).sample(lesion, parent, rng, (slice(10, 30),) * 3)
+    image = synth.paint(carrier_img, mask, parent, lesion, rng)
+    assert mask.any() and not (mask & ~parent).any()
+    outside = ~dilate(mask, blend_margin(1.5))
+    assert np.array_equal(image[0][outside], carrier_img[0][outside])
     # the painted lesion reproduces the real contrast to the surrounding wall
-    core = res.mask & ~dilate(~res.mask, 1) if (res.mask & ~dilate(~res.mask, 1)).any() else res.mask
-    assert res.image[0][core].mean() - carrier_img[0][parent & ~res.mask].mean() > 1.0
+    core = mask & ~dilate(~mask, 1) if (mask & ~dilate(~mask, 1)).any() else mask
+    assert image[0][core].mean() - carrier_img[0][parent & ~mask].mean() > 1.0
 
 
 def test_lesion_intensity_is_measured_inside_the_blurred_rim():
@@ -226,13 +227,13 @@ def test_intensity_prior_gives_hu_contrast_in_z_units():
     parent = np.zeros((32, 32, 32), bool)
     parent[4:28, 4:28, 4:28] = True
     img = np.where(parent, 0.5, -2.0).astype(np.float32)[None]  # liver at 125 HU in z units
-    synth = RuleBasedSynthesizer(MaskSampler((1.0, 1.0, 1.0)), {}, blend_sigma_voxels=(0.0, 0.0),
-                                 priors={3: prior}, window=ct_window_z(props))
-    res = synth.synthesize(img, parent, lesion, rng, (slice(12, 20),) * 3)
-    drop_hu = (res.image[0][res.mask].mean() - 0.5) * 50.0
+    synth = RuleBasedSynthesizer({}, blend_sigma_voxels=(0.0, 0.0), priors={3: prior}, window=ct_window_z(props))
+    mask = MaskSampler((1.0, 1.0, 1.0)).sample(lesion, parent, rng, (slice(12, 20),) * 3)
+    image = synth.paint(img, mask, parent, lesion, rng)
+    drop_hu = (image[0][mask].mean() - 0.5) * 50.0
     assert -60.5 <= drop_hu <= -39.5
     # without real statistics and without a prior there is nothing to paint with
-    assert not RuleBasedSynthesizer(None, {}).can_paint(3)
+    assert not RuleBasedSynthesizer({}).can_paint(3)
     with pytest.raises(LesionSpecError, match="contrast_hu"):
         LesionClass(name="x", label=3, parents=[1], contrast_hu=[-20, -60])
     # specs without priors keep their old JSON form
@@ -362,3 +363,19 @@ def test_placer_on_an_in_memory_case_keeps_lesions_in_the_allowed_region_and_lab
     placer.pools[0] = [("vol", np.array([[2, 2, 2]], np.uint16))]
     assert placer.place(0, rng) is None
     assert placer.take_stats() == {"placement_retries": 3, "placement_failures": 1} and not placer.stats
+
+
+def test_a_source_that_only_renders_has_the_hooks_the_trainer_calls():
+    # The trainer calls raise_if_failed / pause and reads baseline_iterations on every source, without probing:
+    # a source that renders in the worker (the rule-based one, or a user's) gets hooks that do nothing and no
+    # no-rendering baseline.
+    from nnunet_promptlesion.synthesis.rule_based import RuleBasedSource
+    from nnunet_promptlesion.synthesis.sources import SampleSource
+
+    class PaintOnly(SampleSource):
+        def render(self, placement, data, seg):
+            return data
+
+    for source in (PaintOnly(), RuleBasedSource(RuleBasedSynthesizer({}), LesionSpec([LesionClass("a", 2, [1])]))):
+        assert source.raise_if_failed() is None and source.pause(True) is None and source.pause(False) is None
+        assert source.baseline_iterations == 0

@@ -15,6 +15,7 @@ from nnunet_promptlesion.lesions.spec import LesionSpecError
 from nnunet_promptlesion.placement.index import NoHealthyRegionError, centre_box, centre_slices
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionConfigError, PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV, SettingsError
+from nnunet_promptlesion.trainers.transforms import training_transforms
 
 NAME = "Dataset601_PhantomCCTA"
 
@@ -39,9 +40,7 @@ def make_loader(trainer, with_transforms=False):
     ds_tr, _ = trainer.get_tr_and_val_datasets()
     ps = trainer.configuration_manager.patch_size
     if with_transforms:
-        rot, dummy, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        tr = trainer.get_training_transforms(ps, rot, trainer._get_deep_supervision_scales(), mirror, dummy,
-                                             foreground_labels=trainer.label_manager.foreground_labels)
+        initial, tr = training_transforms(trainer)
         return trainer.build_train_loader(ds_tr, initial, tr), ds_tr
     return trainer.build_train_loader(ds_tr, ps, None), ds_tr
 

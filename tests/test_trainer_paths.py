@@ -24,6 +24,7 @@ from nnunet_promptlesion.placement.index import MAX_CENTRES_PER_CASE, centre_box
 from nnunet_promptlesion.trainers.mixing_loader import STATS_KEY
 from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV
+from nnunet_promptlesion.trainers.transforms import training_transforms
 
 CCTA = "Dataset601_PhantomCCTA"
 KITS_ID, KITS = 611, "Dataset611_KiTS23"
@@ -46,12 +47,7 @@ def build_loader(trainer, with_transforms=True):
     ps = trainer.configuration_manager.patch_size
     if not with_transforms:
         return trainer.build_train_loader(ds_tr, ps, None), ds_tr
-    rot, dummy, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    lm = trainer.label_manager
-    tr = trainer.get_training_transforms(ps, rot, trainer._get_deep_supervision_scales(), mirror, dummy,
-                                         foreground_labels=lm.foreground_labels,
-                                         regions=lm.foreground_regions if lm.has_regions else None,
-                                         ignore_label=lm.ignore_label)
+    initial, tr = training_transforms(trainer)
     return trainer.build_train_loader(ds_tr, initial, tr), ds_tr
 
 

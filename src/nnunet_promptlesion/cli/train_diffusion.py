@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..lesions.spec import dataset_spec_folders, find_lesion_spec
 from .run_options import add_run_options
 from .train_vqgan import PRESET_CHOICES
 
@@ -78,26 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_lesion_spec(args, source) -> Path:
-    from ..lesions.spec import LESION_SPEC_FILENAME
-
-    if args.lesion_spec:
-        return Path(args.lesion_spec)
-    cands = []
+def spec_folders(args, source) -> list[Path]:
+    """Where lesion_spec.json may be when --lesion-spec is not given: the dataset's folders, or next to the NIfTI
+    folders (in them, then in their parent, where the converters write it)."""
     if args.dataset:
-        cands.append(source.dataset_folder / LESION_SPEC_FILENAME)
-        raw = os.environ.get("nnUNet_raw")
-        if raw:
-            cands.append(Path(raw) / source.dataset_folder.name / LESION_SPEC_FILENAME)
-    else:
-        for f in (args.nifti_folder, args.label_folder):
-            if f:
-                cands += [Path(f) / LESION_SPEC_FILENAME, Path(f).parent / LESION_SPEC_FILENAME]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no {LESION_SPEC_FILENAME} found (looked at {', '.join(str(c) for c in cands)}); "
-                            "pass --lesion-spec (promptlesion_make_phantoms and promptlesion_convert write one)")
+        return dataset_spec_folders(source.dataset_folder)
+    return [p for f in (args.nifti_folder, args.label_folder) if f for p in (Path(f), Path(f).parent)]
 
 
 def make_source(args, vqgan_meta):
@@ -146,7 +133,9 @@ def main(argv=None) -> int:
         if args.preset is None:
             args.preset = DEFAULT_PRESET[dims]
         check_preset_dims(args.preset, dims, f"VQGAN {args.vqgan}")
-        spec_path = find_lesion_spec(args, source)
+        spec_path = find_lesion_spec(spec_folders(args, source), given=args.lesion_spec, error=FileNotFoundError,
+                                     hint="Pass --lesion-spec (promptlesion_make_phantoms and promptlesion_convert "
+                                          "write one).")
         spec = LesionSpec.load(spec_path)
         vocab = PromptVocabulary.from_lesion_spec(spec)
         overrides = {}

@@ -26,12 +26,12 @@ import numpy as np
 from scipy import ndimage
 
 from ..lesions.spec import EARLY_RADIUS_MM, LesionClass, LesionSpec
-from .phantoms import (
+from ..lesions.masks import equivalent_radius_mm
+from .phantom_base import (
     PhantomCase,
     PhantomKind,
     deformed_ellipsoid,
     distance_to_curve,
-    equivalent_radius_mm,
     form_ct_image,
     largest_component,
     random_rotation,

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..lesions.spec import LesionClass, LesionSpec
-from .phantoms import (
+from ..lesions.masks import equivalent_radius_mm
+from .phantom_base import (
     PhantomCase,
     PhantomKind,
     curve_tangents,
     deformed_ellipsoid,
     distance_to_curve,
-    equivalent_radius_mm,
     form_ct_image,
     largest_component,
     semi_axes_for_radius,

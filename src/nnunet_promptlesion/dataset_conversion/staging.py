@@ -9,20 +9,13 @@ diagonal voxel steps is one lesion.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
 from ..lesions.components import label_components
+from ..lesions.masks import equivalent_radius_mm
 from ..lesions.spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
-
-
-
-def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Equivalent-sphere radius (mm) of ``n_voxels`` voxels of size ``spacing`` (mm, any axis order)."""
-    vol = np.asarray(n_voxels, dtype=float) * float(np.prod(np.asarray(spacing, dtype=float)))
-    return np.cbrt(3.0 * vol / (4.0 * math.pi))
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

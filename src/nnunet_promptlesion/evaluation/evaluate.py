@@ -35,9 +35,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..lesions.spec import EARLY_RADIUS_MM, LESION_SPEC_FILENAME, LesionSpec
+from ..dataset_conversion.validation import check_readable
+from ..lesions.spec import EARLY_RADIUS_MM, LesionSpec
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
+from .folders import resolve_folders
 from .metrics import SizeBins, dice_counts, match_lesions, normalized_surface_dice
+from .transfer import attach_lesion_softmax
 
 RESULTS_VERSION = 1
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -48,22 +51,6 @@ class EvaluationError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def find_dataset_json(gt_dir: Path, pred_dir: Path) -> Path | None:
-    """dataset.json next to the label folder (nnUNet_raw/DatasetX/labelsTs -> DatasetX/dataset.json), else the
-    copy nnUNetv2_predict writes into its output folder."""
-    for c in (gt_dir.parent / "dataset.json", gt_dir / "dataset.json", pred_dir / "dataset.json"):
-        if c.is_file():
-            return c
-    return None
-
-
-def find_lesion_spec(gt_dir: Path) -> Path | None:
-    for c in (gt_dir.parent / LESION_SPEC_FILENAME, gt_dir / LESION_SPEC_FILENAME):
-        if c.is_file():
-            return c
-    return None
-
-
 def _classes(dataset_json: dict | None, spec: LesionSpec | None, present_labels: set[int]) -> tuple[list[dict], int | None]:
     """[{name, label (int or tuple for regions), lesion, ranges}], ignore label."""
     ignore = None
@@ -149,8 +136,6 @@ def _check_decodes(case: str, path: str, what: str) -> None:
     """Decode all of ``path`` or refuse naming it. SimpleITK (nnU-Net's reader) reads a truncated NIfTI without a
     word, filling the missing voxels with zeros: a prediction cut short by a killed nnUNetv2_predict would be
     scored as empty (every lesion "missed"). The decode check of the converters catches that."""
-    from ..dataset_conversion.validation import check_readable
-
     try:
         check_readable(Path(path))
     except Exception as e:  # noqa: BLE001 - nibabel, gzip, zlib and ITK each raise their own kind
@@ -206,28 +191,6 @@ def evaluate_case(case: str, ref_file: str, pred_file: str, reader_class, classe
                 fps.append({"case": case, "class": c["name"], **f, "volume_mm3": f["voxels"] * vox_mm3})
         metrics[c["name"]] = rec
     return {"case": case, "spacing": spacing, "metrics": metrics, "lesions": lesions, "false_positives": fps}
-
-
-# ---------------------------------------------------------------------------------------------- folder
-def resolve_folders(pred_dir, gt_dir, dataset_json, spec, error=ValueError):
-    """(pred_dir, gt_dir, dataset_json dict or None, LesionSpec or None): both folders must exist (else
-    ``error``); dataset_json / spec given as dicts/objects, paths, or "auto" (found next to the folders by
-    :func:`find_dataset_json` / :func:`find_lesion_spec`; None when there is none)."""
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
-        if not d.is_dir():
-            raise error(f"{what} folder {d} does not exist")
-    if isinstance(dataset_json, str) and dataset_json == "auto":
-        dj_path = find_dataset_json(gt_dir, pred_dir)
-        dataset_json = json.loads(dj_path.read_text()) if dj_path else None
-    elif isinstance(dataset_json, (str, os.PathLike)):
-        dataset_json = json.loads(Path(dataset_json).read_text())
-    if isinstance(spec, str) and spec == "auto":
-        sp = find_lesion_spec(gt_dir)
-        spec = LesionSpec.load(sp) if sp else None
-    elif isinstance(spec, (str, os.PathLike)):
-        spec = LesionSpec.load(spec)
-    return pred_dir, gt_dir, dataset_json, spec
 
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
@@ -319,8 +282,6 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     results.update(summarize(results))
     if spec is not None and dataset_json is not None and all((pred_dir / f"{c}.npz").is_file() for c in cases):
         # nnUNetv2_predict --save_probabilities: softmax of its class inside every lesion (transfer gauge B)
-        from .transfer import attach_lesion_softmax
-
         attach_lesion_softmax(results, pred_dir, gt_dir, dataset_json, spec, cases)
     return _json_ready(results)
 

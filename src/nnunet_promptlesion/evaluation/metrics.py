@@ -6,7 +6,6 @@ with nnU-Net's reader/writers that is the array order of ``read_seg`` (SimpleITK
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +14,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from scipy import ndimage
 
 from ..lesions.components import label_components
+from ..lesions.masks import equivalent_radius_mm
 
 
 def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict:
@@ -58,12 +58,6 @@ def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence
                                class_thresholds=[float(tolerance_mm)], include_background=False,
                                spacing=[float(s) for s in spacing])
     return float(nsd.item())
-
-
-def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:
-    """Radius (mm) of the sphere with the same volume as ``n_voxels`` voxels of size ``spacing`` (mm)."""
-    volume = n_voxels * float(np.prod(spacing))
-    return (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 
 @dataclass

@@ -6,6 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..lesions.components import label_components
+from ..utils.atomic import atomic_path
+from .realism import centre_on_lesion
+
 
 def lesion_slice(image: np.ndarray, mask: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The 2D slice (along ``axis`` of (X, Y, Z) arrays) holding the most lesion voxels."""
@@ -22,9 +26,6 @@ def real_lesion_crops(image: np.ndarray, seg: np.ndarray, label: int, patch_size
     (``patch_size``; a 2D configuration's patch is one slice, so the crop is 1 x patch) and is centred on the lesion
     voxel nearest the lesion's centroid: the centroid of several lesions, or of a curved one, can lie outside them.
     Crops past the volume are padded with 0 (image) and False (mask). Returned image crops are (C, *crop)."""
-    from ..lesions.components import label_components
-    from .realism import centre_on_lesion
-
     components, n = label_components(seg == label)
     fov = [1] * (seg.ndim - len(patch_size)) + list(patch_size)
     out = []
@@ -42,8 +43,6 @@ def save_montage(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..utils.atomic import atomic_path
 
     ncols = max(len(r[1]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.2 * ncols, 2.3 * len(rows)), squeeze=False)

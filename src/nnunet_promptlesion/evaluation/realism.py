@@ -35,8 +35,8 @@ import numpy as np
 from scipy import ndimage
 
 from ..lesions.components import label_components
+from ..lesions.masks import equivalent_radius_mm
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
-from .metrics import equivalent_radius_mm
 
 
 @dataclass

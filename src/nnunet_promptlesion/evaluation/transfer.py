@@ -21,7 +21,7 @@ original image and transposed back (``transpose_backward``), the same axis order
 for the label file (``read_seg``: (1, *axes)); softmax for label-based datasets (channel i = label
 ``all_labels[i]``), sigmoid per region for region-based datasets (channel i = region ``foreground_regions[i]``;
 the class's channel is the region nnU-Net writes as that label, see
-:func:`~nnunet_promptlesion.trainers.synthetic_validation.class_channels`).
+:func:`~nnunet_promptlesion.lesions.channels.class_channels`).
 
 A lesion is a connected component (full connectivity: 26 neighbours in 3D, as in
 :func:`~nnunet_promptlesion.evaluation.metrics.match_lesions`) of the class's label in the ground truth; its
@@ -37,8 +37,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..lesions.channels import class_channels
 from ..lesions.components import label_components
 from ..lesions.spec import LesionSpec
+from .folders import resolve_folders
 
 #: a class "transfers" when the median over its real test lesions of the max softmax inside the lesion reaches
 #: this: at >= 0.5 (softmax) the class wins the argmax in at least one voxel of more than half of the lesions
@@ -64,9 +66,8 @@ class TransferError(ValueError):
 
 def label_channels(dataset_json: dict, labels: Sequence[int]) -> dict[int, int]:
     """Lesion label -> channel of nnU-Net's probability file, from dataset.json through nnU-Net's LabelManager."""
+    # deferred: nnU-Net (torch) costs ~1.7 CPU-s at import; the experiment runner imports this module for its verdicts
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
-    from ..trainers.synthetic_validation import class_channels
 
     lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     try:
@@ -159,8 +160,6 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
     Returns {"lesions": [{"case", "class", "label", "channel", "id", "voxels", "max_prob", "mean_prob",
     "centroid"}], "summary": {class: ...} (see :func:`summarize_lesion_softmax`), "cases": [...]}.
     """
-    from .evaluate import resolve_folders
-
     pred_dir, gt_dir, dataset_json, spec = resolve_folders(pred_dir, gt_dir, dataset_json, spec, TransferError)
     if dataset_json is None:
         raise TransferError(f"no dataset.json next to {gt_dir} or in {pred_dir}; pass dataset_json")
@@ -189,6 +188,7 @@ def lesion_softmax_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike
 
 def _lesion_softmax_cases(pred_dir: Path, gt_dir: Path, dataset_json: dict, spec: LesionSpec,
                           cases: Sequence[str]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    # deferred like LabelManager in label_channels (nnU-Net imports torch)
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     ending = dataset_json["file_ending"]

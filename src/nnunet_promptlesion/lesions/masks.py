@@ -17,10 +17,15 @@ from .components import label_components
 from .spec import LesionClass
 
 
-def equivalent_radius_mm(n_voxels: int, spacing: Sequence[float]) -> float:
-    """Radius (mm) of the sphere with the volume of ``n_voxels`` voxels of size ``spacing`` (mm)."""
-    volume = float(n_voxels) * float(np.prod(spacing))
-    return (3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)
+def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -> float | np.ndarray:
+    """Radius (mm) of the sphere with the volume of ``n_voxels`` voxels of size ``spacing`` (mm per voxel).
+
+    Only the voxel volume (the product of ``spacing``) enters, so the axis order of ``spacing`` does not
+    matter. ``n_voxels`` is a count (returns a float) or an array of counts (returns an array of radii).
+    """
+    volume = np.asarray(n_voxels, dtype=float) * float(np.prod(np.asarray(spacing, dtype=float)))
+    radius = np.cbrt(3.0 * volume / (4.0 * np.pi))
+    return float(radius) if radius.ndim == 0 else radius
 
 
 def sample_radius_mm(lesion: LesionClass, rng: np.random.Generator) -> float:

@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ..utils.atomic import write_json_atomic
 from ..utils.schema import bounds, check_value, choices, validate
@@ -243,6 +243,37 @@ class LesionSpec:
         except json.JSONDecodeError as e:
             raise LesionSpecError(f"{path} is not valid JSON: {e}") from e
         return cls.from_dict(d, source=str(path))
+
+
+def dataset_spec_folders(preprocessed_dataset: str | os.PathLike,
+                         raw_root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders of an nnU-Net dataset that may hold its lesion spec, in lookup order.
+
+    ``preprocessed_dataset`` is ``nnUNet_preprocessed/DatasetXXX_Name`` (checked first: a spec placed there is
+    the one this training copy uses); then ``<raw_root>/DatasetXXX_Name``, where the converters and phantom
+    commands write it. ``raw_root`` defaults to the ``nnUNet_raw`` environment variable and is skipped when unset.
+    """
+    pre = Path(preprocessed_dataset)
+    raw = raw_root if raw_root is not None else os.environ.get("nnUNet_raw")
+    return [pre] + ([Path(raw) / pre.name] if raw else [])
+
+
+def find_lesion_spec(folders: Iterable[str | os.PathLike | None], given: str | os.PathLike | None = None,
+                     error: type[Exception] | None = None, hint: str = "") -> Path | None:
+    """The lesion spec file to use: ``given`` when set, else :data:`LESION_SPEC_FILENAME` in the first of
+    ``folders`` that holds one (``None`` entries are skipped).
+
+    Nothing found: None, or with ``error`` that exception, its message naming every path looked at, then ``hint``
+    (what the user can do). A ``given`` path that is not a file counts as nothing found: it is not replaced by
+    a lookup, since the user asked for that file.
+    """
+    candidates = [Path(given)] if given else [Path(f) / LESION_SPEC_FILENAME for f in folders if f is not None]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if error is None:
+        return None
+    raise error(f"no lesion spec found (looked at {[str(c) for c in candidates]})" + (f". {hint}" if hint else ""))
 
 
 def radius_ranges_from_observed(radii_mm: Sequence[float], n_bins: int = 2) -> list[tuple[float, float]]:

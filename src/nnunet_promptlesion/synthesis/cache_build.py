@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
 from ..generator.train_utils import resolve_device
 from ..lesions.masks import MaskSampler
-from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
+from ..lesions.spec import LesionSpec, dataset_spec_folders, find_lesion_spec
 from ..placement.index import LesionIndex, build_lesion_index
 from ..placement.placer import NnunetCases, Placer
 from ..utils.atomic import write_json_atomic
@@ -82,15 +82,6 @@ class CacheBuildConfig:
     stop_after_shards: int | None = None  # tests: simulate a stop after this many shards
 
 
-def find_lesion_spec(arg, dataset_folder: Path) -> Path:
-    cands = [Path(arg)] if arg else [dataset_folder / LESION_SPEC_FILENAME,
-                                     Path(os.environ.get("nnUNet_raw", "")) / dataset_folder.name / LESION_SPEC_FILENAME]
-    for c in cands:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no lesion spec found (looked at {[str(c) for c in cands]}); pass --lesion-spec")
-
-
 class RunContext:
     """Everything about the nnU-Net side of a cache build: plans, split, reader, lesion index, fingerprint."""
 
@@ -109,7 +100,8 @@ class RunContext:
         self.train_ids, self.val_ids = nnunet_fold_split(self.dataset_folder, all_ids, fold)
         self.train_ids = sorted(self.train_ids)
         self.fold = fold
-        self.spec_path = find_lesion_spec(lesion_spec, self.dataset_folder)
+        self.spec_path = find_lesion_spec(dataset_spec_folders(self.dataset_folder), given=lesion_spec,
+                                          error=FileNotFoundError, hint="Pass --lesion-spec.")
         self.spec = LesionSpec.load(self.spec_path)
         dataset_json = json.loads((self.dataset_folder / "dataset.json").read_text())
         self.spec.validate_against_dataset(dataset_json, source=f"{self.dataset_folder}/dataset.json")

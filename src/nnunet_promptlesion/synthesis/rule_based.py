@@ -21,10 +21,9 @@ from scipy import ndimage
 from ..lesions.blending import blend
 from ..lesions.intensity_stats import LesionIntensityStats
 from ..lesions.spec import LesionClass
-from ..lesions.masks import MaskSampler
 from ..placement.placement import Placement
+from ..utils.errors import PromptLesionConfigError
 from .sources import SampleSource, SourceContext, register_source
-from .synthesizer import SynthesisError, Synthesizer
 
 
 #: "synthetic": SynTumor's recipe, the lesion's texture replaces the carrier; "carrier_noise": the carrier's
@@ -87,7 +86,7 @@ def _grain_sigma(fine: np.ndarray, where: np.ndarray, lo: float = 0.3, hi: float
     return float(np.clip(np.sqrt(-1.0 / (4.0 * np.log(rho))), lo, hi))
 
 
-class RuleBasedSynthesizer(Synthesizer):
+class RuleBasedSynthesizer:
     """Textured intensity change relative to the local parent intensity.
 
     lesion = local parent mean + contrast + texture, where the texture is smoothed uniform noise
@@ -98,13 +97,14 @@ class RuleBasedSynthesizer(Synthesizer):
     stats: per label, measured on real lesions (preferred); priors: per label, from the spec's HU
     ranges (used when a class has no real lesion); window: per-channel (lo, hi) clip of the painted
     values (CTNormalization's range), or None.
+
+    Only the look is decided here: the mask comes from the placement (the loader draws it with
+    :class:`~nnunet_promptlesion.lesions.masks.MaskSampler`).
     """
 
-    def __init__(self, mask_sampler: MaskSampler | None, stats: dict[int, LesionIntensityStats],
-                 blend_sigma_voxels: tuple[float, float] = (0.5, 1.5),
+    def __init__(self, stats: dict[int, LesionIntensityStats], blend_sigma_voxels: tuple[float, float] = (0.5, 1.5),
                  priors: dict[int, IntensityPrior] | None = None,
                  window: tuple[np.ndarray, np.ndarray] | None = None, texture: str = "synthetic"):
-        super().__init__(mask_sampler)
         if texture not in TEXTURES:
             raise ValueError(f"rule_texture must be one of {TEXTURES}, got {texture!r}")
         self.stats = stats
@@ -203,16 +203,12 @@ class RuleBasedSource(SampleSource):
         """Paint the placement's lesion into a copy of ``data`` (texture seeded with ``placement.seed``)."""
         lesion = self.spec.lesions[placement.class_idx]
         parent = np.isin(seg[0], lesion.parents)
-        try:
-            image = self.painter.paint(data, placement.mask(), parent, lesion, np.random.default_rng(placement.seed))
-        except SynthesisError:
-            return None
+        image = self.painter.paint(data, placement.mask(), parent, lesion, np.random.default_rng(placement.seed))
         return image.astype(np.float32, copy=False)
 
     def check(self, index, class_probs: np.ndarray) -> None:
         missing = [l.name for l, p in zip(self.spec.lesions, class_probs) if p > 0 and not self.painter.can_paint(l.label)]
         if missing:
-            from ..utils.errors import PromptLesionConfigError
             raise PromptLesionConfigError(
                 f"rule-based synthesis needs an intensity for every drawn class, but the scanned training cases hold no "
                 f"real lesion of {missing} and their lesion spec entries give no 'contrast_hu'. Add an intensity prior "
@@ -227,9 +223,8 @@ def build_rule_based_source(ctx: SourceContext) -> RuleBasedSource:
     window = ct_window_z(ctx.intensity) if ctx.intensity else None
     texture = s.extra.get("rule_texture", RULE_SETTINGS["rule_texture"])
     if texture not in TEXTURES:
-        from ..utils.errors import PromptLesionConfigError
         raise PromptLesionConfigError(f"settings: rule_texture must be one of {list(TEXTURES)}, got {texture!r}")
-    painter = RuleBasedSynthesizer(None, ctx.index.stats, blend_sigma_voxels=tuple(s.blend_sigma_voxels),
+    painter = RuleBasedSynthesizer(ctx.index.stats, blend_sigma_voxels=tuple(s.blend_sigma_voxels),
                                    priors=priors, window=window, texture=texture)
     return RuleBasedSource(painter, ctx.spec)
 

@@ -19,7 +19,6 @@ centres in voxels and world mm (RAS+), sizes, settings, checkpoint identities).
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

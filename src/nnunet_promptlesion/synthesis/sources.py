@@ -101,14 +101,25 @@ class SyntheticSample:
         return self.placement.mask()
 
 
+class SynthesisError(RuntimeError):
+    """No synthetic sample could be made (e.g. no placement for the class: no parent voxel in the centre region)."""
+
+
 class SampleSource(ABC):
     """Produces synthetic samples for :class:`~nnunet_promptlesion.trainers.mixing_loader.PromptLesionDataLoader`.
 
     Built in the main process, used (after fork, or after pickling under the spawn start method) in
     every loader worker. Keep instances cheap to pickle and never hold CUDA state in them.
+
+    Only :meth:`render` is required; every other method has a default that does nothing, so the trainer calls
+    them on any source. A source that renders in the background (a producer process) overrides
+    :meth:`raise_if_failed`, :meth:`pause` and :attr:`baseline_iterations`.
     """
 
     name: str = "?"
+    #: iterations at the start of training timed with rendering paused (:meth:`pause`), as the trainer's
+    #: no-rendering baseline for the logged iteration-time ratio; 0: no baseline (nothing renders in the background)
+    baseline_iterations: int = 0
 
     @abstractmethod
     def render(self, placement: Placement, data: np.ndarray, seg: np.ndarray) -> np.ndarray | None:
@@ -151,6 +162,14 @@ class SampleSource(ABC):
     def epoch_stats(self) -> dict[str, Any]:
         """Main-process statistics logged at the end of every epoch (e.g. reuse rate, acceptance)."""
         return {}
+
+    def raise_if_failed(self) -> None:
+        """Raise the failure of background rendering, if it failed. Called by the trainer before every training
+        step (so a dead producer stops training with its own traceback) and when training fails."""
+
+    def pause(self, paused: bool) -> None:
+        """Stop (True) or resume (False) background rendering. The trainer resumes it after the
+        :attr:`baseline_iterations` no-rendering baseline; a source that starts paused does so in :meth:`attach`."""
 
     def close(self) -> None:
         """Release processes, files, GPU memory. Called when training ends, also after an exception."""

@@ -36,8 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from ..placement.index import LesionIndex
 from ..placement.placer import Placer
-from ..synthesis.sources import SampleSource, SyntheticSample
-from ..synthesis.synthesizer import SynthesisError
+from ..synthesis.sources import SampleSource, SynthesisError, SyntheticSample
 
 STATS_KEY = "promptlesion_stats"
 

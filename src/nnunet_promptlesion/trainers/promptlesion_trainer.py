@@ -10,7 +10,6 @@ validation, checkpoints and inference are nnU-Net's own.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 
-from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec
+from ..lesions.spec import LESION_SPEC_FILENAME, LesionSpec, dataset_spec_folders, find_lesion_spec
 from ..lesions.masks import MaskSampler
 from ..placement.index import (INDEX_DIRNAME, LesionIndex, build_lesion_index, class_probabilities, index_fingerprint,
                                load_or_build_index)
@@ -38,6 +37,7 @@ from .mixing_loader import STATS_KEY, PromptLesionDataLoader, synthetic_slots_pe
 from .synthetic_validation import SyntheticValidation, prepare_synthetic_validation
 from .early_stopping import EarlyStoppingMixin
 from .settings import load_settings
+from .transforms import training_transforms
 
 __all__ = ["PromptLesionTrainer", "PromptLesionConfigError"]
 
@@ -66,22 +66,13 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         self._pl_baseline_done = False
 
     # ---------------------------------------------------------------- set-up checks
-    def _find_lesion_spec(self) -> Path:
-        s = self.promptlesion_settings
-        candidates = [Path(s.lesion_spec)] if s.lesion_spec else [
-            Path(self.preprocessed_dataset_folder_base) / LESION_SPEC_FILENAME,
-            Path(os.environ.get("nnUNet_raw", "")) / self.plans_manager.dataset_name / LESION_SPEC_FILENAME,
-        ]
-        for c in candidates:
-            if c.is_file():
-                return c
-        raise PromptLesionConfigError(
-            f"no lesion spec found (looked at {[str(c) for c in candidates]}). PromptLesionTrainer learns the dataset's "
-            f"lesion classes from {LESION_SPEC_FILENAME}: it is written by promptlesion_make_phantoms and "
-            "promptlesion_convert; write one by hand (see README) or set 'lesion_spec' in promptlesion_settings.json.")
-
     def load_lesion_spec(self) -> LesionSpec:
-        path = self._find_lesion_spec()
+        path = find_lesion_spec(
+            dataset_spec_folders(self.preprocessed_dataset_folder_base), given=self.promptlesion_settings.lesion_spec,
+            error=PromptLesionConfigError,
+            hint=f"PromptLesionTrainer learns the dataset's lesion classes from {LESION_SPEC_FILENAME}: it is written "
+                 "by promptlesion_make_phantoms and promptlesion_convert; write one by hand (see README) or set "
+                 "'lesion_spec' in promptlesion_settings.json.")
         spec = LesionSpec.load(path)
         spec.validate_against_dataset(self.dataset_json, source=f"the dataset.json of {self.plans_manager.dataset_name}")
         return spec
@@ -196,14 +187,21 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
                 also_print_to_console=True)
         return n
 
-    def build_sample_source(self, index: LesionIndex, initial_patch_size, placer: Placer | None = None) -> SampleSource:
+    def build_sample_source(self, index: LesionIndex, initial_patch_size, n_synthetic: int,
+                            placer: Placer | None = None) -> SampleSource:
+        """The configured source; a rank without synthetic slots (``n_synthetic`` 0) never draws, so it gets the
+        rule-based source instead: no generator, producer or cache is started for it (DDP)."""
         s = self.promptlesion_settings
         cm = self.configuration_manager
+        name = s.synthesizer
+        log = lambda msg: self.print_to_log_file(msg, also_print_to_console=True)
+        if n_synthetic == 0 and name != "rule_based":
+            log(f"PromptLesion: no synthetic slot on this rank; '{name}' not started")
+            name, log = "rule_based", lambda msg: None
         ctx = SourceContext(settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
                             patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
-                            intensity=self._intensity_properties(), trainer=self,
-                            log=lambda msg: self.print_to_log_file(msg, also_print_to_console=True), placer=placer)
-        return build_source(s.synthesizer, ctx)
+                            intensity=self._intensity_properties(), trainer=self, log=log, placer=placer)
+        return build_source(name, ctx)
 
     def build_train_loader(self, dataset_tr, initial_patch_size, tr_transforms):
         s = self.promptlesion_settings
@@ -216,16 +214,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
                                      initial_patch_size, cm.patch_size, s.centre_fraction, s.placement_tries)
         self.close_sample_source()
         n_syn = self.synthetic_per_batch()
-        if n_syn == 0 and s.synthesizer != "rule_based":
-            # a rank without synthetic slots never draws: start no generator/producer/cache for it (DDP)
-            self.print_to_log_file(f"PromptLesion: no synthetic slot on this rank; '{s.synthesizer}' not started",
-                                   also_print_to_console=True)
-            source = build_source("rule_based", SourceContext(
-                settings=s, spec=self.promptlesion_spec, index=index, spacing=tuple(cm.spacing),
-                patch_size=tuple(cm.patch_size), initial_patch_size=tuple(initial_patch_size),
-                intensity=self._intensity_properties(), trainer=self, log=lambda msg: None, placer=placer))
-        else:
-            source = self.build_sample_source(index, initial_patch_size, placer)
+        source = self.build_sample_source(index, initial_patch_size, n_syn, placer)
         self.promptlesion_source = source
         source.check(index, probs)
         self.print_to_log_file(
@@ -250,7 +239,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         raise_if_terminated()  # a SIGTERM whose raise was swallowed (see utils.lifetime)
         src = self.promptlesion_source
-        if src is not None and hasattr(src, "raise_if_failed"):
+        if src is not None:
             src.raise_if_failed()  # a failed online producer stops training here, with its traceback
         self._promptlesion_time_iteration()
         stats = batch.pop(STATS_KEY, None)
@@ -265,7 +254,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def _promptlesion_time_iteration(self) -> None:
         """Wall time between consecutive train steps (data wait + step), for the iteration-time ratio.
 
-        Baseline: a source that renders on the GPU (``pause``, ``baseline_iterations``) starts with rendering
+        Baseline: a source that renders in the background (``baseline_iterations`` > 0) starts with rendering
         paused; iterations ``_PL_BASELINE_SKIP+1 .. _PL_BASELINE_SKIP+baseline_iterations`` of the first epoch
         are timed like that (the loader still serves ring samples: no rendering, same data path), then rendering
         resumes. Every epoch's median iteration time is logged as a ratio to the baseline's median."""
@@ -275,7 +264,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             return
         dt = now - last
         src = self.promptlesion_source
-        n_base = int(getattr(src, "baseline_iterations", 0) or 0) if src is not None and hasattr(src, "pause") else 0
+        n_base = int(src.baseline_iterations) if src is not None else 0
         if not self._pl_baseline_done and n_base > 0:
             self._pl_iter_times.append(dt)
             if len(self._pl_iter_times) > self._PL_BASELINE_SKIP:
@@ -288,7 +277,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
     def _promptlesion_finish_baseline(self) -> None:
         src = self.promptlesion_source
         self._pl_baseline_done = True
-        if src is not None and hasattr(src, "pause"):
+        if src is not None:
             src.pause(False)
         self._pl_iter_times = []
         if self._pl_base_times:
@@ -303,8 +292,8 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
 
     def _promptlesion_log_iteration_time(self) -> None:
         times, self._pl_iter_times, self._pl_last_iter_t = self._pl_iter_times, [], None
-        if not self._pl_baseline_done and hasattr(self.promptlesion_source, "pause") and (
-                int(getattr(self.promptlesion_source, "baseline_iterations", 0) or 0) > 0):
+        src = self.promptlesion_source
+        if not self._pl_baseline_done and src is not None and src.baseline_iterations > 0:
             self._promptlesion_finish_baseline()  # epoch shorter than the baseline: use what was timed
             return
         if not times:
@@ -365,7 +354,7 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
             if isinstance(e, Exception):   # refusals when the loader is built, and failures mid-run (not Ctrl-C)
                 self._log_refusal(e)
             src = self.promptlesion_source
-            if src is not None and hasattr(src, "raise_if_failed") and type(e).__name__ != "ProducerDeadError":
+            if src is not None and type(e).__name__ != "ProducerDeadError":
                 src.raise_if_failed()  # a worker's lock timeout or a dead augmenter: name the producer's failure
             raise e
         finally:
@@ -391,17 +380,10 @@ class PromptLesionTrainer(EarlyStoppingMixin, nnUNetTrainer):
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         patch_size = self.configuration_manager.patch_size
-        deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        initial_patch_size, tr_transforms = training_transforms(self)
         regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
-        tr_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=self.label_manager.foreground_labels, regions=regions,
-            ignore_label=self.label_manager.ignore_label)
         val_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded,
+            self._get_deep_supervision_scales(), is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=regions,
             ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()

@@ -46,16 +46,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..lesions.channels import class_channels
 from ..lesions.masks import MaskSampler
 from ..placement.index import INDEX_DIRNAME, LesionIndex, NoHealthyRegionError, build_lesion_index, \
     index_fingerprint, load_or_build_index
 from ..placement.placer import NnunetCases, Placer
+from ..synthesis.sources import SynthesisError
 from ..utils.atomic import atomic_path, write_json_atomic
+from .mixing_loader import PromptLesionDataLoader
 
 GAUGES_FILENAME = "promptlesion_gauges.json"
 PLOT_FILENAME = "progress_promptlesion.png"
@@ -72,7 +75,7 @@ HOLD_BACK_EVERY = 5
 PLACEMENT_SOURCES = ("rule_based",)
 
 __all__ = ["GAUGES_FILENAME", "PLOT_FILENAME", "SyntheticValidation", "prepare_synthetic_validation", "load_gauges",
-           "synthetic_summary", "class_channels", "ENV_ENABLE", "ENV_SAMPLES", "ENV_FORCE", "SEED"]
+           "synthetic_summary", "ENV_ENABLE", "ENV_SAMPLES", "ENV_FORCE", "SEED"]
 
 
 def _enabled() -> bool:
@@ -95,37 +98,6 @@ def _samples_per_class() -> int:
 def _forced_value() -> float | None:
     v = os.environ.get(ENV_FORCE, "").strip()
     return float(v) if v else None
-
-
-def class_channels(label_manager, labels: Sequence[int]) -> dict[int, tuple[int, tuple[int, ...]]]:
-    """Lesion label -> (network output channel, labels that channel predicts).
-
-    Label-based datasets: the channel of the label in ``label_manager.all_labels`` (softmax, argmax). Region-based
-    datasets (sigmoid per region, channels in ``foreground_regions`` order): the region that nnU-Net writes as this
-    label (``regions_class_order``), else the smallest region holding the label.
-    """
-    out = {}
-    if not label_manager.has_regions:
-        all_labels = [int(v) for v in label_manager.all_labels]
-        for l in labels:
-            if int(l) not in all_labels:
-                raise ValueError(f"lesion label {l} is not a label of the dataset ({all_labels})")
-            out[int(l)] = (all_labels.index(int(l)), (int(l),))
-        return out
-    regions = [tuple(int(v) for v in (r if isinstance(r, (tuple, list)) else (r,)))
-               for r in label_manager.foreground_regions]
-    order = [int(v) for v in (label_manager.regions_class_order or [])]
-    for l in labels:
-        l = int(l)
-        if l in order and l in regions[order.index(l)]:
-            k = order.index(l)
-        else:
-            holding = [i for i, r in enumerate(regions) if l in r]
-            if not holding:
-                raise ValueError(f"lesion label {l} is in none of the dataset's regions {regions}")
-            k = min(holding, key=lambda i: len(regions[i]))
-        out[l] = (k, regions[k])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- carriers
@@ -248,8 +220,6 @@ class SyntheticValidation:
 
     # ------------------------------------------------------------------ the fixed set
     def _loader(self, trainer):
-        from .mixing_loader import PromptLesionDataLoader
-
         tr, val = trainer.do_split()
         ids = sorted(set(tr) | set(val))
         ds = trainer.dataset_class(trainer.preprocessed_dataset_folder, ids)
@@ -265,8 +235,6 @@ class SyntheticValidation:
 
     def draw_set(self, trainer) -> dict[str, list[_Sample]]:
         """Draw the fixed set (seeded) through the trainer's source; classes that cannot be made get none."""
-        from ..synthesis.synthesizer import SynthesisError
-
         source = trainer.promptlesion_source
         if source is None:
             raise RuntimeError("synthetic validation needs the trainer's sample source (built with the training loader)")
