@@ -1,7 +1,8 @@
 """Where an experiment's (arm, repeat) chains run: here (``"local"``, the default) or as cluster jobs through submitit.
 
-The runner (:mod:`.runner`) keeps every piece of bookkeeping: the folds (scarce/full), seeds, settings, step
-records and markers, ``--retrain-changed``, the report. An executor only decides *where* a chain's steps run:
+The runner (:mod:`.runner`, its records in :mod:`.layout`) keeps every piece of bookkeeping: the folds (scarce/full),
+seeds, settings, step records and markers, ``--retrain-changed``, the report. An executor only decides *where* a
+chain's steps run:
 
 * ``local``: child processes of ``promptlesion_experiment`` (``"jobs": N`` chains at a time), as always.
 * ``slurm``: one SLURM job per (arm, repeat) chain, submitted with submitit's ``AutoExecutor``; the job runs the

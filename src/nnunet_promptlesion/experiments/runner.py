@@ -202,7 +202,7 @@ class ExperimentRunner(ExperimentSteps, ExperimentReport):
         """Every step (skipping finished ones), then the report. Returns the comparison dict (or None).
 
         SIGTERM is handled like Ctrl-C while the steps run: every running nnU-Net command and every process it
-        started are stopped (see :func:`run_command`), finished steps stay, and the same call resumes."""
+        started are stopped (see :func:`.processes.run_command`), finished steps stay, and the same call resumes."""
         executor = (self.cfg.executor or {}).get("kind", "local")
         if executor != "local":   # before the checks: without submitit, say how to install it at once
             import_submitit()
