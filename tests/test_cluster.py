@@ -19,7 +19,8 @@ import pytest
 from conftest import BIN, processes_with_env, wait_until_gone
 from test_experiment import SCRIPTED, _config, _scripted_experiment, _steps
 
-from nnunet_promptlesion.experiments.runner import ExperimentError, ExperimentRunner, load_config
+from nnunet_promptlesion.experiments.config import ExperimentError, load_config
+from nnunet_promptlesion.experiments.runner import ExperimentRunner
 
 NEEDS_SUBMITIT = pytest.mark.skipif(
     __import__("importlib").util.find_spec("submitit") is None,

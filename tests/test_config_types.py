@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_promptlesion.experiments.runner import ExperimentError, load_config, parse_budget
+from nnunet_promptlesion.experiments.config import ExperimentError, load_config, parse_budget
 from nnunet_promptlesion.lesions.spec import MAX_RADIUS_MM, LesionClass, LesionSpec, LesionSpecError
 from nnunet_promptlesion.trainers.settings import SETTINGS_ENV, PromptLesionSettings, SettingsError, load_settings
 from nnunet_promptlesion.utils.schema import SchemaError, check_value

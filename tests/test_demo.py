@@ -93,7 +93,7 @@ def test_demo_trainers_skip_self_validation_only_for_fold_all():
 
 
 def test_shipped_demo_config_is_an_experiment_with_baseline_arm_and_ceiling():
-    from nnunet_promptlesion.experiments.runner import load_config
+    from nnunet_promptlesion.experiments.config import load_config
 
     cfg = load_config("demo", {"dataset": "501"})
     roles = {a.name: a.role for a in cfg.arms}
@@ -243,7 +243,7 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
            "val_iterations_per_epoch=1"]
     exp = work / "experiment"
     runs = {arm: exp / "runs" / arm / "repeat_0" / "nnUNet_results" for arm in ("real_scarce", "rule_based", "ceiling")}
-    from nnunet_promptlesion.experiments.runner import resolve_config_path
+    from nnunet_promptlesion.experiments.config import resolve_config_path
     assert json.loads(resolve_config_path("demo").read_text())["jobs"] == 2
 
     def start() -> subprocess.Popen:
@@ -367,7 +367,7 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
 def test_diffusion_with_the_2d_demo_is_refused_before_pretraining(ccta_dataset, tmp_path):
     """The generators are 3-D: `--diffusion` with the 2-D demo configuration stops at once, naming the 3-D config,
     instead of pretraining for minutes and failing in the trainer."""
-    from nnunet_promptlesion.experiments.runner import load_config
+    from nnunet_promptlesion.experiments.config import load_config
 
     assert load_config("demo_3d", {"dataset": "501"}).configuration == demo.DEMO_3D_CONFIGURATION
     _, did, _ = ccta_dataset

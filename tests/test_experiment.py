@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_promptlesion.experiments.runner import ExperimentError, ExperimentRunner, load_config
+from nnunet_promptlesion.experiments.config import ExperimentError, load_config
+from nnunet_promptlesion.experiments.runner import ExperimentRunner
 
 
 def _config(tmp_path: Path, did: int, plans: str, arms: list[dict], **kw) -> Path:
@@ -131,7 +132,7 @@ def test_config_and_arm_checks(nnunet_paths, tmp_path, monkeypatch):
 
 
 def test_stop_process_tree_ends_grandchildren_that_ignore_sigterm(tmp_path):
-    from nnunet_promptlesion.experiments.runner import descendants, stop_process_tree
+    from nnunet_promptlesion.experiments.processes import descendants, stop_process_tree
 
     # child -> grandchild; the grandchild ignores SIGTERM and outlives its parent (re-parented on exit)
     grand = tmp_path / "grandchild.py"
@@ -163,7 +164,8 @@ def test_stop_process_tree_ends_grandchildren_that_ignore_sigterm(tmp_path):
 SCRIPTED = r'''
 import json, os, sys, time
 from pathlib import Path
-from nnunet_promptlesion.experiments.runner import ExperimentRunner, load_config
+from nnunet_promptlesion.experiments.config import load_config
+from nnunet_promptlesion.experiments.runner import ExperimentRunner
 
 STEP = """import json, sys, time
 rec = {"what": sys.argv[1], "start": time.time()}
@@ -261,7 +263,7 @@ def test_parallel_jobs_overlap_chains_keep_their_order_and_a_failure_starts_noth
 
 
 def test_sigterm_to_a_parallel_experiment_stops_every_running_step(tmp_path):
-    from nnunet_promptlesion.experiments.runner import descendants
+    from nnunet_promptlesion.experiments.processes import descendants
 
     cfg_path, env = _scripted_experiment(tmp_path, ["a", "b", "c"], jobs=2)
     p = subprocess.Popen([sys.executable, str(tmp_path / "scripted.py"), str(cfg_path), str(tmp_path / "out")],

@@ -138,7 +138,8 @@ def test_spacing_far_from_the_generators_is_named_with_both_spacings(tmp_path, m
 def test_a_training_without_a_record_is_never_reported_as_this_configs(tmp_path, monkeypatch):
     """An experiment folder from an older version (a finished training, no inputs record) or a training run by hand
     into it: the runner cannot know what it was trained from, so it refuses it as changed instead of skipping it."""
-    from nnunet_promptlesion.experiments.runner import ExperimentError, ExperimentRunner, load_config
+    from nnunet_promptlesion.experiments.config import ExperimentError, load_config
+    from nnunet_promptlesion.experiments.runner import ExperimentRunner
 
     pre = tmp_path / "pre" / "Dataset999_Old"
     pre.mkdir(parents=True)
@@ -170,7 +171,8 @@ def test_a_training_without_a_record_is_never_reported_as_this_configs(tmp_path,
 def test_a_generator_or_spec_changed_at_the_same_path_changes_the_trainings_inputs(tmp_path, monkeypatch):
     """The settings name files (a generator checkpoint, a lesion spec): a file retrained or edited in place is another
     input even though the settings text is the same; the dataset's own lesion_spec.json counts for PromptLesion arms."""
-    from nnunet_promptlesion.experiments.runner import ExperimentRunner, load_config
+    from nnunet_promptlesion.experiments.config import load_config
+    from nnunet_promptlesion.experiments.runner import ExperimentRunner
 
     pre = tmp_path / "pre" / "Dataset998_Files"
     pre.mkdir(parents=True)

@@ -138,7 +138,8 @@ def main(argv=None) -> None:
         ap.error("--repeats must be >= 1")
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be >= 1")
-    from ..experiments.runner import parse_budget, run_as_command
+    from ..experiments.config import parse_budget
+    from ..experiments.runner import run_as_command
 
     budget = parse_budget(args.budget, ap.error)
 
@@ -150,7 +151,8 @@ def _stage(msg: str) -> None:
 
 
 def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
-    from ..experiments.runner import ExperimentError, run_command
+    from ..experiments.config import ExperimentError
+    from ..experiments.processes import run_command
 
     log = logs / f"{name}.log"
     rc = run_command(cmd, env, log)
@@ -161,7 +163,8 @@ def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
 
 def run_demo(args, budget: dict | None) -> dict | None:
     from ..dataset_conversion.phantoms import MANIFEST_FILENAME
-    from ..experiments.runner import ExperimentError, ExperimentRunner, load_config
+    from ..experiments.config import ExperimentError, load_config
+    from ..experiments.runner import ExperimentRunner
 
     # the config (name, types, ranges) is checked before any work: a typo must not cost a phantom and its
     # preprocessing first; it is loaded again below, once the plans it names exist

@@ -74,8 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--show-config", metavar="NAME", help="print a shipped config and exit")
     args = ap.parse_args(argv)
 
-    from ..experiments.runner import (SHIPPED_CONFIGS, ExperimentRunner, load_config, parse_budget,
-                                      resolve_config_path, run_as_command)
+    from ..experiments.config import SHIPPED_CONFIGS, load_config, parse_budget, resolve_config_path
+    from ..experiments.runner import ExperimentRunner, run_as_command
 
     if args.list_configs:
         import json
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
             try:
                 prepare_dataset(cfg.prepare, cfg.dataset, Path(out) / "logs", where=cfg.source)
             except PrepareError as e:
-                from ..experiments.runner import ExperimentError
+                from ..experiments.config import ExperimentError
                 raise ExperimentError(str(e)) from None
         runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include, retrain_changed=args.retrain_changed)
         if args.check:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..utils.env_names import ENV_SETTINGS
+
 EPILOG = """\
 example (dataset planned and preprocessed; a baseline trained with nnUNetTrainer_earlyStopping, fold 0):
   promptlesion_realism -d 501 --settings my_arm_settings.json -o realism_501
@@ -110,10 +112,10 @@ def main(argv=None) -> None:
 
     # The trainer writes a training log into its nnUNet_results fold folder when built: point it at a scratch
     # folder so a trained model's folder is left alone.
-    saved = {k: os.environ.get(k) for k in ("nnUNet_results", "PROMPTLESION_SETTINGS")}
+    saved = {k: os.environ.get(k) for k in ("nnUNet_results", ENV_SETTINGS)}
     os.environ["nnUNet_results"] = str(out / "scratch_trainer")
     if args.settings:
-        os.environ["PROMPTLESION_SETTINGS"] = str(Path(args.settings).resolve())
+        os.environ[ENV_SETTINGS] = str(Path(args.settings).resolve())
     try:
         plans = load_json(str(pre / f"{args.plans}.json"))
         plans["continue_training"] = False

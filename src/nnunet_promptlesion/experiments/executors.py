@@ -1,7 +1,8 @@
 """Where an experiment's (arm, repeat) chains run: here (``"local"``, the default) or as cluster jobs through submitit.
 
-The runner (:mod:`.runner`) keeps every piece of bookkeeping: the folds (scarce/full), seeds, settings, step
-records and markers, ``--retrain-changed``, the report. An executor only decides *where* a chain's steps run:
+The runner (:mod:`.runner`, its records in :mod:`.layout`) keeps every piece of bookkeeping: the folds (scarce/full),
+seeds, settings, step records and markers, ``--retrain-changed``, the report. An executor only decides *where* a
+chain's steps run:
 
 * ``local``: child processes of ``promptlesion_experiment`` (``"jobs": N`` chains at a time), as always.
 * ``slurm``: one SLURM job per (arm, repeat) chain, submitted with submitit's ``AutoExecutor``; the job runs the
@@ -20,7 +21,8 @@ again. The cost: the folds of one repeat train one after another in its job (the
 A job that reaches its time limit is requeued by submitit (the callable is checkpointable: it resubmits itself,
 and the steps resume as above) up to 3 times.
 
-Config (``"executor"`` in the experiment config; ``--executor KIND`` overrides ``kind``)::
+Config (``"executor"`` in the experiment config, checked against :class:`.config.ExecutorSpec`; ``--executor KIND``
+overrides ``kind``)::
 
     "executor": {"kind": "slurm", "partition": "gpu", "gpus_per_job": 1, "cpus_per_task": 8, "mem_gb": 64,
                  "time_min": 2880, "max_jobs": null, "poll_s": 60,
@@ -40,43 +42,23 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..utils.atomic import write_json_atomic
-from ..utils.schema import bounds, choices, validate
-from .runner import Arm, ExperimentError, ExperimentRunner
+from .config import Arm, ExecutorSpec, ExperimentError
+from .processes import alive, descendants
 
-EXECUTOR_KINDS = ("local", "slurm", "submitit_local")
+if TYPE_CHECKING:   # annotations only: the runner imports this module to run its chains
+    from .runner import ExperimentRunner
+
 INSTALL_HINT = 'pip install "nnunet_promptlesion[cluster]"   (or: pip install "submitit>=1.5")'
 JOBS_DIR = "jobs"
 #: SLURM job states (sacct) of a job that is still to run or running: found on a re-run, it is waited for
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
                  "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY")
 UNKNOWN_GRACE_S = 600.0   # a job just submitted may not be in sacct yet; unknown for longer is a failure
-
-
-@dataclass
-class ExecutorSpec:
-    kind: str = field(default="local", metadata=choices(*EXECUTOR_KINDS))
-    partition: str | None = None            # SLURM partition (--partition)
-    # default: 1 for device "cuda", else 0; at most 1: the runner trains one GPU per training
-    gpus_per_job: int | None = field(default=None, metadata=bounds(0, 1))
-    cpus_per_task: int | None = field(default=None, metadata=bounds(1))
-    mem_gb: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
-    time_min: int | None = field(default=None, metadata=bounds(1))   # per job; submitit requeues at the limit
-    max_jobs: int | None = field(default=None, metadata=bounds(1))   # jobs submitted and not finished at a time
-    poll_s: float | None = field(default=None, metadata=bounds(0.1))  # how often the jobs are asked about
-    setup: list[str] = field(default_factory=list)   # shell lines run in the job before Python (module load ...)
-    slurm_additional: dict[str, str | int | float | bool] = field(default_factory=dict)   # any other sbatch flag
-
-
-def check_executor(d: Any, source: str) -> dict:
-    """The ``"executor"`` object of a config, checked (types, ranges, known keys); returns it as given."""
-    if isinstance(d, str):   # "executor": "slurm" is short for {"kind": "slurm"}
-        d = {"kind": d}
-    return validate(ExecutorSpec, d, source, prefix="executor", error=ExperimentError)
 
 
 def executor_spec(cfg) -> ExecutorSpec:
@@ -340,8 +322,6 @@ class SubmititChains:
 
     def _cancel(self, jobs: list[_Job]) -> list[str]:
         """Cancel ``jobs`` (scancel; locally SIGINT to the job, then its leftover processes). Returns their ids."""
-        from .runner import _alive, descendants
-
         trees = {}
         for j in jobs:
             if self.cluster == "local":
@@ -371,16 +351,16 @@ class SubmititChains:
             for t in trees.values():
                 tree.update(t)
             end = time.time() + 10
-            while _alive(tree) and time.time() < end:
+            while alive(tree) and time.time() < end:
                 time.sleep(0.2)
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                for p in _alive(tree):
+                for p in alive(tree):
                     try:
                         os.kill(p, sig)
                     except OSError:
                         pass
                 end = time.time() + 5
-                while _alive(tree) and time.time() < end:
+                while alive(tree) and time.time() < end:
                     time.sleep(0.1)
         return [j.job_id for j in jobs]
 
@@ -495,8 +475,7 @@ def sbatch_script(runner: ExperimentRunner) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "check")
 
 
-__all__ = ["EXECUTOR_KINDS", "ExecutorSpec", "ChainJob", "SubmititChains", "check_executor", "import_submitit",
-           "jobs_note", "run_chains", "sbatch_script", "INSTALL_HINT"]
+__all__ = ["ChainJob", "SubmititChains", "import_submitit", "jobs_note", "run_chains", "sbatch_script", "INSTALL_HINT"]
 
 
 def jobs_note(out: Path) -> str:

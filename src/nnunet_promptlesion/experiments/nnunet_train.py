@@ -17,9 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..utils.env_names import ENV_FINAL_VALIDATION
 from .torch_threads import cap_torch_threads
-
-ENV_FINAL_VALIDATION = "PROMPTLESION_FINAL_VALIDATION"
 
 
 def final_validation_enabled() -> bool:

@@ -39,6 +39,7 @@ from typing import Callable
 
 from ..utils.atomic import write_json_atomic
 from .plans_configs import PlansConfigError, add_2d_configuration, add_coarse_configuration
+from .processes import run_command
 
 PREPARE_KEYS = {"convert", "configurations"}
 CONFIGURATION_KINDS = {"coarse": {"name", "kind", "base", "spacing_factor", "patch_size"},
@@ -109,8 +110,6 @@ def prepare_dataset(section: dict, dataset, log_dir: Path, where: str = "config"
                     say: Callable[[str], None] = print, n_proc: int = 2) -> None:
     """Run the preparation steps for ``dataset`` (an id); see the module docstring. Needs nnUNet_raw and
     nnUNet_preprocessed set."""
-    from .runner import run_command
-
     check_prepare(section, where)
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         if not os.environ.get(var):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-ENV_TORCH_THREADS = "PROMPTLESION_TORCH_THREADS"
+from ..utils.env_names import ENV_TORCH_THREADS
 
 
 def torch_threads_cap() -> int | None:

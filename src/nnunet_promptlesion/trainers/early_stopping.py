@@ -40,17 +40,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ..utils.atomic import write_json_atomic
+from ..utils.env_names import (ENV_EPOCHS, ENV_ITERATIONS, ENV_MIRRORING, ENV_PATIENCE, ENV_SAVE_EVERY, ENV_SEED,
+                               ENV_VAL_ITERATIONS)
 from .checkpointing import AtomicCheckpointMixin
 from .progress_plot import ThrottledProgressPlotMixin
 from .settings import SETTINGS_ENV, SETTINGS_FILENAME
 
-ENV_PATIENCE = "PROMPTLESION_EARLY_STOPPING_PATIENCE"
-ENV_EPOCHS = "PROMPTLESION_NUM_EPOCHS"
-ENV_ITERATIONS = "PROMPTLESION_NUM_ITERATIONS_PER_EPOCH"
-ENV_VAL_ITERATIONS = "PROMPTLESION_NUM_VAL_ITERATIONS_PER_EPOCH"
-ENV_SAVE_EVERY = "PROMPTLESION_SAVE_EVERY"
-ENV_SEED = "PROMPTLESION_SEED"
-ENV_MIRRORING = "PROMPTLESION_MIRRORING"
 CONTROL_ENV_VARS = (ENV_PATIENCE, ENV_EPOCHS, ENV_ITERATIONS, ENV_VAL_ITERATIONS, ENV_SAVE_EVERY, ENV_SEED,
                     ENV_MIRRORING)
 SETTINGS_KEY = "early_stopping_patience"

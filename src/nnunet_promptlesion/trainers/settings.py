@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from ..utils.env_names import ENV_SETTINGS as SETTINGS_ENV
 from ..utils.schema import bounds, check_value, choices, validate
 
 SETTINGS_FILENAME = "promptlesion_settings.json"
-SETTINGS_ENV = "PROMPTLESION_SETTINGS"
 
 
 class SettingsError(ValueError):
