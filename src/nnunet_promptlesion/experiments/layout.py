@@ -36,7 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..lesions.spec import LESION_SPEC_FILENAME
+from ..lesions.spec import find_lesion_spec
 from .config import PATH_SETTINGS, Arm, ExperimentConfig, ExperimentError, expand_env
 
 DONE_MARKER = ".complete"
@@ -261,10 +261,9 @@ class ExperimentLayout:
         settings = expand_env(arm.settings or {}, arm.name)
         files = {k: settings[k] for k in PATH_SETTINGS if isinstance(settings.get(k), str)}
         if "lesion_spec" not in files:
-            for c in (self.pre / self.dataset_name / LESION_SPEC_FILENAME, self.raw / self.dataset_name / LESION_SPEC_FILENAME):
-                if c.is_file():
-                    files["lesion_spec"] = str(c)
-                    break
+            found = find_lesion_spec([self.pre / self.dataset_name, self.raw / self.dataset_name])
+            if found is not None:
+                files["lesion_spec"] = str(found)
         return {"synthesis_files": {k: content_digest(Path(p)) for k, p in sorted(files.items())}}
 
     def _data_fingerprint(self, fold: str) -> dict:
