@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..utils.atomic import write_json_atomic
 from .config import Arm, ExecutorSpec, ExperimentError
-from .processes import alive, descendants
+from .processes import descendants, end_orphans
 
 if TYPE_CHECKING:   # annotations only: the runner imports this module to run its chains
     from .runner import ExperimentRunner
@@ -350,18 +350,7 @@ class SubmititChains:
             tree: dict[int, str] = {}
             for t in trees.values():
                 tree.update(t)
-            end = time.time() + 10
-            while alive(tree) and time.time() < end:
-                time.sleep(0.2)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for p in alive(tree):
-                    try:
-                        os.kill(p, sig)
-                    except OSError:
-                        pass
-                end = time.time() + 5
-                while alive(tree) and time.time() < end:
-                    time.sleep(0.1)
+            end_orphans(tree, 10.0)
         return [j.job_id for j in jobs]
 
     # -------------------------------------------------------------- the loop

@@ -109,12 +109,17 @@ def stop_process_tree(child: subprocess.Popen, grace_s: float = 30.0, orphan_wai
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-    deadline = time.time() + orphan_wait_s
+    end_orphans(tree, orphan_wait_s)
+
+
+def end_orphans(tree: dict[int, str], wait_s: float) -> None:
+    """Give the processes of ``tree`` ({pid: start time}) ``wait_s`` to end by themselves, then SIGTERM and
+    after 5 s SIGKILL whatever is left."""
+    deadline = time.time() + wait_s
     while alive(tree) and time.time() < deadline:
         time.sleep(0.2)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = alive(tree)
-        for p in left:
+        for p in alive(tree):
             try:
                 os.kill(p, sig)
             except OSError:
