@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
+
 EPILOG = """examples:
   promptlesion_build_cache -d 601 -c 3d_fullres -f 0 --per-class 500 \\
       --diffusion $nnUNet_results/Dataset601_PhantomCCTA/promptlesion_diffusion__paper__3d_fullres__fold0/checkpoint_final.pt \\
@@ -42,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, required=True, help="samples per lesion class")
     p.add_argument("--classes", nargs="+", default=None, help="lesion class names or labels (default: every class of the spec)")
     p.add_argument("--lesion-spec", default=None, help="lesion_spec.json (default: nnUNet_preprocessed/DatasetXXX, else nnUNet_raw)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse sampler (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; ddpm runs all T)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=STEPS_HELP)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--batch", type=int, default=8, help="lesions rendered per generator call (default 8)")

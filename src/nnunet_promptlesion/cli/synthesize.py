@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
+
 EPILOG = """examples:
   promptlesion_synthesize -i ct.nii.gz --parent-mask organs.nii.gz --parent-label 5 --prompt liver_tumor \\
       --size-mm 8 --count 2 --seed 0 --steps 50 --diffusion runs/diffusion/checkpoint_final.pt -o out/
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size-mm", type=float, help="equivalent-sphere radius of each lesion in mm (default: drawn from the lesion spec)")
     p.add_argument("--count", type=int, default=1, help="number of lesions to insert (default 1; ignored with --mask)")
     p.add_argument("--seed", type=int, default=0, help="random seed for placement, shape and sampling (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50); ddpm always runs all T steps")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse sampler (default ddim)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=STEPS_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=SAMPLER_HELP)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic; default 0)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off; default 1)")
     p.add_argument("--blend-sigma", type=float, default=1.0, help="blend blur sigma in generator voxels (default 1)")
