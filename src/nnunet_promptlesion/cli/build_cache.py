@@ -4,7 +4,9 @@ Lesions of every class of the lesion spec (``--per-class`` each) are placed like
 them (a parent-structure voxel of a training case whose surroundings hold no real lesion, an elastic or
 real-mask shape drawn inside the parent), rendered in batches by the diffusion model (space mapping to the
 generator's spacing/intensity/axis order and back, blended so that only voxels near the lesion change) and
-stored in a sharded cache. Only the fold's training cases (nnU-Net's own split) are carriers. Use the cache
+stored in a sharded cache. A 2D configuration (e.g. 2d_demo) takes a 2D generator: each lesion is placed in one
+(y, x) slice and rendered in plane, as the 2D trainer paints; a generator of the other dimensionality is refused,
+naming both. Only the fold's training cases (nnU-Net's own split) are carriers. Use the cache
 with ``"synthesizer": "diffusion_cache", "cache": "<folder>"`` in promptlesion_settings.json; class weights
 apply when training draws from it.
 

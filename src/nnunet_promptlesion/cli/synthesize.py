@@ -9,6 +9,11 @@ reader order after transpose_forward, for a generator trained with -d), a patch 
 resampled to the generator's spacing, all patches are inpainted in one batch (prompt ``--prompt``; a model
 trained without prompts samples with its null token), blended in (Gaussian-blurred mask) and resampled back;
 only voxels near the lesions change, every other voxel keeps its exact value.
+
+A 2D generator (trained on a 2D configuration such as 2d_demo) paints each lesion in ONE slice along its slice axis
+(the generator's array axis 0: axial for nnU-Net-trained generators without a transpose): a --mask component is cut
+to its largest slice (only that slice is painted and labelled), and generated masks are 2D masks placed in a slice
+of the middle 30-70% of the parent's extent along that axis. The JSON records each lesion's slice.
 """
 from __future__ import annotations
 
