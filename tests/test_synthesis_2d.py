@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -267,7 +268,8 @@ def test_nnunetv2_train_2d_with_diffusion_online(gen2d, tmp_path):
     assert all(s["in_target"] and s["label"] in (2, 3) for r in recs for s in r["samples"])
     text = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
     assert "ring after warm-up" in text and "dpmpp 2" in text
-    import re
     st = [json.loads(m.group(1)) for m in re.finditer(r"PromptLesion: epoch stats (\{.*\})", text)][0]
     assert st["loader"].get("diffusion_online/diffusion", 0) >= 1 and not st["loader"].get("fallback_real")
-    assert st["source"]["rendered"] >= 1 and st["source"]["producer_alive"]
+    # the producer rendered every drawn class before training (epoch 1's own renders depend on the machine's load)
+    ring = re.search(r"ring after warm-up \{([^}]*)\}", text).group(1)
+    assert all(int(v) >= 1 for v in re.findall(r": (\d+)", ring)) and st["source"]["producer_alive"]
