@@ -364,18 +364,21 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
     assert "nothing to check or run" in r.stdout     # the arm checks (importing every trainer) skipped too
 
 
-def test_diffusion_with_the_2d_demo_is_refused_before_pretraining(ccta_dataset, tmp_path):
-    """The generators are 3-D: `--diffusion` with the 2-D demo configuration stops at once, naming the 3-D config,
-    instead of pretraining for minutes and failing in the trainer."""
+def test_diffusion_pretrains_generators_of_the_demo_configurations_dimensionality():
+    """`--diffusion` on the default 2-D configuration pretrains 2-D generators (cpu2d) and builds their cache; on
+    demo_3d 3-D ones (tiny). The step counts are options (VQGAN steps default to the diffusion steps)."""
+    import argparse
+
     from nnunet_promptlesion.experiments.config import load_config
 
     assert load_config("demo_3d", {"dataset": "501"}).configuration == demo.DEMO_3D_CONFIGURATION
-    _, did, _ = ccta_dataset
-    work, name, env = _demo_work_dir(ccta_dataset, tmp_path)
-    r = subprocess.run([str(BIN / "promptlesion_demo"), "--work-dir", str(work), "--dataset-id", str(did),
-                        "--diffusion"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "promptlesion_demo --config demo_3d --diffusion" in r.stdout + r.stderr
-    assert not (work / "logs" / "pretrain.log").exists()
-    # both demo configurations are in the plans, inheriting 3d_fullres's preprocessed data
-    confs = json.loads((work / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())["configurations"]
-    assert confs[demo.DEMO_CONFIGURATION]["inherits_from"] == confs[demo.DEMO_3D_CONFIGURATION]["inherits_from"] == "3d_fullres"
+    assert load_config("demo", {"dataset": "501"}).configuration == demo.DEMO_CONFIGURATION
+    args = argparse.Namespace(diffusion_steps=7, vqgan_steps=None, diffusion_cache=3, device="cpu")
+    argv = demo.pretrain_argv(args, 501, demo.DEMO_CONFIGURATION, "0", 2)
+    opt = dict(zip(argv[1::2], argv[2::2]))
+    assert opt["-c"] == "2d_demo" and opt["--preset"] == "cpu2d" and opt["--cache-per-class"] == "3"
+    assert opt["--vqgan-steps"] == opt["--diffusion-steps"] == "7"
+    args.vqgan_steps = 5
+    argv = demo.pretrain_argv(args, 501, demo.DEMO_3D_CONFIGURATION, "0", 3)
+    opt = dict(zip(argv[1::2], argv[2::2]))
+    assert opt["--preset"] == "tiny" and opt["--vqgan-steps"] == "5" and opt["--diffusion-steps"] == "7"

@@ -4,7 +4,9 @@ Lesions of every class of the lesion spec (``--per-class`` each) are placed like
 them (a parent-structure voxel of a training case whose surroundings hold no real lesion, an elastic or
 real-mask shape drawn inside the parent), rendered in batches by the diffusion model (space mapping to the
 generator's spacing/intensity/axis order and back, blended so that only voxels near the lesion change) and
-stored in a sharded cache. Only the fold's training cases (nnU-Net's own split) are carriers. Use the cache
+stored in a sharded cache. A 2D configuration (e.g. 2d_demo) takes a 2D generator: each lesion is placed in one
+(y, x) slice and rendered in plane, as the 2D trainer paints; a generator of the other dimensionality is refused,
+naming both. Only the fold's training cases (nnU-Net's own split) are carriers. Use the cache
 with ``"synthesizer": "diffusion_cache", "cache": "<folder>"`` in promptlesion_settings.json; class weights
 apply when training draws from it.
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
 
 EPILOG = """examples:
   promptlesion_build_cache -d 601 -c 3d_fullres -f 0 --per-class 500 \\
@@ -42,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, required=True, help="samples per lesion class")
     p.add_argument("--classes", nargs="+", default=None, help="lesion class names or labels (default: every class of the spec)")
     p.add_argument("--lesion-spec", default=None, help="lesion_spec.json (default: nnUNet_preprocessed/DatasetXXX, else nnUNet_raw)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse sampler (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; ddpm runs all T)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=STEPS_HELP)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--batch", type=int, default=8, help="lesions rendered per generator call (default 8)")

@@ -36,6 +36,10 @@ LESION_CLASSES = ["calcified_plaque", "noncalcified_plaque"]
 # preprocessed data learns the calcified plaques at the CPU budget; "3d_demo" (add_demo_configuration) is kept
 # for users who want a 3D small-patch configuration.
 DEMO_CONFIGURATION = "2d_demo"
+#: promptlesion_demo --diffusion: generator training steps (VQGAN and diffusion model each) unless given
+DEMO_PRETRAIN_STEPS = 2000
+#: promptlesion_demo --diffusion: generator preset per configuration dimensionality (2D: CPU-sized slices)
+DEMO_PRETRAIN_PRESET = {2: "cpu2d", 3: "tiny"}
 DEMO_3D_CONFIGURATION = "3d_demo"
 DEMO_EXPERIMENT = "demo"
 DIFFUSION_ENV = "PROMPTLESION_DEMO_DIFFUSION"
@@ -123,12 +127,14 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, help="trainings run at the same time (default: the config's, 2 for the "
                     "shipped demo: one CPU training keeps ~1.5 of 2 cores busy)")
     ap.add_argument("--diffusion", action="store_true",
-                    help="add the diffusion arm: pretrain a tiny generator with promptlesion_pretrain (VQGAN, diffusion, "
-                         "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. The "
-                         "generators are 3-D: use it with --config demo_3d (the demo's arms on the 3-D configuration "
-                         "3d_demo). Not part of the 20-minute CPU demo")
-    ap.add_argument("--diffusion-steps", type=int, default=2000,
-                    help="--diffusion: VQGAN and diffusion training steps each (default 2000, the tiny preset)")
+                    help="add the diffusion arm: pretrain a generator with promptlesion_pretrain (VQGAN, diffusion, "
+                         "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. On the "
+                         "default 2-D configuration 2d_demo the generators are 2-D (preset cpu2d, lesions rendered in "
+                         "plane); with --config demo_3d they are 3-D (preset tiny). Not part of the 20-minute CPU demo")
+    ap.add_argument("--diffusion-steps", type=int, default=DEMO_PRETRAIN_STEPS,
+                    help=f"--diffusion: diffusion model training steps (default {DEMO_PRETRAIN_STEPS})")
+    ap.add_argument("--vqgan-steps", type=int, default=None,
+                    help="--diffusion: VQGAN training steps (default: --diffusion-steps)")
     ap.add_argument("--diffusion-cache", type=int, default=200, help="--diffusion: cached lesions per class (default 200)")
     ap.add_argument("--montage-samples", type=int, default=6, help="samples per class in the montage (0: none)")
     ap.add_argument("--retrain-changed", action="store_true", help="redo the experiment steps whose recorded inputs "
@@ -144,6 +150,15 @@ def main(argv=None) -> None:
     budget = parse_budget(args.budget, ap.error)
 
     run_as_command("promptlesion_demo", lambda: run_demo(args, budget))
+
+
+def pretrain_argv(args, dataset_id: int, configuration: str, fold: str, dims: int) -> list[str]:
+    """``promptlesion_pretrain`` for --diffusion: generators of the configuration's dimensionality (``dims``), its
+    lesion cache keyed by the configuration the arms train."""
+    return [_bin("promptlesion_pretrain"), "-d", str(dataset_id), "-c", configuration, "-f", str(fold),
+            "--preset", DEMO_PRETRAIN_PRESET[dims], "--vqgan-steps", str(args.vqgan_steps or args.diffusion_steps),
+            "--diffusion-steps", str(args.diffusion_steps), "--cache-per-class", str(args.diffusion_cache),
+            "--device", args.device]
 
 
 def _stage(msg: str) -> None:
@@ -163,7 +178,7 @@ def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
 
 def run_demo(args, budget: dict | None) -> dict | None:
     from ..dataset_conversion.phantoms import MANIFEST_FILENAME
-    from ..experiments.config import ExperimentError, load_config
+    from ..experiments.config import load_config
     from ..experiments.runner import ExperimentRunner
 
     # the config (name, types, ranges) is checked before any work: a typo must not cost a phantom and its
@@ -212,13 +227,10 @@ def run_demo(args, budget: dict | None) -> dict | None:
     cfg = load_config(args.config, {"dataset": str(d), "device": args.device, "repeats": args.repeats,
                                     "jobs": args.jobs, "budget": budget})
     if args.diffusion:
-        patch = json.loads((pre / f"{cfg.plans}.json").read_text())["configurations"].get(cfg.configuration, {}).get(
-            "patch_size", [0, 0, 0])
-        if len(patch) != 3:
-            # refused before the pretraining, not by the trainer after it: the generators are 3-D
-            raise ExperimentError(f"--diffusion needs a 3-D configuration (the generators are 3-D), and config "
-                                  f"'{cfg.name}' trains '{cfg.configuration}' (patch {patch}); run "
-                                  f"promptlesion_demo --config demo_3d --diffusion")
+        from ..generator.data import configuration_spatial_dims
+
+        # the generators' dimensionality follows the configuration the arms train (2d_demo: 2-D slices)
+        dims = configuration_spatial_dims(str(d), cfg.configuration, cfg.plans)
     manifest = json.loads((ds_dir / MANIFEST_FILENAME).read_text())
     runner = ExperimentRunner(cfg, work / "experiment", include=["diffusion"] if args.diffusion else [],
                               show=SHOW, class_notes=_class_notes(manifest), retrain_changed=args.retrain_changed)
@@ -226,13 +238,11 @@ def run_demo(args, budget: dict | None) -> dict | None:
     runner.prepare()
     scarce_fold = runner.scarcity[0]["scarce_fold"] if runner.scarcity else cfg.folds[0]
     if args.diffusion:
-        _stage(f"3/4 --diffusion: pretraining a tiny generator on fold {scarce_fold} with promptlesion_pretrain "
+        _stage(f"3/4 --diffusion: pretraining a {DEMO_PRETRAIN_PRESET[dims]} generator on fold {scarce_fold} with "
+               "promptlesion_pretrain "
                f"(log: {logs / 'pretrain.log'})")
-        # the same (3-D, checked above) configuration the arms train: the lesion cache is keyed by it
-        _step("pretrain", [_bin("promptlesion_pretrain"), "-d", str(d), "-c", cfg.configuration, "-f", scarce_fold,
-                           "--preset", "tiny", "--vqgan-steps", str(args.diffusion_steps),
-                           "--diffusion-steps", str(args.diffusion_steps),
-                           "--cache-per-class", str(args.diffusion_cache), "--device", args.device], env, logs)
+        # the same configuration the arms train: the lesion cache is keyed by it
+        _step("pretrain", pretrain_argv(args, d, cfg.configuration, scarce_fold, dims), env, logs)
         # promptlesion_pretrain's last line is the settings snippet for its generator/cache
         snippet = json.loads((logs / "pretrain.log").read_text().strip().splitlines()[-1])
         for arm in cfg.arms:

@@ -13,8 +13,9 @@ line printed is the settings snippet for promptlesion_settings.json (diffusion_c
 diffusion_online). For several GPUs run the steps one by one under torchrun (each command supports it).
 
 A 2D configuration (e.g. promptlesion_demo's 2d_demo, 32 x 32 slices) trains 2D generators on (y, x) slices of its
-preprocessed data; without --preset it uses cpu2d (3000 + 3000 steps, about half an hour on one CPU thread). The lesion cache
-(--cache-per-class) is 3D-only for now.
+preprocessed data; without --preset it uses cpu2d (3000 + 3000 steps, about half an hour on one CPU thread). Its lesion
+cache (--cache-per-class) and the diffusion_online snippet serve PromptLesionTrainer on that 2D configuration (lesions
+rendered in plane, in the slices the 2D trainer paints).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 EPILOG = """examples:
   promptlesion_pretrain -d 502 -c 3d_fullres -f 0 --preset tiny --device cpu            # CPU demo scale
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion steps (default tiny 2000, paper 60000, tiny2d 500, cpu2d 3000, gpu2d 60000)")
     p.add_argument("--prompt-type", choices=["onehot", "mask"], default="onehot", help="diffusion prompt (default onehot)")
     p.add_argument("--cache-per-class", type=int, default=0, help="also build a lesion cache with N samples per class")
-    p.add_argument("--cache-steps", type=int, default=50, help="DDIM steps for the cache (default 50)")
+    p.add_argument("--cache-sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                   help=f"sampler for the cache (default {DEFAULT_SAMPLER})")
+    p.add_argument("--cache-steps", type=int, default=DEFAULT_STEPS,
+                   help=f"model evaluations per cached lesion for ddim/dpmpp/unipc (default {DEFAULT_STEPS})")
     p.add_argument("--cache-batch", type=int, default=8, help="lesions per generator call for the cache (default 8)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -84,7 +90,8 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
     if args.cache_per_class > 0:
         steps.append({"name": "cache", "module": "build_cache", "output": None,
                       "argv": [*common, "--diffusion", str(df_dir / "checkpoint_final.pt"),
-                               "--per-class", str(args.cache_per_class), "--steps", str(args.cache_steps),
+                               "--per-class", str(args.cache_per_class), "--sampler", args.cache_sampler,
+                               "--steps", str(args.cache_steps),
                                "--batch", str(args.cache_batch)]})
     return steps
 
@@ -102,9 +109,6 @@ def main(argv=None) -> int:
         if args.preset is None:
             args.preset = DEFAULT_PRESET[dims]
         check_preset_dims(args.preset, dims, f"configuration '{args.configuration}'")
-        if dims == 2 and args.cache_per_class > 0:
-            raise ValueError(f"--cache-per-class: the lesion cache is 3D-only for now; configuration "
-                             f"'{args.configuration}' is 2D (drop --cache-per-class)")
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,11 +9,18 @@ reader order after transpose_forward, for a generator trained with -d), a patch 
 resampled to the generator's spacing, all patches are inpainted in one batch (prompt ``--prompt``; a model
 trained without prompts samples with its null token), blended in (Gaussian-blurred mask) and resampled back;
 only voxels near the lesions change, every other voxel keeps its exact value.
+
+A 2D generator (trained on a 2D configuration such as 2d_demo) paints each lesion in ONE slice along its slice axis
+(the generator's array axis 0: axial for nnU-Net-trained generators without a transpose): a --mask component is cut
+to its largest slice (only that slice is painted and labelled), and generated masks are 2D masks placed in a slice
+of the middle 30-70% of the parent's extent along that axis. The JSON records each lesion's slice.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
 
 EPILOG = """examples:
   promptlesion_synthesize -i ct.nii.gz --parent-mask organs.nii.gz --parent-label 5 --prompt liver_tumor \\
@@ -39,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size-mm", type=float, help="equivalent-sphere radius of each lesion in mm (default: drawn from the lesion spec)")
     p.add_argument("--count", type=int, default=1, help="number of lesions to insert (default 1; ignored with --mask)")
     p.add_argument("--seed", type=int, default=0, help="random seed for placement, shape and sampling (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50); ddpm always runs all T steps")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse sampler (default ddim)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=STEPS_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=SAMPLER_HELP)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic; default 0)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off; default 1)")
     p.add_argument("--blend-sigma", type=float, default=1.0, help="blend blur sigma in generator voxels (default 1)")

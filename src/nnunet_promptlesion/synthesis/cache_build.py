@@ -8,6 +8,10 @@ space mapping to the generator's spacing/intensity/axis order and back, blending
 :mod:`.cache`. Only the fold's training cases (nnU-Net's own split) are carriers. Resumable and torchrun-aware
 (see :mod:`.cache`).
 
+2D configurations (e.g. ``2d_demo``) take a 2D generator (another is refused, naming both): the placer places a
+2D mask in one (y, x) slice of a training case (carrier patch: the generator's in-plane footprint) and the lesion is
+rendered in plane on that slice, where the 2D trainer's patches lie.
+
 The montage lives in the evaluation layer: it is passed in as a function (``save_montage``) so that this module
 only imports downwards.
 """
@@ -30,6 +34,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from ..generator.data import nnunet_fold_split, resolve_preprocessed_dataset
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from ..generator.train_utils import resolve_device
 from ..lesions.masks import MaskSampler
 from ..lesions.spec import LesionSpec, dataset_spec_folders, find_lesion_spec
@@ -61,8 +66,8 @@ class CacheBuildConfig:
     vqgan: str | None = None
     classes: Sequence[str] | None = None
     lesion_spec: str | None = None
-    sampler: str = "ddim"
-    steps: int = 50
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
     guidance: float = 1.0
     eta: float = 0.0
     batch: int = 8
@@ -212,8 +217,12 @@ def save_cache_montage(folder: Path, ctx: RunContext, save_montage: Callable, pe
         cells = []
         for k in range(min(per_class, cache.count(l.label))):
             s = cache.get(l.label, k)
-            size = np.asarray(s.mask.shape) + 16
-            lo = np.asarray(s.box_lo) - 8
+            # context around the lesion; in plane only for a 2D cache (its lesions lie in one slice)
+            pad = np.full(len(s.mask.shape), 8)
+            if len(cache.manifest.get("generator", {}).get("patch_size", ())) == 2:
+                pad[0] = 0
+            size = np.asarray(s.mask.shape) + 2 * pad
+            lo = np.asarray(s.box_lo) - pad
             img, _ = ctx.reader.crop(s.case, lo, size)
             m = s.paste(img, lo)
             cells.append((img[0], m))
@@ -241,6 +250,10 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
     anything the user must change. Under torchrun (WORLD_SIZE > 1) every rank calls this."""
     if cfg.per_class < 1 or cfg.batch < 1 or cfg.shard_size < 1:
         raise CacheBuildError("--per-class, --batch and --shard-size must be >= 1")
+    try:
+        check_sampler(cfg.sampler, cfg.steps)
+    except ValueError as e:
+        raise CacheBuildError(str(e)) from e
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -276,6 +289,8 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
     log = setup_logging(out / "build.log", rank)
     plan = BuildPlan(classes=classes, per_class=cfg.per_class, shard_size=cfg.shard_size, seed=cfg.seed)
     quality_cfg = None
+    if cfg.quality_model and renderer.two_d:
+        raise CacheBuildError("--quality-model runs on 3D crops; it is not available for 2D configurations yet")
     if cfg.quality_model:
         quality_cfg = {"model": str(Path(cfg.quality_model).resolve()), "fold": str(cfg.quality_fold),
                        "min_iou": float(cfg.quality_min_iou)}

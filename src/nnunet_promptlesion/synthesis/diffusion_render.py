@@ -8,6 +8,12 @@ reproduces the synthetic sample exactly; every other voxel is the case's own.
 
 Used by the cache builder (``promptlesion_build_cache``) and the online producer; both own the generator on
 one device. Never used inside nnU-Net's forked loader workers.
+
+2D configurations: cases keep nnU-Net's pseudo-3D layout (Z, Y, X) and a request's mask has extent 1 along axis 0
+(the 2D placer's placements). A 2D generator renders it in plane, on that one (Y, X) slice, exactly where the 2D
+trainer's patch lies; the :class:`RenderedLesion` is still described in the case grid (3 entries, box extent 1
+along axis 0), so caches and the online ring store 2D and 3D lesions alike. The generator's dimensionality must
+match the configuration's (checked when the generator is loaded).
 """
 from __future__ import annotations
 
@@ -19,13 +25,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
 from ..lesions.blending import blend_margin, dilate
 from .space import DoesNotFitError, GridSpec, SpaceMapping, prompt_ids_for
 
 
 @dataclass
 class LesionRequest:
-    """A placed lesion to render. mask_lo: (3,) case-grid corner of ``mask`` (bool box); centre: case voxel."""
+    """A placed lesion to render. mask_lo: (3,) case-grid corner of ``mask`` (bool box, case-grid axis order; extent 1
+    along axis 0 for a 2D configuration); seed: noise seed; sigma: blend sigma (data voxels)."""
 
     case: str
     label: int
@@ -155,29 +163,30 @@ def sampling_prompt_id(meta: dict, prompt_id: int) -> int:
 class DiffusionRenderer:
     """Owns one generator pair on ``device`` and renders batches of :class:`LesionRequest`.
 
-    data_grid: the dataset side (:meth:`GridSpec.from_nnunet`); spec: the dataset's LesionSpec; reader: a
-    :class:`CaseReader` over the carrier cases. Sampler options are passed to ``inpaint_lesions``.
+    data_grid: the dataset side (:meth:`GridSpec.from_nnunet`; two spacing entries for a 2D configuration, which
+    needs a 2D generator); spec: the dataset's LesionSpec; reader: a :class:`CaseReader` over the carrier cases.
+    Sampler options are passed to ``inpaint_lesions`` (``steps``: model evaluations, not read for ddpm).
+    Raises CheckpointError for a generator of the other dimensionality, ValueError for an unknown sampler.
     """
 
     def __init__(self, diffusion: str | os.PathLike, data_grid: GridSpec, spec, reader: CaseReader,
-                 vqgan: str | os.PathLike | None = None, device: str = "cpu", sampler: str = "ddim",
-                 steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, labels: Sequence[int] | None = None):
+                 vqgan: str | os.PathLike | None = None, device: str = "cpu", sampler: str = DEFAULT_SAMPLER,
+                 steps: int | None = DEFAULT_STEPS, guidance: float = 1.0, eta: float = 0.0, labels: Sequence[int] | None = None):
         import torch
 
         from ..generator.diffusion.checkpoint import load_generator_pair
 
+        check_sampler(sampler, steps)
         self.device = torch.device(device)
-        kw = {}
-        if "dtype" in inspect.signature(load_generator_pair).parameters:
-            kw["dtype"] = "auto"
         self.vqgan, self.vqgan_meta, self.model, self.meta, self.vocab = load_generator_pair(
-            diffusion, vqgan, map_location=self.device, **kw)
+            diffusion, vqgan, map_location=self.device, dtype="auto", expect_spatial_dims=data_grid.spatial_dims)
         self.diffusion_path = str(Path(diffusion).resolve())
         self.mapping = SpaceMapping(data_grid, GridSpec.from_generator_meta(self.meta), self.meta["patch_size"])
+        self.two_d = self.mapping.ndim == 2
         self.spec = spec
         self.prompt_ids = sampling_prompt_ids(self.meta, spec, self.vocab, labels)
         self.reader = reader
-        self.sampler, self.steps, self.guidance, self.eta = sampler, (steps if sampler == "ddim" else None), guidance, eta
+        self.sampler, self.steps, self.guidance, self.eta = sampler, sampler_steps(sampler, steps), guidance, eta
         self._inpaint_kw = set(inspect.signature(_inpaint_fn()).parameters)
 
     def identity(self) -> dict:
@@ -191,15 +200,27 @@ class DiffusionRenderer:
     def _prepare(self, req: LesionRequest):
         m = self.mapping
         margin = blend_margin(req.sigma)
-        lo = np.asarray(req.mask_lo, int) - margin
-        full = np.zeros(np.asarray(req.mask.shape) + 2 * margin, bool)
-        full[tuple(slice(margin, margin + s) for s in req.mask.shape)] = req.mask
+        lo = np.asarray(req.mask_lo, int)
+        mask = np.asarray(req.mask, bool)
+        z = None
+        if self.two_d:
+            # in plane, on the request's slice: everything below runs on (Y, X) arrays of that slice
+            if mask.ndim != 3 or mask.shape[0] != 1:
+                raise DoesNotFitError(f"a 2D generator renders one slice; this lesion spans {mask.shape[0]} slices")
+            z, lo, mask = int(lo[0]), lo[1:], mask[0]
+        lo = lo - margin
+        full = np.zeros(np.asarray(mask.shape) + 2 * margin, bool)
+        full[tuple(slice(margin, margin + s) for s in mask.shape)] = mask
         support = dilate(full, margin)
-        centre = m.centre_for(support) + lo  # case grid
+        centre = m.centre_for(support) + lo  # case grid (in plane for 2D)
         fp = m.footprint()
         r_lo = np.floor(centre - (fp - 1) / 2.0).astype(int) - 1
         r_size = fp + 3
-        img, seg = self.reader.crop(req.case, r_lo, r_size)
+        if self.two_d:
+            img, seg = self.reader.crop(req.case, [z, *r_lo], [1, *r_size])
+            img, seg = img[:, 0], seg[:, 0]
+        else:
+            img, seg = self.reader.crop(req.case, r_lo, r_size)
         mask_r = np.zeros(tuple(r_size), bool)
         off = lo - r_lo
         if (off < 0).any() or (off + full.shape > r_size).any():
@@ -211,7 +232,7 @@ class DiffusionRenderer:
         m.check_fits(dilate(mask_r, margin), c_rel)
         model_img, (gmask, gparent) = m.to_generator(img[0], [mask_r, parent_r], c_rel)
         return dict(req=req, img=img, seg=seg, r_lo=r_lo, mask_r=mask_r, c_rel=c_rel, model_img=model_img,
-                    gmask=gmask, gparent=gparent)
+                    gmask=gmask, gparent=gparent, z=z)
 
     def render(self, requests: Sequence[LesionRequest], progress: Callable | None = None) -> list[RenderedLesion | None]:
         """Render a batch; None for requests whose lesion does not fit the generator patch."""
@@ -274,6 +295,10 @@ def _to_rendered(req: LesionRequest, p: dict, blended: np.ndarray) -> RenderedLe
     mask = p["mask_r"][box] & sup
     mi = np.argwhere(mask)
     centre = np.round(mi.mean(0)).astype(int) + lo + p["r_lo"] if len(mi) else lo + p["r_lo"]
-    return RenderedLesion(case=req.case, label=int(req.label), seed=int(req.seed), box_lo=(lo + p["r_lo"]).astype(int),
+    box_lo = lo + p["r_lo"]
+    if p.get("z") is not None:
+        # rendered on one slice: back to the case grid, extent 1 along axis 0 (C order of the support unchanged)
+        box_lo, centre, mask, sup = np.r_[p["z"], box_lo], np.r_[p["z"], centre], mask[None], sup[None]
+    return RenderedLesion(case=req.case, label=int(req.label), seed=int(req.seed), box_lo=np.asarray(box_lo, int),
                           mask=np.ascontiguousarray(mask), support=np.ascontiguousarray(sup), values=vals,
                           centre=np.asarray(centre, int))

@@ -23,6 +23,12 @@
 
 Both sources render into every channel only for single-channel CT; a multi-channel dataset is refused.
 
+2D configurations (e.g. the demo's ``2d_demo``) take 2D generators: lesions are placed by the 2D placer (a mask in
+one (y, x) slice) and rendered in plane on that slice of the preprocessed case, exactly where the 2D trainer's
+patch lies. A generator of the other dimensionality is refused at start-up, naming both. ``"sampler"`` is one of
+``ddpm``, ``ddim``, ``dpmpp``, ``unipc`` (``generator.diffusion.sampler_defaults``); ``"steps"`` counts model
+evaluations (ddpm ignores it and runs all T steps).
+
 Both take the optional DiffAug-style quality filter (``"quality_model"``, ``"quality_fold"``,
 ``"quality_min_iou"``): the online producer applies it to every rendered lesion; a cache must have been built
 with the same filter (``--quality-model``), else start-up refuses it.
@@ -41,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..generator.diffusion.config import PromptVocabulary
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from ..placement.placement import Placement
 from ..utils.errors import PromptLesionConfigError
 from ..utils.lifetime import raise_if_terminated, spawn_without_main
@@ -52,7 +59,8 @@ from .sources import SampleSource, SourceContext, register_source
 
 QUALITY_SETTINGS = {"quality_model": None, "quality_fold": "0", "quality_min_iou": 0.7}
 CACHE_SETTINGS = {"cache": None, **QUALITY_SETTINGS}
-ONLINE_SETTINGS = {"diffusion": None, "vqgan": None, "synthesis_device": None, "sampler": "ddim", "steps": 50,
+ONLINE_SETTINGS = {"diffusion": None, "vqgan": None, "synthesis_device": None, "sampler": DEFAULT_SAMPLER,
+                   "steps": DEFAULT_STEPS,
                    "guidance": 1.0, "online_batch": 8, "ring_slots_per_class": 16, "online_warmup_s": 300.0,
                    "producer_threads": 1, "producer_duty_cycle": 0.2, "ring_lock_timeout_s": 60.0,
                    "baseline_iterations": 10, **QUALITY_SETTINGS}
@@ -77,10 +85,18 @@ def _paste_rendered(placement: Placement, data: np.ndarray) -> np.ndarray | None
     return data
 
 
-def _check_3d(ctx: SourceContext, name: str) -> None:
-    if len(ctx.patch_size) != 3:
-        raise _config_error(f"'{name}' needs a 3D configuration (the generators are 3D); this one has patch size "
-                            f"{list(ctx.patch_size)}. Use 3d_fullres / 3d_lowres or the rule_based synthesizer.")
+def _check_dims(ctx: SourceContext, name: str, spatial_dims: int, what: str) -> None:
+    """Refuse a generator (or a cache of one) whose dimensionality is not the configuration's, naming both."""
+    dims = len(ctx.patch_size)
+    conf = getattr(ctx.trainer, "configuration_name", "?")
+    if int(spatial_dims) != dims:
+        raise _config_error(
+            f"'{name}': {what} is {spatial_dims}D (trained on {'2D slices' if spatial_dims == 2 else '3D patches'}), "
+            f"but configuration '{conf}' is {dims}D (patch size {list(ctx.patch_size)}). Train the generators on "
+            f"this configuration (promptlesion_pretrain -c {conf}) or train a {spatial_dims}D configuration.")
+
+
+def _check_channels(ctx: SourceContext, name: str) -> None:
     if len(ctx.intensity) > 1:
         # the generators are single-channel CT models: pasting into channel 0 only would leave the other channels
         # lesion-free under a lesion label
@@ -106,7 +122,7 @@ class DiffusionCacheSource(SampleSource):
     def __init__(self, ctx: SourceContext):
         from .cache import CacheError, LesionCache
 
-        _check_3d(ctx, self.name)
+        _check_channels(ctx, self.name)
         folder = ctx.settings.extra.get("cache")
         if not folder:
             raise _config_error("'synthesizer': 'diffusion_cache' needs \"cache\": \"<folder>\" in "
@@ -116,6 +132,8 @@ class DiffusionCacheSource(SampleSource):
             self.cache.check_run(_run_fingerprint(ctx))
         except CacheError as e:
             raise _config_error(str(e)) from e
+        gen_patch = self.cache.manifest.get("generator", {}).get("patch_size") or [0, 0, 0]
+        _check_dims(ctx, self.name, len(gen_patch), f"cache {folder} (generator patch {list(gen_patch)})")
         want_q = _quality_cfg(ctx.settings.extra)
         have_q = self.cache.manifest.get("build", {}).get("quality")
         if want_q is not None and (have_q is None or have_q["model"] != want_q["model"] or str(have_q["fold"]) != want_q["fold"]
@@ -167,8 +185,12 @@ class DiffusionOnlineSource(SampleSource):
         from .online_producer import ProducerConfig, RingSpec, SharedRing
         from .space import GridSpec, SpaceMapping, SpaceMismatchError
 
-        _check_3d(ctx, self.name)
+        _check_channels(ctx, self.name)
         ex = ctx.settings.extra
+        try:
+            check_sampler(str(ex["sampler"]), ex["steps"])
+        except ValueError as e:
+            raise _config_error(f"'{self.name}': {e}") from e
         if not ex.get("diffusion"):
             raise _config_error("'synthesizer': 'diffusion_online' needs \"diffusion\": \"<checkpoint_final.pt>\" in "
                                 "promptlesion_settings.json (promptlesion_train_diffusion / promptlesion_pretrain output)")
@@ -182,6 +204,10 @@ class DiffusionOnlineSource(SampleSource):
         from ..utils.checkpoint import load_checkpoint
 
         meta = load_checkpoint(ex["diffusion"], map_location="cpu", kind="promptlesion_diffusion")["meta"]
+        _check_dims(ctx, self.name, int(meta.get("spatial_dims", 3)), f"diffusion model {ex['diffusion']}")
+        if ex.get("quality_model") and len(ctx.patch_size) == 2:
+            raise _config_error("the quality filter (quality_model) runs on 3D crops; it is not available for 2D "
+                                "configurations yet: drop quality_model")
         plans = t.plans_manager.plans
         try:
             mapping = SpaceMapping(GridSpec.from_nnunet(plans, t.configuration_name), GridSpec.from_generator_meta(meta),

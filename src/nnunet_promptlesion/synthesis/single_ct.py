@@ -12,6 +12,12 @@ are inpainted in one batch (prompt ``prompt``, sampled with :func:`~.diffusion_r
 no-prompt model gets its null token), blended in (Gaussian-blurred mask) and resampled back; only voxels near the
 lesions change, every other voxel keeps its exact value.
 
+A 2D generator (trained on a 2D configuration's slices) paints each lesion in one slice of the CT: a slice along
+the generator's slice axis (axis 0 of its array order: for nnU-Net's NIfTI readers without a transpose, the axial
+slice). A lesion of ``mask`` paints its largest slice (the rest of the component is left unpainted and unlabelled);
+placed lesions are 2D masks placed in a slice of the middle 30-70 % of the parent's extent along that axis. The
+label map holds exactly the painted slices; the JSON records each lesion's slice.
+
 Outputs in ``output_dir``: ``<name>_synthetic.nii.gz`` (CT with lesions, HU, the input's dtype and header),
 ``<name>_lesions.nii.gz`` (lesion label map), ``<name>_preview.png`` and ``<name>_synthesis.json`` (lesion
 centres in voxels and world mm (RAS+), sizes, settings, checkpoint identities).
@@ -34,6 +40,7 @@ from ..generator.data import spacing_mismatch
 from ..generator.diffusion import inpaint
 from ..generator.diffusion.checkpoint import load_generator_pair
 from ..generator.diffusion.preview import save_grid
+from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
 from ..generator.intensity import IntensitySpace
 from ..lesions.masks import MaskBank, MaskSampler
 from ..lesions.spec import LesionClass, LesionSpec
@@ -60,8 +67,8 @@ class SingleCTOptions:
     size_mm: float | None = None
     count: int = 1
     seed: int = 0
-    steps: int = 50
-    sampler: str = "ddim"
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SAMPLER
     eta: float = 0.0
     guidance: float = 1.0
     blend_sigma: float = 1.0
@@ -126,11 +133,61 @@ def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None
     return out
 
 
+def place_masks_2d(parent_v: np.ndarray, spacing_v, count: int, radius_mm: float | None, lesion, rng,
+                   may_leave: bool, parent_label: int = 1, ct_v: np.ndarray | None = None) -> list[np.ndarray]:
+    """``count`` bool lesion masks in the generator's view of the CT (axis 0 = the 2D generator's slice axis,
+    ``spacing_v`` mm per view axis), each a 2D mask in one slice, placed by the trainer's 2D
+    :class:`~nnunet_promptlesion.placement.placer.Placer` (the carrier patch is a whole slice) on a slice of the
+    middle 30-70 % of the parent's extent along axis 0 (any parent slice when that fails). ``radius_mm``,
+    ``lesion``, ``may_leave`` and ``ct_v`` (HU, view order) as in :func:`place_masks`."""
+    if lesion is None:
+        lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
+                             radius_mm=[(radius_mm, radius_mm)], shape="ellipsoid")
+    elif radius_mm is not None:
+        lesion = dataclasses.replace(lesion, radius_mm=[(radius_mm, radius_mm)], radius_weights=None, shape="ellipsoid")
+    value = _PARENT if lesion.label != _PARENT else _OTHER_PARENT
+    lesion = dataclasses.replace(lesion, parents=[value], may_leave_parent=may_leave)
+    seg = np.where(parent_v, value, 0).astype(np.int16)[None]
+    image = np.zeros(parent_v.shape, np.float32) if ct_v is None else np.asarray(ct_v, np.float32)
+    cases = ArrayCases({"ct": (image[None], seg)})
+    zs = np.nonzero(parent_v.any(axis=(1, 2)))[0]
+    lo, hi = int(zs.min()), int(zs.max())
+    central = zs[(zs >= lo + 0.3 * (hi - lo)) & (zs <= np.ceil(lo + 0.7 * (hi - lo)))]
+    plane = np.array(parent_v.shape[1:])
+    out = []
+    for slices in (central, zs):
+        # one carrier per candidate slice, centred in plane: the carrier patch is the whole slice
+        carriers = np.stack([np.r_[z, plane // 2] for z in slices])
+        index = LesionIndex(spec=LesionSpec([lesion]), counts={}, stats={}, bank=MaskBank.empty(spacing_v[1:]),
+                            carriers={value: [("ct", carriers)]})
+        placer = Placer(cases, index, MaskSampler(spacing_v[1:], max_tries=20), tuple(plane), (1, 1), tries=20)
+        while len(out) < count:
+            placed = placer.place(0, rng, region=(slice(None),) * 2, seed=0)
+            if placed is None:
+                break
+            pl = placed[0]
+            m = np.zeros(parent_v.shape, bool)
+            m[pl.bbox[0][0]] = pl.mask()[0]  # the carrier patch is the whole slice: patch voxels are slice voxels
+            out.append(m)
+        if len(out) == count:
+            break
+    return out
+
+
+def largest_slice(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (view order) reduced to its slice along axis 0 with the most voxels."""
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    out = np.zeros_like(mask)
+    out[z] = mask[z]
+    return out
+
+
 def _patch_coords(centre_mm: np.ndarray, patch, spacing_g, spacing_c) -> np.ndarray:
-    """CT voxel coordinates (3, P0, P1, P2) of the generator patch voxels centred at ``centre_mm``."""
-    axes = [centre_mm[a] + (np.arange(patch[a]) - (patch[a] - 1) / 2.0) * spacing_g[a] for a in range(3)]
+    """CT voxel coordinates (n, *patch) of the generator patch voxels centred at ``centre_mm`` (n = len(patch))."""
+    n = len(patch)
+    axes = [centre_mm[a] + (np.arange(patch[a]) - (patch[a] - 1) / 2.0) * spacing_g[a] for a in range(n)]
     grid = np.meshgrid(*axes, indexing="ij")
-    return np.stack([grid[a] / spacing_c[a] for a in range(3)])
+    return np.stack([grid[a] / spacing_c[a] for a in range(n)])
 
 
 def extract_patches(ct: np.ndarray, parent: np.ndarray, masks: list[np.ndarray], spacing_c, spacing_g, patch,
@@ -169,7 +226,7 @@ def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOpt
     sigma = torch.full((n,), float(opts.blend_sigma), device=device)
     _, decoded, _ = inpaint.inpaint_lesions(
         vqgan, model, image, mask, torch.full((n,), int(prompt_id), dtype=torch.long, device=device),
-        steps=opts.steps if opts.sampler == "ddim" else None, sampler=opts.sampler, guidance=opts.guidance,
+        steps=sampler_steps(opts.sampler, opts.steps), sampler=opts.sampler, guidance=opts.guidance,
         generator=gen, eta=opts.eta, blend_sigma=sigma, autocast=lambda: tu.autocast(device), return_decoded=True,
         parent_mask=parent)
     g, _ = inpaint.blend_weights(mask, sigma)
@@ -189,7 +246,8 @@ def write_back(ct: np.ndarray, centres, decoded_hu: np.ndarray, weights: np.ndar
         lo = np.maximum(np.floor((c_mm - half_mm) / spacing_c).astype(int), 0)
         hi = np.minimum(np.ceil((c_mm + half_mm) / spacing_c).astype(int) + 1, ct.shape)
         idx = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-        gc = np.stack([(idx[a] * spacing_c[a] - c_mm[a]) / spacing_g[a] + (patch[a] - 1) / 2.0 for a in range(3)])
+        gc = np.stack([(idx[a] * spacing_c[a] - c_mm[a]) / spacing_g[a] + (patch[a] - 1) / 2.0
+                       for a in range(len(patch))])
         w = map_coordinates(weights[i], gc, order=1, mode="constant", cval=0.0)
         d = map_coordinates(decoded_hu[i], gc, order=1, mode="nearest")
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -223,9 +281,12 @@ def read_inputs(ct_path, parent_path, parent_label: int):
     return img, ct, parent
 
 
-def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: np.ndarray | None = None
-                 ) -> list[np.ndarray]:
-    """Lesion masks on the CT grid (nibabel order) from ``opts.mask`` or placed by the placer (``ct``: HU)."""
+def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: np.ndarray | None = None,
+                 view: NiftiView | None = None) -> list[np.ndarray]:
+    """Lesion masks on the CT grid (nibabel order) from ``opts.mask`` or placed by the placer (``ct``: HU).
+
+    ``view``: the view of a 2D generator (axis 0 = its slice axis): every mask then lies in one slice of it (a
+    component of ``opts.mask`` is cut to its largest slice; placed masks are 2D masks placed in a slice)."""
     may_leave = bool(lesion is not None and lesion.may_leave_parent)
     if opts.mask:
         mp = Path(opts.mask)
@@ -239,6 +300,8 @@ def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: n
             user &= parent
         lab, n = ndimage.label(user, structure=np.ones((3, 3, 3)))
         masks = [lab == i for i in range(1, n + 1)]
+        if view is not None:
+            masks = [view.from_view(largest_slice(view.to_view(m))) for m in masks]
         if not masks:
             raise SingleCTError(f"{mp} holds no lesion voxel inside parent label {opts.parent_label}")
         return masks
@@ -247,8 +310,13 @@ def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: n
     if opts.size_mm is not None and opts.size_mm <= 0:
         raise SingleCTError("--size-mm must be > 0")
     geo = ArrayGeometry.from_nifti(img)
-    masks = place_masks(parent, np.asarray(geo.spacing), opts.count, opts.size_mm, lesion, rng, may_leave,
-                        opts.parent_label, z_axis=cranio_caudal_axis(img.affine), ct=ct)
+    if view is not None:
+        masks = [view.from_view(m) for m in place_masks_2d(
+            view.to_view(parent), np.asarray(view.spacing, float), opts.count, opts.size_mm, lesion, rng, may_leave,
+            opts.parent_label, ct_v=None if ct is None else view.to_view(ct))]
+    else:
+        masks = place_masks(parent, np.asarray(geo.spacing), opts.count, opts.size_mm, lesion, rng, may_leave,
+                            opts.parent_label, z_axis=cranio_caudal_axis(img.affine), ct=ct)
     if not masks:
         raise SingleCTError(f"could not place a lesion inside parent label {opts.parent_label}")
     return masks
@@ -262,10 +330,15 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     """
     if opts.count < 1:
         raise SingleCTError("--count must be >= 1")
+    try:
+        check_sampler(opts.sampler, opts.steps)
+    except ValueError as e:
+        raise SingleCTError(str(e)) from e
     img, ct, parent = read_inputs(ct_path, parent_path, opts.parent_label)
     inp = Path(ct_path)
     device = tu.resolve_device(opts.device)
     vq, vq_meta, model, meta, vocab = load_generator_pair(diffusion, vqgan, device)
+    two_d = int(meta["spatial_dims"]) == 2
     try:
         pid = vocab.id_of(opts.prompt)
     except KeyError as e:
@@ -275,35 +348,53 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     lesion = spec.by_name(vocab.names[pid]) if (spec is not None and pid > 0) else None
     rng = np.random.default_rng(opts.seed)
 
-    # 1. placement on the CT grid (nibabel order)
-    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng, ct=ct)
-    # 2. generator space: its axis order, spacing and patch
     view = NiftiView(img, array_axes(meta))
-    spacing_cg = view.spacing
+    # 1. placement on the CT grid (nibabel order); a 2D generator's lesions lie in slices of its view
+    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng, ct=ct, view=view if two_d else None)
+    # 2. generator space: its axis order, spacing and patch
+    spacing_cg = np.asarray(view.spacing, float)
     spacing_g = np.array([float(s) for s in meta["spacing"]])
+    # a 2D generator sees one slice: its in-plane spacing meets the view's axes 1, 2
+    spacing_ci = spacing_cg[1:] if two_d else spacing_cg
 
     # a generator trained at 0.5 mm painting 2.5 mm CT writes lesions of a voxel or two: said, and recorded
-    spacing_warning = spacing_mismatch(spacing_cg, spacing_g, what=str(ct_path))
+    spacing_warning = spacing_mismatch(spacing_ci, spacing_g, what=str(ct_path))
     if spacing_warning:
         warnings.warn(spacing_warning, stacklevel=2)
     patch = [int(p) for p in meta["patch_size"]]
     space = IntensitySpace.from_dict(meta["intensity"])
     ct_g = view.to_view(ct)
-    patches = extract_patches(ct_g, view.to_view(parent), [view.to_view(m) for m in masks], spacing_cg, spacing_g,
-                              patch, space)
+    parent_g = view.to_view(parent)
+    masks_g = [view.to_view(m) for m in masks]
+    if two_d:
+        slices = [int(np.nonzero(m.any(axis=(1, 2)))[0][0]) for m in masks_g]
+        per = [extract_patches(ct_g[z], parent_g[z], [m[z]], spacing_ci, spacing_g, patch, space)
+               for z, m in zip(slices, masks_g)]
+        patches = {k: np.concatenate([p[k] for p in per]) for k in ("image", "mask", "parent")}
+        patches["centres"] = [p["centres"][0] for p in per]
+    else:
+        patches = extract_patches(ct_g, parent_g, masks_g, spacing_cg, spacing_g, patch, space)
     # 3. inference, all lesions in one batch
     decoded, weights = run_generator(vq, model, patches, sample_id, opts, device)
     # 4. write-back in the generator's order, then the file's grid again
-    out = view.from_view(write_back(ct_g, patches["centres"], space.model_to_hu(decoded), weights, spacing_cg,
-                                    spacing_g, patch))
+    decoded_hu = space.model_to_hu(decoded)
+    if two_d:
+        out_g = ct_g.copy()
+        for i, z in enumerate(slices):
+            out_g[z] = write_back(out_g[z], [patches["centres"][i]], decoded_hu[i:i + 1], weights[i:i + 1],
+                                  spacing_ci, spacing_g, patch)
+        out = view.from_view(out_g)
+    else:
+        out = view.from_view(write_back(ct_g, patches["centres"], decoded_hu, weights, spacing_cg, spacing_g, patch))
     label_map = np.zeros(ct.shape, dtype=np.int16)
     lesion_label = vocab.labels[pid]
     file_geo = ArrayGeometry.from_nifti(img)
     records = []
-    for m in masks:
+    for i, m in enumerate(masks):
         label_map[m] = lesion_label if pid > 0 else 0
         c = np.argwhere(m).mean(0)
-        records.append({"centre_voxel": [round(float(v), 2) for v in c],
+        records.append({**({"generator_slice": slices[i]} if two_d else {}),
+                        "centre_voxel": [round(float(v), 2) for v in c],
                         "centre_world_mm_ras": [round(float(v), 2) for v in file_geo.index_to_world(c)],
                         "voxels": int(m.sum()),
                         "equivalent_radius_mm": round(float((3 * m.sum() * np.prod(file_geo.spacing) / (4 * np.pi))
@@ -334,11 +425,12 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     record = {"input": str(inp.resolve()), "parent_mask": str(Path(parent_path).resolve()),
               "parent_label": opts.parent_label, "prompt": vocab.names[pid], "label": lesion_label,
               "sampled_prompt_id": sample_id, "lesions": records, "seed": opts.seed, "sampler": opts.sampler,
-              "steps": opts.steps if opts.sampler == "ddim" else meta["schedule"]["timesteps"], "eta": opts.eta,
+              "steps": sampler_steps(opts.sampler, opts.steps) or meta["schedule"]["timesteps"], "eta": opts.eta,
               "guidance": opts.guidance, "blend_sigma_voxels": opts.blend_sigma,
               "ct_spacing_mm": [float(s) for s in file_geo.spacing], "generator_spacing_mm": spacing_g.tolist(),
               "spacing_warning": spacing_warning,
               "generator_axes": [int(p) for p in view.permutation], "generator_reorients": view.order.reorient,
+              "generator_spatial_dims": int(meta["spatial_dims"]),
               "diffusion_checkpoint": {"path": str(Path(diffusion).resolve()), "checkpoint_id": meta["checkpoint_id"]},
               "vqgan_checkpoint_id": vq_meta.get("checkpoint_id")}
     write_json_atomic(record, outdir / f"{name}_synthesis.json")
@@ -353,5 +445,5 @@ def save_nifti_atomic(nimg, target: Path) -> None:
         nib.save(nimg, str(tmp))
 
 
-__all__ = ["SingleCTOptions", "SingleCTError", "synthesize_ct", "place_masks", "extract_patches", "run_generator",
+__all__ = ["SingleCTOptions", "SingleCTError", "synthesize_ct", "place_masks", "place_masks_2d", "largest_slice", "extract_patches", "run_generator",
            "write_back", "save_nifti_atomic", "cranio_caudal_axis"]

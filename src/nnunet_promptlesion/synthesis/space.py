@@ -21,6 +21,12 @@ back samples the decoded patch only at the data voxels inside the blend support 
 ``blend_margin(sigma)``) and blends there in the data grid. Every voxel outside that support is returned
 bit-identical. When the generator was trained on this very configuration (same axes, spacing within
 ``1e-3`` relative, same intensity space) the mapping is the identity: a plain crop, no interpolation.
+
+2D generators (``meta["spatial_dims"] == 2``) work on slices: both sides are then in-plane grids, (Y, X) of
+nnU-Net's pseudo-3D (Z, Y, X) arrays (a 2D configuration's spacing has the two in-plane entries; a 2D generator
+was trained on slices along its array axis 0), and the mapping runs on one slice with bilinear interpolation.
+:meth:`GridSpec.in_plane` gives the data side of a 3D configuration in plane. A 2D generator on a 3D grid (or the
+reverse) is refused, naming both.
 """
 from __future__ import annotations
 
@@ -46,27 +52,42 @@ class DoesNotFitError(ValueError):
 @dataclass(frozen=True)
 class GridSpec:
     """One side of the mapping: spacing (mm) and NIfTI voxel axis per array axis (``array_axes(...).axes``), and
-    the intensity space."""
+    the intensity space. Three entries each for 3D grids; two for slice grids (the in-plane axes 1, 2 of the
+    pseudo-3D arrays of a 2D configuration or a 2D generator)."""
 
-    spacing: tuple[float, float, float]
-    axes: tuple[int, int, int]
+    spacing: tuple[float, ...]
+    axes: tuple[int, ...]
     intensity: IntensitySpace
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spacing)
 
     @classmethod
     def from_nnunet(cls, plans: dict, configuration: str) -> "GridSpec":
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         cm = PlansManager(plans).get_configuration(configuration)
-        return cls(tuple(float(s) for s in cm.spacing), array_axes(plans).axes,
-                   IntensitySpace.from_nnunet_plans(plans, configuration))
+        spacing = tuple(float(s) for s in cm.spacing)
+        axes = array_axes(plans).axes
+        # a 2D configuration's spacing holds the in-plane axes (1, 2) of its pseudo-3D arrays
+        return cls(spacing, axes[len(axes) - len(spacing):], IntensitySpace.from_nnunet_plans(plans, configuration))
 
     @classmethod
     def from_generator_meta(cls, meta: dict) -> "GridSpec":
         if not meta.get("intensity") or not meta.get("spacing"):
             raise SpaceMismatchError("the generator checkpoint records no spacing/intensity space; retrain it with this "
                                      "package's promptlesion_train_vqgan / promptlesion_train_diffusion")
-        return cls(tuple(float(s) for s in meta["spacing"]), array_axes(meta.get("source") or {}).axes,
-                   IntensitySpace.from_dict(meta["intensity"]))
+        spacing = tuple(float(s) for s in meta["spacing"])
+        axes = array_axes(meta.get("source") or {}).axes
+        # a 2D generator was trained on slices along its array axis 0: its spacing holds axes 1 and 2
+        return cls(spacing, axes[len(axes) - len(spacing):], IntensitySpace.from_dict(meta["intensity"]))
+
+    def in_plane(self) -> "GridSpec":
+        """The slice grid (array axes 1, 2) of a 3D grid; a slice grid is returned as it is."""
+        if self.spatial_dims == 2:
+            return self
+        return GridSpec(self.spacing[1:], self.axes[1:], self.intensity)
 
 
 def check_intensity_representable(data: IntensitySpace, gen: IntensitySpace, min_overlap: float = 0.5) -> None:
@@ -95,9 +116,17 @@ class SpaceMapping:
 
     def __init__(self, data: GridSpec, gen: GridSpec, patch_size: Sequence[int], spacing_rtol: float = 1e-3,
                  min_intensity_overlap: float = 0.5):
-        if sorted(data.axes) != [0, 1, 2] or sorted(gen.axes) != [0, 1, 2]:
+        n = len(gen.spacing)
+        if len(data.spacing) != n or len(patch_size) != n:
+            raise SpaceMismatchError(f"the generator is {n}D ({n} spacing entries {list(gen.spacing)}, patch "
+                                     f"{list(patch_size)}) but the data grid is {len(data.spacing)}D (spacing "
+                                     f"{list(data.spacing)}): use a {n}D configuration with this generator")
+        if n == 3 and (sorted(data.axes) != [0, 1, 2] or sorted(gen.axes) != [0, 1, 2]):
             raise SpaceMismatchError(f"axis descriptions must be permutations of (0, 1, 2): data {data.axes}, "
                                      f"generator {gen.axes}")
+        if n == 2 and sorted(data.axes) != sorted(gen.axes):
+            raise SpaceMismatchError(f"the 2D generator's slices span NIfTI voxel axes {sorted(gen.axes)} but the "
+                                     f"data's slices span {sorted(data.axes)}: they cut the volume in other planes")
         check_intensity_representable(data.intensity, gen.intensity, min_intensity_overlap)
         self.data, self.gen = data, gen
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -107,10 +136,11 @@ class SpaceMapping:
         self.gen_spacing = np.array(gen.spacing, dtype=np.float64)
         same_spacing = np.allclose(self.data_spacing_g, self.gen_spacing, rtol=spacing_rtol, atol=0)
         self.same_intensity = data.intensity.same_as(gen.intensity)
-        self.identity_grid = self.perm == (0, 1, 2) and bool(same_spacing)
+        self.ndim = n
+        self.identity_grid = self.perm == tuple(range(n)) and bool(same_spacing)
         # footprint of the generator patch in data voxels, per data axis
         half_mm = (np.asarray(self.patch_size) - 1) / 2.0 * self.gen_spacing
-        self._half_data = np.empty(3)
+        self._half_data = np.empty(n)
         for k, a in enumerate(self.perm):
             # exact half-integers on the identity grid, so its crops land on data voxels
             self._half_data[a] = (self.patch_size[k] - 1) / 2.0 if self.identity_grid else half_mm[k] / data.spacing[a]
@@ -150,20 +180,20 @@ class SpaceMapping:
         return c
 
     def _gen_coords(self, centre: np.ndarray) -> np.ndarray:
-        """Data-grid coordinates (3, P0, P1, P2), data axis order, of every generator voxel centre."""
+        """Data-grid coordinates (n, *patch), data axis order, of every generator voxel centre."""
         axes = []
         for k, a in enumerate(self.perm):
             scale = 1.0 if self.identity_grid else self.gen_spacing[k] / self.data.spacing[a]
             axes.append(centre[a] + (np.arange(self.patch_size[k]) - (self.patch_size[k] - 1) / 2.0) * scale)
         grid = np.meshgrid(*axes, indexing="ij")  # generator order
-        out = np.empty((3, *self.patch_size))
+        out = np.empty((self.ndim, *self.patch_size))
         for k, a in enumerate(self.perm):
             out[a] = grid[k]
         return out
 
     def _to_gen_coords(self, centre: np.ndarray, voxels: np.ndarray) -> np.ndarray:
-        """Generator-grid coordinates (3, N), generator axis order, of data voxels (N, 3)."""
-        out = np.empty((3, len(voxels)))
+        """Generator-grid coordinates (n, N), generator axis order, of data voxels (N, n)."""
+        out = np.empty((self.ndim, len(voxels)))
         for k, a in enumerate(self.perm):
             scale = 1.0 if self.identity_grid else self.data.spacing[a] / self.gen_spacing[k]
             out[k] = (voxels[:, a] - centre[a]) * scale + (self.patch_size[k] - 1) / 2.0
@@ -172,8 +202,9 @@ class SpaceMapping:
     def to_generator(self, image: np.ndarray, masks: Sequence[np.ndarray], centre: np.ndarray):
         """Cut the generator patch around ``centre`` (data voxels) from a data-grid crop.
 
-        image: (X, Y, Z) float32 z-scores (data grid, data order); masks: bool (X, Y, Z) arrays (lesion, parent...).
-        Returns (model-space image (P0, P1, P2) float32 in [-1, 1], [bool masks (P0, P1, P2)]), generator order.
+        image: (X, Y, Z) float32 z-scores (data grid, data order; (Y, X) of one slice for a 2D mapping); masks:
+        bool arrays of the same shape (lesion, parent...). Returns (model-space image (*patch) float32 in [-1, 1],
+        [bool masks (*patch)]), generator order.
         Outside the crop the image is extended with its nearest voxel, masks with False.
         """
         if self.identity_grid:

@@ -19,11 +19,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SOLVERS  # noqa: F401 (re-exported)
 from .schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SOLVERS = ("dpmpp", "unipc")
-SAMPLERS = ("ddpm", "ddim") + SOLVERS
 
 
 def randn_rows(shape, generator, device, dtype=torch.float32) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""Sampler names and the default sampler / step count: one place, importable without torch.
+
+Every caller that names a sampler (the online source's settings, ``promptlesion_build_cache``,
+``promptlesion_synthesize``, ``promptlesion_pretrain``'s cache step, the renderer) takes its choices and defaults
+from here, so changing the default is one line. ``steps`` counts denoiser evaluations for ``ddim``, ``dpmpp`` and
+``unipc``; ``ddpm`` always runs all T steps of the schedule and ignores it.
+"""
+from __future__ import annotations
+
+SOLVERS = ("dpmpp", "unipc")
+SAMPLERS = ("ddpm", "ddim") + SOLVERS
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+
+SAMPLER_HELP = (f"reverse sampler: {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER}); ddim/dpmpp/unipc take --steps "
+                "model evaluations, ddpm runs all T steps")
+STEPS_HELP = f"model evaluations for ddim/dpmpp/unipc (default {DEFAULT_STEPS}); ignored by ddpm (all T steps)"
+
+
+def check_sampler(sampler: str, steps) -> None:
+    """Raise ValueError for an unknown sampler or a step count < 1 (``steps`` is not read for ddpm)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}', choose one of {list(SAMPLERS)}")
+    if sampler != "ddpm" and (steps is None or int(steps) < 1):
+        raise ValueError(f"sampler '{sampler}' needs steps >= 1 (model evaluations), got {steps}")
+
+
+def sampler_steps(sampler: str, steps):
+    """The step count to pass to ``samplers.sample``: None for ddpm (all T steps), else ``int(steps)``."""
+    return None if sampler == "ddpm" else int(steps)
