@@ -99,13 +99,16 @@ def _realism(args, env, settings: dict, out: Path, log: Path) -> dict:
 
 
 def _cache_and_realism(args, env, diffusion: Path, vqgan: Path, sampler: str, out: Path, log: Path) -> dict:
-    name, _, steps = sampler.partition(":")
+    name, _, rest = sampler.partition(":")
+    steps, _, guidance = rest.partition(":g")
     cache = out / "cache"
     cmd = ["promptlesion_build_cache", "-d", args.dataset, "-c", args.configuration, "-f", str(args.realism_fold),
            "--diffusion", str(diffusion), "--vqgan", str(vqgan), "--per-class", str(args.per_class),
            "--sampler", name, "--seed", "0", "--no-progress", "--num-threads", str(args.threads), "-o", str(cache)]
     if steps:
         cmd += ["--steps", steps]
+    if guidance:
+        cmd += ["--guidance", guidance]
     if (cache / "manifest.json").is_file() and args.reuse:
         t = json.loads((out / "build_time.json").read_text())
     else:
@@ -145,8 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--diffusion-run", required=True, type=Path)
     ap.add_argument("--vqgan-step", type=int, help="VQGAN snapshot the diffusion run was trained on (recorded only)")
     ap.add_argument("--snapshots", type=int, nargs="+", required=True, help="diffusion training steps to measure")
-    ap.add_argument("--snapshot-sampler", default="ddim:50", help="sampler for the training-steps curve")
-    ap.add_argument("--samplers", nargs="*", default=[], help="NAME[:STEPS] for the sampling-steps curve")
+    ap.add_argument("--snapshot-sampler", default="ddim:50", help="NAME[:STEPS[:gSCALE]] for the training-steps curve")
+    ap.add_argument("--samplers", nargs="*", default=[],
+                    help="NAME[:STEPS[:gSCALE]] for the sampling-steps curve, e.g. ddpm, ddim:50, dpmpp:20:g3 "
+                         "(classifier-free guidance scale 3)")
     ap.add_argument("--sampler-snapshot", type=int, help="diffusion snapshot for the sampler curve (default: last)")
     ap.add_argument("--classes", nargs="+", required=True, help="lesion classes to report")
     ap.add_argument("--per-class", type=int, default=60)
