@@ -366,19 +366,21 @@ def test_demo_end_to_end_scarcity_ceiling_killed_twice_and_resumed(ccta_dataset,
 
 def test_diffusion_pretrains_generators_of_the_demo_configurations_dimensionality():
     """`--diffusion` on the default 2-D configuration pretrains 2-D generators (cpu2d) and builds their cache; on
-    demo_3d 3-D ones (tiny). The step counts are options (VQGAN steps default to the diffusion steps)."""
+    demo_3d 3-D ones (tiny). The step counts are options (default: the preset's recipe)."""
     import argparse
 
     from nnunet_promptlesion.experiments.config import load_config
 
     assert load_config("demo_3d", {"dataset": "501"}).configuration == demo.DEMO_3D_CONFIGURATION
     assert load_config("demo", {"dataset": "501"}).configuration == demo.DEMO_CONFIGURATION
-    args = argparse.Namespace(diffusion_steps=7, vqgan_steps=None, diffusion_cache=3, device="cpu")
+    args = argparse.Namespace(diffusion_steps=None, vqgan_steps=None, diffusion_cache=3, device="cpu")
     argv = demo.pretrain_argv(args, 501, demo.DEMO_CONFIGURATION, "0", 2)
     opt = dict(zip(argv[1::2], argv[2::2]))
     assert opt["-c"] == "2d_demo" and opt["--preset"] == "cpu2d" and opt["--cache-per-class"] == "3"
-    assert opt["--vqgan-steps"] == opt["--diffusion-steps"] == "7"
-    args.vqgan_steps = 5
+    # the preset's measured recipe (steps, guidance) unless the steps are given
+    assert "--vqgan-steps" not in opt and "--diffusion-steps" not in opt and opt["--cache-guidance"] == "5.0"
+    args.vqgan_steps, args.diffusion_steps = 5, 7
     argv = demo.pretrain_argv(args, 501, demo.DEMO_3D_CONFIGURATION, "0", 3)
     opt = dict(zip(argv[1::2], argv[2::2]))
     assert opt["--preset"] == "tiny" and opt["--vqgan-steps"] == "5" and opt["--diffusion-steps"] == "7"
+    assert opt["--cache-guidance"] == "1.0"

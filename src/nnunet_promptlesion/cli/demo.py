@@ -36,10 +36,13 @@ LESION_CLASSES = ["calcified_plaque", "noncalcified_plaque"]
 # preprocessed data learns the calcified plaques at the CPU budget; "3d_demo" (add_demo_configuration) is kept
 # for users who want a 3D small-patch configuration.
 DEMO_CONFIGURATION = "2d_demo"
-#: promptlesion_demo --diffusion: generator training steps (VQGAN and diffusion model each) unless given
-DEMO_PRETRAIN_STEPS = 2000
-#: promptlesion_demo --diffusion: generator preset per configuration dimensionality (2D: CPU-sized slices)
+#: promptlesion_demo --diffusion: generator preset per configuration dimensionality (2D: CPU-sized slices); the
+#: training steps are the preset's (promptlesion_pretrain: cpu2d 3000 VQGAN + 4000 diffusion steps) unless given
 DEMO_PRETRAIN_PRESET = {2: "cpu2d", 3: "tiny"}
+#: classifier-free guidance of the demo's diffusion lesions, per dimensionality: measured on the 2D demo
+#: (BENCHMARKS.md "Generator recipe"), guidance 1 left calcified plaques at ~100 HU where the real ones have ~820;
+#: the 3D tiny generator keeps 1 (not measured)
+DEMO_GUIDANCE = {2: 5.0, 3: 1.0}
 DEMO_3D_CONFIGURATION = "3d_demo"
 DEMO_EXPERIMENT = "demo"
 DIFFUSION_ENV = "PROMPTLESION_DEMO_DIFFUSION"
@@ -131,10 +134,10 @@ def main(argv=None) -> None:
                          "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. On the "
                          "default 2-D configuration 2d_demo the generators are 2-D (preset cpu2d, lesions rendered in "
                          "plane); with --config demo_3d they are 3-D (preset tiny). Not part of the 20-minute CPU demo")
-    ap.add_argument("--diffusion-steps", type=int, default=DEMO_PRETRAIN_STEPS,
-                    help=f"--diffusion: diffusion model training steps (default {DEMO_PRETRAIN_STEPS})")
+    ap.add_argument("--diffusion-steps", type=int, default=None,
+                    help="--diffusion: diffusion model training steps (default: the preset's, 4000 for cpu2d)")
     ap.add_argument("--vqgan-steps", type=int, default=None,
-                    help="--diffusion: VQGAN training steps (default: --diffusion-steps)")
+                    help="--diffusion: VQGAN training steps (default: the preset's, 3000 for cpu2d)")
     ap.add_argument("--diffusion-cache", type=int, default=200, help="--diffusion: cached lesions per class (default 200)")
     ap.add_argument("--montage-samples", type=int, default=6, help="samples per class in the montage (0: none)")
     ap.add_argument("--retrain-changed", action="store_true", help="redo the experiment steps whose recorded inputs "
@@ -155,10 +158,11 @@ def main(argv=None) -> None:
 def pretrain_argv(args, dataset_id: int, configuration: str, fold: str, dims: int) -> list[str]:
     """``promptlesion_pretrain`` for --diffusion: generators of the configuration's dimensionality (``dims``), its
     lesion cache keyed by the configuration the arms train."""
+    steps = [*(["--vqgan-steps", str(args.vqgan_steps)] if args.vqgan_steps else []),
+             *(["--diffusion-steps", str(args.diffusion_steps)] if args.diffusion_steps else [])]
     return [_bin("promptlesion_pretrain"), "-d", str(dataset_id), "-c", configuration, "-f", str(fold),
-            "--preset", DEMO_PRETRAIN_PRESET[dims], "--vqgan-steps", str(args.vqgan_steps or args.diffusion_steps),
-            "--diffusion-steps", str(args.diffusion_steps), "--cache-per-class", str(args.diffusion_cache),
-            "--device", args.device]
+            "--preset", DEMO_PRETRAIN_PRESET[dims], *steps, "--cache-per-class", str(args.diffusion_cache),
+            "--cache-guidance", str(DEMO_GUIDANCE[dims]), "--device", args.device]
 
 
 def _stage(msg: str) -> None:
@@ -247,9 +251,10 @@ def run_demo(args, budget: dict | None) -> dict | None:
         snippet = json.loads((logs / "pretrain.log").read_text().strip().splitlines()[-1])
         for arm in cfg.arms:
             if arm.optional == "diffusion":
-                # the generator the pretraining made replaces the template's; the mixing ratio stays
-                frac = (arm.settings or {}).get("synthetic_fraction")
-                arm.settings = {**snippet, **({"synthetic_fraction": frac} if frac is not None else {})}
+                # the generator the pretraining made replaces the template's; the mixing ratio and the class
+                # weights (the same as the rule-based arm's) stay
+                keep = {k: v for k, v in (arm.settings or {}).items() if k not in ("synthesizer", "diffusion", "vqgan", "cache")}
+                arm.settings = {**keep, **snippet}
     _stage(f"3/4 experiment '{cfg.name}' ({cfg.source}): arms {', '.join(a.name for a in cfg.arms)}, "
            f"{cfg.repeats} repeat(s); progress in {runner.out / 'experiment.log'}")
     comp = runner.run()

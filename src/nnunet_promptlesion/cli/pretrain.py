@@ -13,7 +13,7 @@ line printed is the settings snippet for promptlesion_settings.json (diffusion_c
 diffusion_online). For several GPUs run the steps one by one under torchrun (each command supports it).
 
 A 2D configuration (e.g. promptlesion_demo's 2d_demo, 32 x 32 slices) trains 2D generators on (y, x) slices of its
-preprocessed data; without --preset it uses cpu2d (3000 + 3000 steps, about half an hour on one CPU thread). Its lesion
+preprocessed data; without --preset it uses cpu2d (3000 VQGAN + 4000 diffusion steps, about 8 CPU minutes on one thread). Its lesion
 cache (--cache-per-class) and the diffusion_online snippet serve PromptLesionTrainer on that 2D configuration (lesions
 rendered in plane, in the slices the 2D trainer paints).
 """
@@ -34,7 +34,7 @@ EPILOG = """examples:
   promptlesion_pretrain -d 501 -c 2d_demo -f 0 --device cpu        # 2D generators, preset cpu2d (CPU minutes)"""
 
 # (VQGAN steps, diffusion steps) per preset
-PRESET_STEPS = {"tiny": (2000, 2000), "paper": (100000, 60000), "tiny2d": (500, 500), "cpu2d": (3000, 3000),
+PRESET_STEPS = {"tiny": (2000, 2000), "paper": (100000, 60000), "tiny2d": (500, 500), "cpu2d": (3000, 4000),
                 "gpu2d": (50000, 60000)}
 
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampler for the cache (default {DEFAULT_SAMPLER})")
     p.add_argument("--cache-steps", type=int, default=DEFAULT_STEPS,
                    help=f"model evaluations per cached lesion for ddim/dpmpp/unipc (default {DEFAULT_STEPS})")
+    p.add_argument("--cache-guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale for the cache (1 = off; the demo's 2D recipe uses 5)")
     p.add_argument("--cache-batch", type=int, default=8, help="lesions per generator call for the cache (default 8)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -91,7 +93,7 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
         steps.append({"name": "cache", "module": "build_cache", "output": None,
                       "argv": [*common, "--diffusion", str(df_dir / "checkpoint_final.pt"),
                                "--per-class", str(args.cache_per_class), "--sampler", args.cache_sampler,
-                               "--steps", str(args.cache_steps),
+                               "--steps", str(args.cache_steps), "--guidance", str(args.cache_guidance),
                                "--batch", str(args.cache_batch)]})
     return steps
 

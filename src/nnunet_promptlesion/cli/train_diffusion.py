@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
                                              "promptlesion_diffusion__PRESET__CONFIG__foldF)")
     m.add_argument("--steps", type=int, default=60000, help="total training steps (default 60000, the paper's)")
-    m.add_argument("--batch-size", type=int, default=4, help="crops per step and process (default 4)")
-    m.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    m.add_argument("--batch-size", type=int, default=None,
+                   help="crops per step and process (default: the preset's: 4 for paper/tiny, 16 for the 2D presets)")
+    m.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the preset's: 1e-4 for paper/tiny/gpu2d, 1e-3 for cpu2d/tiny2d)")
     m.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
     m.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights (default 0.999)")
     m.add_argument("--lesion-loss-weight", type=float, default=None, help="extra MSE weight inside the lesion region (default 1)")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ..generator.diffusion.config import PromptVocabulary, make_config
+    from ..generator.diffusion.config import TRAINING_DEFAULTS, PromptVocabulary, make_config
     from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
     from ..generator.train_utils import run_trainer
@@ -133,6 +135,9 @@ def main(argv=None) -> int:
         if args.preset is None:
             args.preset = DEFAULT_PRESET[dims]
         check_preset_dims(args.preset, dims, f"VQGAN {args.vqgan}")
+        batch, lr = TRAINING_DEFAULTS[args.preset]
+        args.batch_size = batch if args.batch_size is None else args.batch_size
+        args.lr = lr if args.lr is None else args.lr
         spec_path = find_lesion_spec(spec_folders(args, source), given=args.lesion_spec, error=FileNotFoundError,
                                      hint="Pass --lesion-spec (promptlesion_make_phantoms and promptlesion_convert "
                                           "write one).")

@@ -184,6 +184,14 @@ PRESETS = {"paper": DiffusionConfig.paper, "tiny": DiffusionConfig.tiny, "tiny2d
            "cpu2d": DiffusionConfig.cpu2d, "gpu2d": DiffusionConfig.gpu2d}
 
 
+#: Training defaults per preset: (crops per step and process, Adam learning rate). The 2D CPU recipe was chosen by
+#: measurement (BENCHMARKS.md "Generator recipe"): on the demo's scarce fold, lr 1e-3 at batch 16 brought the
+#: calcified plaques' mean HU in 4000 steps where 1e-4 had not moved it (66 vs 820 HU real); the 3D presets keep
+#: the paper's settings.
+TRAINING_DEFAULTS = {"paper": (4, 1e-4), "tiny": (4, 1e-4), "tiny2d": (16, 1e-3), "cpu2d": (16, 1e-3),
+                     "gpu2d": (16, 1e-4)}
+
+
 def make_config(preset: str, **kw) -> DiffusionConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown diffusion preset '{preset}'; choose one of {sorted(PRESETS)}")
