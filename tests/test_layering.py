@@ -8,6 +8,8 @@ functions, because the package defers heavy imports.
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import nnunet_promptlesion
@@ -243,3 +245,73 @@ def test_cycle_checker_reports_the_path(tmp_path):
                                    "nnunet_promptlesion.sub.c", "nnunet_promptlesion.sub.a"]]
     (pkg / "sub" / "c.py").write_text("def f():\n    return 1\n")
     assert import_cycles(pkg) == []
+
+
+def uncommented_function_imports(root: Path = PACKAGE_ROOT) -> list[str]:
+    """``path:line`` of every import inside a function that no comment explains.
+
+    Imports belong at the top of a module; one inside a function is there for a measured start-up cost or an import
+    cycle, and says which in a comment: on the import's lines, on the comment lines directly above it, or anywhere in
+    the contiguous run of imports it belongs to (one comment may cover a block of imports with one reason)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+                    if tok.type == tokenize.COMMENT}
+
+        def explained(block: list[ast.stmt]) -> bool:
+            first, last = block[0].lineno, block[-1].end_lineno or block[-1].lineno
+            if comments & set(range(first, last + 1)):
+                return True
+            above = first - 1
+            return above in comments and lines[above - 1].lstrip().startswith("#")
+
+        def visit(node: ast.AST, in_function: bool) -> None:
+            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+                stmts = getattr(node, field, None)
+                if not isinstance(stmts, list):
+                    continue
+                block: list[ast.stmt] = []
+                for stmt in stmts + [None]:
+                    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                        block.append(stmt)
+                        continue
+                    if in_function and block and not explained(block):
+                        found.extend(f"{path.relative_to(root.parent)}:{s.lineno}" for s in block)
+                    block = []
+            for child in ast.iter_child_nodes(node):
+                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+        visit(ast.parse(text, filename=str(path)), False)
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    # Issue 26: imports at module top, unless a measured start-up cost (a CLI's --help, the experiment runner's
+    # re-runs) or an import cycle keeps one inside a function; a comment there says which, so the next reader
+    # does not move it back up (or down) blindly.
+    found = uncommented_function_imports()
+    assert not found, ("imports inside a function with no comment saying why (move them to the module top, or "
+                       "say which start-up cost or cycle keeps them there):\n" + "\n".join(found))
+
+
+def test_function_import_checker_needs_a_comment(tmp_path):
+    # The check must be able to fail: a bare import inside a function is reported; a comment above a block of
+    # imports covers the block; an import after other code needs its own comment; module-top imports need none.
+    pkg = tmp_path / "nnunet_promptlesion"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import json\n")
+    (pkg / "a.py").write_text("import os\n\n\ndef f():\n    import json\n    return json\n")
+    assert uncommented_function_imports(pkg) == ["nnunet_promptlesion/a.py:5"]
+    (pkg / "a.py").write_text(
+        "def f():\n"
+        "    # deferred: json is slow\n"
+        "    import json\n"
+        "    from os import path\n"
+        "    x = path\n"
+        "    import re\n"
+        "    if x:\n"
+        "        import shlex  # deferred: as above\n"
+        "    return json, re, shlex\n")
+    assert uncommented_function_imports(pkg) == ["nnunet_promptlesion/a.py:6"]

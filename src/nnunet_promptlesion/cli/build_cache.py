@@ -78,6 +78,7 @@ def _fail(msg: str) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # deferred until the arguments are parsed: see cli/__init__.py
     from ..evaluation.montage import save_montage
     from ..synthesis.cache_build import CacheBuildConfig, CacheBuildError, build_cache
 

@@ -5,11 +5,21 @@ Run ``promptlesion_convert <source> --help`` for each source's options.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
 
+# The converters load what the CLI's own core import loads already (numpy, scipy, SimpleITK, nibabel: no torch),
+# so they sit here; --help costs the same.
+from ..dataset_conversion.ccta import LabelMapping, convert_folder
 from ..dataset_conversion.core import ConversionError, ConversionResult, ConvertOptions
+from ..dataset_conversion.kits import DEFAULT_NAMES as KITS_NAMES, convert_kits
+from ..dataset_conversion.lits import convert_lits
+from ..dataset_conversion.merge import merge_datasets
+from ..dataset_conversion.msd import convert_msd, msd_default_name
+from ..dataset_conversion.nifti_pairs import DEFAULT_AIR_HU, DEFAULT_MASS_FRACTION, DEFAULT_MIN_COMPONENT_MM3, \
+    DEFAULT_PARENT_NAME, DEFAULT_TISSUE_HU, BodyWindowParent, LesionMapping, MaskParent, convert_nifti_pairs
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -140,9 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--unlabelled-to-test", action="store_true", help="put images without a label map into imagesTs")
     _add_common(c, "CCTA")
 
-    from ..dataset_conversion.nifti_pairs import DEFAULT_MASS_FRACTION  # noqa: F401 - used in the help below
-    from ..dataset_conversion.nifti_pairs import DEFAULT_AIR_HU, DEFAULT_MIN_COMPONENT_MM3, DEFAULT_PARENT_NAME, \
-        DEFAULT_TISSUE_HU
     n = sub.add_parser(
         "nifti", help="CT + lesion-mask NIfTI pairs without organ labels; derives the parent structure",
         description="Convert a folder of CT images and a folder of lesion masks paired by name (images/<case>.nii.gz "
@@ -259,22 +266,14 @@ def _parse_lesions(items: list[str]) -> dict[str, list[str]] | None:
 
 def run(args) -> ConversionResult:
     if args.command == "kits":
-        from ..dataset_conversion.kits import DEFAULT_NAMES as KITS_NAMES, convert_kits
-
         return convert_kits(args.source, args.version, _options(args, KITS_NAMES[args.version]),
                             region_labels=args.region_labels, unlabelled_to_test=args.unlabelled_to_test)
     if args.command == "lits":
-        from ..dataset_conversion.lits import convert_lits
-
         return convert_lits(args.source, _options(args), include_test=args.include_test)
     if args.command == "msd":
-        from ..dataset_conversion.msd import convert_msd, msd_default_name
-
         return convert_msd(args.source, _options(args, msd_default_name(args.source)[1]), lesions=_parse_lesions(args.lesion),
                            include_test=not args.no_test)
     if args.command == "ccta":
-        from ..dataset_conversion.ccta import LabelMapping, convert_folder
-
         if args.label_map is not None:
             if args.label or args.lesion or args.ignore_value:
                 raise ConversionError(["give either --label-map or --label/--lesion/--ignore-value, not both"],
@@ -289,8 +288,6 @@ def run(args) -> ConversionResult:
                               label_suffix=args.label_suffix, spacing=args.spacing,
                               unlabelled_to_test=args.unlabelled_to_test)
     if args.command == "nifti":
-        from ..dataset_conversion.nifti_pairs import BodyWindowParent, LesionMapping, MaskParent, convert_nifti_pairs
-
         if args.parent == "masks":
             if args.parent_masks is None:
                 raise ConversionError(["--parent masks needs --parent-masks DIR and --parent-label NAME=VALUE"],
@@ -304,14 +301,11 @@ def run(args) -> ConversionResult:
                                    _options(args), parent, test_cases=args.test_cases, split_seed=args.split_seed,
                                    prefix=args.prefix, mask_suffix=args.mask_suffix, allow_healthy=args.allow_healthy,
                                    mass_fraction=args.mass_fraction)
-    from ..dataset_conversion.merge import merge_datasets
 
     return merge_datasets(args.inputs, _options(args), prefix_cases=args.prefix_cases)
 
 
 def _print_nifti_summary(folder: Path) -> None:
-    import json
-
     info = json.loads((folder / "conversion.json").read_text())
     rows = sorted(info["cases"].items())
     print(f"parent derivation: {info['parent_derivation']}")

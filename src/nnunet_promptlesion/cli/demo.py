@@ -68,7 +68,7 @@ def add_demo_configuration(plans_file: Path, patch_size=(32, 32, 32), batch_size
     costs ~4 s per iteration on 2 CPU cores; a 32^3 patch and 16-128 features cost ~0.3 s, so ~10x more
     iterations fit the demo budget. Foreground oversampling, loss, augmentation and inference are unchanged.
     """
-    import copy
+    import copy  # stdlib, cheap: kept with this CLI's deferred imports (see cli/__init__.py)
 
     plans = json.loads(plans_file.read_text())
     base = plans["configurations"]["3d_fullres"]
@@ -99,7 +99,7 @@ def add_demo_configuration_2d(plans_file: Path, name: str = "2d_demo", batch_siz
     a labelled structure; at 600 iterations the full training set reached 69-90 % calcified Dice where 300
     iterations of whole slices reached 0-56 %. Batch 8 (default) costs ~2/3 of batch 16 for the same steps.
     """
-    from ..experiments.plans_configs import add_2d_configuration
+    from ..experiments.plans_configs import add_2d_configuration  # deferred: see cli/__init__.py
 
     return add_2d_configuration(plans_file, name, "3d_fullres", batch_size=batch_size, features=features,
                                 patch_size=patch_size)
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
         ap.error("--repeats must be >= 1")
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be >= 1")
-    from ..experiments.config import parse_budget
+    from ..experiments.config import parse_budget  # deferred: see cli/__init__.py
     from ..experiments.runner import run_as_command
 
     budget = parse_budget(args.budget, ap.error)
@@ -170,7 +170,7 @@ def _stage(msg: str) -> None:
 
 
 def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
-    from ..experiments.config import ExperimentError
+    from ..experiments.config import ExperimentError  # deferred: see cli/__init__.py
     from ..experiments.processes import run_command
 
     log = logs / f"{name}.log"
@@ -181,7 +181,7 @@ def _step(name: str, cmd: list[str], env: dict, logs: Path) -> None:
 
 
 def run_demo(args, budget: dict | None) -> dict | None:
-    from ..dataset_conversion.phantoms import MANIFEST_FILENAME
+    from ..dataset_conversion.phantoms import MANIFEST_FILENAME  # deferred: see cli/__init__.py
     from ..experiments.config import load_config
     from ..experiments.runner import ExperimentRunner
 
@@ -231,7 +231,7 @@ def run_demo(args, budget: dict | None) -> dict | None:
     cfg = load_config(args.config, {"dataset": str(d), "device": args.device, "repeats": args.repeats,
                                     "jobs": args.jobs, "budget": budget})
     if args.diffusion:
-        from ..generator.data import configuration_spatial_dims
+        from ..generator.data import configuration_spatial_dims  # deferred: see cli/__init__.py
 
         # the generators' dimensionality follows the configuration the arms train (2d_demo: 2-D slices)
         dims = configuration_spatial_dims(str(d), cfg.configuration, cfg.plans)
@@ -297,7 +297,7 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
     picture shows exactly what that arm's trainer feeds nnU-Net (before augmentation); the real lesions are
     those of the same training cases. Classes the settings give no weight get real rows only.
     """
-    import numpy as np
+    import numpy as np  # deferred: see cli/__init__.py
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -310,7 +310,7 @@ def make_montage(dataset_id: int, path: Path, per_class: int, seed: int = 0, fol
     pre = Path(os.environ["nnUNet_preprocessed"]) / name
     plans = load_json(str(pre / f"{plans_name}.json"))
     plans["continue_training"] = False  # nnunetv2 2.8's run_training sets this key before building a trainer
-    from ..trainers.settings import SETTINGS_ENV
+    from ..trainers.settings import SETTINGS_ENV  # deferred: see cli/__init__.py
 
     before = os.environ.pop(SETTINGS_ENV, None)
     if settings_file is not None:

@@ -10,10 +10,10 @@ import argparse
 import os
 import shlex
 
+import nnunet_promptlesion
+
 
 def trainer_folder() -> str:
-    import nnunet_promptlesion
-
     return os.path.join(os.path.dirname(nnunet_promptlesion.__file__), "trainers", "nnunet_ext")
 
 

@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = ap.parse_args(argv)
 
+    # deferred until the arguments are parsed: see cli/__init__.py
     from ..lesions.spec import EARLY_RADIUS_MM, LesionSpecError
     from ..evaluation.evaluate import EvaluationError, evaluate_folders, format_markdown, write_outputs
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 EPILOG = """\
 CONFIG is a JSON file or the name of a shipped config:
@@ -74,11 +76,13 @@ def main(argv=None) -> None:
     ap.add_argument("--show-config", metavar="NAME", help="print a shipped config and exit")
     args = ap.parse_args(argv)
 
-    from ..experiments.config import SHIPPED_CONFIGS, load_config, parse_budget, resolve_config_path
+    # deferred until the arguments are parsed: see cli/__init__.py (the runner itself defers torch and nnU-Net)
+    from ..experiments.config import SHIPPED_CONFIGS, ExperimentError, load_config, parse_budget, resolve_config_path
+    from ..experiments.executors import sbatch_script
+    from ..experiments.prepare import PrepareError, prepare_dataset
     from ..experiments.runner import ExperimentRunner, run_as_command
 
     if args.list_configs:
-        import json
         for p in sorted(SHIPPED_CONFIGS.glob("*.json")):
             print(f"{p.stem:22s} {json.loads(p.read_text()).get('description', '')}")
         return
@@ -96,20 +100,15 @@ def main(argv=None) -> None:
         out = args.output or f"experiments/{cfg.name}"
         if cfg.prepare and not (args.check or args.report_only):
             # the dataset is made from its source files first (convert, plan, CPU configurations, preprocess)
-            from pathlib import Path
-
-            from ..experiments.prepare import PrepareError, prepare_dataset
             try:
                 prepare_dataset(cfg.prepare, cfg.dataset, Path(out) / "logs", where=cfg.source)
             except PrepareError as e:
-                from ..experiments.config import ExperimentError
                 raise ExperimentError(str(e)) from None
         runner = ExperimentRunner(cfg, out, arms=args.arms, include=args.include, retrain_changed=args.retrain_changed)
         if args.check:
             for line in runner.check():
                 print(f"[experiment] {line}")
             if (cfg.executor or {}).get("kind") == "slurm":   # what would be submitted, made without a cluster
-                from ..experiments.executors import sbatch_script
                 print("[experiment] the sbatch script of each (arm, repeat) job (submitit):\n" + sbatch_script(runner))
             print("[experiment] config OK")
         elif args.report_only:

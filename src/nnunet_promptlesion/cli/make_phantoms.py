@@ -9,6 +9,9 @@ import textwrap
 import time
 from pathlib import Path
 
+# at the top: --help lists the phantom kinds, so it loads this module (numpy + scipy, ~0.4 s CPU) either way
+from ..dataset_conversion.phantoms import MANIFEST_FILENAME, phantom_kinds, write_phantom_dataset
+
 EPILOG = textwrap.dedent("""\
     examples:
       export nnUNet_raw=$PWD/nnUNet_raw nnUNet_preprocessed=$PWD/nnUNet_preprocessed nnUNet_results=$PWD/nnUNet_results
@@ -23,8 +26,6 @@ EPILOG = textwrap.dedent("""\
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..dataset_conversion.phantoms import phantom_kinds
-
     kinds = phantom_kinds()
     p = argparse.ArgumentParser(
         prog="promptlesion_make_phantoms",
@@ -50,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..dataset_conversion.phantoms import MANIFEST_FILENAME, write_phantom_dataset
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.output_root is None and not os.environ.get("nnUNet_raw"):

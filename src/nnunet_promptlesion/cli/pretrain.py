@@ -20,9 +20,13 @@ rendered in plane, in the slices the 2D trainer paints).
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
 import os
+import shlex
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
@@ -70,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
-    import shlex
-
     vq_steps, df_steps = PRESET_STEPS[args.preset]
     vq_steps = args.vqgan_steps or vq_steps
     df_steps = args.diffusion_steps or df_steps
@@ -100,8 +102,7 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import importlib
-
+    # deferred until the arguments are parsed: see cli/__init__.py
     from ..generator.data import configuration_spatial_dims, resolve_preprocessed_dataset
     from ..generator.vqgan.config import DEFAULT_PRESET, check_preset_dims
 
@@ -131,9 +132,6 @@ def main(argv=None) -> int:
             continue
         mod = importlib.import_module(f"nnunet_promptlesion.cli.{st['module']}")
         if st["module"] == "build_cache":
-            from contextlib import redirect_stdout
-            import io
-
             buf = io.StringIO()
             with redirect_stdout(buf):
                 rc = mod.main(st["argv"])

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..utils.atomic import write_json_atomic
 from ..utils.env_names import ENV_SETTINGS
 
 EPILOG = """\
@@ -79,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--output", required=True, help="output folder")
     args = ap.parse_args(argv)
 
+    # deferred until the arguments are parsed: see cli/__init__.py
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -180,7 +182,6 @@ def main(argv=None) -> None:
                               title=f"{l.name}: which are synthetic? window {window[0]:.0f} to {window[1]:.0f} HU",
                               hu=hu)
         keys += [{**k, "montage": f"blinded_{l.name}.png"} for k in key]
-    from ..utils.atomic import write_json_atomic
     write_json_atomic(keys, out / "answer_key.json")
     for f in out.glob("answer_key_*.json"):
         f.unlink()

@@ -34,13 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 def model_axis_permutation(meta: dict) -> list[int]:
     """Axis permutation from a nibabel array to the checkpoint's array order (kept for callers of this name; the
     one definition is :func:`nnunet_promptlesion.utils.geometry.array_axes`)."""
-    from ..utils.geometry import array_axes
+    from ..utils.geometry import array_axes  # deferred: numpy + nibabel (~0.2 s CPU), see cli/__init__.py
 
     return list(array_axes(meta.get("source")).axes)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # deferred until the arguments are parsed: see cli/__init__.py
     import torch
 
     from ..synthesis.reconstruct import ReconstructError, reconstruct_nifti

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # deferred until the arguments are parsed: see cli/__init__.py
     import torch
 
     from ..synthesis.single_ct import SingleCTError, SingleCTOptions, synthesize_ct

@@ -90,6 +90,7 @@ def spec_folders(args, source) -> list[Path]:
 
 
 def make_source(args, vqgan_meta):
+    # deferred until the arguments are parsed: see cli/__init__.py
     from ..generator.data import NiftiPatchSource, PreprocessedPatchSource
     from ..generator.intensity import IntensitySpace
 
@@ -113,6 +114,7 @@ def make_source(args, vqgan_meta):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # deferred until the arguments are parsed: see cli/__init__.py
     import torch
 
     from ..generator.diffusion.config import TRAINING_DEFAULTS, PromptVocabulary, make_config

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_sources(args):
+    # deferred until the arguments are parsed: see cli/__init__.py
     from ..generator.data import NiftiPatchSource, PreprocessedPatchSource, list_nifti, _case_name
 
     if bool(args.dataset) == bool(args.nifti_folder):
@@ -125,6 +126,7 @@ def default_output_dir(args, train_source) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # deferred until the arguments are parsed: see cli/__init__.py
     import torch
 
     from ..generator.train_utils import run_trainer

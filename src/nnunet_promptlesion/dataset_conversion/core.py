@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -304,6 +305,7 @@ def _write_label(arr: np.ndarray, info: VolumeInfo, path: Path) -> None:
 def _write_images(case: SourceCase, folder: Path, options: ConvertOptions) -> VolumeInfo:
     """Write the channel files of a case; returns the written header (geometry for its label)."""
     if options.use_nnunet_4d_split:
+        # deferred: nnU-Net loads torch (~1.4 s CPU at import); promptlesion_convert --help imports this module
         from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
 
         src = Path(case.images[0])
@@ -452,8 +454,6 @@ def load_json_file(path: Path, what: str) -> dict:
 
 def sanitize_case_part(s: str) -> str:
     """Characters allowed in nnU-Net case names (letters, digits, '-', '_')."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9\-_]+", "-", s).strip("-") or "case"
 
 

@@ -30,6 +30,7 @@ All inputs are checked, and all parents derived, before anything is written.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 import tempfile
@@ -532,8 +533,6 @@ def convert_nifti_pairs(images: str | Path, masks: str | Path, lesions: Sequence
 
 def case_summary(folder: Path) -> list[tuple[str, dict]]:
     """(case, statistics) from a converted dataset's conversion.json, for printing."""
-    import json
-
     info = json.loads((Path(folder) / "conversion.json").read_text())
     return sorted(info["cases"].items())
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+import tifffile
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -80,8 +82,6 @@ def _needs_spacing(path: Path) -> bool:
 
 
 def _stack_info(path: Path, spacing: Sequence[float] | None) -> VolumeInfo:
-    import tifffile
-
     if spacing is None:
         raise ValueError("TIFF files and slice folders carry no reliable voxel spacing: give --spacing SX SY SZ (mm)")
     if path.is_dir():
@@ -106,8 +106,6 @@ def _stack_info(path: Path, spacing: Sequence[float] | None) -> VolumeInfo:
 
 def _read_slice(path: Path) -> np.ndarray:
     if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-
         return np.asarray(tifffile.imread(path))
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -136,8 +134,6 @@ def read_volume(path: Path, spacing: Sequence[float] | None = None) -> sitk.Imag
     if path.is_dir():
         arr = np.stack([_read_slice(f) for f in _slice_files(path)], axis=0)
     else:
-        import tifffile
-
         arr = np.asarray(tifffile.imread(path))
         if arr.ndim == 2:
             arr = arr[None]
@@ -154,8 +150,6 @@ def check_readable(path: Path, spacing: Sequence[float] | None = None) -> None:
     """
     path = Path(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
         img = nib.load(str(path), mmap=False)
         np.asarray(img.dataobj)
     else:

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
+                                                     determine_reader_writer_from_file_ending)
 
 from ..dataset_conversion.validation import check_readable
 from ..lesions.spec import EARLY_RADIUS_MM, LesionSpec
@@ -226,8 +228,6 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
             file_ending = found[0]
     cases = _case_files(pred_dir, gt_dir, file_ending, only_common)
 
-    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
-                                                         determine_reader_writer_from_file_ending)
     example = str(gt_dir / (cases[0] + file_ending))
     reader_class = (determine_reader_writer_from_dataset_json(dataset_json, example) if dataset_json
                     else determine_reader_writer_from_file_ending(file_ending, example))
@@ -454,10 +454,11 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, title: str | None =
 
 def plot_results(results: dict, out_dir: Path, title: str | None = None) -> dict:
     """dice_nsd.png (per-class bars, one dot per case) and lesion_detection.png (sensitivity per size bin)."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     paths = {}
     names = [c["name"] for c in results["classes"]]

@@ -39,10 +39,11 @@ def real_lesion_crops(image: np.ndarray, seg: np.ndarray, label: int, patch_size
 def save_montage(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray]]]], path: str | Path,
                  window: tuple[float, float] | None = None, title: str | None = None) -> None:
     """rows: (class name, [(image (X,Y,Z), lesion mask (X,Y,Z)), ...]). Written atomically."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     ncols = max(len(r[1]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.2 * ncols, 2.3 * len(rows)), squeeze=False)

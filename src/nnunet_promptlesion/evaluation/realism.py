@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
+import torch
+import torch.nn.functional as F
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from scipy import ndimage, stats
 
 from ..lesions.components import label_components
 from ..lesions.masks import equivalent_radius_mm
@@ -152,8 +155,6 @@ class NnUNetEncoderFeatures:
 
     def __init__(self, network, stages: Sequence[int] | None = None, device: str = "cpu", batch_size: int = 4,
                  name: str = "nnunet_encoder"):
-        import torch
-
         self.network = network.to(device).eval()
         self.stages = list(stages) if stages is not None else None
         self.device = torch.device(device)
@@ -165,9 +166,6 @@ class NnUNetEncoderFeatures:
                           checkpoint: str = "checkpoint_best.pth", **kw) -> "NnUNetEncoderFeatures":
         """Load a trained nnU-Net model (``$nnUNet_results/DatasetX/Trainer__Plans__Config``) with nnU-Net's
         predictor; its weights for ``fold`` are loaded into the network."""
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
         fold_v = fold if fold == "all" else int(fold)
         p = nnUNetPredictor(device=torch.device("cpu"), verbose=False, verbose_preprocessing=False,
                             allow_tqdm=False)
@@ -178,9 +176,6 @@ class NnUNetEncoderFeatures:
 
     def __call__(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """images (N, C, *patch) float32, masks (N, *patch) bool -> (N, D) float64."""
-        import torch
-        import torch.nn.functional as F
-
         feats = []
         with torch.no_grad():
             for i in range(0, len(images), self.batch_size):
@@ -252,8 +247,6 @@ def lesion_measurements(p: LesionPatch, spacing: Sequence[float], hu: Callable[[
 
 
 def ks_test(a: Sequence[float], b: Sequence[float]) -> dict:
-    from scipy import stats
-
     a = [v for v in a if v is not None]
     b = [v for v in b if v is not None]
     if len(a) < 2 or len(b) < 2:
@@ -327,10 +320,11 @@ def blinded_montage(patches: Sequence[LesionPatch], png: str | os.PathLike, key:
                     hu: Callable[[np.ndarray], np.ndarray] | None = None, ncols: int = 6) -> list[dict]:
     """Shuffled, numbered lesion slices (no contour, no source) in one intensity ``window`` (HU if ``hu`` is given,
     else the patch values) and the answer key {panel, source, class, case} written to ``key`` (JSON)."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     order = rng.permutation(len(patches))
     n = len(order)
@@ -360,10 +354,11 @@ def blinded_montage(patches: Sequence[LesionPatch], png: str | os.PathLike, key:
 
 def plot_distributions(report: dict, png: str | os.PathLike) -> None:
     """Histograms of radius, mean HU and contrast, real vs synthetic, one row per class."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     classes = list(report["classes"])
     keys = ("radius_mm", "mean_hu", "contrast_hu")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,8 @@ def paired_tests(x, y) -> dict:
     Returns {n, mean_diff (x - y), t, p_ttest, p_wilcoxon}; p is None when a test is undefined (fewer than
     2 pairs, or every difference zero).
     """
+    # deferred: scipy.stats costs ~0.5 s CPU at import (measured here); the runner's report imports this module on
+    # every summary, paired tests need it only once two arms have repeats
     from scipy import stats
 
     a = np.asarray([np.nan if v is None else float(v) for v in x], float)
@@ -138,7 +141,6 @@ def _nanmean(a: np.ndarray, axis) -> np.ndarray:
 
 class _quiet:
     def __enter__(self):
-        import warnings
         self._w = warnings.catch_warnings()
         self._w.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -484,10 +486,11 @@ def format_comparison_markdown(comp: dict, title: str | None = None, **kw) -> st
 
 def plot_comparison(comp: dict, path: str | os.PathLike, metric: str = "Dice", title: str | None = None) -> None:
     """Grouped bars (class x arm) of ``metric``: mean over repeats, sd as error bar, one dot per repeat."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     classes, arms = comp["classes"], comp["arms"]
     width = 0.8 / max(1, len(arms))

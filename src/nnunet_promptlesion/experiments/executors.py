@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def executor_spec(cfg) -> ExecutorSpec:
 def import_submitit():
     """submitit, or an ExperimentError saying how to install it."""
     try:
-        import submitit
+        import submitit  # optional (extra [cluster]): only the slurm / submitit_local executors need it
     except ImportError:
         raise ExperimentError("the slurm and submitit_local executors need submitit, which is not installed; "
                               f"install it with\n  {INSTALL_HINT}\nor run here without it: --executor local") from None
@@ -105,7 +106,7 @@ class ChainJob:
         return lines
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # optional (extra [cluster]), see import_submitit
 
         return DelayedSubmission(self, *args, **kwargs)
 
@@ -137,14 +138,13 @@ class _Job:
     seen_completed: float | None = None
 
     def paths(self):
-        from submitit.core.utils import JobPaths
+        from submitit.core.utils import JobPaths  # optional (extra [cluster]), see import_submitit
 
         return JobPaths(self.folder, job_id=self.job_id, task_id=0)
 
 
 def _squeue_state(job_id: str) -> str | None:
     """The job's state as squeue shows it (jobs in the queue or running), None when it shows none."""
-    import subprocess
 
     try:
         r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
@@ -237,9 +237,9 @@ class SubmititChains:
     # -------------------------------------------------------------- job states
     def _job_object(self, job_id: str):
         if self.cluster == "slurm":
-            from submitit.slurm.slurm import SlurmJob
+            from submitit.slurm.slurm import SlurmJob  # optional (extra [cluster]), see import_submitit
             return SlurmJob(folder=self.folder, job_id=job_id)
-        from submitit.local.local import LocalJob
+        from submitit.local.local import LocalJob  # optional (extra [cluster]), see import_submitit
         return LocalJob(folder=self.folder, job_id=job_id)
 
     def _outcome(self, j: _Job) -> str | None:
@@ -248,7 +248,7 @@ class SubmititChains:
         if not rp.is_file():
             return None
         try:
-            from submitit.core.utils import pickle_load
+            from submitit.core.utils import pickle_load  # optional (extra [cluster]), see import_submitit
             outcome, _ = pickle_load(rp)
         except Exception:  # noqa: BLE001 - a torn file reads as no result yet
             return None
@@ -289,7 +289,7 @@ class SubmititChains:
 
     def _refresh(self) -> None:
         if self.cluster == "slurm":
-            from submitit.slurm.slurm import SlurmJob
+            from submitit.slurm.slurm import SlurmJob  # optional (extra [cluster]), see import_submitit
             SlurmJob.watcher.update()   # one sacct call for every job
 
     def _adopt(self, key: str, arm: Arm, r: int, entry: dict) -> _Job | None:
@@ -432,7 +432,7 @@ class SubmititChains:
 
     def _job_lines(self, j: _Job) -> list[str]:
         try:
-            from submitit.core.utils import pickle_load
+            from submitit.core.utils import pickle_load  # optional (extra [cluster]), see import_submitit
             outcome, lines = pickle_load(j.paths().result_pickle)
         except Exception:  # noqa: BLE001
             return []
@@ -449,7 +449,7 @@ def sbatch_script(runner: ExperimentRunner) -> str:
     own parameter conversion and script; only its check for ``srun`` on this machine is skipped)."""
     sc = SubmititChains(runner, ExecutorSpec(**{**(runner.cfg.executor or {}), "kind": "slurm"}))
     sc.cluster = "slurm"
-    from submitit.slurm.slurm import SlurmExecutor
+    from submitit.slurm.slurm import SlurmExecutor  # optional (extra [cluster]), see import_submitit
 
     class _Offline(SlurmExecutor):
         @classmethod

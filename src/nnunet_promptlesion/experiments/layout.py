@@ -179,7 +179,8 @@ class ExperimentLayout:
         return PlansManager(plans).get_configuration(self.cfg.configuration).data_identifier
 
     def _derive_scarcity(self, write: bool) -> list[dict]:
-        # deferred: numpy (0.25-0.45 s at import, measured here), for configs with "scarcity" only
+        # deferred: .scarcity loads nnU-Net and torch (~1.5 s CPU at import, measured here), for configs with
+        # "scarcity" only; the runner imports this module on every re-run and --list-configs
         from .scarcity import ScarcityError, derive_scarcity_folds
 
         sc = self.cfg.scarcity

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import sys
 
+from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+
 from .torch_threads import cap_torch_threads
 
 
 def main() -> None:
     cap_torch_threads()
-    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
-
     sys.argv[0] = "nnUNetv2_predict"
     sys.exit(predict_entry_point())
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 import sys
 
+from nnunetv2.run.run_training import run_training_entry
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from ..utils.env_names import ENV_FINAL_VALIDATION
 from .torch_threads import cap_torch_threads
 
@@ -26,8 +29,6 @@ def final_validation_enabled() -> bool:
 
 
 def _skip_final_validation() -> None:
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file(f"final validation skipped ({ENV_FINAL_VALIDATION}=0): the experiment evaluates its "
                                "held-out test cases instead", also_print_to_console=True)
@@ -40,8 +41,6 @@ def main() -> None:
     cap_torch_threads()
     if not final_validation_enabled():
         _skip_final_validation()
-    from nnunetv2.run.run_training import run_training_entry
-
     sys.argv[0] = "nnUNetv2_train"
     sys.exit(run_training_entry())
 

@@ -118,6 +118,7 @@ class ExperimentRunner(ExperimentSteps, ExperimentReport):
         if self.cfg.scarcity:
             for rec in self._derive_scarcity(write=False):
                 info.append(scarcity_line(rec))
+        # deferred: as PlansManager above (torch, seconds)
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
         from ..trainers.early_stopping import honours_experiment_controls
         from ..trainers.promptlesion_trainer import PromptLesionTrainer

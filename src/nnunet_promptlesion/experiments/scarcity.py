@@ -24,13 +24,17 @@ A *carrier* is a case whose preprocessed label holds the class: nnU-Net's ``<cas
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import pickle
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+from ..generator.data import nnunet_fold_split
 from ..utils.atomic import write_json_atomic
 
 
@@ -83,8 +87,6 @@ def choose_kept(carrier_ids: Sequence[str], keep: int, seed: int) -> list[str]:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    import fcntl
-
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -101,8 +103,6 @@ def ensure_folds(preprocessed_dataset_dir: Path, identifiers: Sequence[str], fol
         if f.is_file():
             splits = json.loads(f.read_text())
         else:
-            from nnunetv2.utilities.crossval_split import generate_crossval_split
-
             if len(identifiers) < 5:
                 raise ScarcityError(f"the derived folds follow nnU-Net's 5-fold split, which needs at least 5 training "
                                     f"cases; {d.name} has {len(identifiers)}")
@@ -132,10 +132,6 @@ def derive_scarcity_folds(preprocessed_dataset_dir: Path, data_identifier: str, 
     n_train_scarce, n_train_full, n_val, carriers_per_class: {class: {scarce, full}}}. With ``write=False``
     nothing is written and the fold indices are None (a dry run for ``--check``).
     """
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-    from ..generator.data import nnunet_fold_split
-
     if keep < 0:
         raise ScarcityError(f"keep_carriers must be >= 0, got {keep}")
     d = Path(preprocessed_dataset_dir)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..utils.env_names import ENV_TORCH_THREADS
 
 
@@ -33,8 +35,6 @@ def cap_torch_threads() -> None:
     cap = torch_threads_cap()
     if cap is None:
         return
-    import torch
-
     set_num_threads = torch.set_num_threads
 
     def capped(n: int) -> None:

@@ -53,7 +53,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..utils.geometry import read_nifti_3d
 from .intensity import IntensitySpace
@@ -223,8 +229,6 @@ def nnunet_fold_split(preprocessed_dataset_folder: Path, identifiers: Sequence[s
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())
     else:
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-
         splits = generate_crossval_split(list(np.sort(list(identifiers))), seed=12345, n_splits=5)
     if fold < len(splits):
         return [str(k) for k in splits[fold]["train"]], [str(k) for k in splits[fold]["val"]]
@@ -240,8 +244,6 @@ def configuration_spatial_dims(dataset: str | int, configuration: str, plans: st
     plans_file = resolve_preprocessed_dataset(dataset) / f"{plans}.json"
     if not plans_file.is_file():
         raise FileNotFoundError(f"{plans_file} not found; pass the plans identifier used for preprocessing (-p).")
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     pm = PlansManager(json.loads(plans_file.read_text()))
     if configuration not in pm.available_configurations:
         raise ValueError(f"configuration '{configuration}' is not in {plans_file} "
@@ -253,8 +255,6 @@ class PreprocessedPatchSource(PatchSource):
     def __init__(self, dataset: str | int, configuration: str = "3d_fullres", fold: int | str = 0,
                  plans: str = "nnUNetPlans", subset: str = "train", cache_cases: int = 8):
         super().__init__(cache_cases)
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
         if subset not in ("train", "val"):
             raise ValueError(f"subset must be 'train' or 'val', got '{subset}'")
         self.dataset_folder = resolve_preprocessed_dataset(dataset)
@@ -262,8 +262,6 @@ class PreprocessedPatchSource(PatchSource):
         if not plans_file.is_file():
             raise FileNotFoundError(f"{plans_file} not found; pass the plans identifier used for preprocessing (-p).")
         self.plans = json.loads(plans_file.read_text())
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
         pm = PlansManager(self.plans)
         cm = pm.get_configuration(configuration)
         if len(cm.spacing) not in (2, 3):
@@ -348,9 +346,6 @@ def spacing_mismatch(data_spacing: Sequence[float], model_spacing: Sequence[floa
 
 def resample_to_spacing(arr: np.ndarray, spacing_in: Sequence[float], spacing_out: Sequence[float], order: int) -> np.ndarray:
     """Resample an (X, Y, Z) array from ``spacing_in`` to ``spacing_out`` (mm); order 1 trilinear, 0 nearest."""
-    import torch
-    import torch.nn.functional as F
-
     size = [max(1, int(round(s * si / so))) for s, si, so in zip(arr.shape, spacing_in, spacing_out)]
     if list(size) == list(arr.shape):
         return arr
@@ -398,8 +393,6 @@ class NiftiPatchSource(PatchSource):
         return None
 
     def _load_case(self, case_id: str) -> CaseArrays:
-        import nibabel as nib
-
         path = self._files[case_id]
         img, arr = read_nifti_3d(path)
         zooms = [float(z) for z in img.header.get_zooms()[:3]]

@@ -32,6 +32,7 @@ API (all functions are safe to call in a single process without ``torchrun``):
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import logging
@@ -46,6 +47,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from ..utils.atomic import write_json_atomic
 from ..utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint
@@ -101,8 +104,6 @@ def cleanup_distributed(env: DistEnv) -> None:
 def wrap_ddp(model: torch.nn.Module, env: DistEnv, **kwargs) -> torch.nn.Module:
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(model, device_ids=ids, **kwargs)
 
@@ -161,8 +162,6 @@ def capture_rng_state(np_rng: np.random.Generator | None = None) -> dict:
 
 
 def restore_rng_state(state: dict, np_rng: np.random.Generator | None = None) -> None:
-    import ast
-
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
     if "python" in state:
         s = ast.literal_eval(state["python"])
@@ -229,7 +228,6 @@ class TrainLogger:
             fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self.logger.addHandler(fh)
             if progress:
-                from tqdm import tqdm
 
                 self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                                 file=sys.stderr, mininterval=1.0)

@@ -284,7 +284,7 @@ def radius_ranges_from_observed(radii_mm: Sequence[float], n_bins: int = 2) -> l
     :data:`MAX_RADIUS_MM` (a spec above it is refused; a huge tumour, e.g. a 25 cm sarcoma, then gets
     synthetic lesions up to the cap).
     """
-    import numpy as np
+    import numpy as np  # deferred: numpy (~0.1 s CPU at import); the experiment runner imports this module, not numpy
 
     r = np.asarray([x for x in radii_mm if x > 0], dtype=float)
     if r.size == 0:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch.distributed as dist
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -302,7 +303,6 @@ def load_or_build_index(path: str | os.PathLike | None, fingerprint: str, build:
             return index, "built (not cached)"
         save_index(path, fingerprint, index)
         return index, "built"
-    import torch.distributed as dist
 
     status = [None]
     index, how = None, "rank 0"

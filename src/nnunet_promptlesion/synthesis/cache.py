@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ def run_fingerprint(plans: dict, configuration: str, fold, train_ids: Iterable[s
     (``LesionSpec.to_dict()``). ``sha256`` is over all of it. The generator is part of the cache's identity
     (``manifest["generator"]``, compared when a build resumes), not of the run's.
     """
+    # deferred: nnU-Net loads torch (~1.4 s CPU at import); settings validation imports this module (see .space)
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     cm = PlansManager(plans).get_configuration(configuration)
@@ -279,8 +281,6 @@ def pack_shards(folder: Path, shard_names: Sequence[str]) -> dict:
     """Concatenate the shards into ``packed/*.npy`` (uncompressed, memory-mappable); returns the manifest entry.
 
     Written into a temporary folder that replaces ``packed/`` at the end (a kill leaves the old or no pack)."""
-    import shutil
-
     folder = Path(folder)
     parts = [read_shard(folder / "shards" / n) for n in shard_names]
     cases = sorted({str(c) for a in parts for c in a["case"]})

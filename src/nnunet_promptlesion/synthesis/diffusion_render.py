@@ -117,6 +117,8 @@ class CaseReader:
     """Crops of nnU-Net preprocessed cases (blosc2/npy, read lazily), data padded at the edges, seg with -1."""
 
     def __init__(self, data_folder: str | os.PathLike, identifiers: Sequence[str]):
+        # deferred, as torch and the generator below: nnU-Net and torch cost ~1.4 s CPU at import (measured here), and
+        # settings validation imports this module (through diffusion_source) without rendering anything
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
         cls = infer_dataset_class(str(data_folder))
@@ -172,6 +174,7 @@ class DiffusionRenderer:
     def __init__(self, diffusion: str | os.PathLike, data_grid: GridSpec, spec, reader: CaseReader,
                  vqgan: str | os.PathLike | None = None, device: str = "cpu", sampler: str = DEFAULT_SAMPLER,
                  steps: int | None = DEFAULT_STEPS, guidance: float = 1.0, eta: float = 0.0, labels: Sequence[int] | None = None):
+        # deferred: torch and the generator (torch + MONAI, ~3.6 s CPU at import), see CaseReader
         import torch
 
         from ..generator.diffusion.checkpoint import load_generator_pair
@@ -236,7 +239,7 @@ class DiffusionRenderer:
 
     def render(self, requests: Sequence[LesionRequest], progress: Callable | None = None) -> list[RenderedLesion | None]:
         """Render a batch; None for requests whose lesion does not fit the generator patch."""
-        import torch
+        import torch  # deferred: see CaseReader
 
         prepared: list[dict | None] = []
         for r in requests:
@@ -279,6 +282,7 @@ class DiffusionRenderer:
 
 
 def _inpaint_fn():
+    # deferred: torch (see CaseReader); looked up per call, so a test may patch inpaint.inpaint_lesions
     from ..generator.diffusion.inpaint import inpaint_lesions
 
     return inpaint_lesions

@@ -48,10 +48,15 @@ import numpy as np
 
 from ..generator.diffusion.config import PromptVocabulary
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from ..lesions.blending import blend_margin
 from ..placement.placement import Placement
 from ..utils.errors import PromptLesionConfigError
 from ..utils.lifetime import raise_if_terminated, spawn_without_main
+from .cache import CacheError, LesionCache, run_fingerprint
+from .diffusion_render import LesionRequest
+from .online_producer import COUNTERS, ProducerConfig, ProducerDeadError, RingSpec, SharedRing, producer_main
 from .sources import SampleSource, SourceContext, register_source
+from .space import GridSpec, SpaceMapping, SpaceMismatchError, prompt_ids_for
 
 # The cache, the space mapping, the producer, blending and checkpoint loading are imported where they are used:
 # settings validation imports this module for its settings keys, and they would add ~2.7 s (torch) and ~0.35 s
@@ -106,8 +111,6 @@ def _check_channels(ctx: SourceContext, name: str) -> None:
 
 
 def _run_fingerprint(ctx: SourceContext) -> dict:
-    from .cache import run_fingerprint
-
     t = ctx.trainer
     tr, _ = t.do_split()
     return run_fingerprint(t.plans_manager.plans, t.configuration_name, t.fold, tr, t.plans_manager.dataset_name,
@@ -120,8 +123,6 @@ class DiffusionCacheSource(SampleSource):
     name = "diffusion_cache"
 
     def __init__(self, ctx: SourceContext):
-        from .cache import CacheError, LesionCache
-
         _check_channels(ctx, self.name)
         folder = ctx.settings.extra.get("cache")
         if not folder:
@@ -181,10 +182,6 @@ class DiffusionOnlineSource(SampleSource):
     name = "diffusion_online"
 
     def __init__(self, ctx: SourceContext):
-        from ..lesions.blending import blend_margin
-        from .online_producer import ProducerConfig, RingSpec, SharedRing
-        from .space import GridSpec, SpaceMapping, SpaceMismatchError
-
         _check_channels(ctx, self.name)
         ex = ctx.settings.extra
         try:
@@ -201,6 +198,7 @@ class DiffusionOnlineSource(SampleSource):
         self.log = ctx.log
         self.placer = ctx.placer  # places the warm-up's requests (attach), as the loader places later ones
         # The generator geometry decides the ring's slot size: read it from the checkpoint's metadata only.
+        # (deferred: torch, ~1 s CPU at import; settings validation imports this module to register its settings)
         from ..utils.checkpoint import load_checkpoint
 
         meta = load_checkpoint(ex["diffusion"], map_location="cpu", kind="promptlesion_diffusion")["meta"]
@@ -265,8 +263,7 @@ class DiffusionOnlineSource(SampleSource):
 
     # -------------------------------------------------------------- lifetime (main process)
     def check(self, index, class_probs: np.ndarray) -> None:
-        from .space import SpaceMismatchError, prompt_ids_for
-        from ..utils.checkpoint import load_checkpoint
+        from ..utils.checkpoint import load_checkpoint  # deferred: torch, see __init__
 
         self._class_probs = np.asarray(class_probs, float)
         meta = load_checkpoint(self.cfg.diffusion, map_location="cpu", kind="promptlesion_diffusion")["meta"]
@@ -282,7 +279,6 @@ class DiffusionOnlineSource(SampleSource):
         if self.placer is None:
             raise ValueError("diffusion_online places its warm-up requests with the training placer: the source "
                              "context must carry it ('placer')")
-        from .online_producer import producer_main
 
         self.process = self._ctx.Process(target=producer_main, name="promptlesion-producer", daemon=True,
                                          args=(self.cfg, self.ring_spec, self.lock, self.requests, self.status))
@@ -348,8 +344,6 @@ class DiffusionOnlineSource(SampleSource):
 
         Called by the trainer at every iteration (a non-blocking queue poll and a waitpid): a failed producer
         stops training at once instead of leaving a stale ring to be reused for the rest of the run."""
-        from .online_producer import ProducerDeadError
-
         if os.getpid() != self._owner_pid:
             return
         while self._poll_status(timeout=0.0) is not None:
@@ -417,7 +411,6 @@ class DiffusionOnlineSource(SampleSource):
             # requests are best effort: a worker must never wait at exit for its queue feeder, which blocks on a
             # full pipe once the producer is gone
             self.requests.cancel_join_thread()
-            from .online_producer import SharedRing
 
             self.ring = SharedRing(self.ring_spec, self.lock, create=False, cases=self.train_ids,
                                    lock_timeout_s=self.lock_timeout_s)
@@ -432,8 +425,6 @@ class DiffusionOnlineSource(SampleSource):
 
     def submit(self, pl: Placement, rng: np.random.Generator) -> None:
         """Queue a fresh placement for the producer (without waiting)."""
-        from .diffusion_render import LesionRequest
-
         sigma = float(rng.uniform(*self.sigma_range))
         req = LesionRequest.from_placement(pl, sigma)
         try:
@@ -446,8 +437,6 @@ class DiffusionOnlineSource(SampleSource):
         ring = self._attach_ring()
         r = ring.take(self.spec.lesions[class_idx].label, rng)
         if r is None:
-            from .online_producer import ProducerDeadError
-
             # warm-up left >= 1 sample of every drawn class and slots are only ever overwritten: an empty class
             # here is a class warm-up did not cover, never something to paper over with another synthesizer
             raise ProducerDeadError(f"the online ring holds no sample of class "
@@ -463,8 +452,6 @@ class DiffusionOnlineSource(SampleSource):
         return out
 
     def epoch_stats(self) -> dict[str, Any]:
-        from .online_producer import COUNTERS
-
         if self.ring is None:
             return {"producer": "closed"}
         self._poll_status(timeout=0.0)

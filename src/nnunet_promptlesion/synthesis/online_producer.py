@@ -50,7 +50,9 @@ from typing import Sequence
 import numpy as np
 
 from ..utils.lifetime import die_with_parent, set_pdeathsig
-from .diffusion_render import LesionRequest, RenderedLesion
+from ..lesions.spec import LesionSpec
+from .diffusion_render import CaseReader, DiffusionRenderer, LesionRequest, RenderedLesion
+from .space import GridSpec
 
 SHM_DIR = "/dev/shm"
 SHM_FREE_ENV = "PROMPTLESION_SHM_FREE_BYTES"
@@ -358,12 +360,11 @@ def producer_main(cfg: ProducerConfig, ring_spec: RingSpec, lock, requests, stat
     ring = None
     try:
         ring = SharedRing(ring_spec, lock, create=False, cases=cfg.train_ids, lock_timeout_s=cfg.lock_timeout_s)
+        # deferred: torch (~1 s CPU at import) and the quality filter's nnU-Net are the spawned producer's alone;
+        # the trainer's settings validation imports this module through diffusion_source
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_threads)))
-        from .diffusion_render import CaseReader, DiffusionRenderer
-        from ..lesions.spec import LesionSpec
-        from .space import GridSpec
 
         spec = LesionSpec.from_dict(cfg.spec)
         reader = CaseReader(cfg.data_folder, cfg.train_ids)
@@ -372,7 +373,7 @@ def producer_main(cfg: ProducerConfig, ring_spec: RingSpec, lock, requests, stat
                                      guidance=cfg.guidance, labels=ring_spec.labels)
         quality = None
         if cfg.quality:
-            from .quality import QualityFilter
+            from .quality import QualityFilter  # deferred: torch + nnU-Net, see above
 
             quality = QualityFilter(cfg.quality["model"], cfg.quality["fold"], device=cfg.device,
                                     min_iou=cfg.quality["min_iou"], expect_plans=cfg.plans,

@@ -13,12 +13,18 @@ foreground intensity properties (checked at load). Weights are read with ``torch
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
 from typing import Sequence
 
+import nnunetv2
 import numpy as np
+import torch
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 
 class QualityModelError(RuntimeError):
@@ -26,17 +32,13 @@ class QualityModelError(RuntimeError):
 
 
 def _safe_load(path: Path):
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # noqa: BLE001 - nnU-Net logs hold numpy scalars: allow exactly those types
-        import numpy as _np
-
-        core = getattr(_np, "_core", None) or getattr(_np, "core")
-        allowed = [_np.dtype, _np.float64, _np.float32, _np.int64, core.multiarray.scalar]
+        core = getattr(np, "_core", None) or getattr(np, "core")
+        allowed = [np.dtype, np.float64, np.float32, np.int64, core.multiarray.scalar]
         try:
-            allowed += [type(_np.dtype(_np.float64)), type(_np.dtype(_np.float32)), type(_np.dtype(_np.int64))]
+            allowed += [type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
@@ -47,11 +49,6 @@ class QualityFilter:
     def __init__(self, model_folder: str | os.PathLike, fold="0", device: str = "cpu", min_iou: float = 0.7,
                  expect_plans: dict | None = None, configuration: str | None = None, margin: int = 2,
                  checkpoint_name: str = "checkpoint_final.pth"):
-        import torch
-        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
         folder = Path(model_folder)
         ck_path = folder / f"fold_{fold}" / checkpoint_name
         for f in (folder / "plans.json", folder / "dataset.json", ck_path):
@@ -78,14 +75,14 @@ class QualityFilter:
         self.label_manager = pm.get_label_manager(dataset_json)
         if self.label_manager.has_regions:
             raise QualityModelError("quality models trained on regions are not supported; use a label-based model")
-        import nnunetv2
 
         trainer_class = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
                                                     ck["trainer_name"], "nnunetv2.training.nnUNetTrainer")
         if trainer_class is None:
+            # deferred: nnUNetTrainer's module loads matplotlib and pandas (~2 s CPU at import, measured here), for
+            # a checkpoint whose trainer class nnU-Net does not ship
             from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_class
         n_in = determine_num_input_channels(pm, cm, dataset_json)
-        import inspect
 
         n_out = self.label_manager.num_segmentation_heads
         if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
@@ -104,8 +101,6 @@ class QualityFilter:
 
     def iou(self, rendered: Sequence, reader) -> list[float]:
         """IoU per rendered lesion (see the module docstring); ``reader``: a CaseReader over the carriers."""
-        import torch
-
         if not rendered:
             return []
         crops, masks, regions = [], [], []

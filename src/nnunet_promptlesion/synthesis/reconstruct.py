@@ -11,10 +11,20 @@ checkpoint's spacing, MAE in HU within the intensity window.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
 
+from ..generator.data import resample_to_spacing, spacing_mismatch
+from ..generator.intensity import IntensitySpace
+from ..generator.train_utils import resolve_device
+from ..generator.vqgan import load_vqgan
+from ..generator.vqgan.train import psnr, ssim3d
+from ..utils.atomic import write_json_atomic
 from ..utils.geometry import NiftiView, array_axes, read_nifti_3d
 
 
@@ -28,13 +38,6 @@ def reconstruct_volume(model, meta: dict, hu, zooms, overlap: float = 0.25, sw_b
 
     Returns ``reconstruction_hu`` (input grid) and ``metrics``.
     """
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    from ..generator.data import resample_to_spacing
-    from ..generator.intensity import IntensitySpace
-    from ..generator.vqgan.train import psnr, ssim3d
-
     space = IntensitySpace.from_dict(meta["intensity"])
     spacing = meta["spacing"]
     res = resample_to_spacing(np.asarray(hu, np.float32), zooms, spacing, order=1)
@@ -70,12 +73,6 @@ def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25
 
     Raises :class:`ReconstructError` for bad files and ``CheckpointError`` for an unusable checkpoint.
     """
-    import nibabel as nib
-
-    from ..generator.train_utils import resolve_device
-    from ..generator.vqgan import load_vqgan
-    from ..utils.atomic import write_json_atomic
-
     inp, out = Path(input_path), Path(output_path)
     if not inp.is_file():
         raise ReconstructError(f"input {inp} does not exist")
@@ -88,13 +85,10 @@ def reconstruct_nifti(input_path, checkpoint, output_path, overlap: float = 0.25
     except ValueError as e:
         raise ReconstructError(str(e)) from e
     view = NiftiView(img, array_axes(meta.get("source")))
-    from ..generator.data import spacing_mismatch
 
     # before the work: a spacing far from the generator's makes a long run (a finer CT is resampled up) of little use
     warning = spacing_mismatch(view.spacing, meta["spacing"], np.shape(view.to_view(hu)), what=str(inp))
     if warning:
-        import warnings
-
         warnings.warn(warning, stacklevel=2)
     # progress bar (stderr) over the sliding windows: a large input takes minutes on a CPU
     r = reconstruct_volume(model, meta, view.to_view(hu), [float(s) for s in view.spacing], overlap, sw_batch_size, dev,

@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..generator.intensity import IntensitySpace
-from ..lesions.blending import blend_margin, blend_weights
+from ..lesions.blending import blend_margin, blend_weights, dilate
 from ..utils.geometry import array_axes
 
 
@@ -65,6 +65,8 @@ class GridSpec:
 
     @classmethod
     def from_nnunet(cls, plans: dict, configuration: str) -> "GridSpec":
+        # deferred: nnU-Net loads torch (~1.4 s CPU at import, measured here); settings validation imports this
+        # module (through the diffusion sources) and never builds a GridSpec
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         cm = PlansManager(plans).get_configuration(configuration)
@@ -229,8 +231,6 @@ class SpaceMapping:
 
     def support(self, mask: np.ndarray, sigma_voxels: float) -> np.ndarray:
         """Where blending may change voxels: ``mask`` dilated by ``blend_margin(sigma)`` (data grid)."""
-        from ..lesions.blending import dilate
-
         return dilate(mask, blend_margin(sigma_voxels))
 
     def check_fits(self, support: np.ndarray, centre: np.ndarray) -> None:

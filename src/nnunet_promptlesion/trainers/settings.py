@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from ..synthesis.sources import available_sources, registered_settings
 from ..utils.env_names import ENV_SETTINGS as SETTINGS_ENV
 from ..utils.schema import bounds, check_value, choices, validate
 
@@ -70,7 +71,6 @@ class PromptLesionSettings:
         if isinstance(self.class_weights, str) and self.class_weights not in ("inverse_frequency", "uniform"):
             raise SettingsError("class_weights must be 'inverse_frequency', 'uniform' or a {class: weight} dict, "
                                 f"got '{self.class_weights}'")
-        from ..synthesis.sources import available_sources, registered_settings
         if self.synthesizer not in available_sources():
             raise SettingsError(f"unknown synthesizer '{self.synthesizer}' (available: {available_sources()})")
         extras = registered_settings()
@@ -99,7 +99,6 @@ class PromptLesionSettings:
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "PromptLesionSettings":
-        from ..synthesis.sources import registered_settings
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         extras = registered_settings()
         if not isinstance(d, dict):

@@ -396,10 +396,11 @@ class _null:
 # ---------------------------------------------------------------------------------------------- outputs
 def plot_gauges(record: dict, path: str | os.PathLike) -> None:
     """Synthetic (dashed) and real (solid) pseudo-Dice per lesion class over the epochs, one colour per class."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("agg")
 
     epochs = record["epochs"]
     # nnU-Net's logger sets a global seaborn theme (font scale 2.5) for its own 30 x 54 inch figure: not for ours

@@ -33,7 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 #: nnU-Net's NIfTI readers -> whether they reorient to the closest canonical orientation before reading
 NIFTI_READERS: dict[str, bool] = {"SimpleITKIO": False, "NibabelIO": False,
@@ -216,8 +218,6 @@ class NiftiView:
     """
 
     def __init__(self, img, order: ArrayAxes):
-        from nibabel.orientations import inv_ornt_aff, io_orientation
-
         shape = tuple(int(s) for s in img.shape[:3])
         self.order = order
         self.file_geometry = ArrayGeometry.from_nifti(img)
@@ -241,14 +241,10 @@ class NiftiView:
         return tuple(int(a) for a in self.order.axes)
 
     def to_view(self, arr: np.ndarray) -> np.ndarray:
-        from nibabel.orientations import apply_orientation
-
         a = apply_orientation(np.asarray(arr), self._ornt) if self.order.reorient else np.asarray(arr)
         return np.ascontiguousarray(a.transpose(self.order.axes))
 
     def from_view(self, arr: np.ndarray) -> np.ndarray:
-        from nibabel.orientations import apply_orientation
-
         a = np.asarray(arr).transpose(np.argsort(self.order.axes))
         if self.order.reorient:
             a = apply_orientation(a, _invert_ornt(self._ornt))
@@ -260,8 +256,6 @@ __all__ = ["ArrayAxes", "ArrayGeometry", "NiftiView", "array_axes", "reader_axes
 
 def read_nifti_3d(path) -> tuple[object, np.ndarray]:
     """(nibabel image, float32 array in the file's voxel order) of a 3D NIfTI; ValueError saying what is wrong."""
-    import nibabel as nib
-
     try:
         img = nib.load(str(path))
         arr = np.asarray(img.dataobj, dtype=np.float32)

@@ -8,6 +8,7 @@ process that is SIGKILLed cannot clean up at all: its children must notice by th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -40,8 +41,6 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM, poll_s: float = 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
     """Linux: ask the kernel to send ``sig`` when our parent (thread) ends. No-op elsewhere."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(sig))
     except Exception:  # noqa: BLE001 - not Linux / no libc: the watchdog thread still works

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ... import __version__
 from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint
+from ..vqgan import load_vqgan
+from ..vqgan.model import check_spatial_dims, meta_spatial_dims
+from ..vqgan.model import weights_id as _wid
 from .config import FORMAT_VERSION, DiffusionConfig, PromptVocabulary, mask_prompt_channels
 from .schedule import NoiseSchedule
 from .unet import PromptLesionUNet
@@ -31,16 +35,12 @@ KIND = "promptlesion_diffusion"
 
 
 def weights_id(state_dict: dict) -> str:
-    from ..vqgan.model import weights_id as _wid
-
     return _wid(state_dict)
 
 
 def build_meta(cfg: DiffusionConfig, vocab: PromptVocabulary, vqgan_meta: dict, vqgan_path: str | os.PathLike,
                patch_size, step: int, source: dict, sampling_state: dict, lesion_spec: dict | None = None,
                extra: dict | None = None) -> dict:
-    from ... import __version__
-
     vcfg = vqgan_meta.get("config", {})
     meta = {
         "kind": KIND,
@@ -73,8 +73,6 @@ def build_meta(cfg: DiffusionConfig, vocab: PromptVocabulary, vqgan_meta: dict, 
 
 def check_vqgan_pairing(meta: dict, vqgan_meta: dict, path, vqgan_path) -> None:
     """Refuse a VQGAN other than the one the diffusion model was trained on (its latents would differ)."""
-    from ..vqgan.model import meta_spatial_dims
-
     if meta_spatial_dims(meta) != meta_spatial_dims(vqgan_meta):
         raise CheckpointError(f"{path} is a {meta_spatial_dims(meta)}D diffusion model but VQGAN {vqgan_path} is "
                               f"{meta_spatial_dims(vqgan_meta)}D; pair generators of one dimensionality")
@@ -119,8 +117,6 @@ def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "
     format are refused (:func:`check_format`). ``expect_spatial_dims`` (2 or 3) refuses a model of the other
     dimensionality, naming both; ``meta["spatial_dims"]`` is filled in (3 for checkpoints without the field).
     """
-    from ..vqgan.model import check_spatial_dims, meta_spatial_dims
-
     state = load_checkpoint(path, map_location=map_location, kind=KIND)
     meta = dict(state["meta"])
     check_format(meta, path)
@@ -155,8 +151,6 @@ def load_generator_pair(diffusion_path: str | os.PathLike, vqgan_path: str | os.
     ``expect_spatial_dims`` (2 for a 2D nnU-Net configuration, 3 for a 3D one) refuses a pair of the other
     dimensionality with a CheckpointError naming both.
     """
-    from ..vqgan import load_vqgan
-
     model, meta = load_diffusion(diffusion_path, map_location, dtype=dtype, expect_spatial_dims=expect_spatial_dims)
     if vqgan_path is None:
         vqgan_path = meta.get("vqgan", {}).get("path")

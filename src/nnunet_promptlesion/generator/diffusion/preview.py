@@ -36,10 +36,11 @@ def save_grid(rows: list[tuple[str, list[tuple[np.ndarray, np.ndarray | None]]]]
 
     ``aspect`` (voxel spacing in mm, array order) keeps anisotropic planes in proportion.
     """
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     per = 3 if rows[0][1][0][0].ndim == 3 else 1  # panels per volume
     ncols = max(len(cols) for _, cols in rows) * per

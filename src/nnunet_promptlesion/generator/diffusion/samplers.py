@@ -15,9 +15,11 @@ row rendered alone with its generator seeded the same gets the same noise as ins
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from .sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SOLVERS  # noqa: F401 (re-exported)
 from .schedule import NoiseSchedule
@@ -83,7 +85,6 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, gener
     b = z.shape[0]
     it = range(schedule.T - 1, -1, -1)
     if progress:
-        from tqdm import tqdm
         it = tqdm(it, desc="DDPM", leave=False)
     for t in it:
         tt = torch.full((b,), t, device=z.device, dtype=torch.long)
@@ -112,7 +113,6 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, steps
     ts = ddim_timesteps(schedule.T, steps)
     pairs = list(zip(ts, ts[1:] + [-1]))
     if progress:
-        from tqdm import tqdm
         pairs = tqdm(pairs, desc=f"DDIM{steps}", leave=False)
     one = torch.ones((), device=z.device)
     for t, t_prev in pairs:
@@ -165,7 +165,6 @@ def solver_sample(eps_fn: EpsFn, schedule: NoiseSchedule, z_T: torch.Tensor, sol
     ts = [int(t) for t in sched.timesteps]
     pairs = list(zip(ts, ts[1:] + [-1]))
     if progress:
-        from tqdm import tqdm
         pairs = tqdm(pairs, desc=f"{solver}{steps}", leave=False)
     z = z_T
     b = z.shape[0]
@@ -286,7 +285,6 @@ def compiled_step(model: torch.nn.Module, mode: str | None = None) -> Callable:
     runs (DDPM-400, a training-time producer); a failure at any call to the compiled function (no compiler,
     unsupported op) is reported once as a warning and the eager step is used from then on.
     """
-    import warnings
 
     cache = model.__dict__.setdefault("_promptlesion_compiled", {})
     fn = cache.get(mode)

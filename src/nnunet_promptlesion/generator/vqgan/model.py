@@ -19,7 +19,9 @@ import torch
 from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from torch import nn
 
+from ... import __version__
 from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint
+from ...utils.checkpoint import weights_id as _weights_id
 from ..intensity import IntensitySpace
 from .config import PRESETS, VQGANConfig
 from .quantizer import EMAVectorQuantizer
@@ -111,14 +113,10 @@ class VQGAN(nn.Module):
 def weights_id(state_dict: dict) -> str:
     """sha256 over the model tensors (names, shapes, bytes): identifies a set of weights (the id load_checkpoint
     verifies, so there is one implementation of it)."""
-    from ...utils.checkpoint import weights_id as _weights_id
-
     return _weights_id(state_dict)
 
 
 def build_meta(model: VQGAN, spacing, intensity: IntensitySpace, step: int, source: dict, extra: dict | None = None) -> dict:
-    from ... import __version__
-
     sd = model.state_dict()
     meta = {
         "kind": KIND,

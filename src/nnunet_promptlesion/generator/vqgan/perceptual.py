@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from .discriminator import take_slices
@@ -138,7 +139,6 @@ def load_weight_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"perceptual weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         return load_file(str(path))
     sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.metrics import SSIMMetric
 
 from ...utils.atomic import atomic_path
 from ...utils.checkpoint import config_to_dict
@@ -61,7 +62,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
 def ssim_nd(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
     """Mean SSIM (MONAI SSIMMetric, Gaussian window of 11 voxels per axis, fewer for small patches) of
     (B, 1, D, H, W) volumes (3D SSIM) or (B, 1, H, W) slices (2D SSIM)."""
-    from monai.metrics import SSIMMetric
 
     k = int(min(11, *x.shape[2:]))
     k = k if k % 2 else k - 1
@@ -75,10 +75,11 @@ ssim3d = ssim_nd  # the name of the 3D-only version
 def save_three_plane_png(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
     """Centre slices of input ``x`` and reconstruction ``y`` ((D, H, W), [-1, 1]) along the three axes; a 2D
     model's (H, W) slices are shown whole (one panel each)."""
+    # here, not at the top: the Agg backend is chosen when a plot is drawn, never by importing this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     ncol = 3 if x.ndim == 3 else 1
     fig, axes = plt.subplots(2, ncol, figsize=(3 * ncol, 6), squeeze=False)
