@@ -425,7 +425,7 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
             cells = [arm, _role(comp, arm), _ms(row["Dice"]), _pct(cl["Dice"])]
             if lesion:
                 sens = "n/a" if cl["lesions"] in (None, 0) else \
-                    f"{cl['detected']:g}/{cl['lesions']} ({_pct(cl['sensitivity'], 0)}%)"
+                    f"{round(cl['detected'], 1):g}/{cl['lesions']} ({_pct(cl['sensitivity'], 0)}%)"
                 fs = row.get("fp_by_size")
                 cells += [sens, _ms(row["fp_per_case"], pct=False),
                           "n/a" if not fs else "/".join(_num(v, 1) for v in fs.values())]
