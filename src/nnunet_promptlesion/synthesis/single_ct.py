@@ -92,6 +92,19 @@ def cranio_caudal_axis(affine: np.ndarray) -> int:
 _PARENT, _OTHER_PARENT = 1, 2
 
 
+def _placement_class(lesion, radius_mm: float | None, parent_label: int, may_leave: bool):
+    """(lesion class, parent value) for placing in one CT: the placer reads parents from a segmentation, so the
+    file's parent label becomes one value of an in-memory one. ``lesion`` None ("healthy" prompt or a checkpoint
+    without a lesion spec): an elastic ellipsoid of ``radius_mm``; a given ``radius_mm`` fixes the radius."""
+    if lesion is None:
+        lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
+                             radius_mm=[(radius_mm, radius_mm)], shape="ellipsoid")
+    elif radius_mm is not None:
+        lesion = dataclasses.replace(lesion, radius_mm=[(radius_mm, radius_mm)], radius_weights=None, shape="ellipsoid")
+    value = _PARENT if lesion.label != _PARENT else _OTHER_PARENT
+    return dataclasses.replace(lesion, parents=[value], may_leave_parent=may_leave), value
+
+
 def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None, lesion, rng, may_leave: bool,
                 parent_label: int = 1, z_axis: int = 2, ct: np.ndarray | None = None) -> list[np.ndarray]:
     """``count`` bool lesion masks on the CT grid (nibabel order, ``spacing`` mm per axis), placed by the trainer's
@@ -103,14 +116,7 @@ def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None
     from ``lesion``, the checkpoint's lesion-spec class. ``ct`` (HU, same grid) lets a mass class avoid voxels
     brighter than the parent, as in training; without it that part of the rule sees a flat image and excludes none.
     """
-    if lesion is None:  # "healthy" prompt or a checkpoint without a lesion spec: an elastic ellipsoid of radius_mm
-        lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
-                             radius_mm=[(radius_mm, radius_mm)], shape="ellipsoid")
-    elif radius_mm is not None:
-        lesion = dataclasses.replace(lesion, radius_mm=[(radius_mm, radius_mm)], radius_weights=None, shape="ellipsoid")
-    # the placer reads parents from a segmentation: the file's parent label becomes one value of an in-memory one
-    value = _PARENT if lesion.label != _PARENT else _OTHER_PARENT
-    lesion = dataclasses.replace(lesion, parents=[value], may_leave_parent=may_leave)
+    lesion, value = _placement_class(lesion, radius_mm, parent_label, may_leave)
     seg = np.where(parent, value, 0).astype(np.int16)[None]
     shape = np.array(parent.shape)
     index = LesionIndex(spec=LesionSpec([lesion]), counts={}, stats={}, bank=MaskBank.empty(spacing),
@@ -140,13 +146,7 @@ def place_masks_2d(parent_v: np.ndarray, spacing_v, count: int, radius_mm: float
     :class:`~nnunet_promptlesion.placement.placer.Placer` (the carrier patch is a whole slice) on a slice of the
     middle 30-70 % of the parent's extent along axis 0 (any parent slice when that fails). ``radius_mm``,
     ``lesion``, ``may_leave`` and ``ct_v`` (HU, view order) as in :func:`place_masks`."""
-    if lesion is None:
-        lesion = LesionClass(name="region", label=parent_label + 1 if parent_label >= 0 else 1, parents=[parent_label],
-                             radius_mm=[(radius_mm, radius_mm)], shape="ellipsoid")
-    elif radius_mm is not None:
-        lesion = dataclasses.replace(lesion, radius_mm=[(radius_mm, radius_mm)], radius_weights=None, shape="ellipsoid")
-    value = _PARENT if lesion.label != _PARENT else _OTHER_PARENT
-    lesion = dataclasses.replace(lesion, parents=[value], may_leave_parent=may_leave)
+    lesion, value = _placement_class(lesion, radius_mm, parent_label, may_leave)
     seg = np.where(parent_v, value, 0).astype(np.int16)[None]
     image = np.zeros(parent_v.shape, np.float32) if ct_v is None else np.asarray(ct_v, np.float32)
     cases = ArrayCases({"ct": (image[None], seg)})
