@@ -65,7 +65,7 @@ def _snapshot(run: Path, step: int) -> Path:
     if not p.is_file():
         final = run / "checkpoint_final.pt"
         settings = json.loads((run / "run_settings.json").read_text()) if (run / "run_settings.json").is_file() else {}
-        if final.is_file() and int(settings.get("max_steps", settings.get("steps", -1))) == step:
+        if final.is_file() and int(settings.get("run_config", {}).get("max_steps", -1)) == step:
             return final
         raise SystemExit(f"{p} not found: train {run} with --keep-every dividing {step}")
     return p
@@ -129,7 +129,7 @@ def _fmt_row(label: str, row: dict, cls: str) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
     ks = " | ".join(f"{f(e[k]['statistic'], 2)} (p {e[k]['p']:.2g})" if e.get(k) else "n/a" for k in KS_KEYS)
-    cost = f"{row.get('train_cpu_s', 'n/a')}" if "train_cpu_s" in row else ""
+    cost = str(row.get("train_cpu_s", ""))
     per = f"{row['s_per_lesion_cpu']:.3f}" if "s_per_lesion_cpu" in row else ""
     return (f"| {label} | {cost} | {per} | {f(e['fd'])} | {f(e['fd_floor'])} | {ks} | "
             f"{f(e['real_radius_mm_median'], 2)} / {f(e['synthetic_radius_mm_median'], 2)} | "
