@@ -1,11 +1,31 @@
-"""Array-level segmentation metrics: Dice (nnU-Net's definition), normalised surface Dice, lesion matching.
+"""Array-level segmentation metrics: Dice (nnU-Net's definition), voxel IoU / precision / recall, normalised
+surface Dice, HD95 and ASSD, lesion matching.
 
 All functions take boolean masks of one class with the *same* axis order as ``spacing``: for images read
 with nnU-Net's reader/writers that is the array order of ``read_seg`` (SimpleITK: z, y, x) and the
-``spacing`` entry of its properties, in mm.
+``spacing`` entry of its properties, in mm. 2D and 3D masks are accepted; an axis of length 1 (a 2D image
+read as a one-slice volume, e.g. nnU-Net's PNG reader with its dummy spacing 999) is dropped by the surface
+metrics, so that the surface of a 2D mask is its in-plane contour.
+
+Empty masks, per case (NaN is left out of every mean, as nnU-Net does for Dice):
+
+=================  ===========  ====================  ====================
+metric             both empty   prediction empty      reference empty
+=================  ===========  ====================  ====================
+Dice, IoU          NaN          0                     0
+voxel precision    NaN          NaN                   0
+voxel recall       NaN          0                     NaN
+NSD                NaN          0                     0
+HD95, ASSD (mm)    NaN          NaN                   NaN
+=================  ===========  ====================  ====================
+
+A distance to an empty mask does not exist (MONAI returns inf or NaN there), so HD95 and ASSD are only
+averaged over cases where both masks hold the class: a missed or a spurious class shows in Dice, IoU, NSD
+and precision/recall, never in the distances.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,13 +49,27 @@ def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = N
     return {"Dice": dice, "TP": tp, "FP": fp, "FN": fn, "n_ref": tp + fn, "n_pred": tp + fp}
 
 
+def voxel_overlap(tp: int, fp: int, fn: int) -> dict:
+    """{"IoU", "voxel_precision", "voxel_recall"} from voxel counts (e.g. those of :func:`dice_counts`, so the
+    ignore label is left out the same way), each in [0, 1].
+
+    IoU = TP / (TP + FP + FN), NaN when both masks are empty, 0 when exactly one is (Dice's rule; per case
+    IoU = Dice / (2 - Dice)). Precision = TP / (TP + FP), NaN without a predicted voxel. Recall = TP / (TP + FN),
+    NaN without a reference voxel. Voxel-wise, not the lesion-wise precision (components) of the evaluation.
+    """
+    nan = float("nan")
+    return {"IoU": nan if tp + fp + fn == 0 else tp / (tp + fp + fn),
+            "voxel_precision": nan if tp + fp == 0 else tp / (tp + fp),
+            "voxel_recall": nan if tp + fn == 0 else tp / (tp + fn)}
+
+
 def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
     """Normalised surface Dice (Nikolov et al. 2021) at ``tolerance_mm``, in [0, 1].
 
     MONAI's voxel-based ``compute_surface_dice`` (surface = boundary voxels, Euclidean distances in mm
-    from ``spacing``, same axis order as the arrays), run on the union bounding box plus one voxel of
-    zero padding: every boundary voxel lies inside it and the nearest-boundary distances are unchanged,
-    while a small lesion in a large volume costs a fraction of the whole-volume transform
+    from ``spacing``, same axis order as the arrays), run on :func:`surface_crop` (the union bounding box
+    plus one voxel of zero padding): every boundary voxel lies inside it and the nearest-boundary distances
+    are unchanged, while a small lesion in a large volume costs a fraction of the whole-volume transform
     (benchmarks/bench_library_choices.py). NaN when both masks are empty, 0 when exactly one is.
     """
     # deferred: MONAI costs ~2.6 s CPU at import (measured here), for the NSD alone; the experiment report imports
@@ -43,23 +77,95 @@ def normalized_surface_dice(ref: np.ndarray, pred: np.ndarray, spacing: Sequence
     import torch
     from monai.metrics import compute_surface_dice
 
-    ref = np.asarray(ref, dtype=bool)
-    pred = np.asarray(pred, dtype=bool)
-    if ref.shape != pred.shape or len(spacing) != ref.ndim:
-        raise ValueError(f"shapes {ref.shape} vs {pred.shape} and spacing {tuple(spacing)} do not match")
+    ref, pred = _masks(ref, pred, spacing)
     if not ref.any() and not pred.any():
         return float("nan")
     if not ref.any() or not pred.any():
         return 0.0
-    idx = np.argwhere(ref | pred)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ref, pred, spacing = surface_crop(ref, pred, spacing)
     # MONAI takes one-hot (batch, class, *spatial) tensors; channel 0 is background and is left out.
     one_hot = lambda m: torch.from_numpy(np.stack([~m, m])[None])
-    nsd = compute_surface_dice(one_hot(np.pad(pred[sl], 1)), one_hot(np.pad(ref[sl], 1)),
-                               class_thresholds=[float(tolerance_mm)], include_background=False,
-                               spacing=[float(s) for s in spacing])
+    with _monai_quiet():
+        nsd = compute_surface_dice(one_hot(pred), one_hot(ref), class_thresholds=[float(tolerance_mm)],
+                                   include_background=False, spacing=spacing)
     return float(nsd.item())
+
+
+def surface_distances(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> dict:
+    """{"HD95_mm", "ASSD_mm"}: 95th-percentile Hausdorff distance and average symmetric surface distance, mm.
+
+    MONAI's ``compute_hausdorff_distance(percentile=95)`` and ``compute_average_surface_distance(symmetric=True)``
+    with ``spacing`` (Euclidean, same axis order as the arrays). Surface = boundary voxels (the mask minus its
+    6-neighbour erosion in 3D, 4-neighbour in 2D), as for the NSD. HD95 is MONAI's symmetric definition: the
+    larger of the two directed 95th percentiles (prediction -> reference, reference -> prediction, linear
+    interpolation between order statistics); ASSD is the mean over the distances of both directions together
+    (every boundary voxel of either mask once). Both are computed on :func:`surface_crop`, which gives the
+    whole-image values (see there). MONAI measures each distance in float64 and returns float32, so values
+    carry about 7 significant digits. NaN when either mask is empty (module docstring).
+    """
+    # deferred: see normalized_surface_dice
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    ref, pred = _masks(ref, pred, spacing)
+    if not ref.any() or not pred.any():
+        return {"HD95_mm": float("nan"), "ASSD_mm": float("nan")}
+    ref, pred, spacing = surface_crop(ref, pred, spacing)
+    # one foreground channel with include_background=True: half the memory of a two-channel one-hot
+    y_pred, y = (torch.from_numpy(m[None, None]) for m in (pred, ref))
+    with _monai_quiet():
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)
+        assd = compute_average_surface_distance(y_pred, y, include_background=True, symmetric=True, spacing=spacing)
+    return {"HD95_mm": float(hd95.item()), "ASSD_mm": float(assd.item())}
+
+
+def surface_crop(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(ref, pred, spacing) cut to the bounding box of ``ref | pred`` plus one voxel of background on every side,
+    axes of length 1 of the whole image dropped (with their spacing). Needs at least one voxel in the union.
+
+    Why the surface metrics are unchanged: MONAI's boundary of a mask is the mask minus its binary erosion
+    (cross-shaped element, outside the array counted as background). Every voxel outside the union bounding
+    box is background in both masks, and the one-voxel margin is background too, so each mask voxel sees the
+    same neighbourhood in the crop as in the whole image: both boundary sets are the whole image's, moved by
+    the crop origin, and Euclidean distances between them do not change under that move. (MONAI crops to the
+    same box itself once it holds the arrays, after converting the whole image to float tensors; cropping
+    first spares that memory and time on large volumes, benchmarks/bench_library_choices.py.) The only
+    difference is rounding: MONAI scales voxel indices by the spacing in float64 (relative error ~1e-16,
+    index-dependent), then rounds each distance to float32, so a distance may differ by one float32 ulp.
+
+    An axis of length 1 in the whole image would make every mask voxel a boundary voxel (its two neighbours
+    along that axis lie outside), i.e. a 2D image's interior would count as surface; without the axis the
+    surface is the in-plane contour.
+    """
+    keep = [d for d, n in enumerate(ref.shape) if n > 1]
+    if len(keep) < ref.ndim:
+        ref = ref.reshape([ref.shape[d] for d in keep])
+        pred = pred.reshape(ref.shape)
+        spacing = [spacing[d] for d in keep]
+    idx = np.argwhere(ref | pred)
+    if idx.size == 0:
+        raise ValueError("surface_crop needs a voxel in one of the masks")
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return np.pad(ref[sl], 1), np.pad(pred[sl], 1), [float(s) for s in spacing]
+
+
+class _monai_quiet(warnings.catch_warnings):
+    """MONAI 1.5-1.6 passes its own deprecated ``get_mask_edges(always_return_as_numpy=...)`` inside its surface
+    metrics: a FutureWarning per evaluated class that no caller can act on."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        return out
+
+
+def _masks(ref, pred, spacing) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(ref, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if ref.shape != pred.shape or len(spacing) != ref.ndim:
+        raise ValueError(f"shapes {ref.shape} vs {pred.shape} and spacing {tuple(spacing)} do not match")
+    return ref, pred
 
 
 @dataclass
