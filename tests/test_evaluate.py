@@ -110,7 +110,57 @@ def test_hand_computed_values(folders, tmp_path):
     assert len(lines) == 1 + 3 + 1 + 3   # header, 3 + 1 lesions (A, B), 3 false positives
     for k in ("plot_dice", "plot_detection"):
         assert open(paths[k], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert format_markdown(r).count("\n| lesion_b |") == 5   # overall row, bins <=3mm and >3mm, early, late
+    # overall row, distance-table row, bins <=3mm and >3mm, early, late
+    assert format_markdown(r).count("\n| lesion_b |") == 6
+
+
+def test_overlap_and_surface_distances_in_every_output(folders, tmp_path):
+    """IoU, voxel precision / recall and HD95 / ASSD (mm) per case, their class means over the defined cases (NaN
+    left out as for Dice), and the same numbers in evaluation.json, per_case.csv, summary.csv and summary.md."""
+    import csv
+
+    from nnunet_promptlesion.evaluation.metrics import surface_distances
+
+    pred, gt = folders
+    r = evaluate_folders(pred, gt)
+    c1, c2 = (r["cases"][i]["metrics"] for i in (0, 1))
+    # c1, lesion_a: TP 31, FP 3, FN 5 (test_hand_computed_values)
+    assert c1["lesion_a"]["IoU"] == pytest.approx(31 / 39)
+    assert c1["lesion_a"]["voxel_precision"] == pytest.approx(31 / 34)
+    assert c1["lesion_a"]["voxel_recall"] == pytest.approx(31 / 36)
+    g, p = (a == 2 for a in _cases()["c1"])
+    d = surface_distances(g, p, (1.0, 1.0, 1.0))
+    assert c1["lesion_a"]["HD95_mm"] == d["HD95_mm"] > 0 and c1["lesion_a"]["ASSD_mm"] == d["ASSD_mm"] > 0
+    # c2, lesion_a: one predicted voxel, none in the reference: IoU and precision 0, recall and distances undefined
+    assert c2["lesion_a"]["IoU"] == 0.0 and c2["lesion_a"]["voxel_precision"] == 0.0
+    assert c2["lesion_a"]["voxel_recall"] is None and c2["lesion_a"]["HD95_mm"] is None
+    # lesion_b: absent from both in c1 (all undefined), exact in c2
+    assert all(c1["lesion_b"][k] is None for k in ("IoU", "voxel_precision", "voxel_recall", "HD95_mm", "ASSD_mm"))
+    assert (c2["lesion_b"]["IoU"], c2["lesion_b"]["HD95_mm"], c2["lesion_b"]["ASSD_mm"]) == (1.0, 0.0, 0.0)
+    a = r["summary"]["lesion_a"]
+    assert a["IoU"] == pytest.approx((31 / 39 + 0) / 2) and a["voxel_recall"] == pytest.approx(31 / 36)
+    assert a["voxel_precision"] == pytest.approx((31 / 34 + 0) / 2) and a["voxel_recall_sd"] is None
+    assert a["HD95_mm"] == d["HD95_mm"] and a["distance_cases"] == 1 and a["cases"] == 2
+    assert r["summary"]["organ"]["HD95_mm"] == 0.0 and r["summary"]["organ"]["distance_cases"] == 1
+    assert r["foreground_mean"]["IoU"] == pytest.approx((1 + a["IoU"] + 1) / 3)
+    assert r["foreground_mean"]["HD95_mm"] == pytest.approx(d["HD95_mm"] / 3)
+
+    write_outputs(r, tmp_path / "eval", plots=False)
+    per_case = list(csv.DictReader(open(tmp_path / "eval" / "per_case.csv")))
+    row = next(x for x in per_case if x["case"] == "c1" and x["class"] == "lesion_a")
+    assert float(row["IoU"]) == pytest.approx(31 / 39) and float(row["HD95_mm"]) == pytest.approx(d["HD95_mm"])
+    assert float(row["ASSD_mm"]) == pytest.approx(d["ASSD_mm"]) and float(row["voxel_precision"]) == pytest.approx(31 / 34)
+    row = next(x for x in per_case if x["case"] == "c2" and x["class"] == "lesion_a")
+    assert row["voxel_recall"] == "" and row["HD95_mm"] == "" and row["ASSD_mm"] == ""      # undefined: empty cell
+    summary = {x["class"]: x for x in csv.DictReader(open(tmp_path / "eval" / "summary.csv")) if x["group"] == "all"}
+    assert float(summary["lesion_a"]["ASSD_mm"]) == pytest.approx(d["ASSD_mm"]) and summary["lesion_a"]["distance_cases"] == "1"
+    assert list(summary["lesion_a"])[:14] == ["class", "group", "cases", "Dice", "Dice_sd", "NSD", "NSD_sd", "lesions",
+                                              "detected", "sensitivity", "lesion_dice", "false_positives", "fp_per_case",
+                                              "precision"]     # the existing columns keep their places
+    assert load_results(tmp_path / "eval")["summary"]["lesion_a"]["HD95_mm"] == d["HD95_mm"]
+    md = (tmp_path / "eval" / "summary.md").read_text()
+    assert "| class | IoU | voxel precision | voxel recall | HD95 (mm) | ASSD (mm) | distance cases |" in md
+    assert f"| lesion_a | {100 * a['IoU']:.1f} ± " in md and f"| {d['HD95_mm']:.2f} | {d['ASSD_mm']:.2f} | 1 |" in md
 
 
 def test_dice_matches_nnunet_evaluator(folders, tmp_path):

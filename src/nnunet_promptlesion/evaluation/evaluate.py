@@ -1,5 +1,5 @@
-"""Folder-level evaluation of nnU-Net predictions: per-class Dice and NSD, lesion-wise detection per size bin
-and stage. The Python API behind ``promptlesion_evaluate``.
+"""Folder-level evaluation of nnU-Net predictions: per-class Dice, NSD, voxel IoU / precision / recall, HD95 and
+ASSD (mm), lesion-wise detection per size bin and stage. The Python API behind ``promptlesion_evaluate``.
 
     from nnunet_promptlesion.evaluation.evaluate import evaluate_folders, write_outputs, format_markdown
     results = evaluate_folders("predictions", "nnUNet_raw/Dataset501_X/labelsTs")   # a JSON-ready dict
@@ -9,16 +9,22 @@ and stage. The Python API behind ``promptlesion_evaluate``.
 Dice uses nnU-Net's own per-case computation (``compute_tp_fp_fn_tn``; NaN when a class is absent from
 both reference and prediction, left out of the class mean, as ``nnUNetv2_evaluate_folder`` does). Files are
 read with nnU-Net's reader/writer for the dataset's file ending, so arrays and spacings follow nnU-Net's
-axis order (SimpleITK: z, y, x; spacing in mm in the same order).
+axis order (SimpleITK: z, y, x; spacing in mm in the same order). The other per-case metrics and their rules
+for empty masks: :mod:`.metrics` (IoU follows Dice's rule; voxel precision is NaN without a predicted voxel,
+voxel recall without a reference voxel; HD95 and ASSD are NaN unless both masks hold the class). Every class
+mean leaves NaN cases out, as for Dice.
 
 Structure of the results dict (``None`` stands for "not defined", e.g. a sensitivity without lesions):
   settings: tolerances and thresholds used; classes: [{name, label, lesion, size_bins}];
-  cases: [{case, spacing, metrics: {class: {Dice, NSD, TP, FP, FN, n_ref, n_pred, lesions, detected,
-          false_positives, pred_components}}}];
+  cases: [{case, spacing, metrics: {class: {Dice, NSD, IoU, voxel_precision, voxel_recall, HD95_mm, ASSD_mm, TP,
+          FP, FN, n_ref, n_pred, lesions, detected, false_positives, pred_components}}}];
   lesions: one record per ground-truth lesion {case, class, id, voxels, volume_mm3, radius_mm, size_bin, stage,
           dice, detected, centroid}; false_positives: one record per unmatched predicted component;
-  summary: {class: {Dice, Dice_sd, NSD, NSD_sd, cases, lesions, detected, sensitivity, lesion_dice,
-          false_positives, fp_per_case, precision}}; foreground_mean: {Dice, NSD};
+  summary: {class: {Dice, Dice_sd, NSD, NSD_sd, IoU, IoU_sd, voxel_precision, voxel_precision_sd, voxel_recall,
+          voxel_recall_sd, HD95_mm, HD95_mm_sd, ASSD_mm, ASSD_mm_sd, cases, distance_cases, lesions, detected,
+          sensitivity, lesion_dice, false_positives, fp_per_case, precision}}, ``cases`` counting the cases with a
+          defined Dice, ``distance_cases`` those with defined HD95/ASSD, ``precision`` the lesion-wise one
+          (predicted components); foreground_mean: {Dice, NSD, IoU, voxel_precision, voxel_recall, HD95_mm, ASSD_mm};
   by_size / by_stage: {class: {bin or stage: {lesions, detected, sensitivity, lesion_dice, false_positives,
           fp_per_case}}}.
 """
@@ -41,11 +47,13 @@ from ..dataset_conversion.validation import check_readable
 from ..lesions.spec import EARLY_RADIUS_MM, LesionSpec
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from .folders import resolve_folders
-from .metrics import SizeBins, dice_counts, match_lesions, normalized_surface_dice
+from .metrics import SizeBins, dice_counts, match_lesions, normalized_surface_dice, surface_distances, voxel_overlap
 from .transfer import attach_lesion_softmax
 
 RESULTS_VERSION = 1
 DEFAULT_NSD_TOLERANCE_MM = 2.0
+#: per-case metrics of every class, averaged over the cases where defined (summary, foreground_mean)
+CASE_METRICS = ("Dice", "NSD", "IoU", "voxel_precision", "voxel_recall", "HD95_mm", "ASSD_mm")
 
 
 class EvaluationError(ValueError):
@@ -182,6 +190,8 @@ def evaluate_case(case: str, ref_file: str, pred_file: str, reader_class, classe
             m_pred = m_pred & ~ignore_mask
         rec = dice_counts(m_ref, m_pred, ignore_mask)
         rec["NSD"] = normalized_surface_dice(m_ref, m_pred, spacing, nsd_tolerance_mm)
+        rec.update(voxel_overlap(rec["TP"], rec["FP"], rec["FN"]))
+        rec.update(surface_distances(m_ref, m_pred, spacing))
         if c["lesion"]:
             match = match_lesions(m_ref, m_pred, spacing, detection_min_dice)
             rec.update(lesions=len(match.lesions), detected=sum(l["detected"] for l in match.lesions),
@@ -306,10 +316,13 @@ def summarize(results: dict) -> dict:
     for c in results["classes"]:
         name = c["name"]
         recs = [r["metrics"][name] for r in cases]
-        dice = np.array([_nan(r["Dice"]) for r in recs], float)
-        nsd = np.array([_nan(r["NSD"]) for r in recs], float)
-        s = {"Dice": _nanmean(dice), "Dice_sd": _nanstd(dice), "NSD": _nanmean(nsd), "NSD_sd": _nanstd(nsd),
-             "cases": int(np.isfinite(dice).sum())}
+        s = {}
+        for k in CASE_METRICS:
+            # .get: evaluation.json written before a metric existed (summarize on results read back)
+            v = np.array([_nan(r.get(k)) for r in recs], float)
+            s[k], s[f"{k}_sd"] = _nanmean(v), _nanstd(v)
+        s["cases"] = int(np.isfinite(np.array([_nan(r["Dice"]) for r in recs], float)).sum())
+        s["distance_cases"] = int(np.isfinite(np.array([_nan(r.get("HD95_mm")) for r in recs], float)).sum())
         if c["lesion"]:
             les = [l for l in results["lesions"] if l["class"] == name]
             fps = [f for f in results["false_positives"] if f["class"] == name]
@@ -324,7 +337,7 @@ def summarize(results: dict) -> dict:
                               for st in ("early", "late")}
         summary[name] = s
     fg = {k: _nanmean(np.array([_nan(summary[c["name"]][k]) for c in results["classes"]], float))
-          for k in ("Dice", "NSD")}
+          for k in CASE_METRICS}
     return {"summary": summary, "foreground_mean": fg, "by_size": by_size, "by_stage": by_stage}
 
 
@@ -380,8 +393,15 @@ def _num(v, digits=2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _mm_sd(m, sd) -> str:
+    if m is None:
+        return "n/a"
+    return f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
 def format_markdown(results: dict, title: str | None = None) -> str:
-    """Markdown tables: per-class Dice/NSD and lesion-wise numbers, then detection per size bin and stage."""
+    """Markdown tables: per-class Dice/NSD and lesion-wise numbers; voxel IoU / precision / recall and HD95 / ASSD
+    (mm); detection per size bin and stage."""
     s = results["settings"]
     out = []
     if title:
@@ -403,6 +423,21 @@ def format_markdown(results: dict, title: str | None = None) -> str:
                                       _pct_sd(m["NSD"], m["NSD_sd"])] + les) + " |")
     fg = results["foreground_mean"]
     out.append(f"| foreground mean | | {_pct(fg['Dice'])} | {_pct(fg['NSD'])} | | | | | | |")
+    if any(results["summary"][c["name"]].get("IoU") is not None for c in results["classes"]):
+        out += ["", "Voxel overlap in %, surface distances in mm (MONAI, boundary voxels, voxel spacing), mean ± sd over "
+                "the cases where defined: IoU as Dice; voxel precision without a predicted voxel and recall without a "
+                "reference voxel are undefined; HD95 (95th-percentile Hausdorff) and ASSD (average symmetric surface "
+                "distance) only where both masks hold the class (distance cases).", "",
+                "| class | IoU | voxel precision | voxel recall | HD95 (mm) | ASSD (mm) | distance cases |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in results["classes"]:
+            m = results["summary"][c["name"]]
+            out.append("| " + " | ".join([c["name"]] + [_pct_sd(m.get(k), m.get(f"{k}_sd")) for k in
+                                                         ("IoU", "voxel_precision", "voxel_recall")] +
+                                         [_mm_sd(m.get(k), m.get(f"{k}_sd")) for k in ("HD95_mm", "ASSD_mm")] +
+                                         [str(m.get("distance_cases", ""))]) + " |")
+        out.append(f"| foreground mean | {_pct(fg.get('IoU'))} | {_pct(fg.get('voxel_precision'))} | "
+                   f"{_pct(fg.get('voxel_recall'))} | {_num(fg.get('HD95_mm'))} | {_num(fg.get('ASSD_mm'))} | |")
     if results["by_size"]:
         out += ["", f"Lesion-wise by equivalent-sphere radius (size bins from the lesion spec; early: radius <= "
                     f"{s['early_radius_mm']:g} mm):", "",
@@ -433,8 +468,10 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, title: str | None =
              "summary_csv": out / "summary.csv", "markdown": out / "summary.md"}
     write_json_atomic(results, paths["json"])
     rows = [{"case": r["case"], "class": k, **v} for r in results["cases"] for k, v in r["metrics"].items()]
+    # new columns go last: readers that index columns keep working
     write_text_atomic(_csv(rows, ["case", "class", "Dice", "NSD", "TP", "FP", "FN", "n_ref", "n_pred", "lesions",
-                                  "detected", "false_positives", "pred_components"]), paths["per_case"])
+                                  "detected", "false_positives", "pred_components", "IoU", "voxel_precision",
+                                  "voxel_recall", "HD95_mm", "ASSD_mm"]), paths["per_case"])
     rows = [{**l, "kind": "lesion"} for l in results["lesions"]] + \
            [{**f, "kind": "false_positive", "detected": ""} for f in results["false_positives"]]
     write_text_atomic(_csv(rows, ["case", "class", "kind", "id", "voxels", "volume_mm3", "radius_mm", "size_bin",
@@ -444,7 +481,9 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, title: str | None =
         rows += [{"class": name, "group": g, **m} for g, m in groups.items()]
         rows += [{"class": name, "group": g, **m} for g, m in results["by_stage"][name].items()]
     write_text_atomic(_csv(rows, ["class", "group", "cases", "Dice", "Dice_sd", "NSD", "NSD_sd", "lesions", "detected",
-                                  "sensitivity", "lesion_dice", "false_positives", "fp_per_case", "precision"]),
+                                  "sensitivity", "lesion_dice", "false_positives", "fp_per_case", "precision", "IoU",
+                                  "IoU_sd", "voxel_precision", "voxel_precision_sd", "voxel_recall", "voxel_recall_sd",
+                                  "distance_cases", "HD95_mm", "HD95_mm_sd", "ASSD_mm", "ASSD_mm_sd"]),
                       paths["summary_csv"])
     write_text_atomic(format_markdown(results, title), paths["markdown"])
     if plots:
