@@ -333,6 +333,64 @@ def test_the_resolved_experiment_json_loads_again_for_report_only(tmp_path):
         {k: v for k, v in cfg.to_dict().items() if k != "source"}
 
 
+def test_report_tables_and_csv_carry_overlap_and_surface_distances_beside_older_evaluations(tmp_path, monkeypatch):
+    """The per-arm report of evaluations holding IoU, voxel precision / recall and HD95 / ASSD (mm): a second table per
+    class and extra CSV columns after the existing ones; an evaluation written before these metrics existed is
+    reported as before, its new cells n/a (text) or empty (CSV)."""
+    import csv
+
+    cfg_path, env = _scripted_experiment(tmp_path, ["base", "syn", "old"], jobs=1, repeats=1)
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "reference_arm": "base"}))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed"):
+        monkeypatch.setenv(k, env[k])
+
+    def evaluation(dice: list[float], hd95: list[float | None], new_metrics: bool = True) -> dict:
+        cases = []
+        for i, (d, h) in enumerate(zip(dice, hd95)):
+            m = {"Dice": d, "n_ref": 10, "lesions": 1, "detected": 1}
+            if new_metrics:
+                m.update(IoU=d / (2 - d), voxel_precision=0.9, voxel_recall=0.8, HD95_mm=h,
+                         ASSD_mm=None if h is None else h / 4)
+            cases.append({"case": f"c{i}", "metrics": {"lesion": m}})
+        summary = {"Dice": sum(dice) / len(dice), "NSD": None, "sensitivity": 1.0, "fp_per_case": 0.0, "lesion_dice": 0.5}
+        if new_metrics:
+            hs = [h for h in hd95 if h is not None]
+            summary.update(IoU=sum(d / (2 - d) for d in dice) / len(dice), voxel_precision=0.9, voxel_recall=0.8,
+                           HD95_mm=sum(hs) / len(hs), ASSD_mm=sum(hs) / len(hs) / 4)
+        return {"classes": [{"name": "lesion", "lesion": True}], "cases": cases, "summary": {"lesion": summary},
+                "lesions": [], "false_positives": []}
+
+    out = tmp_path / "out"
+    runner = ExperimentRunner(load_config(str(cfg_path)), out, log=lambda s: None)
+    for arm, ev in (("base", evaluation([0.4, 0.5, 0.6], [8.0, 6.0, None])),
+                    ("syn", evaluation([0.6, 0.75, 0.8], [4.0, 3.0, 2.0])),
+                    ("old", evaluation([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], new_metrics=False))):
+        (runner.run_dir(arm, 0) / "evaluation").mkdir(parents=True)
+        (runner.run_dir(arm, 0) / "evaluation" / "evaluation.json").write_text(json.dumps(ev))
+    runner.report()
+    text = (out / "results" / "report.txt").read_text()
+    lines = text.splitlines()
+    second = lines.index("  lesion: voxel overlap and surface distances")
+    assert "HD95 mm" in lines[second + 1] and "dHD95 mm (p W)" in lines[second + 1]
+    rows = {l.split()[0]: l for l in lines[second + 3: second + 6]}
+    # HD95 means over the defined cases: base 7, syn 3; paired where both are defined (c0, c1): -3.5 mm
+    assert "7.00" in rows["base"] and "3.00" in rows["syn"] and "-3.50 (" in rows["syn"]
+    assert rows["old"].split()[1:6] == ["n/a"] * 5
+    with open(out / "results" / "per_class_lesion.csv") as f:
+        table = list(csv.DictReader(f))
+    header = list(table[0])
+    assert header[:25] == ["arm", "role", "repeats", "dice_mean", "dice_sd", "nsd_mean", "nsd_sd", "sensitivity_mean",
+                           "sensitivity_sd", "fp_per_case_mean", "fp_per_case_sd", "lesion_dice_mean", "lesion_dice_sd",
+                           "case_dice", "case_sensitivity", "dice_diff_vs_baseline", "ci_low", "ci_high", "cases",
+                           "p_ttest", "p_wilcoxon", "gap_closed_dice", "gap_ci_low", "gap_ci_high",
+                           "gap_closed_sensitivity"]
+    by_arm = {r["arm"]: r for r in table}
+    assert float(by_arm["syn"]["hd95_mm_mean"]) == 3.0 and float(by_arm["syn"]["hd95_mm_diff_vs_baseline"]) == -3.5
+    assert float(by_arm["syn"]["assd_mm_mean"]) == 0.75 and by_arm["base"]["hd95_mm_diff_vs_baseline"] == ""
+    assert by_arm["old"]["hd95_mm_mean"] == "" and by_arm["old"]["dice_mean"] == "0.5"
+
+
 def test_rerun_of_a_finished_experiment_skips_the_checks_unless_the_config_changed(tmp_path, monkeypatch):
     """Every step finished under this same config: a re-run reports without the arm checks (they import every
     trainer: nnU-Net and torch). Another config, or one step not finished, and the checks run again."""

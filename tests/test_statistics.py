@@ -164,3 +164,54 @@ def test_a_collapsed_ceiling_training_is_named_in_the_report():
     ev["base"] = {0: _results({"a": 0.0, "b": 0.0}), 1: _results({"a": 0.0, "b": 0.0})}
     text = format_comparison_text(compare_arms(ev, reference="base", ceiling="ceil"))
     assert "ceiling: none of its 2 trainings learnt the class (Dice < 5 %)" in text and "rest on" not in text
+
+
+def _with_secondary(res: dict, per_case: dict[str, dict], cls: str = "lesion") -> dict:
+    """``res`` (from _results) with IoU / HD95_mm etc. per case and their repeat means in the summary."""
+    from nnunet_promptlesion.evaluation.statistics import SECONDARY
+
+    for rec in res["cases"]:
+        rec["metrics"][cls].update(per_case[rec["case"]])
+    for m in SECONDARY:
+        vals = [rec["metrics"][cls].get(m) for rec in res["cases"]]
+        vals = [v for v in vals if v is not None]
+        res["summary"][cls][m] = float(np.mean(vals)) if vals else None
+    return res
+
+
+def test_further_metrics_are_paired_by_case_and_undefined_cases_drop_out():
+    """HD95 (mm) and IoU per case: repeats averaged per case, NaN (None) left out of the means and of the pairs,
+    as for Dice; under "with_class" a missed case is IoU 0 but its HD95 stays undefined."""
+    def rep(hd: dict, iou: dict, n_ref=None):
+        dice = {c: (None if iou[c] is None else 2 * iou[c] / (1 + iou[c])) for c in iou}
+        return _with_secondary(_results(dice, n_ref=n_ref), {c: {"HD95_mm": hd[c], "IoU": iou[c]} for c in hd})
+
+    # case c: the baseline's prediction is empty (a miss: IoU 0, HD95 undefined); d: no reference lesion at all
+    base = {0: rep({"a": 4.0, "b": 6.0, "c": None, "d": None}, {"a": 0.5, "b": 0.4, "c": 0.0, "d": None}, {"d": 0}),
+            1: rep({"a": 6.0, "b": 6.0, "c": None, "d": None}, {"a": 0.7, "b": 0.4, "c": 0.0, "d": None}, {"d": 0})}
+    arm = {0: rep({"a": 2.0, "b": 3.0, "c": 1.0, "d": None}, {"a": 0.8, "b": 0.6, "c": 0.9, "d": None}, {"d": 0}),
+           1: rep({"a": 2.0, "b": None, "c": 1.0, "d": None}, {"a": 0.8, "b": 0.6, "c": 0.9, "d": None}, {"d": 0})}
+    comp = compare_arms({"base": base, "arm": arm}, reference="base", n_boot=50)
+    row = comp["table"]["lesion"]["arm"]
+    hd = row["secondary"]["HD95_mm"]
+    # case means: base a 5, b 6, c undefined; arm a 2, b 3 (one repeat undefined), c 1 -> pairs a, b
+    assert hd["case_mean"] == pytest.approx(2.0, abs=TOL) and hd["n_cases"] == 3
+    assert hd["test"]["n"] == 2 and hd["test"]["mean_diff"] == pytest.approx(-3.0, abs=TOL)
+    assert comp["table"]["lesion"]["base"]["secondary"]["HD95_mm"]["test"] is None
+    # repeat level: per-repeat class means over the defined cases, then mean ± sd over repeats
+    assert row["HD95_mm"]["mean"] == pytest.approx((2.0 + 1.5) / 2, abs=TOL) and row["HD95_mm"]["n"] == 2
+    iou = row["secondary"]["IoU"]
+    assert iou["test"]["n"] == 3 and iou["test"]["mean_diff"] == pytest.approx((0.2 + 0.2 + 0.9) / 3, abs=TOL)
+    wc = compare_arms({"base": base, "arm": arm}, reference="base", paired_cases="with_class", n_boot=50)
+    sec = wc["table"]["lesion"]["arm"]["secondary"]
+    assert sec["IoU"]["test"]["n"] == 3 and sec["HD95_mm"]["test"]["n"] == 2   # d left out; c's HD95 undefined
+    text = format_comparison_text(comp)
+    assert "lesion: voxel overlap and surface distances" in text and "HD95 mm" in text and "-3.00 (" in text
+    lines = text.splitlines()
+    table = lines[lines.index("  lesion: voxel overlap and surface distances") + 1:]
+    # baseline: IoU repeat means .3 and .367 (%), no precision / recall in these records, HD95 repeat means 5 and 6 mm
+    assert table[2].split() == ["base", "baseline", "33.3", "±", "4.7", "n/a", "n/a", "5.50", "±", "0.71", "n/a"]
+    # evaluations without the further metrics (written before them): no second table, nothing undefined shown
+    old = compare_arms({"base": {0: _results({"a": 0.2})}, "arm": {0: _results({"a": 0.4})}}, reference="base")
+    assert old["table"]["lesion"]["arm"]["HD95_mm"]["mean"] is None
+    assert "surface distances" not in format_comparison_text(old)

@@ -11,8 +11,9 @@ evaluated the same test cases.
 
 What is computed, per class and arm:
 
-* Repeat-level summaries (Dice, NSD, lesion sensitivity, FP per case, lesion-wise Dice) as mean ± sd over
-  repeats (sd with ddof=1; None for one repeat): how much an arm varies from one training to the next.
+* Repeat-level summaries (Dice, NSD, lesion sensitivity, FP per case, lesion-wise Dice; voxel IoU / precision /
+  recall, HD95 and ASSD in mm) as mean ± sd over repeats (sd with ddof=1; None for one repeat): how much an arm
+  varies from one training to the next.
 * **The unit of the tests is the test case.** Repeats of an arm are independent trainings, and repeat r of
   one arm has nothing in common with repeat r of another, so (case, repeat) pairs are not independent
   observations: pooling them multiplies n by the number of repeats and overstates significance. Each case's
@@ -34,6 +35,12 @@ positive in a case without the class counts 0, absent from both is undefined); `
 whose ground truth holds the class (lesion papers' per-class protocol; a miss counts 0).
 Lesion-wise sensitivity = detected / ground-truth lesions pooled over the cases, detections averaged over
 repeats.
+
+The further per-case metrics (IoU, voxel precision / recall, HD95, ASSD) get the same case-level treatment
+(each case averaged over the arm's repeats where defined, cases undefined in either arm dropped from the pairs)
+and the paired t-test / Wilcoxon test against the reference, without bootstrap; under ``"with_class"`` an
+undefined IoU of a case holding the class counts 0, as Dice does, while the others stay undefined (see
+:func:`case_matrix`). Evaluations written before these metrics existed give None (n/a) for them.
 """
 from __future__ import annotations
 
@@ -46,7 +53,12 @@ import numpy as np
 
 from ..utils.atomic import atomic_path
 
-METRICS = ("Dice", "NSD", "sensitivity", "fp_per_case", "lesion_dice")
+#: the evaluation's further per-case metrics (evaluate.CASE_METRICS), reported in a second table per class: voxel
+#: overlap as fractions (higher is better), surface distances in mm (lower is better)
+SECONDARY = ("IoU", "voxel_precision", "voxel_recall", "HD95_mm", "ASSD_mm")
+METRICS = ("Dice", "NSD", "sensitivity", "fp_per_case", "lesion_dice") + SECONDARY
+#: metrics whose undefined value in a case holding the class is a miss, counted 0 under paired_cases="with_class"
+MISS_IS_ZERO = ("Dice", "IoU")
 N_BOOT = 2000
 CONFIDENCE = 0.95
 NO_HEADROOM = "no ceiling headroom: the ceiling does not beat the baseline, so at this budget the class cannot be learnt"
@@ -100,21 +112,28 @@ def _finite(v) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- case tables
-def case_matrix(reps: dict[int, dict], cls: str, cases: list[str], paired_cases: str = "defined") -> np.ndarray:
-    """Dice per (case, repeat) of one arm: array (n_cases, n_repeats), NaN where undefined.
+def case_matrix(reps: dict[int, dict], cls: str, cases: list[str], paired_cases: str = "defined",
+                metric: str = "Dice") -> np.ndarray:
+    """``metric`` (default Dice) per (case, repeat) of one arm: array (n_cases, n_repeats), NaN where undefined
+    (or absent from an evaluation written before the metric existed).
 
-    With ``paired_cases="with_class"`` a case whose ground truth holds the class never is undefined (a missing
-    prediction is Dice 0) and cases without the class are NaN (left out).
+    With ``paired_cases="with_class"`` cases without the class in the ground truth are NaN (left out), and for
+    Dice and IoU a case holding the class never is undefined (a missing prediction is 0). The other metrics
+    stay undefined where they are (voxel precision without a prediction, HD95/ASSD unless both masks hold
+    the class): such a case drops out of the pairs, as an undefined Dice does under ``"defined"``.
     """
     m = np.full((len(cases), len(reps)), np.nan)
     for j, r in enumerate(sorted(reps)):
         by_case = {rec["case"]: rec["metrics"][cls] for rec in reps[r]["cases"]}
         for i, c in enumerate(cases):
             rec = by_case[c]
-            v = rec.get("Dice")
+            v = rec.get(metric)
             v = np.nan if v is None else float(v)
             if paired_cases == "with_class":
-                v = (0.0 if not np.isfinite(v) else v) if rec.get("n_ref", 1) > 0 else np.nan
+                if rec.get("n_ref", 1) <= 0:
+                    v = np.nan
+                elif metric in MISS_IS_ZERO and not np.isfinite(v):
+                    v = 0.0
             m[i, j] = v
     return m
 
@@ -216,7 +235,10 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
     "gap closed" (needs a reference). Returns {reference, ceiling, paired_cases, arms, classes, cases, repeats,
     n_boot, confidence, table: {class: {arm: {<metric>: {mean, sd, n}, per_repeat, case_level: {Dice, sensitivity,
     n_cases}, test: {n, mean_diff, t, p_ttest, p_wilcoxon, ci, sensitivity_diff, sensitivity_ci} or None,
-    gap_closed: {Dice: {value, ci, note, headroom}, sensitivity: {...}} or None}}}}.
+    gap_closed: {Dice: {value, ci, note, headroom}, sensitivity: {...}} or None,
+    secondary: {<SECONDARY metric>: {case_mean, n_cases, test: {n, mean_diff, t, p_ttest, p_wilcoxon} or None}}}}}}.
+    <metric> runs over METRICS (HD95_mm and ASSD_mm in mm, the others fractions); the further metrics get paired
+    tests without bootstrap.
     """
     if paired_cases not in ("defined", "with_class"):
         raise ValueError(f"paired_cases must be 'defined' or 'with_class', got '{paired_cases}'")
@@ -246,6 +268,8 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
         boot_d = {a: _boot_dice(dice[a], boot_cases, boot_reps[a]) for a in arms}
         boot_s = {a: _boot_sens(*detm[a], boot_cases, boot_reps[a]) if detm[a] else None for a in arms}
         case_mean = {a: _nanmean(dice[a], axis=1) for a in arms}
+        secondary = {m: {a: _nanmean(case_matrix(evaluations[a], cls, cases, paired_cases, m), axis=1) for a in arms}
+                     for m in SECONDARY}
         table[cls] = {}
         for arm in arms:
             reps = evaluations[arm]
@@ -258,6 +282,7 @@ def compare_arms(evaluations: dict[str, dict[int, dict]], reference: str | None 
                                  "n_cases": int(ok.sum()), "sensitivity": _sens(detm[arm]),
                                  "detected": None if detm[arm] is None else float(detm[arm][0].mean(axis=1).sum()),
                                  "lesions": None if detm[arm] is None else int(detm[arm][1].sum())}
+            row["secondary"] = {m: _secondary(secondary[m], arm, reference) for m in SECONDARY}
             row["test"] = row["gap_closed"] = None
             if reference is not None and arm != reference:
                 row["test"] = _difference(case_mean[arm], case_mean[reference], boot_d[arm], boot_d[reference],
@@ -290,6 +315,17 @@ def fp_by_size(reps: dict[int, dict], cls: str, bins=FP_SIZE_BINS) -> dict | Non
         for b in bins:
             per[f">={b}"].append(float((sizes >= b).sum()) / n_cases)
     return {k: float(np.mean(v)) if v else None for k, v in per.items()}
+
+
+def _secondary(case_means: dict[str, np.ndarray], arm: str, reference: str | None) -> dict:
+    """{case_mean, n_cases, test}: one further metric of ``arm`` at case level (each case averaged over repeats,
+    undefined cases left out) and its paired tests against the reference (None for the reference itself)."""
+    v = case_means[arm]
+    ok = np.isfinite(v)
+    out = {"case_mean": float(v[ok].mean()) if ok.any() else None, "n_cases": int(ok.sum()), "test": None}
+    if reference is not None and arm != reference:
+        out["test"] = paired_tests(v, case_means[reference])
+    return out
 
 
 def _sens(dm) -> float | None:
@@ -403,6 +439,14 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
     if ceil:
         lines += ["gap: (arm - baseline) / (ceiling - baseline) of the case-level Dice and of the sensitivity,",
                   f"with its {conf}% bootstrap CI; 'no headroom': the ceiling does not beat the baseline."]
+    if any(comp["table"][c][a].get(m, {}).get("mean") is not None
+           for c in comp["classes"] for a in comp["arms"] for m in SECONDARY):
+        lines += ["Second table per class: voxel IoU, precision, recall (%) and the surface distances HD95",
+                  "(95th-percentile Hausdorff) and ASSD (average symmetric surface distance) in mm, lower is",
+                  "better; mean ± sd over repeats; HD95 and ASSD over the cases where both masks hold the class."]
+        if ref:
+            lines += ["dIoU, dHD95, dASSD: case mean minus the baseline's over the cases defined in both (each case",
+                      "averaged over repeats first), Wilcoxon p."]
     for cls in comp["classes"]:
         rows_by_arm = comp["table"][cls]
         lesion = any(rows_by_arm[a]["case_level"].get("lesions") for a in order)
@@ -462,7 +506,33 @@ def format_comparison_text(comp: dict, title: str | None = None, class_notes: di
                 lines.append(f"  ceiling: {missed} of {n} trainings did not learn the class (Dice < "
                              f"{100 * CEILING_MISS_DICE:.0f} %); the ceiling's mean and 'gap closed' rest on the "
                              "other(s). More repeats or a larger budget would steady it.")
+        if any(rows_by_arm[a].get(m, {}).get("mean") is not None for a in order for m in SECONDARY):
+            lines += secondary_table(comp, cls, order)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def secondary_table(comp: dict, cls: str, order: list[str]) -> list[str]:
+    """The lines of the second table of a class: voxel IoU / precision / recall (%) and HD95 / ASSD (mm), mean ± sd
+    over repeats; with a baseline, the case-level difference of IoU, HD95 and ASSD with its Wilcoxon p."""
+    ref = comp["reference"]
+    header = ["arm", "role", "IoU", "vox prec", "vox rec", "HD95 mm", "ASSD mm"]
+    if ref:
+        header += ["dIoU (p W)", "dHD95 mm (p W)", "dASSD mm (p W)"]
+    rows = []
+    for arm in order:
+        row = comp["table"][cls][arm]
+        cells = [arm, _role(comp, arm)] + [_ms(row.get(m) or {"mean": None}) for m in SECONDARY[:3]] + \
+                [_ms(row.get(m) or {"mean": None}, pct=False) for m in SECONDARY[3:]]
+        if ref:
+            for m in ("IoU", "HD95_mm", "ASSD_mm"):
+                t = ((row.get("secondary") or {}).get(m) or {}).get("test")
+                if t is None or t["mean_diff"] is None:
+                    cells.append("")
+                else:
+                    d = _pct(t["mean_diff"], sign=True) if m == "IoU" else f"{t['mean_diff']:+.2f}"
+                    cells.append(f"{d} ({_p(t['p_wilcoxon'])})")
+        rows.append(cells)
+    return [f"  {cls}: voxel overlap and surface distances", format_table(header, rows)]
 
 
 def ceiling_misses(comp: dict, cls: str) -> tuple[int, int]:

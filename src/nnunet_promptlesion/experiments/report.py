@@ -131,7 +131,7 @@ class ExperimentReport(ExperimentLayout):
         return comp, text
 
     def report(self) -> dict | None:
-        from ..evaluation.statistics import format_comparison_text, plot_comparison   # deferred: see _compare
+        from ..evaluation.statistics import SECONDARY, format_comparison_text, plot_comparison   # deferred: see _compare
 
         evals = self.collect()
         if not evals:
@@ -195,7 +195,12 @@ class ExperimentReport(ExperimentLayout):
                         "sensitivity_sd", "fp_per_case_mean", "fp_per_case_sd", "lesion_dice_mean", "lesion_dice_sd",
                         "case_dice", "case_sensitivity", "dice_diff_vs_baseline", "ci_low", "ci_high", "cases",
                         "p_ttest", "p_wilcoxon", "gap_closed_dice", "gap_ci_low", "gap_ci_high",
-                        "gap_closed_sensitivity"])
+                        "gap_closed_sensitivity",
+                        # the further metrics after every existing column: readers that index columns keep working
+                        "iou_mean", "iou_sd", "voxel_precision_mean", "voxel_precision_sd", "voxel_recall_mean",
+                        "voxel_recall_sd", "hd95_mm_mean", "hd95_mm_sd", "assd_mm_mean", "assd_mm_sd",
+                        "iou_diff_vs_baseline", "iou_p_wilcoxon", "hd95_mm_diff_vs_baseline", "hd95_mm_p_wilcoxon",
+                        "assd_mm_diff_vs_baseline", "assd_mm_p_wilcoxon"])
             for arm, row in rows.items():
                 t = row["test"] or {}
                 g = row["gap_closed"] or {}
@@ -207,7 +212,10 @@ class ExperimentReport(ExperimentLayout):
                             _blank(t.get("mean_diff")), *(_blank(x) for x in (t.get("ci") or [None, None])),
                             _blank(t.get("n")), _blank(t.get("p_ttest")), _blank(t.get("p_wilcoxon")),
                             _blank(gd.get("value")), *(_blank(x) for x in (gd.get("ci") or [None, None])),
-                            _blank(gs.get("value"))])
+                            _blank(gs.get("value"))] +
+                           [_blank((row.get(m) or {}).get(k)) for m in SECONDARY for k in ("mean", "sd")] +
+                           [_blank(_secondary_test(row, m).get(k)) for m in ("IoU", "HD95_mm", "ASSD_mm")
+                            for k in ("mean_diff", "p_wilcoxon")])
             write_text_atomic(buf.getvalue(), res / f"per_class_{cls}.csv")
         plot_comparison(comp, res / "dice_by_arm.png", "Dice", title=f"{self.cfg.name}: Dice per class")
         plot_comparison(comp, res / "sensitivity_by_arm.png", "sensitivity",
@@ -223,6 +231,12 @@ def _model_line(m: dict) -> str:
     s = f" settings {json.dumps(m['settings'], sort_keys=True)}" if m.get("settings") else ""
     return (f"repeat {m.get('repeat')} fold {m.get('fold')} {m.get('trainer')} {b.get('epochs', 'default')} epochs x "
             f"{b.get('iterations_per_epoch', 'default')} iterations, seed {m.get('seed')}{s}")
+
+
+def _secondary_test(row: dict, metric: str) -> dict:
+    """The paired test of a further metric (statistics.SECONDARY) against the baseline; {} where there is none (the
+    baseline's own row, or a comparison.json written before the metric existed)."""
+    return ((row.get("secondary") or {}).get(metric) or {}).get("test") or {}
 
 
 def _blank(v):
