@@ -1,4 +1,5 @@
-"""promptlesion_evaluate: per-class Dice/NSD and lesion-wise detection of a prediction folder."""
+"""promptlesion_evaluate: per-class Dice/NSD, voxel IoU/precision/recall, HD95/ASSD (mm) and lesion-wise detection
+of a prediction folder."""
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,17 @@ Lesion classes, their size bins (radius_mm ranges) come from lesion_spec.json ne
 A ground-truth lesion is one connected component (26-connectivity) of its class; it is detected when its
 Dice with the overlapping predicted components exceeds --detection-min-dice; predicted components that
 touch no ground-truth lesion are false positives. Early/late: equivalent-sphere radius <= / > --early-radius-mm.
+Per class and case also: voxel IoU, precision and recall, and the surface distances HD95 and ASSD in mm
+(MONAI, boundary voxels, the image spacing). Undefined values (e.g. HD95 when the prediction or the reference
+is empty, precision without a predicted voxel) are null in JSON, empty in CSV and left out of the means.
 """
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="promptlesion_evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Evaluate nnU-Net predictions against ground truth: per-class Dice (nnU-Net's definition) and "
-                    "normalised surface Dice, and per lesion class the detected/missed ground-truth lesions, false "
+        description="Evaluate nnU-Net predictions against ground truth: per-class Dice (nnU-Net's definition), "
+                    "normalised surface Dice, voxel IoU / precision / recall, HD95 and ASSD (mm), and per lesion class the detected/missed ground-truth lesions, false "
                     "positive components per case and lesion-wise Dice, overall, per size bin and per early/late "
                     "stage. Writes CSV, JSON, a markdown table and PNG plots.")
     ap.add_argument("pred_dir", help="folder of predicted segmentations (e.g. the -o folder of nnUNetv2_predict)")
