@@ -135,10 +135,10 @@ def surface_crop(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) ->
 
     An axis of length 1 in the whole image would make every mask voxel a boundary voxel (its two neighbours
     along that axis lie outside), i.e. a 2D image's interior would count as surface; without the axis the
-    surface is the in-plane contour.
+    surface is the in-plane contour. (Dropped only while two axes remain.)
     """
     keep = [d for d, n in enumerate(ref.shape) if n > 1]
-    if len(keep) < ref.ndim:
+    if 2 <= len(keep) < ref.ndim:   # a single row or voxel stays as it is: MONAI measures 2D and 3D images
         ref = ref.reshape([ref.shape[d] for d in keep])
         pred = pred.reshape(ref.shape)
         spacing = [spacing[d] for d in keep]
