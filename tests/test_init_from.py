@@ -273,3 +273,44 @@ def test_extra_images_are_preprocessed_like_the_dataset(nnunet_paths, tmp_path, 
     assert meta["source"]["train"]["type"] == "combined"
     assert [p["type"] for p in meta["source"]["train"]["parts"]] == ["nnunet_preprocessed", "extra_images"]
     assert meta["intensity"] == like.intensity.as_dict()
+
+
+# ------------------------------------------------------------------------------------------------ pretrain, 2D
+from test_generator_2d import demo_2d  # noqa: E402,F401  (fixture: the CCTA phantom with the 2d_demo configuration)
+
+TINY2D_ARGS = ["--preset", "tiny2d", "--vqgan-steps", "2", "--diffusion-steps", "2", "--device", "cpu",
+               "--num-threads", "1",
+               "--vqgan-args", "--batch-size 2 --eval-every 0 --checkpoint-every 2 --num-eval-patches 1 --no-progress",
+               "--diffusion-args", "--batch-size 2 --eval-every 0 --checkpoint-every 2 --no-progress"]
+
+
+def test_pretrain_vqgan_on_all_cases_then_diffusion_on_the_fold_and_fine_tuning(demo_2d, monkeypatch, capsys):
+    """2d_demo: the VQGAN on every case (labels unused), the diffusion model on fold 0 only; then a diffusion model
+    fine-tuned from that one with --vqgan (no VQGAN training), in its own folder."""
+    from nnunet_promptlesion.cli.pretrain import main
+    from nnunet_promptlesion.generator.data import PreprocessedPatchSource
+
+    for k, v in demo_2d["paths"].items():
+        monkeypatch.setenv(k, v)
+    did, cfg = str(demo_2d["did"]), demo_2d["config"]
+    res = Path(demo_2d["paths"]["nnUNet_results"]) / demo_2d["name"]
+    assert main(["-d", did, "-c", cfg, "-f", "0", "--vqgan-fold", "all", *TINY2D_ARGS]) == 0, capsys.readouterr().err
+    vq = res / f"promptlesion_vqgan__tiny2d__{cfg}__foldall" / "checkpoint_final.pt"
+    df = res / f"promptlesion_diffusion__tiny2d__{cfg}__fold0__vqgan_foldall" / "checkpoint_final.pt"
+    vq_meta, df_meta = load_checkpoint(vq)["meta"], load_checkpoint(df)["meta"]
+    fold0 = PreprocessedPatchSource(did, cfg, fold=0)
+    assert vq_meta["source"]["train"]["fold"] == "all"
+    assert vq_meta["source"]["train"]["num_cases"] == len(fold0.train_ids) + len(fold0.val_ids)
+    assert df_meta["source"]["fold"] == "0" and df_meta["source"]["num_cases"] == len(fold0.train_ids)
+    assert df_meta["vqgan"]["checkpoint_id"] == vq_meta["checkpoint_id"] and df_meta["spatial_dims"] == 2
+
+    capsys.readouterr()
+    assert main(["-d", did, "-c", cfg, "-f", "0", "--vqgan", str(vq), "--diffusion-init-from", str(df),
+                 *TINY2D_ARGS[:-4], "--diffusion-args", TINY2D_ARGS[-1]]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "train_vqgan" not in out  # the given VQGAN is used as it is
+    ft = next(res.glob(f"promptlesion_diffusion__tiny2d__{cfg}__fold0__vqgan_*__init_*")) / "checkpoint_final.pt"
+    ft_meta = load_checkpoint(ft)["meta"]
+    assert ft_meta["init_from"]["checkpoint_id"] == df_meta["checkpoint_id"] and ft_meta["step"] == 2
+    assert main(["-d", did, "-c", cfg, "--vqgan", str(vq), "--vqgan-fold", "all", "--dry-run"]) == 2
+    assert "--vqgan uses a trained VQGAN as it is" in capsys.readouterr().err
