@@ -257,6 +257,8 @@ def test_extra_images_are_preprocessed_like_the_dataset(nnunet_paths, tmp_path, 
     # the dataset's held-out test scans are refused (by name and by content)
     with pytest.raises(ValueError, match="test case"):
         refuse_test_images(sorted((raw / "imagesTs").glob("*.nii.gz")), raw.name)
+    with pytest.raises(ValueError, match="must not contain the experiment's held-out test cases"):
+        ExtraImagesSource(raw / "imagesTs", like)
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     t0 = sorted((raw / "imagesTs").glob("*.nii.gz"))[0]
@@ -303,6 +305,18 @@ def test_pretrain_vqgan_on_all_cases_then_diffusion_on_the_fold_and_fine_tuning(
     assert vq_meta["source"]["train"]["num_cases"] == len(fold0.train_ids) + len(fold0.val_ids)
     assert df_meta["source"]["fold"] == "0" and df_meta["source"]["num_cases"] == len(fold0.train_ids)
     assert df_meta["vqgan"]["checkpoint_id"] == vq_meta["checkpoint_id"] and df_meta["spatial_dims"] == 2
+
+    # extra CT for a 2D configuration: nnU-Net's preprocessor of 2d_demo gives its in-plane grid and intensities
+    from nnunet_promptlesion.generator.data import ExtraImagesSource
+
+    raw = Path(demo_2d["paths"]["nnUNet_raw"]) / demo_2d["name"] / "imagesTr"
+    extra = ExtraImagesSource(raw, fold0)
+    case = fold0.case_ids[0]
+    got, ref = extra.load_case(case).image, np.asarray(fold0.load_case(case).image)
+    assert got.shape[2:] == ref.shape[2:] and extra.spatial_dims == 2
+    if got.shape == ref.shape:  # same slice spacing as 3d_fullres, whose arrays 2d_demo trains on
+        assert np.allclose(got, ref, atol=1e-5)
+    assert extra.random_patch(np.random.default_rng(0), (32, 32)).image.shape == (1, 32, 32)
 
     capsys.readouterr()
     assert main(["-d", did, "-c", cfg, "-f", "0", "--vqgan", str(vq), "--diffusion-init-from", str(df),

@@ -141,15 +141,13 @@ def make_sources(args):
 
 def add_extra_images(args, train, out: Path):
     """``train`` plus the --extra-images folders (training only: held-out metrics stay on the fold's cases)."""
-    from ..generator.data import CombinedPatchSource, ExtraImagesSource, list_nifti, refuse_test_images
+    # deferred until the arguments are parsed: see cli/__init__.py
+    from ..generator.data import CombinedPatchSource, ExtraImagesSource
 
     if not args.extra_images:
         return train
-    extras = []
-    for folder in args.extra_images:
-        src = ExtraImagesSource(folder, train, cache_folder=out / "extra_images" / f"{len(extras)}")
-        refuse_test_images(list(src._files.values()), train.dataset_folder.name)
-        extras.append(src)
+    # ExtraImagesSource refuses scans of the dataset's imagesTs (held-out test cases)
+    extras = [ExtraImagesSource(folder, train, cache_folder=out / "extra_images") for folder in args.extra_images]
     return CombinedPatchSource([train, *extras])
 
 

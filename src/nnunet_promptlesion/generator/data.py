@@ -58,6 +58,7 @@ negative when padded).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -439,8 +440,6 @@ class NiftiPatchSource(PatchSource):
 # extra unlabelled CT, brought into a configuration's space by nnU-Net's preprocessor; several sources in one
 # ------------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -476,7 +475,7 @@ def refuse_test_images(files: Sequence[Path], dataset_name: str) -> None:
 
 class ExtraImagesSource(PatchSource):
     def __init__(self, folder: str | os.PathLike, like: PreprocessedPatchSource,
-                 cache_folder: str | os.PathLike | None = None, cache_cases: int = 8):
+                 cache_folder: str | os.PathLike | None = None, cache_cases: int = 8, check_test_images: bool = True):
         super().__init__(cache_cases)
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -498,11 +497,18 @@ class ExtraImagesSource(PatchSource):
             raise ValueError(f"{self.dataset_name} has {len(channels)} input channels; extra images need a "
                              "single-channel (CT) dataset")
         self.cache_folder = Path(cache_folder) if cache_folder else None
+        if check_test_images:
+            refuse_test_images(files, self.dataset_name)
 
     def _cache_file(self, case_id: str) -> Path | None:
         if self.cache_folder is None:
             return None
-        return self.cache_folder / f"{self.configuration}__{self.plans_name}" / f"{case_id}.npy"
+        # keyed by the scan's folder, size and mtime: another folder or a replaced file never reads a stale array
+        f = self._files[case_id]
+        st = f.stat()
+        where = hashlib.sha1(str(f.parent.resolve()).encode()).hexdigest()[:10]
+        return (self.cache_folder / f"{self.configuration}__{self.plans_name}" / where
+                / f"{case_id}__{st.st_size}_{st.st_mtime_ns}.npy")
 
     def preprocess(self, case_id: str) -> np.ndarray:
         """(C, X, Y, Z) float32 z-scores in nnU-Net's axis order and the configuration's spacing (nnU-Net's
