@@ -328,3 +328,23 @@ def test_pretrain_vqgan_on_all_cases_then_diffusion_on_the_fold_and_fine_tuning(
     assert ft_meta["init_from"]["checkpoint_id"] == df_meta["checkpoint_id"] and ft_meta["step"] == 2
     assert main(["-d", did, "-c", cfg, "--vqgan", str(vq), "--vqgan-fold", "all", "--dry-run"]) == 2
     assert "--vqgan uses a trained VQGAN as it is" in capsys.readouterr().err
+
+
+def test_default_diffusion_folder_names_the_vqgan_and_the_start():
+    """Recipes with another VQGAN or an --init-from start never share (and so never resume into) one folder."""
+    from types import SimpleNamespace
+
+    from nnunet_promptlesion.cli.train_diffusion import default_run_name
+
+    args = SimpleNamespace(preset="cpu2d", configuration="2d_demo", fold="5")
+    source = SimpleNamespace(dataset_folder=Path("/pre/Dataset501_PhantomCCTA"))
+    part = lambda fold: {"type": "nnunet_preprocessed", "dataset": "Dataset501_PhantomCCTA",  # noqa: E731
+                         "configuration": "2d_demo", "fold": fold}
+    vq = lambda train: {"checkpoint_id": "sha256:abcdef0123456789", "source": {"train": train}}  # noqa: E731
+    base = "promptlesion_diffusion__cpu2d__2d_demo__fold5"
+    assert default_run_name(args, source, vq(part("5")), None) == base  # the fold's own VQGAN: as before
+    assert default_run_name(args, source, vq(part("all")), None) == base + "__vqgan_foldall"
+    assert default_run_name(args, source, vq({"type": "combined", "parts": [part("all"), {"type": "extra_images"}]}),
+                            None) == base + "__vqgan_foldall+extra"
+    assert default_run_name(args, source, vq({"type": "nifti_folder"}), {"checkpoint_id": "sha256:0011223344556677"}) \
+        == base + "__vqgan_abcdef012345__init_001122334455"

@@ -104,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _short_id(path) -> str:
-    """12 hex digits of a checkpoint's ``checkpoint_id``: names the run folders that depend on it."""
+    """12 hex digits of a checkpoint's ``checkpoint_id``: names the run folders that depend on it (the same names
+    promptlesion_train_diffusion's default output folder uses)."""
     from ..utils.checkpoint import load_checkpoint  # deferred: see cli/__init__.py
+    from .train_diffusion import short_id
 
-    return str(load_checkpoint(path, verify=False)["meta"].get("checkpoint_id", "")).split(":")[-1][:12]
+    return short_id(load_checkpoint(path, verify=False)["meta"])
 
 
 def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:

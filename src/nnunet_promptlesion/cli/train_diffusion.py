@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MaskTransformer feed-forward width (default 256, the paper's; 128 is the smaller option)")
     m.add_argument("--per-class-mask", action="store_true", help="feed one mask channel per class (plus the region) to the UNet")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
-                                             "promptlesion_diffusion__PRESET__CONFIG__foldF)")
+                                             "promptlesion_diffusion__PRESET__CONFIG__foldF, with __vqgan_foldG(+extra) "
+                                             "for a VQGAN of another fold and __init_<id> with --init-from)")
     m.add_argument("--steps", type=int, default=60000, help="total training steps (default 60000, the paper's)")
     m.add_argument("--batch-size", type=int, default=None,
                    help="crops per step and process (default: the preset's: 4 for paper/tiny, 16 for the 2D presets)")
@@ -114,6 +115,31 @@ def inherit_architecture(args, init_meta: dict) -> None:
         if getattr(args, name) is None and cfg.get(name) is not None:
             setattr(args, name, cfg[name])
     args.per_class_mask = args.per_class_mask or bool(cfg.get("per_class_mask", False))
+
+
+def short_id(meta: dict) -> str:
+    """12 hex digits of a checkpoint's ``checkpoint_id``."""
+    return str(meta.get("checkpoint_id", "")).split(":")[-1][:12]
+
+
+def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> str:
+    """``promptlesion_diffusion__PRESET__CONFIG__foldF``, plus ``__vqgan_foldG`` (``+extra``) when the VQGAN was trained
+    on another fold of this configuration (``__vqgan_<id>`` when elsewhere) and ``__init_<id>`` for a fine-tune: a
+    diffusion model belongs to its VQGAN's latents, so recipes with other VQGANs or starts never share a folder
+    (promptlesion_pretrain names its folders the same way)."""
+    name = f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
+    train = (vqgan_meta.get("source") or {}).get("train") or {}
+    extra = ""
+    if train.get("type") == "combined":
+        train, extra = (train.get("parts") or [{}])[0], "+extra"
+    same_space = (train.get("type") == "nnunet_preprocessed" and train.get("dataset") == source.dataset_folder.name
+                  and train.get("configuration") == args.configuration)
+    vq_tag = f"fold{train.get('fold')}{extra}" if same_space else short_id(vqgan_meta)
+    if vq_tag != f"fold{args.fold}":
+        name += f"__vqgan_{vq_tag}"
+    if init_meta is not None:
+        name += f"__init_{short_id(init_meta)}"
+    return name
 
 
 def spec_folders(args, source) -> list[Path]:
@@ -219,7 +245,7 @@ def main(argv=None) -> int:
         if not res:
             print("error: set nnUNet_results or pass --output-dir", file=sys.stderr)
             return 2
-        out = Path(res) / source.dataset_folder.name / f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
+        out = Path(res) / source.dataset_folder.name / default_run_name(args, source, vqgan_meta, init_meta)
     else:
         print("error: --output-dir is required with --nifti-folder", file=sys.stderr)
         return 2
