@@ -92,6 +92,16 @@ def test_vqgan_init_from_loads_weights_fresh_optimizer_and_records_the_source(vq
     assert tr2.opt_g.param_groups[0]["lr"] == pytest.approx(1e-5)
     assert tr2.init_meta["optimizer"] is True
 
+    # the command: --preset defaults to the checkpoint's (tiny), a wrong kind or a lone --init-optimizer is refused
+    from nnunet_promptlesion.cli.train_vqgan import main
+
+    cli = ["--nifti-folder", str(vq_source.folder), "--patch-size", "16", "16", "16", "--steps", "1", "--batch-size",
+           "1", "--eval-every", "0", "--num-eval-patches", "1", "--num-threads", "1", "--no-progress"]
+    assert main([*cli, "-o", str(tmp_path / "cli"), "--init-from", str(ck)]) == 0
+    meta = load_checkpoint(tmp_path / "cli" / "checkpoint_final.pt")["meta"]
+    assert meta["preset"] == "tiny" and meta["init_from"]["checkpoint_id"] == src_state["meta"]["checkpoint_id"]
+    assert main([*cli, "-o", str(tmp_path / "cli2"), "--init-optimizer"]) == 2
+
 
 def test_vqgan_init_from_refuses_other_architecture_dimensionality_and_kind(vq_source, vq_source_run, trained,
                                                                            tmp_path):

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "2D: tiny2d, cpu2d, gpu2d")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
                                              "promptlesion_vqgan__PRESET__CONFIG__foldF, ...foldF+extra with "
-                                             "--extra-images)")
+                                             "--extra-images, + __init_<id> with --init-from)")
     m.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="P",
                    help="patch size in voxels, 3 values (3D) or 2 (2D preset) (default: preset, 96 96 96 for paper, "
                         "32 32 for cpu2d); divisible by 4")
@@ -151,16 +151,19 @@ def add_extra_images(args, train, out: Path):
     return CombinedPatchSource([train, *extras])
 
 
-def default_output_dir(args, train_source) -> Path:
+def default_output_dir(args, train_source, init_meta: dict | None = None) -> Path:
     if args.output_dir:
         return Path(args.output_dir)
     if args.dataset:
         res = os.environ.get("nnUNet_results")
         if not res:
             raise SystemExit("error: set nnUNet_results or pass --output-dir")
-        extra = "+extra" if args.extra_images else ""  # another training set: never resumed as the plain one
+        # another training set or start: never resumed as the plain run (promptlesion_pretrain uses the same names)
+        tag = f"fold{args.fold}" + ("+extra" if args.extra_images else "")
+        if init_meta is not None:
+            tag += "__init_" + str(init_meta.get("checkpoint_id", "")).split(":")[-1][:12]
         return (Path(res) / train_source.dataset_folder.name
-                / f"promptlesion_vqgan__{args.preset}__{args.configuration}__fold{args.fold}{extra}")
+                / f"promptlesion_vqgan__{args.preset}__{args.configuration}__{tag}")
     raise SystemExit("error: --output-dir is required with --nifti-folder")
 
 
@@ -180,9 +183,10 @@ def main(argv=None) -> int:
         return 2
     try:
         train_src, eval_src = make_sources(args)
-        if args.init_from and args.preset is None:
+        init_meta = read_init_meta(args.init_from, "vqgan") if args.init_from else None
+        if init_meta is not None and args.preset is None:
             # fine-tuning keeps the checkpoint's architecture unless asked otherwise (then refused if it differs)
-            args.preset = read_init_meta(args.init_from, "vqgan").get("preset")
+            args.preset = init_meta.get("preset")
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
                          oversample_rate=args.oversample_rate, oversample_labels=parse_label_weights(args.oversample_labels),
                          seed=args.seed, device=args.device, perceptual_weights=args.perceptual_weights,
                          stop_after=args.stop_after, progress=not args.no_progress)
-    out = default_output_dir(args, train_src)
+    out = default_output_dir(args, train_src, init_meta)
     try:
         train_src = add_extra_images(args, train_src, out)
     except (FileNotFoundError, ValueError) as e:
