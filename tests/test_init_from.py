@@ -353,6 +353,7 @@ def test_default_diffusion_folder_names_the_vqgan_and_the_start():
     vq = lambda train: {"checkpoint_id": "sha256:abcdef0123456789", "source": {"train": train}}  # noqa: E731
     base = "promptlesion_diffusion__cpu2d__2d_demo__fold5"
     assert default_run_name(args, source, vq(part("5")), None) == base  # the fold's own VQGAN: as before
+    assert default_run_name(args, source, {"checkpoint_id": "sha256:ab", "source": {}}, None) == base  # unknown
     assert default_run_name(args, source, vq(part("all")), None) == base + "__vqgan_foldall"
     assert default_run_name(args, source, vq({"type": "combined", "parts": [part("all"), {"type": "extra_images"}]}),
                             None) == base + "__vqgan_foldall+extra"

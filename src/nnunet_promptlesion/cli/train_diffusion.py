@@ -128,14 +128,16 @@ def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> 
     diffusion model belongs to its VQGAN's latents, so recipes with other VQGANs or starts never share a folder
     (promptlesion_pretrain names its folders the same way)."""
     name = f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
-    train = (vqgan_meta.get("source") or {}).get("train") or {}
+    src = vqgan_meta.get("source") or {}
+    train = src.get("train", src if "type" in src else {})  # a VQGAN saved outside the trainer records its source
     extra = ""
     if train.get("type") == "combined":
         train, extra = (train.get("parts") or [{}])[0], "+extra"
     same_space = (train.get("type") == "nnunet_preprocessed" and train.get("dataset") == source.dataset_folder.name
                   and train.get("configuration") == args.configuration)
     vq_tag = f"fold{train.get('fold')}{extra}" if same_space else short_id(vqgan_meta)
-    if vq_tag != f"fold{args.fold}":
+    # a VQGAN without a recorded source keeps the plain name (the resume check still refuses another VQGAN)
+    if train and vq_tag != f"fold{args.fold}":
         name += f"__vqgan_{vq_tag}"
     if init_meta is not None:
         name += f"__init_{short_id(init_meta)}"
