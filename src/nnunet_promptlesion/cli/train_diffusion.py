@@ -7,6 +7,10 @@ the patch spacing, intensity space and dimensionality; the data must match it (a
 source does). A 2D VQGAN (trained on a 2D nnU-Net configuration such as 2d_demo) gives a 2D diffusion model on
 (y, x) slices of that configuration; the preset then defaults to cpu2d (2D presets: tiny2d, cpu2d, gpu2d).
 Run it again with the same --output-dir to resume; run it under torchrun for DDP.
+
+--init-from CHECKPOINT fine-tunes a diffusion model (e.g. one trained on more data, or on another dataset)
+instead of starting from random weights: same architecture and lesion classes, and the latents of the same VQGAN
+(or of a VQGAN fine-tuned from that one with promptlesion_train_vqgan --init-from).
 """
 from __future__ import annotations
 
@@ -31,12 +35,17 @@ EPILOG = """examples:
   promptlesion_train_diffusion --nifti-folder raw/imagesTr --label-folder raw/labelsTr \\
       --lesion-spec raw/lesion_spec.json --vqgan runs/vqgan/checkpoint_final.pt \\
       --prompt-type mask -o runs/diffusion --preset tiny --steps 2000
+  # fine-tune on the scarce fold 5 a model trained on all cases (same VQGAN; preset, prompt type and channels
+  # default to the checkpoint's; step counter at 0, fresh optimizer unless --init-optimizer)
+  promptlesion_train_diffusion -d 501 -c 2d_demo -f 5 --vqgan vq_all/checkpoint_final.pt \
+      --init-from diffusion_all/checkpoint_final.pt --steps 1000 --lr 1e-4 -o runs/diffusion_ft_fold5
   # several GPUs:
   torchrun --nproc_per_node 4 $(which promptlesion_train_diffusion) -d 502 --vqgan vq.pt --preset paper
 
 Outputs (in --output-dir): checkpoint_latest.pt / checkpoint_final.pt (use them with promptlesion_synthesize
 and PromptLesionTrainer), train_log.jsonl, train.log, run_settings.json, samples/stepN_<prompt>.png.
-Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step."""
+Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step (also with
+--init-from: a run folder that holds a checkpoint resumes, it is not initialised again)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,19 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--lesion-spec", help="lesion_spec.json (default: next to dataset.json in nnUNet_raw/nnUNet_preprocessed "
                                            "for -d, next to --nifti-folder / --label-folder otherwise)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--vqgan", required=True, help="frozen VQGAN checkpoint (promptlesion_train_vqgan output)")
+    m.add_argument("--vqgan", default=None,
+                   help="frozen VQGAN checkpoint (promptlesion_train_vqgan output); required unless --init-from is "
+                        "given, whose VQGAN (the path it records) is then the default")
     m.add_argument("--preset", default=None, choices=list(PRESET_CHOICES),
                    help="diffusion preset (default paper for a 3D VQGAN, cpu2d for a 2D one); 3D: paper, tiny; "
                         "2D: tiny2d, cpu2d, gpu2d")
-    m.add_argument("--prompt-type", default="onehot", choices=["onehot", "mask"],
-                   help="onehot: class prompt; mask: implicit MaskTransformer prompt over the class mask (default onehot)")
+    m.add_argument("--prompt-type", default=None, choices=["onehot", "mask"],
+                   help="onehot: class prompt; mask: implicit MaskTransformer prompt over the class mask (default onehot, "
+                        "or the --init-from checkpoint's)")
     m.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                    help="UNet channels per level, overriding the preset (e.g. 16 32 32 for a CPU smoke test)")
     m.add_argument("--mt-ff", type=int, default=None, metavar="N",
                    help="MaskTransformer feed-forward width (default 256, the paper's; 128 is the smaller option)")
     m.add_argument("--per-class-mask", action="store_true", help="feed one mask channel per class (plus the region) to the UNet")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
-                                             "promptlesion_diffusion__PRESET__CONFIG__foldF)")
+                                             "promptlesion_diffusion__PRESET__CONFIG__foldF, with __vqgan_foldG(+extra) "
+                                             "for a VQGAN of another fold and __init_<id> with --init-from)")
     m.add_argument("--steps", type=int, default=60000, help="total training steps (default 60000, the paper's)")
     m.add_argument("--batch-size", type=int, default=None,
                    help="crops per step and process (default: the preset's: 4 for paper/tiny, 16 for the 2D presets)")
@@ -77,8 +90,58 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default 400)")
     m.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy crops (default 0.25)")
     m.add_argument("--eval-steps", type=int, default=50, help="DDIM steps for the sample PNGs (default 50)")
+    m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start the denoiser and its EMA from this diffusion checkpoint instead of random "
+                        "weights; same architecture, lesion classes and VQGAN (or a VQGAN fine-tuned from its VQGAN) "
+                        "required; --preset, --prompt-type, --channels, --mt-ff, --timesteps and --per-class-mask "
+                        "default to the checkpoint's. The step counter starts at 0, the optimizer fresh. Resume takes "
+                        "precedence: a --output-dir that already holds checkpoint_latest.pt continues that run and "
+                        "ignores --init-from")
+    m.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also carry over the Adam moments (the learning rate stays this run's)")
     add_run_options(m, "evaluations and sample PNGs")
     return p
+
+
+def inherit_architecture(args, init_meta: dict) -> None:
+    """Fill the architecture options the user left out from the --init-from checkpoint's config: a fine-tune
+    keeps the architecture it starts from (options given explicitly are compared, and refused when they differ)."""
+    cfg = init_meta.get("config", {})
+    if args.preset is None:
+        args.preset = init_meta.get("preset")
+    if args.prompt_type is None:
+        args.prompt_type = cfg.get("prompt_type")
+    for name in ("channels", "mt_ff", "timesteps"):
+        if getattr(args, name) is None and cfg.get(name) is not None:
+            setattr(args, name, cfg[name])
+    args.per_class_mask = args.per_class_mask or bool(cfg.get("per_class_mask", False))
+
+
+def short_id(meta: dict) -> str:
+    """12 hex digits of a checkpoint's ``checkpoint_id``."""
+    return str(meta.get("checkpoint_id", "")).split(":")[-1][:12]
+
+
+def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> str:
+    """``promptlesion_diffusion__PRESET__CONFIG__foldF``, plus ``__vqgan_foldG`` (``+extra``) when the VQGAN was trained
+    on another fold of this configuration (``__vqgan_<id>`` when elsewhere) and ``__init_<id>`` for a fine-tune: a
+    diffusion model belongs to its VQGAN's latents, so recipes with other VQGANs or starts never share a folder
+    (promptlesion_pretrain names its folders the same way)."""
+    name = f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
+    src = vqgan_meta.get("source") or {}
+    train = src.get("train", src if "type" in src else {})  # a VQGAN saved outside the trainer records its source
+    extra = ""
+    if train.get("type") == "combined":
+        train, extra = (train.get("parts") or [{}])[0], "+extra"
+    same_space = (train.get("type") == "nnunet_preprocessed" and train.get("dataset") == source.dataset_folder.name
+                  and train.get("configuration") == args.configuration)
+    vq_tag = f"fold{train.get('fold')}{extra}" if same_space else short_id(vqgan_meta)
+    # a VQGAN without a recorded source keeps the plain name (the resume check still refuses another VQGAN)
+    if train and vq_tag != f"fold{args.fold}":
+        name += f"__vqgan_{vq_tag}"
+    if init_meta is not None:
+        name += f"__init_{short_id(init_meta)}"
+    return name
 
 
 def spec_folders(args, source) -> list[Path]:
@@ -120,15 +183,34 @@ def main(argv=None) -> int:
     from ..generator.diffusion.config import TRAINING_DEFAULTS, PromptVocabulary, make_config
     from ..generator.diffusion.data import LesionCropSampler, NoLesionsError
     from ..generator.diffusion.train import DiffusionRunConfig, DiffusionTrainer
-    from ..generator.train_utils import run_trainer
-    from ..generator.vqgan import DEFAULT_PRESET, check_meta, check_preset_dims, load_vqgan
+    from ..generator.train_utils import read_init_meta, run_trainer
+    from ..generator.vqgan import (DEFAULT_PRESET, check_meta, check_preset_dims, check_spatial_dims, load_vqgan,
+                                   meta_spatial_dims)
     from ..lesions.spec import LesionSpec, LesionSpecError
     from ..utils.checkpoint import CheckpointError
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if args.init_optimizer and not args.init_from:
+        print("error: --init-optimizer needs --init-from", file=sys.stderr)
+        return 2
     try:
+        init_meta = read_init_meta(args.init_from, "promptlesion_diffusion") if args.init_from else None
+        if init_meta is not None:
+            if args.vqgan is None:
+                args.vqgan = init_meta.get("vqgan", {}).get("path")
+                if not args.vqgan or not Path(args.vqgan).is_file():
+                    raise FileNotFoundError(f"--init-from {args.init_from} names VQGAN {args.vqgan}, which does not "
+                                            "exist here; pass --vqgan")
+        if args.vqgan is None:
+            raise FileNotFoundError("--vqgan is required (the frozen VQGAN checkpoint) unless --init-from is given")
         vqgan, vqgan_meta = load_vqgan(args.vqgan)
+        if init_meta is not None:
+            # before its preset becomes the default: a 2D model cannot start a 3D one (and the reverse)
+            check_spatial_dims(init_meta, f"--init-from {args.init_from}", meta_spatial_dims(vqgan_meta),
+                               "diffusion model")
+            inherit_architecture(args, init_meta)
+        args.prompt_type = args.prompt_type or "onehot"
         source = make_source(args, vqgan_meta)
         # the VQGAN only understands the dimensionality, spacing and intensity space it was trained in
         check_meta(vqgan_meta, args.vqgan, expect_intensity=source.intensity, expect_spacing=source.spacing,
@@ -165,7 +247,7 @@ def main(argv=None) -> int:
         if not res:
             print("error: set nnUNet_results or pass --output-dir", file=sys.stderr)
             return 2
-        out = Path(res) / source.dataset_folder.name / f"promptlesion_diffusion__{args.preset}__{args.configuration}__fold{args.fold}"
+        out = Path(res) / source.dataset_folder.name / default_run_name(args, source, vqgan_meta, init_meta)
     else:
         print("error: --output-dir is required with --nifti-folder", file=sys.stderr)
         return 2
@@ -175,7 +257,8 @@ def main(argv=None) -> int:
                              log_every=args.log_every, seed=args.seed, device=args.device, stop_after=args.stop_after,
                              progress=not args.no_progress)
     return run_trainer(lambda: DiffusionTrainer(cfg, run, data, vqgan, vqgan_meta, args.vqgan, out,
-                                                lesion_spec=spec.to_dict(), resume=not args.no_resume),
+                                                lesion_spec=spec.to_dict(), resume=not args.no_resume,
+                                                init_from=args.init_from, init_optimizer=args.init_optimizer),
                        out, args.no_resume, errors=(CheckpointError, ValueError))
 
 

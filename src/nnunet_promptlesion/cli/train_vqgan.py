@@ -5,6 +5,11 @@ CT normalisation) or (b) a folder of NIfTI CTs resampled to ``--spacing`` with a
 configuration (e.g. promptlesion_demo's 2d_demo) trains a 2D VQGAN on (y, x) slices of its preprocessed data
 at its in-plane spacing; the preset then defaults to cpu2d (2D presets: tiny2d, cpu2d, gpu2d).
 Run it again with the same ``--output-dir`` to resume; run it under ``torchrun`` for DDP.
+
+The VQGAN needs no labels: ``-f all`` trains on every case of the dataset, and ``--extra-images FOLDER`` (repeatable)
+adds unlabelled CT scans in HU, brought into the configuration's space by nnU-Net's own preprocessor. Extra folders
+must not contain the experiment's held-out test cases. ``--init-from CHECKPOINT`` fine-tunes another VQGAN of the
+same architecture (e.g. one trained on a larger dataset) instead of starting from random weights.
 """
 from __future__ import annotations
 
@@ -25,12 +30,17 @@ EPILOG = """examples:
   # (b) NIfTI CTs at 1 mm with DiffTumor's HU window, organ/lesion labels for oversampling
   promptlesion_train_vqgan --nifti-folder cts/ --label-folder labels/ --spacing 1 1 1 \\
       --hu-window -175 250 -o runs/vqgan_tiny --preset tiny --steps 2000
+  # labels unused: every case of the dataset plus two folders of unlabelled CT (NIfTI, HU; never test cases)
+  promptlesion_train_vqgan -d 501 -c 2d_demo -f all --extra-images more_ct/ --extra-images other_ct/ --steps 3000
+  # fine-tune another dataset's VQGAN on this one (step counter restarts at 0, fresh optimizer)
+  promptlesion_train_vqgan -d 502 -f 0 --init-from big_run/checkpoint_final.pt --steps 20000 --lr 1e-4
   # several GPUs (or CPU processes with gloo):
   torchrun --nproc_per_node 4 $(which promptlesion_train_vqgan) -d 501 --preset paper
 
 Outputs (in --output-dir): checkpoint_latest.pt / checkpoint_final.pt (use them with
 promptlesion_reconstruct and the diffusion training), train_log.jsonl, train.log, recon_step*.png.
-Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step."""
+Interrupt at any time; the same command resumes from checkpoint_latest.pt at the exact step (also with
+--init-from: a run folder that holds a checkpoint resumes, it is not initialised again)."""
 
 
 def parse_label_weights(s: str | None) -> dict[int, float] | None:
@@ -62,12 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HU window mapped to [-1, 1] (default -175 250, DiffTumor)")
     src.add_argument("--val-cases", type=int, default=None,
                      help="NIfTI source: hold out the last N cases for PSNR/SSIM (default 1 if >= 3 cases, else 0)")
+    src.add_argument("--extra-images", action="append", default=[], metavar="FOLDER",
+                     help="with -d: also train on the unlabelled CT NIfTIs (HU) of FOLDER (repeatable), preprocessed "
+                          "by nnU-Net's preprocessor of the configuration (its spacing, CTNormalization, axis order; "
+                          "cached in OUTPUT_DIR/extra_images). Must NOT contain the experiment's test cases (files "
+                          "named or identical to nnUNet_raw/DatasetXXX/imagesTs ones are refused)")
     m = p.add_argument_group("model and training")
     m.add_argument("--preset", default=None, choices=list(PRESET_CHOICES),
                    help="VQGAN preset (default paper for 3D data, cpu2d for a 2D configuration); 3D: paper, tiny; "
                         "2D: tiny2d, cpu2d, gpu2d")
     m.add_argument("-o", "--output-dir", help="run folder (default for -d: $nnUNet_results/DatasetXXX/"
-                                             "promptlesion_vqgan__PRESET__CONFIG__foldF)")
+                                             "promptlesion_vqgan__PRESET__CONFIG__foldF, ...foldF+extra with "
+                                             "--extra-images, + __init_<id> with --init-from)")
     m.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="P",
                    help="patch size in voxels, 3 values (3D) or 2 (2D preset) (default: preset, 96 96 96 for paper, "
                         "32 32 for cpu2d); divisible by 4")
@@ -83,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--oversample-rate", type=float, default=0.33, help="probability that a patch is centred on a labelled voxel (default 0.33)")
     m.add_argument("--oversample-labels", default=None, help="label weights for oversampling, e.g. '1:1,2:3' (default: every label, weight 1)")
     m.add_argument("--num-eval-patches", type=int, default=8, help="held-out patches per evaluation (default 8)")
+    m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from this VQGAN checkpoint's weights (autoencoder, codebook, discriminators) "
+                        "instead of random ones; same architecture required (--preset defaults to its preset); the "
+                        "step counter starts at 0, the optimizer fresh. Resume takes precedence: a --output-dir that "
+                        "already holds checkpoint_latest.pt continues that run and ignores --init-from")
+    m.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also carry over the Adam moments (the learning rate stays this run's)")
     add_run_options(m, "PSNR/SSIM evaluations and PNGs")
     return p
 
@@ -93,6 +116,9 @@ def make_sources(args):
 
     if bool(args.dataset) == bool(args.nifti_folder):
         raise SystemExit("error: give exactly one data source: -d/--dataset (nnU-Net preprocessed) or --nifti-folder")
+    if args.extra_images and not args.dataset:
+        raise SystemExit("error: --extra-images needs -d/--dataset (the images are brought into its configuration's "
+                         "space); with --nifti-folder put them into that folder")
     if args.dataset:
         fold = args.fold if args.fold == "all" else int(args.fold)
         train = PreprocessedPatchSource(args.dataset, args.configuration, fold, args.plans, subset="train")
@@ -113,14 +139,31 @@ def make_sources(args):
     return train, ev
 
 
-def default_output_dir(args, train_source) -> Path:
+def add_extra_images(args, train, out: Path):
+    """``train`` plus the --extra-images folders (training only: held-out metrics stay on the fold's cases)."""
+    # deferred until the arguments are parsed: see cli/__init__.py
+    from ..generator.data import CombinedPatchSource, ExtraImagesSource
+
+    if not args.extra_images:
+        return train
+    # ExtraImagesSource refuses scans of the dataset's imagesTs (held-out test cases)
+    extras = [ExtraImagesSource(folder, train, cache_folder=out / "extra_images") for folder in args.extra_images]
+    return CombinedPatchSource([train, *extras])
+
+
+def default_output_dir(args, train_source, init_meta: dict | None = None) -> Path:
     if args.output_dir:
         return Path(args.output_dir)
     if args.dataset:
         res = os.environ.get("nnUNet_results")
         if not res:
             raise SystemExit("error: set nnUNet_results or pass --output-dir")
-        return Path(res) / train_source.dataset_folder.name / f"promptlesion_vqgan__{args.preset}__{args.configuration}__fold{args.fold}"
+        # another training set or start: never resumed as the plain run (promptlesion_pretrain uses the same names)
+        tag = f"fold{args.fold}" + ("+extra" if args.extra_images else "")
+        if init_meta is not None:
+            tag += "__init_" + str(init_meta.get("checkpoint_id", "")).split(":")[-1][:12]
+        return (Path(res) / train_source.dataset_folder.name
+                / f"promptlesion_vqgan__{args.preset}__{args.configuration}__{tag}")
     raise SystemExit("error: --output-dir is required with --nifti-folder")
 
 
@@ -129,15 +172,22 @@ def main(argv=None) -> int:
     # deferred until the arguments are parsed: see cli/__init__.py
     import torch
 
-    from ..generator.train_utils import run_trainer
+    from ..generator.train_utils import read_init_meta, run_trainer
     from ..generator.vqgan.config import DEFAULT_PRESET, VQGANConfig, check_preset_dims
     from ..generator.vqgan.train import VQGANRunConfig, VQGANTrainer
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if args.init_optimizer and not args.init_from:
+        print("error: --init-optimizer needs --init-from", file=sys.stderr)
+        return 2
     try:
         train_src, eval_src = make_sources(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        init_meta = read_init_meta(args.init_from, "vqgan") if args.init_from else None
+        if init_meta is not None and args.preset is None:
+            # fine-tuning keeps the checkpoint's architecture unless asked otherwise (then refused if it differs)
+            args.preset = init_meta.get("preset")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     overrides = {}
@@ -167,8 +217,14 @@ def main(argv=None) -> int:
                          oversample_rate=args.oversample_rate, oversample_labels=parse_label_weights(args.oversample_labels),
                          seed=args.seed, device=args.device, perceptual_weights=args.perceptual_weights,
                          stop_after=args.stop_after, progress=not args.no_progress)
-    out = default_output_dir(args, train_src)
-    return run_trainer(lambda: VQGANTrainer(cfg, run, train_src, eval_src, out, resume=not args.no_resume), out,
+    out = default_output_dir(args, train_src, init_meta)
+    try:
+        train_src = add_extra_images(args, train_src, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_trainer(lambda: VQGANTrainer(cfg, run, train_src, eval_src, out, resume=not args.no_resume,
+                                            init_from=args.init_from, init_optimizer=args.init_optimizer), out,
                        args.no_resume)
 
 

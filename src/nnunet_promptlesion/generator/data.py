@@ -17,6 +17,18 @@ Two sources with one API:
     ``spacing_mm`` (mm, in the NIfTI array axis order; trilinear for CT, nearest for labels), HU window
     mapped to [-1, 1]. Labels are looked up as ``label_folder/case.nii.gz`` (nnU-Net naming).
 
+``ExtraImagesSource(folder, like, cache_folder=None)``
+    Unlabelled CT NIfTIs in HU (any size, spacing, orientation) brought into the space of the nnU-Net configuration of
+    ``like`` (a :class:`PreprocessedPatchSource`) by that configuration's own nnU-Net preprocessor
+    (``DefaultPreprocessor.run_case``: nnU-Net's reader and axis order, transpose, crop to non-zero, CTNormalization
+    with the plans' foreground intensity properties, resampling to the configuration's spacing), so its patches are
+    those nnU-Net would have made of these scans. No labels (no oversampling); for the VQGAN, which needs none.
+    ``cache_folder`` keeps each preprocessed case as ``.npy`` (preprocessing a CT takes seconds).
+    :func:`refuse_test_images` refuses scans of the dataset's ``imagesTs`` (held-out test cases).
+``CombinedPatchSource(sources)``
+    Several sources of one spacing and intensity space behind one API; a case is drawn uniformly over all their
+    cases. The first source keeps its case ids, the others' get a ``extraN:`` prefix.
+
 Common API (``PatchSource``):
     ``case_ids``                     list of case identifiers
     ``spacing``                      voxel spacing in mm, array axis order
@@ -46,6 +58,7 @@ negative when padded).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -61,6 +74,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from ..utils.atomic import atomic_path
 from ..utils.geometry import read_nifti_3d
 from .intensity import IntensitySpace
 
@@ -420,3 +434,129 @@ class NiftiPatchSource(PatchSource):
         return {"type": "nifti_folder", "folder": str(self.folder.resolve()),
                 "label_folder": str(self.label_folder.resolve()) if self.label_folder else None,
                 "num_cases": len(self.case_ids), "spacing_mm": list(self.spacing)}
+
+
+# ------------------------------------------------------------------------------------------------
+# extra unlabelled CT, brought into a configuration's space by nnU-Net's preprocessor; several sources in one
+# ------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def refuse_test_images(files: Sequence[Path], dataset_name: str) -> None:
+    """ValueError when one of ``files`` is a held-out test scan of the dataset: the same case name as a file in
+    ``$nnUNet_raw/<dataset_name>/imagesTs`` or the same bytes. A generator that saw a test scan leaks it into the
+    nnU-Net trained with its lesions. Without nnUNet_raw or imagesTs there is nothing to compare (the docs warn)."""
+    raw = os.environ.get("nnUNet_raw")
+    ts = Path(raw) / dataset_name / "imagesTs" if raw else None
+    if ts is None or not ts.is_dir():
+        return
+    tests = list_nifti(ts)
+    names = {_case_name(p) for p in tests}
+    by_size: dict[int, list[Path]] = {}
+    for t in tests:
+        by_size.setdefault(t.stat().st_size, []).append(t)
+    for f in files:
+        if _case_name(f) in names:
+            raise ValueError(f"extra image {f} has the name of a test case of {dataset_name} ({ts}); extra CT for the "
+                             "VQGAN must not contain the experiment's held-out test cases (rename it if it is another scan)")
+        same = by_size.get(f.stat().st_size, [])
+        if same:
+            digest = _sha256(f)
+            hit = next((t for t in same if _sha256(t) == digest), None)
+            if hit is not None:
+                raise ValueError(f"extra image {f} is the test scan {hit} of {dataset_name}; extra CT for the VQGAN "
+                                 "must not contain the experiment's held-out test cases")
+
+
+class ExtraImagesSource(PatchSource):
+    def __init__(self, folder: str | os.PathLike, like: PreprocessedPatchSource,
+                 cache_folder: str | os.PathLike | None = None, cache_cases: int = 8, check_test_images: bool = True):
+        super().__init__(cache_cases)
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"extra image folder {self.folder} does not exist")
+        files = list_nifti(self.folder)
+        if not files:
+            raise FileNotFoundError(f"no .nii.gz / .nii CT files in {self.folder}")
+        self._files = {_case_name(p): p for p in files}
+        self.case_ids = sorted(self._files)
+        self.spacing, self.intensity = like.spacing, like.intensity
+        self.configuration, self.plans_name = like.configuration, like.plans_name
+        self.dataset_name = like.dataset_folder.name
+        self._pm = PlansManager(like.plans)
+        self._cm = self._pm.get_configuration(like.configuration)
+        ds_json = like.dataset_folder / "dataset.json"
+        self._dataset_json = json.loads(ds_json.read_text()) if ds_json.is_file() else {}
+        channels = self._dataset_json.get("channel_names", self._dataset_json.get("modality", {"0": "CT"}))
+        if len(channels) != 1:
+            raise ValueError(f"{self.dataset_name} has {len(channels)} input channels; extra images need a "
+                             "single-channel (CT) dataset")
+        self.cache_folder = Path(cache_folder) if cache_folder else None
+        if check_test_images:
+            refuse_test_images(files, self.dataset_name)
+
+    def _cache_file(self, case_id: str) -> Path | None:
+        if self.cache_folder is None:
+            return None
+        # keyed by the scan's folder, size and mtime: another folder or a replaced file never reads a stale array
+        f = self._files[case_id]
+        st = f.stat()
+        where = hashlib.sha1(str(f.parent.resolve()).encode()).hexdigest()[:10]
+        return (self.cache_folder / f"{self.configuration}__{self.plans_name}" / where
+                / f"{case_id}__{st.st_size}_{st.st_mtime_ns}.npy")
+
+    def preprocess(self, case_id: str) -> np.ndarray:
+        """(C, X, Y, Z) float32 z-scores in nnU-Net's axis order and the configuration's spacing (nnU-Net's
+        preprocessor of this configuration, exactly as ``nnUNetv2_preprocess`` runs it on a training case)."""
+        pre = self._cm.preprocessor_class(verbose=False)
+        data, _, _ = pre.run_case([str(self._files[case_id])], None, self._pm, self._cm, self._dataset_json)
+        return np.ascontiguousarray(data, dtype=np.float32)
+
+    def _load_case(self, case_id: str) -> CaseArrays:
+        f = self._cache_file(case_id)
+        if f is not None and f.is_file():
+            return CaseArrays(image=np.load(f, mmap_mode="r"), seg=None, class_locations={})
+        data = self.preprocess(case_id)
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(f) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, data)
+        return CaseArrays(image=data, seg=None, class_locations={})
+
+    def describe(self) -> dict:
+        return {"type": "extra_images", "folder": str(self.folder.resolve()), "num_cases": len(self.case_ids),
+                "like": {"dataset": self.dataset_name, "configuration": self.configuration, "plans": self.plans_name},
+                "preprocessor": self._cm.preprocessor_name, "axis_order": "nnunet"}
+
+
+class CombinedPatchSource(PatchSource):
+    def __init__(self, sources: Sequence[PatchSource]):
+        super().__init__(cache_cases=0)  # the parts cache their own cases
+        if not sources:
+            raise ValueError("CombinedPatchSource needs at least one source")
+        first = sources[0]
+        for s in sources[1:]:
+            if tuple(s.spacing) != tuple(first.spacing) or not s.intensity.same_as(first.intensity):
+                raise ValueError(f"cannot combine sources of other spaces: {s.describe()} has spacing {s.spacing} mm "
+                                 f"and {s.intensity.describe()}, {first.describe()} {first.spacing} mm and "
+                                 f"{first.intensity.describe()}")
+        self.parts = list(sources)
+        self.spacing, self.intensity = first.spacing, first.intensity
+        self.dataset_folder = getattr(first, "dataset_folder", None)
+        self._owner: dict[str, tuple[PatchSource, str]] = {}
+        for i, s in enumerate(self.parts):
+            for c in s.case_ids:
+                self._owner[c if i == 0 else f"extra{i}:{c}"] = (s, c)
+        self.case_ids = list(self._owner)
+
+    def _load_case(self, case_id: str) -> CaseArrays:
+        src, c = self._owner[case_id]
+        return src.load_case(c)
+
+    def describe(self) -> dict:
+        return {"type": "combined", "num_cases": len(self.case_ids), "parts": [s.describe() for s in self.parts]}

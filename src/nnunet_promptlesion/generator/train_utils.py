@@ -28,6 +28,12 @@ API (all functions are safe to call in a single process without ``torchrun``):
 ``GeneratorTrainer``                         the base of the VQGAN and diffusion trainers: distributed setup,
     seeding, exact resume (config check, state dicts, step, per-rank RNG), atomic checkpoints and the
     ``fit`` loop (logging, evaluation, checkpoints, ``stop_after``); subclasses supply the model parts.
+    ``init_from`` (fine-tuning): a run without a checkpoint in its folder starts from another run's weights
+    (model, plus EMA / discriminators where the trainer has them; optimizer moments only with ``init_optimizer``);
+    the step counter starts at 0 and the checkpoint's meta records ``init_from``. A run folder that already holds
+    ``checkpoint_latest.pt`` resumes instead (resume takes precedence, so an interrupted fine-tune continues).
+``check_architecture(stored, new, free_fields, path, what)`` refuse another architecture, naming the fields.
+``read_init_meta(path, kind, what)`` the ``meta`` of an ``--init-from`` checkpoint, wrong kinds refused clearly.
 ``run_trainer(make_trainer, out, no_resume)`` the shared tail of the training CLIs (exit status 0 / 2).
 """
 from __future__ import annotations
@@ -291,6 +297,58 @@ def host_values(logs: dict) -> dict:
     return {**logs, **dict(zip(keys, vals))}
 
 
+KIND_NAMES = {"vqgan": "VQGAN", "promptlesion_diffusion": "diffusion"}  # meta["kind"] -> what users call it
+
+
+def read_init_meta(path: str | os.PathLike, kind: str, what: str = "--init-from") -> dict:
+    """``meta`` of the checkpoint ``path`` (``weights_only`` load, weights verified) that must be of ``kind``."""
+    state = load_checkpoint(path, map_location="cpu")
+    return check_init_kind(state["meta"], path, kind, what)
+
+
+def check_init_kind(meta: dict, path, kind: str, what: str = "--init-from") -> dict:
+    have = meta.get("kind")
+    if have != kind:
+        raise CheckpointError(
+            f"{what} {path} is a {KIND_NAMES.get(have, repr(have))} checkpoint, but this training needs a "
+            f"{KIND_NAMES.get(kind, kind)} checkpoint (the {'promptlesion_train_vqgan' if kind == 'vqgan' else 'promptlesion_train_diffusion'} output)")
+    return meta
+
+
+def check_architecture(stored, new, free_fields: frozenset | set, path, what: str) -> None:
+    """Refuse to initialise ``new`` (a config dataclass) from a checkpoint written with ``stored`` when a field
+    outside ``free_fields`` (settings no weight depends on: loss weights, learning rate, patch size) differs;
+    the message names every differing field with both values. ``spatial_dims`` (2D slices vs 3D patches) is
+    compared first, also where it is a property (the VQGAN's)."""
+    diff = {}
+    if getattr(stored, "spatial_dims", None) != getattr(new, "spatial_dims", None):
+        diff["spatial_dims"] = (stored.spatial_dims, new.spatial_dims)
+    for f in dataclasses.fields(type(new)):
+        if f.name in free_fields or f.name in diff:
+            continue
+        a, b = getattr(stored, f.name), getattr(new, f.name)
+        if a != b:
+            diff[f.name] = (a, b)
+    if diff:
+        fields = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} here" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"--init-from {path} holds a {what} of another architecture (preset '{stored.preset}'; this run: preset "
+            f"'{new.preset}'), its weights cannot initialise this one. Differing fields: {fields}. Use the same preset "
+            "and architecture options as the checkpoint (or leave --preset out: it then defaults to the checkpoint's).")
+
+
+def check_state_shapes(stored: dict, target: dict, path, component: str) -> None:
+    """Refuse a state dict whose keys or tensor shapes differ from ``target``'s (names the first few)."""
+    missing = [k for k in target if k not in stored]
+    extra = [k for k in stored if k not in target]
+    shapes = [f"{k} {tuple(stored[k].shape)} vs {tuple(target[k].shape)}" for k in target
+              if k in stored and torch.is_tensor(target[k]) and tuple(stored[k].shape) != tuple(target[k].shape)]
+    if missing or extra or shapes:
+        parts = [f"{name}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for name, v in (("missing", missing), ("unexpected", extra), ("other shapes", shapes)) if v]
+        raise CheckpointError(f"--init-from {path}: the {component} weights do not fit this model ({'; '.join(parts)})")
+
+
 class GeneratorTrainer:
     """Resume / save / fit logic shared by the VQGAN and diffusion trainers.
 
@@ -306,6 +364,8 @@ class GeneratorTrainer:
     KIND = ""
     DESC = "train"
     eval_at_start = False  # evaluate before the first step (baseline of an eval curve)
+    #: config fields an --init-from checkpoint may differ in (no weight depends on them)
+    INIT_FREE_FIELDS: frozenset = frozenset()
 
     def _setup(self, run, output_dir) -> None:
         self.run = run
@@ -347,16 +407,69 @@ class GeneratorTrainer:
     def postfix(self, logs: dict) -> dict:
         return {}
 
+    def check_init(self, meta: dict, path: Path) -> None:
+        """Raise CheckpointError when an --init-from checkpoint cannot start this run (beyond its architecture)."""
+
+    def init_weights(self, state: dict) -> dict[str, tuple[Any, dict]]:
+        """component name -> (module, state dict from the --init-from checkpoint ``state``) to initialise."""
+        raise NotImplementedError
+
+    def init_optimizers(self) -> list[str]:
+        """checkpoint keys of the optimizers (their moments are carried over only with ``init_optimizer``)."""
+        raise NotImplementedError
+
     # ---- shared logic -----------------------------------------------------------------------
-    def _resume_or_start(self, resume: bool) -> None:
-        if resume:
+    def _resume_or_start(self, resume: bool, init_from: str | os.PathLike | None = None,
+                         init_optimizer: bool = False) -> None:
+        self.init_meta: dict | None = None
+        if resume and self.ckpt.latest() is not None:
+            # resume wins: an interrupted fine-tune continues from its own checkpoint, not from init_from again
             self._maybe_resume()
+            if init_from is not None:
+                self._resume_note += f" (--init-from {init_from} ignored: resume takes precedence)"
+            return
+        if init_from is not None:
+            self._init_from(Path(init_from), init_optimizer)
+
+    def _init_from(self, path: Path, with_optimizer: bool) -> None:
+        state = load_checkpoint(path, map_location=self.device)  # weights_only, weights verified
+        meta = check_init_kind(state["meta"], path, self.KIND)
+        self.check_init(meta, path)
+        check_architecture(config_from_dict(type(self.cfg), meta["config"]), self.cfg, self.INIT_FREE_FIELDS, path,
+                           f"{KIND_NAMES.get(self.KIND, self.DESC)} model")
+        parts = self.init_weights(state)
+        for name, (obj, sd) in parts.items():
+            check_state_shapes(sd, obj.state_dict(), path, name)
+        for obj, sd in parts.values():
+            obj.load_state_dict(sd)
+        if with_optimizer:
+            for key in self.init_optimizers():
+                if key not in state:
+                    raise CheckpointError(f"--init-from {path} holds no optimizer state '{key}' (not a training "
+                                          "checkpoint); drop --init-optimizer")
+                opt = self.components()[key]
+                # only the moments travel: lr, betas and the scheduler's initial_lr are this run's settings
+                keep = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                try:
+                    opt.load_state_dict(state[key])
+                except ValueError as e:
+                    raise CheckpointError(f"--init-from {path}: optimizer state '{key}' does not fit: {e}") from e
+                for g, hp in zip(opt.param_groups, keep):
+                    g.update(hp)
+        self.init_meta = {"path": str(path.resolve()), "checkpoint_id": meta.get("checkpoint_id"),
+                          "kind": meta.get("kind"), "preset": meta.get("preset"), "step": int(meta.get("step", 0)),
+                          "source": meta.get("source"), "optimizer": bool(with_optimizer),
+                          "init_from": meta.get("init_from")}
+        self._resume_note = (f"initialised from {path} ({', '.join(parts)}; its step {self.init_meta['step']}, "
+                             f"{meta.get('checkpoint_id')}); step counter at 0, "
+                             + ("optimizer moments carried over" if with_optimizer else "fresh optimizer"))
 
     def _maybe_resume(self) -> None:
         state = self.ckpt.load_latest(kind=self.KIND, map_location=self.device)
         if state is None:
             return
         meta, path = state["meta"], self.ckpt.latest()
+        self.init_meta = meta.get("init_from")
         self.check_resume(meta, path)
         cls = type(self.cfg)
         stored = config_from_dict(cls, meta["config"])

@@ -16,6 +16,11 @@ Outputs in ``output_dir``: ``checkpoint_latest.pt`` (atomic; model, EMA, optimiz
 per-rank RNG), ``checkpoint_final.pt``, ``train_log.jsonl``, ``train.log``, ``run_settings.json`` and per
 evaluation ``samples/stepNNNNNNNN_<prompt>.png`` (a real lesion of the class if any, a healthy carrier
 with the mask, and the EMA model's inpainting with that prompt, three planes each).
+
+Fine-tuning (``init_from``): the denoiser and its EMA start from another diffusion checkpoint of the same
+architecture and prompt vocabulary (names), trained on the latents of the same VQGAN (or of the VQGAN this run's
+VQGAN was itself fine-tuned from: allowed, with a note, since the latents then moved); Adam moments only with
+``init_optimizer``; the step counter (and with it the EMA warm-up) starts at 0.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 
 from ...utils.checkpoint import CheckpointError, config_to_dict
 from .. import train_utils as tu
+from ..vqgan.model import check_spatial_dims
 from .checkpoint import KIND, build_meta, check_format, check_vqgan_pairing
 from .config import DiffusionConfig, PromptVocabulary
 from .data import LesionCropSampler, stack_crops
@@ -122,13 +128,30 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
     return loss, {"loss": loss.detach(), "mse_lesion": inside, "mse_background": outside}
 
 
+#: DiffusionConfig fields no weight depends on: a fine-tune may change them
+INIT_FREE_FIELDS = frozenset({"preset", "dropout", "lesion_loss_weight", "prompt_dropout"})
+
+
+def vqgan_lineage(vqgan_meta: dict) -> list[str]:
+    """checkpoint ids of the VQGANs ``vqgan_meta``'s VQGAN was fine-tuned from (its ``init_from`` chain), nearest
+    first."""
+    out, node = [], vqgan_meta.get("init_from")
+    while isinstance(node, dict):
+        if node.get("checkpoint_id"):
+            out.append(node["checkpoint_id"])
+        node = node.get("init_from")
+    return out
+
+
 class DiffusionTrainer(tu.GeneratorTrainer):
     KIND = KIND
     DESC = "diffusion"
     eval_at_start = True  # baseline of the eval_loss curve
+    INIT_FREE_FIELDS = INIT_FREE_FIELDS
 
     def __init__(self, cfg: DiffusionConfig, run: DiffusionRunConfig, data: LesionCropSampler, vqgan, vqgan_meta: dict,
-                 vqgan_path, output_dir: str | Path, lesion_spec: dict | None = None, resume: bool = True):
+                 vqgan_path, output_dir: str | Path, lesion_spec: dict | None = None, resume: bool = True,
+                 init_from: str | Path | None = None, init_optimizer: bool = False):
         self.cfg, self.data = cfg, data
         self.vocab: PromptVocabulary = data.vocab
         if cfg.num_classes != len(self.vocab.names) - 1:
@@ -148,7 +171,7 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         self.opt = torch.optim.Adam(self.model.parameters(), lr=run.lr, foreach=True)
         warm = max(0, int(run.warmup_steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0))
-        self._resume_or_start(resume)
+        self._resume_or_start(resume, init_from, init_optimizer)
         self.model_ddp = tu.wrap_ddp(self.model, self.env)
         self._eval = self._eval_set()
 
@@ -166,10 +189,38 @@ class DiffusionTrainer(tu.GeneratorTrainer):
             raise CheckpointError(f"{path} was trained with prompts {meta['vocabulary']['names']}, the lesion spec now "
                                   f"gives {self.vocab.names}; use a new --output-dir")
 
+    def check_init(self, meta: dict, path) -> None:
+        check_spatial_dims(meta, path, self.cfg.spatial_dims, "diffusion model")
+        check_format(meta, path)
+        names = PromptVocabulary.from_dict(meta["vocabulary"]).names
+        if names != self.vocab.names:
+            raise CheckpointError(f"--init-from {path} was trained with prompts {names}, the lesion spec here gives "
+                                  f"{self.vocab.names}: a prompt id would mean another class. Fine-tune from a model "
+                                  "with the same lesion classes (prompt names, in the same order)")
+        want = meta.get("vqgan", {}).get("checkpoint_id")
+        have = self.vqgan_meta.get("checkpoint_id")
+        self._init_changes = []
+        if want != have:
+            if want not in vqgan_lineage(self.vqgan_meta):
+                raise CheckpointError(
+                    f"--init-from {path} was trained on the latents of VQGAN {want} "
+                    f"({meta.get('vqgan', {}).get('path')}), but this run encodes with VQGAN {have} ({self.vqgan_path}),"
+                    " whose latent space is another one. Pass --vqgan with the VQGAN the init checkpoint was trained "
+                    "with, or a VQGAN fine-tuned from it (promptlesion_train_vqgan --init-from)")
+            self._init_changes.append(f"VQGAN {have} was fine-tuned from {want}, the VQGAN of the init checkpoint: its "
+                                      "latents moved, this fine-tune adapts the denoiser to them")
+
+    def init_weights(self, state: dict) -> dict:
+        # a checkpoint without an EMA copy starts both from its weights
+        return {"model": (self.model, state["model"]), "ema": (self.ema.model, state.get("ema", state["model"]))}
+
+    def init_optimizers(self) -> list[str]:
+        return ["opt"]
+
     def checkpoint_meta(self) -> dict:
         return build_meta(self.cfg, self.vocab, self.vqgan_meta, self.vqgan_path, self.data.patch_size, self.step,
                           self.source_meta(), self.ema.model.state_dict(), self.lesion_spec,
-                          {"world_size": self.env.world_size})
+                          {"world_size": self.env.world_size, "init_from": self.init_meta})
 
     def _eval_set(self) -> dict:
         """Fixed crops (same every run and resume): one healthy carrier and one real crop per available class."""
@@ -183,14 +234,16 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         return {"diffusion_config": config_to_dict(self.cfg), "run_config": config_to_dict(self.run),
                 "vocabulary": self.vocab.as_dict(), "source": self.source_meta(),
                 "vqgan": {"path": str(self.vqgan_path), "checkpoint_id": self.vqgan_meta.get("checkpoint_id")},
-                "schedule": self.schedule.as_dict(), "patch_size": list(self.data.patch_size)}
+                "schedule": self.schedule.as_dict(), "patch_size": list(self.data.patch_size),
+                "init_from": self.init_meta}
 
     def describe(self) -> list[str]:
         cfg, run = self.cfg, self.run
         return [f"preset {cfg.preset}, prompt {cfg.prompt_type}: parameters {parameter_report(self.model)}; "
                 f"device {self.device}, world size {self.env.world_size}, batch {run.batch_size}/rank",
                 f"prompts {self.vocab.names} (+ CFG null token id {cfg.null_id}); training cases per class "
-                f"{self.data.counts()}; schedule {self.schedule.as_dict()}"]
+                f"{self.data.counts()}; schedule {self.schedule.as_dict()}"] \
+            + [f"fine-tuning: {c}" for c in getattr(self, "_init_changes", [])]
 
     def next_batch(self) -> dict:
         return self.data.batch(self.np_rng, self.run.batch_size, self.device)

@@ -10,6 +10,11 @@ state: model, discriminators, optimizers, schedulers, codebook EMA, per-rank RNG
 ``train.log``, ``recon_stepNNNNNNNN.png`` (held-out patch and reconstruction in three planes; one slice for a
 2D model). A 2D model (two-entry ``patch_size``) trains on (y, x) slices of the source (``generator.data``).
 A run restarted with the same output folder resumes from ``checkpoint_latest.pt`` at the exact step.
+
+Fine-tuning (``init_from``): the autoencoder (codebook included) and the discriminators start from another VQGAN
+checkpoint of the same architecture (:data:`INIT_FREE_FIELDS` may differ: patch size, loss weights, schedule);
+Adam moments only with ``init_optimizer``. The checkpoint may come from another intensity space or spacing (another
+dataset): the new run records this run's space, and the log says what changed.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from ..data import PatchSource
 from .config import VQGANConfig
 from .discriminator import VQGANDiscriminators, random_slice_indices
 from .losses import VQGANLoss
-from .model import KIND, VQGAN, build_meta, check_meta
+from ..intensity import IntensitySpace
+from .model import KIND, VQGAN, build_meta, check_meta, check_spatial_dims
 from .perceptual import build_perceptual
 
 
@@ -105,12 +111,21 @@ def batch_from_source(source: PatchSource, rng: np.random.Generator, batch: int,
     return torch.from_numpy(np.stack(patches)).to(device)
 
 
+#: VQGANConfig fields no weight depends on: a fine-tune may change them (the patch size's length may not: 2D vs 3D)
+INIT_FREE_FIELDS = frozenset({
+    "patch_size", "ema_decay", "commitment_weight", "dead_code_threshold", "restart_every", "quantizer_chunk",
+    "l1_weight", "perceptual_weight", "gan3d_weight", "gan2d_weight", "feature_matching_weight",
+    "adversarial_criterion", "disc_start", "lr", "betas", "grad_clip", "batch_size", "preset"})
+
+
 class VQGANTrainer(tu.GeneratorTrainer):
     KIND = KIND
     DESC = "vqgan"
+    INIT_FREE_FIELDS = INIT_FREE_FIELDS
 
     def __init__(self, cfg: VQGANConfig, run: VQGANRunConfig, source: PatchSource, eval_source: PatchSource | None,
-                 output_dir: str | Path, resume: bool = True):
+                 output_dir: str | Path, resume: bool = True, init_from: str | Path | None = None,
+                 init_optimizer: bool = False):
         self.cfg, self.source = cfg, source
         src_dims = len(source.spacing)
         if src_dims != cfg.spatial_dims:
@@ -128,7 +143,7 @@ class VQGANTrainer(tu.GeneratorTrainer):
         lam = (lambda s: min(1.0, (s + 1) / warm)) if warm else (lambda s: 1.0)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lam)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, lam)
-        self._resume_or_start(resume)
+        self._resume_or_start(resume, init_from, init_optimizer)
         # broadcast rank 0's initial weights (DDP does it at wrap time) before wrapping
         self.model_ddp = tu.wrap_ddp(self.model, self.env)
         self.discs_ddp = tu.wrap_ddp(self.discs, self.env)
@@ -150,7 +165,27 @@ class VQGANTrainer(tu.GeneratorTrainer):
 
     def checkpoint_meta(self) -> dict:
         return build_meta(self.model, self.source.spacing, self.source.intensity, self.step, self.source_meta(),
-                          {"perceptual": self.perceptual.description, "world_size": self.env.world_size})
+                          {"perceptual": self.perceptual.description, "world_size": self.env.world_size,
+                           "init_from": self.init_meta})
+
+    def init_weights(self, state: dict) -> dict:
+        return {"model": (self.model, state["model"]), "discriminators": (self.discs, state["discriminators"])} \
+            if "discriminators" in state else {"model": (self.model, state["model"])}
+
+    def init_optimizers(self) -> list[str]:
+        return ["opt_g", "opt_d"]
+
+    def check_init(self, meta: dict, path) -> None:
+        check_spatial_dims(meta, path, self.cfg.spatial_dims, "VQGAN")
+        changes = []
+        have = IntensitySpace.from_dict(meta["intensity"])
+        if not have.same_as(self.source.intensity):
+            changes.append(f"intensity space {have.describe()} -> {self.source.intensity.describe()}")
+        sp = [float(s) for s in meta.get("spacing", [])]
+        if len(sp) != len(self.source.spacing) or any(abs(a - b) > 1e-3 for a, b in zip(sp, self.source.spacing)):
+            changes.append(f"spacing {sp} -> {list(self.source.spacing)} mm")
+        # another dataset's VQGAN is a legitimate start (that is what fine-tuning is for); say what it adapts to
+        self._init_changes = changes
 
     def _eval_patches(self) -> torch.Tensor:
         rng = np.random.default_rng(12345)  # fixed: every run and every resume evaluates the same patches
@@ -161,7 +196,7 @@ class VQGANTrainer(tu.GeneratorTrainer):
     def settings(self) -> dict:
         return {"vqgan_config": config_to_dict(self.cfg), "run_config": config_to_dict(self.run),
                 "source": self.source_meta(), "intensity": self.source.intensity.as_dict(),
-                "spacing": list(self.source.spacing)}
+                "spacing": list(self.source.spacing), "init_from": self.init_meta}
 
     def describe(self) -> list[str]:
         cfg = self.cfg
@@ -170,7 +205,8 @@ class VQGANTrainer(tu.GeneratorTrainer):
                 f"intensity space: {self.source.intensity.describe()}; spacing {self.source.spacing} mm",
                 f"perceptual term: {self.perceptual.description}",
                 f"held-out patches: {self.eval_source.describe()}"
-                + ("" if self.eval_source is not self.source else " (no held-out cases: evaluating on training cases)")]
+                + ("" if self.eval_source is not self.source else " (no held-out cases: evaluating on training cases)")] \
+            + [f"fine-tuning a VQGAN trained elsewhere: {c}" for c in getattr(self, "_init_changes", [])]
 
     def next_batch(self) -> torch.Tensor:
         return batch_from_source(self.source, self.np_rng, self.batch_size, self.cfg.patch_size, self.run, self.device)
