@@ -31,6 +31,9 @@ EPILOG = """examples:
   promptlesion_train_diffusion --nifti-folder raw/imagesTr --label-folder raw/labelsTr \\
       --lesion-spec raw/lesion_spec.json --vqgan runs/vqgan/checkpoint_final.pt \\
       --prompt-type mask -o runs/diffusion --preset tiny --steps 2000
+  # attribute prompts: radius and contrast bins (tertiles of the training lesions) next to the class prompt
+  promptlesion_train_diffusion -d 501 -c 2d_demo -f 0 --steps 3000 --attributes radius,contrast \
+      --vqgan $nnUNet_results/Dataset501_PhantomCCTA/promptlesion_vqgan__cpu2d__2d_demo__fold0/checkpoint_final.pt
   # several GPUs:
   torchrun --nproc_per_node 4 $(which promptlesion_train_diffusion) -d 502 --vqgan vq.pt --preset paper
 
@@ -75,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lesion-loss-weight", type=float, default=None, help="extra MSE weight inside the lesion region (default 1)")
     m.add_argument("--prompt-dropout", type=float, default=None, help="probability of the healthy/null prompt for CFG (default 0.1)")
     m.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default 400)")
+    m.add_argument("--attributes", default=None, metavar="NAMES",
+                   help="attribute prompts, comma-separated out of radius,contrast (e.g. radius,contrast): measured on "
+                        "the training lesions, binned per class, learned next to the class prompt (default: none)")
+    m.add_argument("--attribute-bins", type=int, default=3, metavar="N",
+                   help="quantile bins per attribute and class (default 3: tertiles)")
+    m.add_argument("--attribute-dropout", type=float, default=None, metavar="P",
+                   help="probability of nulling each attribute of a crop on its own, for any-subset requests and CFG "
+                        "(default 0.3)")
     m.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy crops (default 0.25)")
     m.add_argument("--eval-steps", type=int, default=50, help="DDIM steps for the sample PNGs (default 50)")
     add_run_options(m, "evaluations and sample PNGs")
@@ -150,11 +161,17 @@ def main(argv=None) -> int:
                           ("timesteps", "timesteps"), ("channels", "channels"), ("mt_ff", "mt_ff")):
             if getattr(args, name) is not None:
                 overrides[key] = getattr(args, name)
+        attributes = tuple(a.strip() for a in (args.attributes or "").split(",") if a.strip())
+        if attributes:
+            overrides.update(attributes=attributes, attribute_bins=args.attribute_bins)
+            if args.attribute_dropout is not None:
+                overrides["attribute_dropout"] = args.attribute_dropout
         patch = tuple(int(x) for x in vqgan.config.patch_size)
         cfg = make_config(args.preset, num_classes=len(spec.lesions), prompt_type=args.prompt_type,
                           per_class_mask=args.per_class_mask, latent_channels=int(vqgan.config.latent_dim),
                           **overrides)
-        data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction)
+        data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction,
+                                 attributes=attributes, attribute_bins=args.attribute_bins)
     except (CheckpointError, FileNotFoundError, ValueError, LesionSpecError, NoLesionsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
