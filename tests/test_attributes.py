@@ -261,3 +261,137 @@ def test_mask_sampler_draws_masks_in_the_requested_radius_bin(dims):
             radii.append(equivalent_radius(int(m.sum()), spacing))
         assert all(lo <= r <= hi for r in radii), (b, lo, hi, radii)
         assert [bins.to_bin("t", "radius", r) for r in radii] == [b] * 25
+
+
+# ---------------------------------------------------------------------------------------------- the nnU-Net side
+CONFIG = "2d_demo"
+
+
+@pytest.fixture(scope="module")
+def gen_attr(ccta_dataset, tmp_path_factory):
+    """A private copy of the session CCTA phantom with a 2d_demo configuration and a tiny2d generator pair whose
+    diffusion model has radius and contrast prompts (promptlesion_pretrain --attributes, 2 training steps each)."""
+    import contextlib
+    import io
+    import os
+    import shutil
+
+    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
+    from nnunet_promptlesion.cli.pretrain import main as pretrain
+
+    root, did, _ = ccta_dataset
+    work = tmp_path_factory.mktemp("attr2d")
+    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
+    shutil.copytree(root / "raw" / name, work / "raw" / name)
+    shutil.copytree(root / "preprocessed" / name, work / "preprocessed" / name)
+    add_demo_configuration_2d(work / "preprocessed" / name / "nnUNetPlans.json", name=CONFIG, batch_size=2)
+    env = {"nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
+           "nnUNet_results": str(work / "results")}
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("PROMPTLESION_SETTINGS", raising=False)
+        rc = pretrain(["-d", str(did), "-c", CONFIG, "-f", "0", "--preset", "tiny2d", "--vqgan-steps", "2",
+                       "--diffusion-steps", "2", "--device", "cpu", "--num-threads", "1",
+                       "--attributes", "radius,contrast",
+                       "--vqgan-args", "--disc-start 1 --batch-size 2 --eval-every 2 --checkpoint-every 2 "
+                                       "--num-eval-patches 1 --no-progress",
+                       "--diffusion-args", "--batch-size 2 --eval-every 2 --eval-steps 1 --checkpoint-every 2 "
+                                           "--no-progress"])
+    assert rc == 0, out.getvalue()[-3000:]
+    res = work / "results" / name
+    return {"did": did, "name": name, "env": env, "pre": work / "preprocessed" / name, "work": work,
+            "diffusion": res / f"promptlesion_diffusion__tiny2d__{CONFIG}__fold0" / "checkpoint_final.pt"}
+
+
+def _build(g, out: Path, *extra, settings: dict | None = None, per_class: int = 8):
+    import contextlib
+    import io
+    import json
+
+    from nnunet_promptlesion.cli.build_cache import main
+
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        for k, v in g["env"].items():
+            mp.setenv(k, v)
+        mp.delenv("PROMPTLESION_SETTINGS", raising=False)
+        if settings is not None:
+            f = out.parent / f"{out.name}_settings.json"
+            f.write_text(json.dumps(settings))
+            mp.setenv("PROMPTLESION_SETTINGS", str(f))
+        rc = main(["-d", str(g["did"]), "-c", CONFIG, "-f", "0", "--diffusion", str(g["diffusion"]), "--per-class",
+                   str(per_class), "--steps", "2", "--batch", "8", "--shard-size", "8", "--device", "cpu",
+                   "--num-threads", "1", "--no-progress", "-o", str(out), *extra])
+    return rc, buf_out.getvalue(), buf_err.getvalue()
+
+
+def test_checkpoint_records_training_bins_of_its_lesions(gen_attr):
+    from nnunet_promptlesion.generator.diffusion.checkpoint import attribute_bins_of, load_diffusion
+
+    model, meta = load_diffusion(gen_attr["diffusion"])
+    assert model.config.attributes == ("radius", "contrast") and model.attribute_embed is not None
+    bins = attribute_bins_of(meta)
+    assert bins.names == ("radius", "contrast") and bins.n_bins == 3
+    for cls in ("calcified_plaque", "noncalcified_plaque"):
+        r = bins.edges[cls]["radius"]
+        assert len(r) == 4 and 0 < r[0] <= r[1] <= r[2] <= r[3] and bins.counts[cls] > 3
+    # the phantom's calcified plaques are brighter than the vessel wall around them
+    assert bins.edges["calcified_plaque"]["contrast"][1] > 0
+
+
+def test_cache_build_with_a_settings_mix_records_requested_bins_and_masks_follow_them(gen_attr, tmp_path):
+    """The trainer's settings request an attribute mix; the cache builder reads it, draws each lesion's bins from
+    it, draws masks in the requested radius bin and records the bins per lesion in the cache metadata."""
+    import json
+
+    from nnunet_promptlesion.generator.diffusion.checkpoint import attribute_bins_of, load_diffusion
+    from nnunet_promptlesion.synthesis.cache import LesionCache
+
+    bins = attribute_bins_of(load_diffusion(gen_attr["diffusion"])[1])
+    mix = {"calcified_plaque": {"radius": [0.8, 0.2, 0.0], "contrast": [0.0, 0.0, 1.0]},
+           "noncalcified_plaque": {"radius": [0.0, 0.0, 1.0]}}
+    settings = {"synthesizer": "diffusion_cache", "cache": str(tmp_path / "c"), "attribute_mix": mix}
+    rc, out, err = _build(gen_attr, tmp_path / "c", settings=settings, per_class=10)
+    assert rc == 0, err[-3000:]
+    cache = LesionCache(tmp_path / "c")
+    m = cache.manifest
+    assert m["build"]["attribute_mix"] == mix and m["attributes"]["mix"] == mix
+    assert m["attributes"]["names"] == ["radius", "contrast"] and m["attributes"]["n_bins"] == 3
+    snippet = json.loads(out.strip().splitlines()[-1])
+    assert snippet["attribute_mix"] == mix   # the settings snippet names the mix the cache holds
+    requested = {int(k): tuple(v) for k, v in m["attributes"]["requested"].items()}
+    items = np.load(tmp_path / "c" / "packed" / "item.npy")
+    labels = np.load(tmp_path / "c" / "packed" / "label.npy")
+    assert len(items) >= 12 and set(requested) >= set(items.tolist())
+    plans = json.loads((gen_attr["pre"] / "nnUNetPlans.json").read_text())
+    spacing = plans["configurations"][CONFIG]["spacing"]
+    spec = json.loads((gen_attr["pre"].parent.parent / "raw" / gen_attr["name"] / "lesion_spec.json").read_text())
+    lab = {e["label"]: e["name"] for e in spec["lesions"]}
+    seen = {n: [] for n in lab.values()}
+    for row, (item, label) in enumerate(zip(items.tolist(), labels.tolist())):
+        cls = lab[label]
+        req = requested[item]
+        k = int(np.flatnonzero(np.asarray(cache._rows[label]) == row)[0])
+        s = cache.get(label, k)
+        r = equivalent_radius(int(s.mask.sum()), spacing)
+        lo, hi = bins.range_of(cls, "radius", req[0])
+        assert lo - 1e-6 <= r <= hi + 1e-6, (cls, req, r, lo, hi)   # the mask lies in the requested radius bin
+        seen[cls].append(req)
+    cal = np.array(seen["calcified_plaque"])
+    assert set(cal[:, 0]) <= {1, 2} and (cal[:, 1] == 3).all()
+    non = np.array(seen["noncalcified_plaque"])
+    assert (non[:, 0] == 3).all() and (non[:, 1] == 0).all()   # contrast not requested: null
+
+
+def test_mixes_the_checkpoint_cannot_honour_are_refused(gen_attr, tmp_path):
+    rc, _, err = _build(gen_attr, tmp_path / "a", "--attribute-mix",
+                        '{"calcified_plaque": {"radius": [0.5, 0.5]}}', per_class=1)
+    assert rc == 2 and "2 probabilities but" in err and "3 bins" in err
+    rc, _, err = _build(gen_attr, tmp_path / "b", "--attribute-mix", '{"calcifed": {"radius": [0.5, 0.25, 0.25]}}',
+                        per_class=1)
+    assert rc == 2 and "unknown lesion class 'calcifed'" in err
+    rc, _, err = _build(gen_attr, tmp_path / "c", "--attribute-mix", '{"calcified_plaque": {"radius": [0.5, 0.2, 0.2]}}',
+                        per_class=1)
+    assert rc == 2 and "sum to 1" in err

@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-steps", type=int, default=None,
                    help="diffusion steps (default tiny 2000, paper 60000, tiny2d 500, cpu2d 3000, gpu2d 60000)")
     p.add_argument("--prompt-type", choices=["onehot", "mask"], default="onehot", help="diffusion prompt (default onehot)")
+    p.add_argument("--attributes", default=None, metavar="NAMES",
+                   help="attribute prompts for the diffusion model, e.g. radius,contrast (promptlesion_train_diffusion "
+                        "--attributes; default none)")
     p.add_argument("--cache-per-class", type=int, default=0, help="also build a lesion cache with N samples per class")
+    p.add_argument("--cache-attribute-mix", default=None, metavar="JSON|FILE",
+                   help="attribute mix of the cache (promptlesion_build_cache --attribute-mix)")
     p.add_argument("--cache-sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                    help=f"sampler for the cache (default {DEFAULT_SAMPLER})")
     p.add_argument("--cache-steps", type=int, default=DEFAULT_STEPS,
@@ -89,6 +94,7 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
         {"name": "diffusion", "module": "train_diffusion", "output": df_dir / "checkpoint_final.pt",
          "argv": [*common, "--preset", args.preset, "--steps", str(df_steps), "-o", str(df_dir),
                   "--vqgan", str(vq_dir / "checkpoint_final.pt"), "--prompt-type", args.prompt_type,
+                  *(["--attributes", args.attributes] if args.attributes else []),
                   *shlex.split(args.diffusion_args)]},
     ]
     if args.cache_per_class > 0:
@@ -96,7 +102,8 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
                       "argv": [*common, "--diffusion", str(df_dir / "checkpoint_final.pt"),
                                "--per-class", str(args.cache_per_class), "--sampler", args.cache_sampler,
                                "--steps", str(args.cache_steps), "--guidance", str(args.cache_guidance),
-                               "--batch", str(args.cache_batch)]})
+                               "--batch", str(args.cache_batch),
+                               *(["--attribute-mix", args.cache_attribute_mix] if args.cache_attribute_mix else [])]})
     return steps
 
 
