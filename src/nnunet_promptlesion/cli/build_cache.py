@@ -17,7 +17,9 @@ Writes manifest.json, shards/, build.log and montage.png (cached samples per cla
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
 
@@ -88,9 +90,6 @@ def _fail(msg: str) -> int:
 def attribute_mix(args) -> dict | None:
     """The mix to build with: --attribute-mix (JSON or a file), else the trainer settings' attribute_mix, else None
     (the lesion spec's). Raises ValueError with a message."""
-    import json
-    from pathlib import Path
-
     if args.attribute_mix:
         text = args.attribute_mix
         if not text.lstrip().startswith("{"):

@@ -38,10 +38,11 @@ from scipy.ndimage import map_coordinates
 from ..generator import train_utils as tu
 from ..generator.data import spacing_mismatch
 from ..generator.diffusion import inpaint
-from ..generator.diffusion.checkpoint import load_generator_pair
+from ..generator.diffusion.checkpoint import attribute_bins_of, load_generator_pair
 from ..generator.diffusion.preview import save_grid
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
 from ..generator.intensity import IntensitySpace
+from ..lesions.attributes import AttributeRequestError, parse_assignment, radius_range
 from ..lesions.masks import MaskBank, MaskSampler
 from ..lesions.spec import LesionClass, LesionSpec
 from ..placement.index import LesionIndex
@@ -73,6 +74,9 @@ class SingleCTOptions:
     guidance: float = 1.0
     blend_sigma: float = 1.0
     device: str = "auto"
+    #: attribute prompts, "radius=1,contrast=3" (bins of the checkpoint, 0 = null; unnamed attributes null). A radius
+    #: bin also sets the radius range of generated masks (not of --mask / --size-mm lesions: their size stands)
+    attributes: str | None = None
 
 
 def stem(path: Path) -> str:
@@ -214,10 +218,10 @@ def extract_patches(ct: np.ndarray, parent: np.ndarray, masks: list[np.ndarray],
     return {"image": stack(imgs), "mask": stack(msks), "parent": stack(pars), "centres": centres}
 
 
-def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOptions, device
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Inpaint all patches in one batch with ``prompt_id`` (the id to *sample* with) -> (decoded image in model
-    space, blend weight), both (n, *patch)."""
+def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOptions, device,
+                  attributes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inpaint all patches in one batch with ``prompt_id`` (the id to *sample* with) and the attribute bins
+    ``attributes`` (None: null) -> (decoded image in model space, blend weight), both (n, *patch)."""
     image = torch.from_numpy(patches["image"]).to(device)
     mask = torch.from_numpy(patches["mask"]).to(device)
     parent = torch.from_numpy(patches["parent"]).to(device)
@@ -228,7 +232,9 @@ def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOpt
         vqgan, model, image, mask, torch.full((n,), int(prompt_id), dtype=torch.long, device=device),
         steps=sampler_steps(opts.sampler, opts.steps), sampler=opts.sampler, guidance=opts.guidance,
         generator=gen, eta=opts.eta, blend_sigma=sigma, autocast=lambda: tu.autocast(device), return_decoded=True,
-        parent_mask=parent)
+        parent_mask=parent,
+        **({} if attributes is None else
+           {"attributes": torch.tensor([attributes] * n, dtype=torch.long, device=device)}))
     g, _ = inpaint.blend_weights(mask, sigma)
     return decoded[:, 0].float().cpu().numpy(), g[:, 0].float().cpu().numpy()
 
@@ -347,6 +353,21 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     spec = LesionSpec.from_dict(meta["lesion_spec"]) if meta.get("lesion_spec") else None
     lesion = spec.by_name(vocab.names[pid]) if (spec is not None and pid > 0) else None
     rng = np.random.default_rng(opts.seed)
+    attrs = None
+    if opts.attributes:
+        bins = attribute_bins_of(meta)
+        if bins is None:
+            raise SingleCTError(f"--attributes: {diffusion} was trained without attribute prompts")
+        try:
+            attrs = parse_assignment(opts.attributes, bins.names, bins.n_bins)
+            rr = radius_range(bins, vocab.names[pid], attrs)
+            for a, b in zip(bins.names, attrs):
+                if b:
+                    bins.range_of(vocab.names[pid], a, b)  # refuses a class the checkpoint has no bins for
+        except AttributeRequestError as e:
+            raise SingleCTError(str(e)) from e
+        if rr is not None and opts.size_mm is None and not opts.mask and lesion is not None:
+            lesion = dataclasses.replace(lesion, radius_mm=[rr], radius_weights=None, shape="ellipsoid")
 
     view = NiftiView(img, array_axes(meta))
     # 1. placement on the CT grid (nibabel order); a 2D generator's lesions lie in slices of its view
@@ -375,7 +396,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     else:
         patches = extract_patches(ct_g, parent_g, masks_g, spacing_cg, spacing_g, patch, space)
     # 3. inference, all lesions in one batch
-    decoded, weights = run_generator(vq, model, patches, sample_id, opts, device)
+    decoded, weights = run_generator(vq, model, patches, sample_id, opts, device, attrs)
     # 4. write-back in the generator's order, then the file's grid again
     decoded_hu = space.model_to_hu(decoded)
     if two_d:
@@ -427,6 +448,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
               "sampled_prompt_id": sample_id, "lesions": records, "seed": opts.seed, "sampler": opts.sampler,
               "steps": sampler_steps(opts.sampler, opts.steps) or meta["schedule"]["timesteps"], "eta": opts.eta,
               "guidance": opts.guidance, "blend_sigma_voxels": opts.blend_sigma,
+              **({} if attrs is None else {"attributes": dict(zip(attribute_bins_of(meta).names, attrs))}),
               "ct_spacing_mm": [float(s) for s in file_geo.spacing], "generator_spacing_mm": spacing_g.tolist(),
               "spacing_warning": spacing_warning,
               "generator_axes": [int(p) for p in view.permutation], "generator_reorients": view.order.reorient,
