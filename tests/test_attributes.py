@@ -13,6 +13,7 @@ import torch
 
 from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary, make_config
 from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
+from nnunet_promptlesion.lesions.components import label_components
 from nnunet_promptlesion.lesions.attributes import (AttributeBins, AttributeRequestError, check_mix,
                                                      check_mix_against_bins, draw_bins, equivalent_radius,
                                                      measure_components, measure_lesion, parse_assignment,
@@ -422,3 +423,39 @@ def test_attribute_benchmark_runs_and_reports_requested_vs_measured(gen_attr, tm
     assert s["contrast"]["null_measured_bins"] is not None and len(res["lesions"]) > 12
     printed = capsys.readouterr().out
     assert "calcified_plaque / radius" in printed and "requested \\ measured" in printed
+
+
+def test_synthesize_one_ct_with_attribute_bins(gen_attr, tmp_path):
+    import contextlib
+    import io
+    import json
+
+    import nibabel as nib
+
+    from nnunet_promptlesion.cli.synthesize import main as synthesize
+    from nnunet_promptlesion.generator.diffusion.checkpoint import attribute_bins_of, load_diffusion
+
+    raw = gen_attr["work"] / "raw" / gen_attr["name"]
+    ct = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[0]
+    lab = raw / "labelsTr" / ct.name.replace("_0000", "")
+    common = ["-i", str(ct), "--parent-mask", str(lab), "--parent-label", "1", "--prompt", "calcified_plaque",
+              "--diffusion", str(gen_attr["diffusion"]), "--device", "cpu", "--steps", "2", "--count", "2"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert synthesize([*common, "--attributes", "radius=3,contrast=1", "-o", str(tmp_path / "a")]) == 0, \
+            err.getvalue()
+        assert synthesize([*common, "--attributes", "radius=4", "-o", str(tmp_path / "b")]) == 2
+        assert synthesize([*common, "--attributes", "shape=1", "-o", str(tmp_path / "b")]) == 2
+    assert "NAME=BIN" in err.getvalue()
+    rec = json.loads(next((tmp_path / "a").glob("*_synthesis.json")).read_text())
+    assert rec["attributes"] == {"radius": 3, "contrast": 1}
+    bins = attribute_bins_of(load_diffusion(gen_attr["diffusion"])[1])
+    lo, hi = bins.range_of("calcified_plaque", "radius", 3)
+    # the generated masks lie in the requested radius bin (one axial slice each: a disc-equivalent radius)
+    lesions = np.asarray(nib.load(str(next((tmp_path / "a").glob("*_lesions.nii.gz")))).dataobj)
+    spacing = nib.load(str(ct)).header.get_zooms()[:2]
+    radii = []
+    for z in sorted({int(k) for k in np.nonzero(lesions)[2]}):
+        comp, n = label_components(lesions[:, :, z] > 0)
+        radii += [equivalent_radius(int((comp == i).sum()), spacing) for i in range(1, n + 1)]
+    assert radii and all(lo - 1e-6 <= r <= hi + 1e-6 for r in radii), (radii, lo, hi)
