@@ -4,6 +4,7 @@ dropout and classifier-free guidance, and attribute mixes requested per class by
 settings, honoured by the mask sampler (radius) and recorded by the cache builder."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -459,3 +460,69 @@ def test_synthesize_one_ct_with_attribute_bins(gen_attr, tmp_path):
         comp, n = label_components(lesions[:, :, z] > 0)
         radii += [equivalent_radius(int((comp == i).sum()), spacing) for i in range(1, n + 1)]
     assert radii and all(lo - 1e-6 <= r <= hi + 1e-6 for r in radii), (radii, lo, hi)
+
+
+def _source(g, settings: dict, tmp_path, monkeypatch):
+    """The settings' sample source built for the 2d_demo trainer (PromptLesionConfigError when refused)."""
+    import json
+
+    from nnunet_promptlesion.synthesis.sources import SourceContext, build_source
+    from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+
+    for k, v in g["env"].items():
+        monkeypatch.setenv(k, v)
+    sfile = tmp_path / "settings.json"
+    sfile.write_text(json.dumps(settings))
+    monkeypatch.setenv("PROMPTLESION_SETTINGS", str(sfile))
+    plans = json.loads((g["pre"] / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # set by nnUNetv2_train's entry point; nnU-Net's __init__ pops it
+    dj = json.loads((g["pre"] / "dataset.json").read_text())
+    t = PromptLesionTrainer(plans, CONFIG, 0, dj, device=torch.device("cpu"))
+    t.promptlesion_setup()
+    cm = t.configuration_manager
+    ctx = SourceContext(settings=t.promptlesion_settings, spec=t.promptlesion_spec, index=None,
+                        spacing=tuple(cm.spacing), patch_size=tuple(cm.patch_size),
+                        initial_patch_size=tuple(cm.patch_size), intensity=t._intensity_properties(), trainer=t,
+                        log=lambda msg: None)
+    return build_source(t.promptlesion_settings.synthesizer, ctx)
+
+
+def test_online_source_draws_each_lesion_from_the_settings_mix(gen_attr, tmp_path, monkeypatch):
+    from nnunet_promptlesion.generator.diffusion.checkpoint import attribute_bins_of, load_diffusion
+    from nnunet_promptlesion.utils.errors import PromptLesionConfigError
+
+    bins = attribute_bins_of(load_diffusion(gen_attr["diffusion"])[1])
+    base = {"synthesizer": "diffusion_online", "diffusion": str(gen_attr["diffusion"]), "ring_slots_per_class": 1}
+    src = _source(gen_attr, {**base, "attribute_mix": {"noncalcified_plaque": {"contrast": [0.5, 0.5, 0.0],
+                                                                               "radius": [0.0, 1.0, 0.0]}}},
+                  tmp_path, monkeypatch)
+    try:
+        rng = np.random.default_rng(0)
+        names = [l.name for l in src.spec.lesions]
+        ci = names.index("noncalcified_plaque")
+        opts = [src.placement_options(ci, rng) for _ in range(400)]
+        attrs = np.array([o["attributes"] for o in opts])
+        assert (attrs[:, 0] == 2).all() and set(attrs[:, 1]) == {1, 2} and 0.4 < (attrs[:, 1] == 1).mean() < 0.6
+        assert all(o["radius_range_mm"] == bins.range_of("noncalcified_plaque", "radius", 2) for o in opts)
+        # a class without a mix: null attributes, no radius bound
+        assert src.placement_options(names.index("calcified_plaque"), rng) == {"radius_range_mm": None,
+                                                                                 "attributes": (0, 0)}
+    finally:
+        src.close()
+    with pytest.raises(PromptLesionConfigError, match="2 probabilities but"):
+        _source(gen_attr, {**base, "attribute_mix": {"calcified_plaque": {"radius": [0.5, 0.5]}}}, tmp_path,
+                monkeypatch).close()
+
+
+def test_cache_source_refuses_a_cache_built_with_another_mix(gen_attr, tmp_path, monkeypatch):
+    from nnunet_promptlesion.utils.errors import PromptLesionConfigError
+
+    mix = {"calcified_plaque": {"radius": [1.0, 0.0, 0.0]}}
+    rc, _, err = _build(gen_attr, tmp_path / "c", "--attribute-mix", json.dumps(mix), per_class=1)
+    assert rc == 0, err[-2000:]
+    base = {"synthesizer": "diffusion_cache", "cache": str(tmp_path / "c")}
+    _source(gen_attr, {**base, "attribute_mix": mix}, tmp_path, monkeypatch).close()
+    _source(gen_attr, base, tmp_path, monkeypatch).close()   # no mix named: the cache's stands
+    with pytest.raises(PromptLesionConfigError, match="was built with"):
+        _source(gen_attr, {**base, "attribute_mix": {"calcified_plaque": {"radius": [0.0, 1.0, 0.0]}}}, tmp_path,
+                monkeypatch).close()
