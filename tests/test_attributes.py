@@ -526,3 +526,36 @@ def test_cache_source_refuses_a_cache_built_with_another_mix(gen_attr, tmp_path,
     with pytest.raises(PromptLesionConfigError, match="was built with"):
         _source(gen_attr, {**base, "attribute_mix": {"calcified_plaque": {"radius": [0.0, 1.0, 0.0]}}}, tmp_path,
                 monkeypatch).close()
+
+
+def test_renderer_passes_each_requests_bins_to_the_model(gen_attr, monkeypatch):
+    from nnunet_promptlesion.generator.diffusion import inpaint
+    from nnunet_promptlesion.lesions.masks import MaskSampler
+    from nnunet_promptlesion.synthesis.cache_build import RunContext, place_lesion
+    from nnunet_promptlesion.synthesis.diffusion_render import AttributeRequests, DiffusionRenderer
+
+    for k, v in gen_attr["env"].items():
+        monkeypatch.setenv(k, v)
+    ctx = RunContext(str(gen_attr["did"]), CONFIG, "0", "nnUNetPlans")
+    renderer = DiffusionRenderer(gen_attr["diffusion"], ctx.grid, ctx.spec, ctx.reader, device="cpu", steps=1)
+    index = ctx.build_index(0.5, 1000, progress=False)
+    placer = ctx.placer(index, MaskSampler(ctx.cm.spacing, bank=index.bank), renderer.mapping.footprint())
+    reqs = AttributeRequests(ctx.spec, renderer.attribute_bins,
+                             {"calcified_plaque": {"radius": [0.0, 0.0, 1.0], "contrast": [1.0, 0.0, 0.0]}}, "test")
+    label = ctx.spec.by_name("calcified_plaque").label
+    batch = [r for r in (place_lesion(placer, label, np.random.default_rng(s), s, 1.0, reqs) for s in range(6)) if r]
+    batch.append(place_lesion(placer, label, np.random.default_rng(99), 99, 1.0))  # no request: null attributes
+    assert len(batch) >= 3 and all(r.attributes == (3, 1) for r in batch[:-1]) and batch[-1].attributes is None
+    seen = {}
+    real = inpaint.inpaint_lesions
+
+    def spy(*a, **kw):
+        seen["attributes"] = kw.get("attributes")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(inpaint, "inpaint_lesions", spy)
+    out = renderer.render(batch)
+    ok = [r is not None for r in out]
+    assert any(ok)
+    got = seen["attributes"].tolist()
+    assert got == [[3, 1] if r.attributes else [0, 0] for r, k in zip(batch, ok) if k]
