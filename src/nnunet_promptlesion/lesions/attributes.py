@@ -7,8 +7,9 @@ Attributes (:data:`ATTRIBUTES`), measured on one lesion by :func:`measure_lesion
     cross-section; the 2D mask sampler draws ellipses of that circle-equivalent radius).
 ``contrast``
     Mean intensity inside the lesion minus the mean intensity of its parent structure in a ring around it
-    (parent voxels within :data:`RING_MM` of the lesion, lesion excluded; non-lesion voxels of the ring when the
-    parent is absent there). In the units of the image given: the diffusion model's intensity space [-1, 1]
+    (parent voxels of the lesion dilated by round(:data:`RING_MM` / finest spacing) voxels, full 3^d neighbourhood,
+    lesion excluded: about 3 mm in plane, more along a coarser axis; non-lesion voxels of the ring when the parent is
+    absent there). In the units of the image given: the diffusion model's intensity space [-1, 1]
     everywhere in this package (training crops, the benchmark), so "hypo / iso / hyper" bins are relative to the
     parent in the space the generator sees.
 
