@@ -341,6 +341,10 @@ def test_checkpoint_records_training_bins_of_its_lesions(gen_attr):
         assert len(r) == 4 and 0 < r[0] <= r[1] <= r[2] <= r[3] and bins.counts[cls] > 3
     # the phantom's calcified plaques are brighter than the vessel wall around them
     assert bins.edges["calcified_plaque"]["contrast"][1] > 0
+    # the sample PNGs add, per class, one inpainting per bin of each attribute
+    pngs = sorted(p.name for p in (gen_attr["diffusion"].parent / "samples").glob("*_attributes.png"))
+    assert pngs == ["step00000002_01_calcified_plaque_attributes.png",
+                    "step00000002_02_noncalcified_plaque_attributes.png"]
 
 
 def test_cache_build_with_a_settings_mix_records_requested_bins_and_masks_follow_them(gen_attr, tmp_path):

@@ -295,6 +295,38 @@ class DiffusionTrainer(tu.GeneratorTrainer):
             save_grid(rows, p, f"step {self.step}: prompt '{name}' ({self.run.eval_sampler} {self.run.eval_steps})",
                       aspect=self.data.source.spacing)
             paths.append(p)
+        if self.cfg.attributes:
+            paths += self._attribute_pngs(img[:1], mask[:1], parent[:1], folder)
+        return paths
+
+    @torch.no_grad()
+    def _attribute_pngs(self, img, mask, parent, folder: Path) -> list[Path]:
+        """Per lesion class with bins: the carrier inpainted with each bin of each attribute (the others null), same
+        noise, so the rows differ only by the requested bin (the radius rows keep the carrier's mask: what they show
+        is the model's response to the bin, not a mask of that size)."""
+        bins = self.data.attribute_bins
+        names, n = self.cfg.attributes, self.cfg.attribute_bins
+        paths = []
+        for pid, name in enumerate(self.vocab.names):
+            if pid == 0 or name not in bins.edges:
+                continue
+            combos = [tuple(b if j == i else 0 for j in range(len(names))) for i in range(len(names))
+                      for b in range(1, n + 1)]
+            k = len(combos)
+            attrs = torch.tensor(combos, dtype=torch.long, device=self.device)
+            gens = [torch.Generator(device=self.device).manual_seed(4321) for _ in range(k)]
+            out = inpaint_lesions(self.vqgan, self.ema.model, img.expand(k, *img.shape[1:]),
+                                  mask.expand(k, *mask.shape[1:]), torch.full((k,), pid, device=self.device),
+                                  steps=self.run.eval_steps, sampler=self.run.eval_sampler,
+                                  guidance=self.run.eval_guidance, generator=gens, blend_sigma=self.run.blend_sigma,
+                                  schedule=self.schedule, parent_mask=parent.expand(k, *parent.shape[1:]),
+                                  autocast=lambda: tu.autocast(self.device), attributes=attrs).float().cpu().numpy()
+            m = mask[0, 0].cpu().numpy() > 0.5
+            rows = [(f"'{name}' {names[i // n]} bin {i % n + 1}", [(out[i, 0], m)]) for i in range(k)]
+            p = folder / f"step{self.step:08d}_{pid:02d}_{name}_attributes.png"
+            save_grid(rows, p, f"step {self.step}: '{name}', one attribute bin at a time (others null)",
+                      aspect=self.data.source.spacing)
+            paths.append(p)
         return paths
 
     # ------------------------------------------------------------------------------------------
