@@ -17,7 +17,9 @@ Writes manifest.json, shards/, build.log and montage.png (cached samples per cla
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, STEPS_HELP
 
@@ -26,6 +28,9 @@ EPILOG = """examples:
       --diffusion $nnUNet_results/Dataset601_PhantomCCTA/promptlesion_diffusion__paper__3d_fullres__fold0/checkpoint_final.pt \\
       --sampler ddim --steps 50 --batch 16 --device cuda
   torchrun --nproc_per_node 4 $(which promptlesion_build_cache) -d 601 -f 0 --per-class 5000 --diffusion ck.pt
+  # attribute prompts: more small calcified plaques than the data has (radius tertiles of the training lesions)
+  promptlesion_build_cache -d 501 -c 2d_demo -f 0 --per-class 200 --diffusion ck.pt \
+      --attribute-mix '{"calcified_plaque": {"radius": [0.6, 0.3, 0.1]}}'
 
 Default output: $nnUNet_preprocessed/DatasetXXX/promptlesion_cache/CONFIG__foldF__<diffusion id>/ (a sibling of
 nnU-Net's data folders, which nnU-Net wipes when it re-preprocesses). The cache records the size and mtime of
@@ -62,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nnU-Net model folder (…/nnUNetTrainer__nnUNetPlans__3d_fullres) for the DiffAug-style filter")
     p.add_argument("--quality-fold", default="0", help="fold of --quality-model (default 0)")
     p.add_argument("--quality-min-iou", type=float, default=0.7, help="keep a sample if the model finds it with IoU >= this")
+    p.add_argument("--attribute-mix", default=None, metavar="JSON|FILE",
+                   help="attribute prompts (a checkpoint trained with --attributes): per class the probability of each "
+                        "bin, e.g. '{\"calcified\": {\"radius\": [0.6, 0.3, 0.1]}}' or a JSON file. Default: the "
+                        "trainer settings' \"attribute_mix\" (PROMPTLESION_SETTINGS or "
+                        "nnUNet_preprocessed/DatasetXXX/promptlesion_settings.json), else the lesion spec's per-class "
+                        "\"attribute_mix\", else null attributes")
     p.add_argument("-o", "--output", default=None, help="cache folder (default: see below)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu; torchrun: cuda:LOCAL_RANK")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -76,12 +87,42 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def attribute_mix(args) -> dict | None:
+    """The mix to build with: --attribute-mix (JSON or a file), else the trainer settings' attribute_mix, else None
+    (the lesion spec's). Raises ValueError with a message."""
+    if args.attribute_mix:
+        text = args.attribute_mix
+        if not text.lstrip().startswith("{"):
+            if not Path(text).is_file():
+                raise ValueError(f"--attribute-mix {text}: neither a JSON object nor a file")
+            text = Path(text).read_text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--attribute-mix is not valid JSON: {e}") from None
+    # deferred until the arguments are parsed: see cli/__init__.py
+    from ..generator.data import resolve_preprocessed_dataset
+    from ..trainers.settings import SettingsError, load_settings
+
+    try:
+        settings, where = load_settings(resolve_preprocessed_dataset(args.dataset))
+    except (SettingsError, FileNotFoundError) as e:
+        raise ValueError(f"reading the trainer settings for their attribute_mix: {e}") from None
+    if settings.attribute_mix:
+        print(f"attribute mix from {where}: {json.dumps(settings.attribute_mix)}", file=sys.stderr)
+    return settings.attribute_mix
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # deferred until the arguments are parsed: see cli/__init__.py
     from ..evaluation.montage import save_montage
     from ..synthesis.cache_build import CacheBuildConfig, CacheBuildError, build_cache
 
+    try:
+        args.attribute_mix = attribute_mix(args)
+    except ValueError as e:
+        return _fail(str(e))
     try:
         build_cache(CacheBuildConfig(**vars(args)), save_montage=save_montage)
     except CacheBuildError as e:

@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion steps (default tiny 2000, paper 60000, tiny2d 500, cpu2d 3000, gpu2d 60000)")
     p.add_argument("--prompt-type", choices=["onehot", "mask"], default=None,
                    help="diffusion prompt (default onehot, or --diffusion-init-from's)")
+    p.add_argument("--attributes", default=None, metavar="NAMES",
+                   help="attribute prompts for the diffusion model, e.g. radius,contrast (promptlesion_train_diffusion "
+                        "--attributes; default none)")
     p.add_argument("--cache-per-class", type=int, default=0, help="also build a lesion cache with N samples per class")
+    p.add_argument("--cache-attribute-mix", default=None, metavar="JSON|FILE",
+                   help="attribute mix of the cache (promptlesion_build_cache --attribute-mix)")
     p.add_argument("--cache-sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                    help=f"sampler for the cache (default {DEFAULT_SAMPLER})")
     p.add_argument("--cache-steps", type=int, default=DEFAULT_STEPS,
@@ -131,6 +136,8 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
         df_name += f"__vqgan_{vq_tag}"
     if args.diffusion_init_from:
         df_name += f"__init_{_short_id(args.diffusion_init_from)}"
+    if args.attributes:   # an attribute model never resumes into (or is skipped for) a class-only one
+        df_name += "__attr_" + "_".join(a.strip() for a in args.attributes.split(",") if a.strip())
     df_dir = results / dataset_name / df_name
     vq_ck = Path(args.vqgan) if args.vqgan else vq_dir / "checkpoint_final.pt"
     common = ["-c", args.configuration, "-p", args.plans, "--device", args.device] \
@@ -146,6 +153,7 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
                   "--steps", str(df_steps), "-o", str(df_dir), "--vqgan", str(vq_ck),
                   *(["--prompt-type", args.prompt_type] if args.prompt_type else []),
                   *(["--init-from", str(args.diffusion_init_from)] if args.diffusion_init_from else []),
+                  *(["--attributes", args.attributes] if args.attributes else []),
                   *shlex.split(args.diffusion_args)]},
     ]
     if args.vqgan:
@@ -156,7 +164,8 @@ def plan_steps(args, dataset_name: str, results: Path) -> list[dict]:
                                "--diffusion", str(df_dir / "checkpoint_final.pt"),
                                "--per-class", str(args.cache_per_class), "--sampler", args.cache_sampler,
                                "--steps", str(args.cache_steps), "--guidance", str(args.cache_guidance),
-                               "--batch", str(args.cache_batch)]})
+                               "--batch", str(args.cache_batch),
+                               *(["--attribute-mix", args.cache_attribute_mix] if args.cache_attribute_mix else [])]})
     return steps
 
 

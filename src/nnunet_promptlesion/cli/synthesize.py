@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--attributes", default=None, metavar="NAME=BIN,...",
+                   help="attribute prompts of a checkpoint trained with --attributes, e.g. radius=1,contrast=3 (bins "
+                        "1..n of its training lesions, 0 = null; unnamed attributes null). A radius bin also sets the "
+                        "radius range of generated masks")
     return p
 
 
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.num_threads)
     opts = SingleCTOptions(prompt=args.prompt, parent_label=args.parent_label, mask=args.mask, size_mm=args.size_mm,
                            count=args.count, seed=args.seed, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                           guidance=args.guidance, blend_sigma=args.blend_sigma, device=args.device)
+                           guidance=args.guidance, blend_sigma=args.blend_sigma, device=args.device,
+                           attributes=args.attributes)
     try:
         rec = synthesize_ct(args.input, args.parent_mask, args.diffusion, args.output_dir, opts, vqgan=args.vqgan)
     except (SingleCTError, CheckpointError) as e:

@@ -39,6 +39,9 @@ EPILOG = """examples:
   # default to the checkpoint's; step counter at 0, fresh optimizer unless --init-optimizer)
   promptlesion_train_diffusion -d 501 -c 2d_demo -f 5 --vqgan vq_all/checkpoint_final.pt \
       --init-from diffusion_all/checkpoint_final.pt --steps 1000 --lr 1e-4 -o runs/diffusion_ft_fold5
+  # attribute prompts: radius and contrast bins (tertiles of the training lesions) next to the class prompt
+  promptlesion_train_diffusion -d 501 -c 2d_demo -f 0 --steps 3000 --attributes radius,contrast \
+      --vqgan $nnUNet_results/Dataset501_PhantomCCTA/promptlesion_vqgan__cpu2d__2d_demo__fold0/checkpoint_final.pt
   # several GPUs:
   torchrun --nproc_per_node 4 $(which promptlesion_train_diffusion) -d 502 --vqgan vq.pt --preset paper
 
@@ -88,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lesion-loss-weight", type=float, default=None, help="extra MSE weight inside the lesion region (default 1)")
     m.add_argument("--prompt-dropout", type=float, default=None, help="probability of the healthy/null prompt for CFG (default 0.1)")
     m.add_argument("--timesteps", type=int, default=None, help="diffusion steps T (default 400)")
+    m.add_argument("--attributes", default=None, metavar="NAMES",
+                   help="attribute prompts, comma-separated out of radius,contrast (e.g. radius,contrast): measured on "
+                        "the training lesions, binned per class, learned next to the class prompt (default: none)")
+    m.add_argument("--attribute-bins", type=int, default=3, metavar="N",
+                   help="quantile bins per attribute and class (default 3: tertiles)")
+    m.add_argument("--attribute-dropout", type=float, default=None, metavar="P",
+                   help="probability of nulling each attribute of a crop on its own, for any-subset requests and CFG "
+                        "(default 0.3)")
     m.add_argument("--healthy-fraction", type=float, default=0.25, help="share of healthy crops (default 0.25)")
     m.add_argument("--eval-steps", type=int, default=50, help="DDIM steps for the sample PNGs (default 50)")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -115,6 +126,10 @@ def inherit_architecture(args, init_meta: dict) -> None:
         if getattr(args, name) is None and cfg.get(name) is not None:
             setattr(args, name, cfg[name])
     args.per_class_mask = args.per_class_mask or bool(cfg.get("per_class_mask", False))
+    if args.attributes is None and cfg.get("attributes"):
+        # the attribute embeddings are weights: a fine-tune keeps them (and their bin count)
+        args.attributes = ",".join(cfg["attributes"])
+        args.attribute_bins = int(cfg.get("attribute_bins", args.attribute_bins))
 
 
 def short_id(meta: dict) -> str:
@@ -141,6 +156,8 @@ def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> 
         name += f"__vqgan_{vq_tag}"
     if init_meta is not None:
         name += f"__init_{short_id(init_meta)}"
+    if args.attributes:   # as promptlesion_pretrain: an attribute model gets its own folder
+        name += "__attr_" + "_".join(a.strip() for a in args.attributes.split(",") if a.strip())
     return name
 
 
@@ -232,11 +249,17 @@ def main(argv=None) -> int:
                           ("timesteps", "timesteps"), ("channels", "channels"), ("mt_ff", "mt_ff")):
             if getattr(args, name) is not None:
                 overrides[key] = getattr(args, name)
+        attributes = tuple(a.strip() for a in (args.attributes or "").split(",") if a.strip())
+        if attributes:
+            overrides.update(attributes=attributes, attribute_bins=args.attribute_bins)
+            if args.attribute_dropout is not None:
+                overrides["attribute_dropout"] = args.attribute_dropout
         patch = tuple(int(x) for x in vqgan.config.patch_size)
         cfg = make_config(args.preset, num_classes=len(spec.lesions), prompt_type=args.prompt_type,
                           per_class_mask=args.per_class_mask, latent_channels=int(vqgan.config.latent_dim),
                           **overrides)
-        data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction)
+        data = LesionCropSampler(source, spec, vocab, patch, healthy_fraction=args.healthy_fraction,
+                                 attributes=attributes, attribute_bins=args.attribute_bins)
     except (CheckpointError, FileNotFoundError, ValueError, LesionSpecError, NoLesionsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

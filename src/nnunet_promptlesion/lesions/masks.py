@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .attributes import equivalent_radius
 from .components import label_components
 from .spec import LesionClass
 
@@ -208,23 +209,30 @@ class MaskSampler:
         self.bank = bank
         self.max_tries = max_tries
 
-    def _shape(self, lesion: LesionClass, rng: np.random.Generator) -> np.ndarray:
+    def _shape(self, lesion: LesionClass, rng: np.random.Generator,
+               radius_range_mm: tuple[float, float] | None = None) -> np.ndarray:
         use_bank = lesion.shape == "bank" or (lesion.shape == "mixed" and rng.random() < lesion.bank_probability)
         if use_bank and self.bank is not None:
             m = self.bank.sample(lesion.label, rng)
-            if m is not None:
+            if m is not None and (radius_range_mm is None or self._in_range(m, radius_range_mm)):
                 return m
-        return elastic_ellipsoid(sample_radius_mm(lesion, rng), self.spacing, rng, elastic=lesion.elastic)
+        radius = sample_radius_mm(lesion, rng) if radius_range_mm is None else float(rng.uniform(*radius_range_mm))
+        return elastic_ellipsoid(radius, self.spacing, rng, elastic=lesion.elastic)
+
+    def _in_range(self, mask: np.ndarray, radius_range_mm: tuple[float, float]) -> bool:
+        r = equivalent_radius(int(mask.sum()), self.spacing)
+        return radius_range_mm[0] <= r <= radius_range_mm[1]
 
     def sample(self, lesion: LesionClass, parent: np.ndarray, rng: np.random.Generator,
-               centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None
-               ) -> np.ndarray | None:
+               centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None,
+               radius_range_mm: tuple[float, float] | None = None) -> np.ndarray | None:
         """A bool mask (shape of ``parent``) of a lesion centred on a parent voxel, or None."""
-        out = self.sample_with_centre(lesion, parent, rng, centre_region, allowed)
+        out = self.sample_with_centre(lesion, parent, rng, centre_region, allowed, radius_range_mm)
         return None if out is None else out[0]
 
     def sample_with_centre(self, lesion: LesionClass, parent: np.ndarray, rng: np.random.Generator,
-                           centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None
+                           centre_region: tuple[slice, ...] | None = None, allowed: np.ndarray | None = None,
+                           radius_range_mm: tuple[float, float] | None = None
                            ) -> tuple[np.ndarray, np.ndarray] | None:
         """(mask, centre voxel): a lesion centred on a parent voxel inside ``centre_region``.
 
@@ -233,6 +241,11 @@ class MaskSampler:
         is kept whole when it lies inside ``allowed`` and holds at least that fraction of parent voxels, else
         redrawn. Returns None when the region holds no parent voxel or every try came out empty (or, for a
         mass, did not fit).
+
+        ``radius_range_mm`` (lo, hi): a requested radius bin (attribute prompts). The shape is drawn with a radius in
+        the range and the final mask (after clipping) is kept only if its equivalent radius
+        (:func:`~.attributes.equivalent_radius`: sphere in 3D, disc for a 2D mask) lies in [lo, hi]; three times the
+        usual tries.
         """
         mass = lesion.min_parent_fraction
         if allowed is None:
@@ -242,16 +255,17 @@ class MaskSampler:
         if len(candidates) == 0:
             return None
         offset = np.array([s.start or 0 for s in centre_region]) if centre_region is not None else 0
-        for _ in range(self.max_tries):
+        ok = (lambda m: True) if radius_range_mm is None else (lambda m: self._in_range(m, radius_range_mm))
+        for _ in range(self.max_tries * (1 if radius_range_mm is None else 3)):
             centre = candidates[rng.integers(len(candidates))] + offset
-            mask = paste_centered(parent.shape, self._shape(lesion, rng), centre)
+            mask = paste_centered(parent.shape, self._shape(lesion, rng, radius_range_mm), centre)
             if mass:
                 n = int(mask.sum())
-                if n and not (mask & ~allowed).any() and (mask & parent).sum() >= mass * n:
+                if n and not (mask & ~allowed).any() and (mask & parent).sum() >= mass * n and ok(mask):
                     return mask, centre
                 continue
             mask &= allowed
-            if mask.any():
+            if mask.any() and ok(mask):
                 return mask, centre
         return None
 

@@ -88,6 +88,7 @@ class LesionClass:
     contrast_hu: list[float] | None = None
     texture_hu: list[float] | None = None
     min_parent_fraction: float | None = None
+    attribute_mix: dict[str, list[float]] | None = None
 
     def __post_init__(self):
         self.label = int(self.label)
@@ -134,6 +135,14 @@ class LesionClass:
                 raise LesionSpecError(f"lesion '{self.name}': min_parent_fraction must be a number in (0, 1] or null, "
                                       f"got {f!r}")
             self.min_parent_fraction = float(f)
+        if self.attribute_mix is not None:
+            # deferred: .attributes imports numpy, which the experiment runner (importing this module) does not load
+            from .attributes import AttributeRequestError, check_mix
+
+            try:
+                self.attribute_mix = check_mix({self.name: self.attribute_mix}, "attribute_mix")[self.name]
+            except AttributeRequestError as e:
+                raise LesionSpecError(f"lesion '{self.name}': {e}") from None
 
 
 @dataclass
@@ -171,6 +180,23 @@ class LesionSpec:
                 return l
         raise KeyError(f"no lesion named '{name}' in the spec (names: {[l.name for l in self.lesions]})")
 
+    def attribute_mix(self) -> dict[str, dict[str, list[float]]]:
+        """The classes' attribute mixes, by prompt name (classes without one left out)."""
+        return {l.prompt: dict(l.attribute_mix) for l in self.lesions if l.attribute_mix}
+
+    def normalise_mix(self, mix, where: str = "attribute_mix") -> dict[str, dict[str, list[float]]]:
+        """A validated attribute mix keyed by the classes' prompt names (the checkpoint's class names); the keys
+        of ``mix`` may be lesion names or prompts."""
+        # deferred: numpy, see __post_init__ of LesionClass
+        from .attributes import AttributeRequestError, check_mix
+
+        names = [n for l in self.lesions for n in {l.name, l.prompt}]
+        try:
+            checked = check_mix(mix, where, names)
+        except AttributeRequestError as e:
+            raise LesionSpecError(str(e)) from None
+        return {self.by_name(c).prompt: per for c, per in checked.items()}
+
     def validate_against_dataset(self, dataset_json: dict, source: str = "dataset.json") -> None:
         """Check every lesion and parent label exists in ``dataset_json['labels']``.
 
@@ -202,7 +228,8 @@ class LesionSpec:
     def to_dict(self) -> dict:
         # Optional intensity priors are written only when set, so specs without them keep their old form.
         lesions = [{k: v for k, v in dataclasses.asdict(l).items()
-                    if not (k in ("contrast_hu", "texture_hu", "min_parent_fraction") and v is None)} for l in self.lesions]
+                    if not (k in ("contrast_hu", "texture_hu", "min_parent_fraction", "attribute_mix") and v is None)}
+                   for l in self.lesions]
         return {"version": self.version, "lesions": lesions}
 
     @classmethod

@@ -30,6 +30,8 @@ class Placement:
     seed: a seed for rendering (diffusion noise, texture) so a placement renders reproducibly.
     rendered: the lesion already rendered into the case (a ``RenderedLesion`` from a cache or a producer) that
         this placement was cut around, or None for a fresh placement.
+    attributes: requested attribute bins of a fresh placement (attribute prompts; one index per attribute of the
+        generator, 0 = null), or None (none requested).
     """
 
     case: str
@@ -41,6 +43,7 @@ class Placement:
     centre: tuple[int, ...]
     seed: int
     rendered: Any = None
+    attributes: tuple[int, ...] | None = None
 
     @property
     def patch_shape(self) -> tuple[int, ...]:
@@ -63,7 +66,7 @@ class Placement:
 
     @classmethod
     def from_mask(cls, case: str, bbox, class_idx: int, label: int, mask: np.ndarray, centre, seed: int,
-                  rendered: Any = None) -> "Placement":
+                  rendered: Any = None, attributes: tuple[int, ...] | None = None) -> "Placement":
         """Build from a patch-shaped bool mask (must hold at least one voxel)."""
         idx = np.argwhere(mask)
         lo, hi = idx.min(0), idx.max(0) + 1
@@ -71,4 +74,5 @@ class Placement:
         return cls(case=case, bbox=[[int(a), int(b)] for a, b in bbox], class_idx=int(class_idx),
                    label=int(label), lesion_box=box,
                    lesion_mask=np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in box)]),
-                   centre=tuple(int(c) for c in centre), seed=int(seed), rendered=rendered)
+                   centre=tuple(int(c) for c in centre), seed=int(seed), rendered=rendered,
+                   attributes=None if attributes is None else tuple(int(a) for a in attributes))

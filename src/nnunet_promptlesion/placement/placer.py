@@ -130,12 +130,15 @@ class Placer:
         return allowed
 
     def place(self, class_idx: int, rng: np.random.Generator, region: tuple[slice, ...] | None = None,
-              seed: int | None = None) -> tuple[Placement, np.ndarray, np.ndarray] | None:
+              seed: int | None = None, radius_range_mm: tuple[float, float] | None = None,
+              attributes: tuple[int, ...] | None = None) -> tuple[Placement, np.ndarray, np.ndarray] | None:
         """A fresh placement of lesion class ``class_idx`` (index into ``index.spec.lesions``) and the carrier
         crops (data (C, *patch), seg (1, *patch)).
 
         region: where the lesion centre may lie in the patch (spatial slices; default the central region);
-        seed: the placement's rendering seed (default: drawn from ``rng`` after the mask). Tries up to ``tries``
+        seed: the placement's rendering seed (default: drawn from ``rng`` after the mask). radius_range_mm: (lo, hi)
+        equivalent radius of the mask (a requested radius bin, see ``MaskSampler.sample_with_centre``); attributes:
+        the requested attribute bins, recorded on the placement for the renderer. Tries up to ``tries``
         carriers (each failure counted as ``placement_retries``); returns None when all fail (counted as
         ``placement_failures``).
         """
@@ -157,7 +160,7 @@ class Placer:
             if lesion.min_parent_fraction is not None:
                 allowed &= ~brighter_than_parent(data[0, 0] if two_d else data[0], s, lesion.parents)
             out = self.mask_sampler.sample_with_centre(lesion, np.isin(s, lesion.parents), rng, region,
-                                                       allowed=allowed)
+                                                       allowed=allowed, radius_range_mm=radius_range_mm)
             if out is None:
                 self.stats["placement_retries"] += 1
                 continue
@@ -165,7 +168,8 @@ class Placer:
             if two_d:
                 mask, c = mask[None], (0, *c)
             placement = Placement.from_mask(ident, bbox, class_idx, lesion.label, mask, c,
-                                            seed=int(rng.integers(2**31 - 1)) if seed is None else int(seed))
+                                            seed=int(rng.integers(2**31 - 1)) if seed is None else int(seed),
+                                            attributes=attributes)
             return placement, data, seg
         self.stats["placement_failures"] += 1
         return None

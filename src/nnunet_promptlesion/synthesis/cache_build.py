@@ -44,7 +44,7 @@ from ..utils.atomic import write_json_atomic
 from ..utils.checkpoint import CheckpointError
 from .cache import (FORMAT, VERSION, BuildPlan, CacheError, LesionCache, completed_shards, describe_difference,
                     pack_shards, read_manifest, run_fingerprint, shard_name, write_manifest, write_shard)
-from .diffusion_render import CaseReader, DiffusionRenderer, LesionRequest
+from .diffusion_render import AttributeRequests, CaseReader, DiffusionRenderer, LesionRequest
 from .quality import QualityFilter
 from .space import GridSpec, SpaceMismatchError
 
@@ -85,6 +85,8 @@ class CacheBuildConfig:
     max_attempts: int = 8
     no_progress: bool = False
     stop_after_shards: int | None = None  # tests: simulate a stop after this many shards
+    # attribute prompts: {class: {attribute: [p per bin]}}; None = the lesion spec's per-class attribute_mix
+    attribute_mix: dict | None = None
 
 
 class RunContext:
@@ -135,10 +137,13 @@ class RunContext:
         return Placer(NnunetCases(self.cases()), index, mask_sampler, size, box, tries=1)
 
 
-def place_lesion(placer: Placer, label: int, rng, seed: int, sigma: float) -> LesionRequest | None:
-    """A LesionRequest for class ``label`` on a healthy carrier of the fold's training cases, or None."""
+def place_lesion(placer: Placer, label: int, rng, seed: int, sigma: float,
+                 requests: AttributeRequests | None = None) -> LesionRequest | None:
+    """A LesionRequest for class ``label`` on a healthy carrier of the fold's training cases, or None. With attribute
+    ``requests`` the lesion's bins are drawn first and the mask is drawn in the requested radius bin."""
     class_idx = placer.index.spec.lesions.index(placer.index.spec.by_label(label))
-    placed = placer.place(class_idx, rng, seed=seed)
+    radius, attrs = requests.draw(class_idx, rng) if requests is not None else (None, None)
+    placed = placer.place(class_idx, rng, seed=seed, radius_range_mm=radius, attributes=attrs)
     return None if placed is None else LesionRequest.from_placement(placed[0], sigma)
 
 
@@ -160,9 +165,11 @@ def setup_logging(path: Path, rank: int) -> logging.Logger:
 
 
 def render_shard(k: int, plan, ctx: RunContext, placer: Placer, renderer, quality, cfg: CacheBuildConfig,
-                 stats: dict):
-    """Render work items of shard ``k``; returns (samples, items). Deterministic given the shard index."""
+                 stats: dict, requests: AttributeRequests | None = None, requested: dict | None = None):
+    """Render work items of shard ``k``; returns (samples, items). Deterministic given the shard index.
+    ``requested`` (filled in): work item -> the attribute bins its lesion was rendered with."""
     samples, items = [], []
+    attrs_of = {}
     pending = [(i, 0) for i in plan.shard_items(k)]
     while pending:
         batch_reqs, batch_items = [], []
@@ -174,10 +181,11 @@ def render_shard(k: int, plan, ctx: RunContext, placer: Placer, renderer, qualit
             seed = plan.item_seed(i, attempt)
             rng = np.random.default_rng(seed)
             sigma = float(rng.uniform(*cfg.blend_sigma))
-            req = place_lesion(placer, plan.item_class(i), rng, seed, sigma)
+            req = place_lesion(placer, plan.item_class(i), rng, seed, sigma, requests)
             if req is None:
                 pending.insert(0, (i, attempt + 1))
                 continue
+            attrs_of[i] = req.attributes
             batch_reqs.append(req)
             batch_items.append((i, attempt))
         if not batch_reqs:
@@ -204,6 +212,8 @@ def render_shard(k: int, plan, ctx: RunContext, placer: Placer, renderer, qualit
                 retry.append((i, attempt + 1))
         pending = retry + pending
     order = np.argsort(items, kind="stable")
+    if requested is not None:
+        requested.update({int(items[j]): attrs_of[items[j]] for j in order if attrs_of.get(items[j]) is not None})
     return [samples[j] for j in order], [items[j] for j in order]
 
 
@@ -281,6 +291,12 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
                                      labels=classes)
     except (CheckpointError, SpaceMismatchError, FileNotFoundError) as e:
         raise CacheBuildError(str(e)) from e
+    try:
+        mix = cfg.attribute_mix if cfg.attribute_mix is not None else ctx.spec.attribute_mix()
+        where = "--attribute-mix" if cfg.attribute_mix is not None else f"{ctx.spec_path} attribute_mix"
+        requests = AttributeRequests(ctx.spec, renderer.attribute_bins, mix, where, cfg.diffusion)
+    except ValueError as e:  # LesionSpecError, AttributeRequestError
+        raise CacheBuildError(str(e)) from e
     gen_id = renderer.identity()
     out = Path(cfg.output) if cfg.output else (
         ctx.dataset_folder / "promptlesion_cache" /
@@ -296,6 +312,8 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
                        "min_iou": float(cfg.quality_min_iou)}
     build = {"plan": plan.as_dict(), "blend_sigma_voxels": list(cfg.blend_sigma), "centre_fraction": cfg.centre_fraction,
              "max_attempts": cfg.max_attempts, "quality": quality_cfg, "lesion_spec": ctx.spec.to_dict()}
+    if requests.active:  # only then: a build without a mix keeps the build record (and resumability) it had
+        build["attribute_mix"] = requests.mix
     manifest = {"format": FORMAT, "version": VERSION, "fingerprint": ctx.fingerprint, "generator": gen_id,
                 "diffusion_path": renderer.diffusion_path, "build": build, "complete": False}
     if (out / "manifest.json").is_file():
@@ -337,9 +355,12 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
             log.info(f"stopping after {j} shards as asked")
             bar.close()
             return None
-        samples, items = render_shard(k, plan, ctx, placer, renderer, quality, cfg, stats)
-        write_shard(out / "shards" / shard_name(k), samples, items,
-                    {"shard": k, "rank": rank, "stats": {"did_not_fit": stats["did_not_fit"]}})
+        requested: dict = {}
+        samples, items = render_shard(k, plan, ctx, placer, renderer, quality, cfg, stats, requests, requested)
+        shard_meta = {"shard": k, "rank": rank, "stats": {"did_not_fit": stats["did_not_fit"]}}
+        if renderer.attribute_bins is not None:
+            shard_meta["attributes"] = {str(i): list(a) for i, a in sorted(requested.items())}
+        write_shard(out / "shards" / shard_name(k), samples, items, shard_meta)
         n_done += len(plan.shard_items(k))
         bar.update(len(plan.shard_items(k)))
         rate = n_done / max(time.perf_counter() - t0, 1e-9)
@@ -357,10 +378,12 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
     if missing:
         raise CacheBuildError(f"shards {missing[:10]} are missing (another rank failed?); re-run the same command")
     counts: dict[str, int] = {}
+    requested_all: dict[str, list[int]] = {}
     for k in range(plan.n_shards):
         with np.load(out / "shards" / shard_name(k), allow_pickle=False) as z:
             for lab in z["label"].tolist():
                 counts[str(lab)] = counts.get(str(lab), 0) + 1
+            requested_all.update(json.loads(str(z["meta"])).get("attributes", {}))
     per_rank = [json.loads(p.read_text()) for p in sorted(out.glob(".stats_rank*.json"))]
     qual: dict[str, dict] = {}
     for r in per_rank:
@@ -372,6 +395,11 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
         q["acceptance_rate"] = q["accepted"] / max(q["tested"], 1)
     shards = [shard_name(k) for k in range(plan.n_shards)]
     packed = pack_shards(out, shards)
+    if renderer.attribute_bins is not None:
+        # per lesion (work item, the packed arrays' "item"): the attribute bins it was rendered with, 0 = null
+        manifest["attributes"] = {"names": list(renderer.attribute_bins.names),
+                                  "n_bins": renderer.attribute_bins.n_bins, "mix": requests.mix,
+                                  "requested": requested_all}
     manifest.update(complete=True, shards=shards, counts=counts, packed=packed,
                     quality_acceptance=qual or None,
                     last_build={"world_size": world, "seconds": elapsed, "samples_this_run": n_done,
@@ -385,5 +413,8 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
         except Exception as e:  # noqa: BLE001 - a montage failure must not fail a finished build
             log.info(f"montage failed: {e}")
     log.info(f"cache complete: {counts} samples per class label in {out}")
-    announce(json.dumps({"synthesizer": "diffusion_cache", "cache": str(out.resolve())}))
+    snippet = {"synthesizer": "diffusion_cache", "cache": str(out.resolve())}
+    if requests.active:
+        snippet["attribute_mix"] = requests.mix
+    announce(json.dumps(snippet))
     return out

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
+from ..lesions.attributes import check_mix_against_bins, draw_bins, radius_range
 from ..lesions.blending import blend_margin, dilate
 from .space import DoesNotFitError, GridSpec, SpaceMapping, prompt_ids_for
 
@@ -33,7 +34,8 @@ from .space import DoesNotFitError, GridSpec, SpaceMapping, prompt_ids_for
 @dataclass
 class LesionRequest:
     """A placed lesion to render. mask_lo: (3,) case-grid corner of ``mask`` (bool box, case-grid axis order; extent 1
-    along axis 0 for a 2D configuration); seed: noise seed; sigma: blend sigma (data voxels)."""
+    along axis 0 for a 2D configuration); seed: noise seed; sigma: blend sigma (data voxels); attributes: requested
+    attribute bins in the generator's order (0 = null), None = all null."""
 
     case: str
     label: int
@@ -41,14 +43,40 @@ class LesionRequest:
     mask: np.ndarray
     seed: int
     sigma: float
+    attributes: tuple[int, ...] | None = None
 
     @classmethod
     def from_placement(cls, placement, sigma: float) -> "LesionRequest":
         """The request to render a fresh :class:`~nnunet_promptlesion.placement.placement.Placement` (its seed,
-        blend sigma ``sigma`` in voxels)."""
+        blend sigma ``sigma`` in voxels, its requested attributes)."""
         lo = np.array([lo for lo, _ in placement.lesion_box_in_case()])
         return cls(case=placement.case, label=placement.label, mask_lo=lo, mask=placement.lesion_mask,
-                   seed=placement.seed, sigma=float(sigma))
+                   seed=placement.seed, sigma=float(sigma), attributes=getattr(placement, "attributes", None))
+
+
+class AttributeRequests:
+    """Per-lesion attribute requests of a synthesis run: the mix (by prompt name) checked against the checkpoint's
+    bins; :meth:`draw` gives one lesion's (radius range for the mask sampler, bins for the renderer).
+
+    ``mix`` keys may be lesion names or prompts (normalised by ``spec``); an empty or None mix draws nothing (no
+    random numbers used, so runs without a mix are unchanged) and requests null attributes.
+    """
+
+    def __init__(self, spec, bins, mix, where: str, checkpoint: str = "the diffusion checkpoint"):
+        self.spec, self.bins = spec, bins
+        self.mix = spec.normalise_mix(mix or {}, where)
+        check_mix_against_bins(self.mix, bins, where, checkpoint)
+
+    @property
+    def active(self) -> bool:
+        return any(self.mix.values())
+
+    def draw(self, class_idx: int, rng: np.random.Generator) -> tuple[tuple[float, float] | None, tuple[int, ...] | None]:
+        if self.bins is None:
+            return None, None
+        prompt = self.spec.lesions[class_idx].prompt
+        bins = draw_bins(self.mix, prompt, self.bins.names, rng)
+        return radius_range(self.bins, prompt, bins), bins
 
 
 @dataclass
@@ -177,13 +205,14 @@ class DiffusionRenderer:
         # deferred: torch and the generator (torch + MONAI, ~3.6 s CPU at import), see CaseReader
         import torch
 
-        from ..generator.diffusion.checkpoint import load_generator_pair
+        from ..generator.diffusion.checkpoint import attribute_bins_of, load_generator_pair
 
         check_sampler(sampler, steps)
         self.device = torch.device(device)
         self.vqgan, self.vqgan_meta, self.model, self.meta, self.vocab = load_generator_pair(
             diffusion, vqgan, map_location=self.device, dtype="auto", expect_spatial_dims=data_grid.spatial_dims)
         self.diffusion_path = str(Path(diffusion).resolve())
+        self.attribute_bins = attribute_bins_of(self.meta)
         self.mapping = SpaceMapping(data_grid, GridSpec.from_generator_meta(self.meta), self.meta["patch_size"])
         self.two_d = self.mapping.ndim == 2
         self.spec = spec
@@ -198,7 +227,10 @@ class DiffusionRenderer:
                 "vqgan_checkpoint_id": self.vqgan_meta.get("checkpoint_id"), "preset": self.meta.get("preset"),
                 "patch_size": list(self.meta["patch_size"]), "sampler": self.sampler, "steps": self.steps,
                 "guidance": self.guidance, "eta": self.eta, "mapping": self.mapping.describe(),
-                "prompt_ids": {str(k): int(v) for k, v in sorted(self.prompt_ids.items())}}
+                "prompt_ids": {str(k): int(v) for k, v in sorted(self.prompt_ids.items())},
+                # only for models with attribute prompts: the identity of other caches stays as it was
+                **({} if self.attribute_bins is None else {"attributes": list(self.attribute_bins.names),
+                                                             "attribute_bins": self.attribute_bins.n_bins})}
 
     def _prepare(self, req: LesionRequest):
         m = self.mapping
@@ -261,6 +293,13 @@ class DiffusionRenderer:
         gens = [torch.Generator(device=dev).manual_seed(int(p["req"].seed)) for p in ok]
         kw = dict(steps=self.steps, sampler=self.sampler, guidance=self.guidance, generator=gens, eta=self.eta,
                   return_decoded=True)
+        wanted = [p["req"].attributes for p in ok]
+        if self.attribute_bins is not None:
+            n = len(self.attribute_bins.names)
+            kw["attributes"] = torch.tensor([a if a is not None else (0,) * n for a in wanted], dtype=torch.long,
+                                            device=dev).reshape(len(ok), n)
+        elif any(a is not None and any(a) for a in wanted):
+            raise ValueError(f"lesions request attributes {wanted}, but {self.diffusion_path} has no attribute prompts")
         if "parent_mask" in self._inpaint_kw:
             kw["parent_mask"] = parent
         if "autocast" in self._inpaint_kw and dev.type == "cuda":

@@ -29,6 +29,13 @@ patch lies. A generator of the other dimensionality is refused at start-up, nami
 ``ddpm``, ``ddim``, ``dpmpp``, ``unipc`` (``generator.diffusion.sampler_defaults``); ``"steps"`` counts model
 evaluations (ddpm ignores it and runs all T steps).
 
+Attribute prompts (a checkpoint trained with ``--attributes``): ``"attribute_mix"`` in the settings (else the lesion
+spec's per-class ``attribute_mix``) requests bins per class. ``diffusion_online`` draws each fresh lesion's bins from
+it, the placer draws its mask in the requested radius bin, and the producer renders it with those bins; a mix the
+checkpoint cannot honour (no attributes, another bin count, an unknown class) is refused at start-up.
+``diffusion_cache`` refuses a cache built with another mix than the settings name (``promptlesion_build_cache`` reads
+the settings' mix).
+
 Both take the optional DiffAug-style quality filter (``"quality_model"``, ``"quality_fold"``,
 ``"quality_min_iou"``): the online producer applies it to every rendered lesion; a cache must have been built
 with the same filter (``--quality-model``), else start-up refuses it.
@@ -53,7 +60,8 @@ from ..placement.placement import Placement
 from ..utils.errors import PromptLesionConfigError
 from ..utils.lifetime import raise_if_terminated, spawn_without_main
 from .cache import CacheError, LesionCache, run_fingerprint
-from .diffusion_render import LesionRequest
+from ..lesions.attributes import AttributeBins
+from .diffusion_render import AttributeRequests, LesionRequest
 from .online_producer import COUNTERS, ProducerConfig, ProducerDeadError, RingSpec, SharedRing, producer_main
 from .sources import SampleSource, SourceContext, register_source
 from .space import GridSpec, SpaceMapping, SpaceMismatchError, prompt_ids_for
@@ -142,6 +150,17 @@ class DiffusionCacheSource(SampleSource):
             raise _config_error(f"the settings ask for the quality filter {want_q}, but cache {folder} was built with "
                                 f"{have_q}. Rebuild it with promptlesion_build_cache --quality-model ... (the filter "
                                 "runs when the cache is built).")
+        want_mix = ctx.settings.attribute_mix
+        have_mix = self.cache.manifest.get("build", {}).get("attribute_mix") or {}
+        if want_mix:
+            try:
+                want_mix = ctx.spec.normalise_mix(want_mix, "attribute_mix")
+            except ValueError as e:
+                raise _config_error(str(e)) from e
+            if json.dumps(want_mix, sort_keys=True) != json.dumps(have_mix, sort_keys=True):
+                raise _config_error(f"the settings ask for the attribute mix {json.dumps(want_mix)}, but cache {folder} "
+                                    f"was built with {json.dumps(have_mix) if have_mix else 'none'}. Rebuild it with "
+                                    "promptlesion_build_cache (it reads the settings' attribute_mix).")
         self.spec = ctx.spec
         self._draws: dict[str, int] = {}
         ctx.log(f"PromptLesion: diffusion cache {folder}: {json.dumps(self.cache.manifest.get('counts'))} samples per "
@@ -203,6 +222,12 @@ class DiffusionOnlineSource(SampleSource):
 
         meta = load_checkpoint(ex["diffusion"], map_location="cpu", kind="promptlesion_diffusion")["meta"]
         _check_dims(ctx, self.name, int(meta.get("spatial_dims", 3)), f"diffusion model {ex['diffusion']}")
+        bins = AttributeBins.from_dict(meta["attribute_bins"]) if meta.get("attribute_bins") else None
+        mix = ctx.settings.attribute_mix if ctx.settings.attribute_mix is not None else ctx.spec.attribute_mix()
+        try:
+            self.attribute_requests = AttributeRequests(ctx.spec, bins, mix, "attribute_mix", ex["diffusion"])
+        except ValueError as e:
+            raise _config_error(str(e)) from e
         if ex.get("quality_model") and len(ctx.patch_size) == 2:
             raise _config_error("the quality filter (quality_model) runs on 3D crops; it is not available for 2D "
                                 "configurations yet: drop quality_model")
@@ -310,7 +335,7 @@ class DiffusionOnlineSource(SampleSource):
                 break
             for i in missing:
                 if self.wants_placement(i):
-                    placed = self.placer.place(i, rng)
+                    placed = self.placer.place(i, rng, **self.placement_options(i, rng))
                     if placed is not None:
                         self.submit(placed[0], rng)
             self._poll_status(timeout=0.5)
@@ -422,6 +447,14 @@ class DiffusionOnlineSource(SampleSource):
             self._local["requests_dropped"] = self._local.get("requests_dropped", 0) + 1
             return False
         return True
+
+    def placement_options(self, class_idx: int, rng: np.random.Generator) -> dict:
+        """The requested attribute bins of the next lesion of ``class_idx`` (drawn from the attribute mix) and the
+        radius range its mask must have; nothing without a mix (no random numbers drawn)."""
+        if not self.attribute_requests.active:
+            return {}
+        radius, attrs = self.attribute_requests.draw(class_idx, rng)
+        return {"radius_range_mm": radius, "attributes": attrs}
 
     def submit(self, pl: Placement, rng: np.random.Generator) -> None:
         """Queue a fresh placement for the producer (without waiting)."""

@@ -38,10 +38,11 @@ from scipy.ndimage import map_coordinates
 from ..generator import train_utils as tu
 from ..generator.data import spacing_mismatch
 from ..generator.diffusion import inpaint
-from ..generator.diffusion.checkpoint import load_generator_pair
+from ..generator.diffusion.checkpoint import attribute_bins_of, load_generator_pair
 from ..generator.diffusion.preview import save_grid
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
 from ..generator.intensity import IntensitySpace
+from ..lesions.attributes import AttributeRequestError, parse_assignment, radius_range
 from ..lesions.masks import MaskBank, MaskSampler
 from ..lesions.spec import LesionClass, LesionSpec
 from ..placement.index import LesionIndex
@@ -73,6 +74,9 @@ class SingleCTOptions:
     guidance: float = 1.0
     blend_sigma: float = 1.0
     device: str = "auto"
+    #: attribute prompts, "radius=1,contrast=3" (bins of the checkpoint, 0 = null; unnamed attributes null). A radius
+    #: bin also sets the radius range of generated masks (not of --mask / --size-mm lesions: their size stands)
+    attributes: str | None = None
 
 
 def stem(path: Path) -> str:
@@ -106,7 +110,8 @@ def _placement_class(lesion, radius_mm: float | None, parent_label: int, may_lea
 
 
 def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None, lesion, rng, may_leave: bool,
-                parent_label: int = 1, z_axis: int = 2, ct: np.ndarray | None = None) -> list[np.ndarray]:
+                parent_label: int = 1, z_axis: int = 2, ct: np.ndarray | None = None,
+                radius_range_mm: tuple[float, float] | None = None) -> list[np.ndarray]:
     """``count`` bool lesion masks on the CT grid (nibabel order, ``spacing`` mm per axis), placed by the trainer's
     :class:`~nnunet_promptlesion.placement.placer.Placer` on the CT as one in-memory case (the whole volume is the
     carrier): centred on a parent voxel in the middle 30-70 % of the parent's extent along ``z_axis`` (anywhere in
@@ -115,6 +120,7 @@ def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None
     ``radius_mm`` fixes the equivalent-sphere radius (elastic ellipsoid); None draws it (and the shape prior)
     from ``lesion``, the checkpoint's lesion-spec class. ``ct`` (HU, same grid) lets a mass class avoid voxels
     brighter than the parent, as in training; without it that part of the rule sees a flat image and excludes none.
+    ``radius_range_mm``: a requested radius bin (attribute prompts): every mask's equivalent radius lies in it.
     """
     lesion, value = _placement_class(lesion, radius_mm, parent_label, may_leave)
     seg = np.where(parent, value, 0).astype(np.int16)[None]
@@ -131,21 +137,23 @@ def place_masks(parent: np.ndarray, spacing, count: int, radius_mm: float | None
     out = []
     for _ in range(count):
         # seed=0: a rendering seed is not needed here, and drawing one would change the next lesion's draws
-        placed = placer.place(0, rng, region=tuple(central), seed=0)
+        placed = placer.place(0, rng, region=tuple(central), seed=0, radius_range_mm=radius_range_mm)
         if placed is None:
-            placed = placer.place(0, rng, region=(slice(None),) * 3, seed=0)
+            placed = placer.place(0, rng, region=(slice(None),) * 3, seed=0, radius_range_mm=radius_range_mm)
         if placed is not None:
             out.append(placed[0].mask())
     return out
 
 
 def place_masks_2d(parent_v: np.ndarray, spacing_v, count: int, radius_mm: float | None, lesion, rng,
-                   may_leave: bool, parent_label: int = 1, ct_v: np.ndarray | None = None) -> list[np.ndarray]:
+                   may_leave: bool, parent_label: int = 1, ct_v: np.ndarray | None = None,
+                   radius_range_mm: tuple[float, float] | None = None) -> list[np.ndarray]:
     """``count`` bool lesion masks in the generator's view of the CT (axis 0 = the 2D generator's slice axis,
     ``spacing_v`` mm per view axis), each a 2D mask in one slice, placed by the trainer's 2D
     :class:`~nnunet_promptlesion.placement.placer.Placer` (the carrier patch is a whole slice) on a slice of the
     middle 30-70 % of the parent's extent along axis 0 (any parent slice when that fails). ``radius_mm``,
-    ``lesion``, ``may_leave`` and ``ct_v`` (HU, view order) as in :func:`place_masks`."""
+    ``lesion``, ``may_leave``, ``radius_range_mm`` (disc-equivalent here) and ``ct_v`` (HU, view order) as in
+    :func:`place_masks`."""
     lesion, value = _placement_class(lesion, radius_mm, parent_label, may_leave)
     seg = np.where(parent_v, value, 0).astype(np.int16)[None]
     image = np.zeros(parent_v.shape, np.float32) if ct_v is None else np.asarray(ct_v, np.float32)
@@ -162,7 +170,7 @@ def place_masks_2d(parent_v: np.ndarray, spacing_v, count: int, radius_mm: float
                             carriers={value: [("ct", carriers)]})
         placer = Placer(cases, index, MaskSampler(spacing_v[1:], max_tries=20), tuple(plane), (1, 1), tries=20)
         while len(out) < count:
-            placed = placer.place(0, rng, region=(slice(None),) * 2, seed=0)
+            placed = placer.place(0, rng, region=(slice(None),) * 2, seed=0, radius_range_mm=radius_range_mm)
             if placed is None:
                 break
             pl = placed[0]
@@ -214,10 +222,10 @@ def extract_patches(ct: np.ndarray, parent: np.ndarray, masks: list[np.ndarray],
     return {"image": stack(imgs), "mask": stack(msks), "parent": stack(pars), "centres": centres}
 
 
-def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOptions, device
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Inpaint all patches in one batch with ``prompt_id`` (the id to *sample* with) -> (decoded image in model
-    space, blend weight), both (n, *patch)."""
+def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOptions, device,
+                  attributes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inpaint all patches in one batch with ``prompt_id`` (the id to *sample* with) and the attribute bins
+    ``attributes`` (None: null) -> (decoded image in model space, blend weight), both (n, *patch)."""
     image = torch.from_numpy(patches["image"]).to(device)
     mask = torch.from_numpy(patches["mask"]).to(device)
     parent = torch.from_numpy(patches["parent"]).to(device)
@@ -228,7 +236,9 @@ def run_generator(vqgan, model, patches: dict, prompt_id: int, opts: SingleCTOpt
         vqgan, model, image, mask, torch.full((n,), int(prompt_id), dtype=torch.long, device=device),
         steps=sampler_steps(opts.sampler, opts.steps), sampler=opts.sampler, guidance=opts.guidance,
         generator=gen, eta=opts.eta, blend_sigma=sigma, autocast=lambda: tu.autocast(device), return_decoded=True,
-        parent_mask=parent)
+        parent_mask=parent,
+        **({} if attributes is None else
+           {"attributes": torch.tensor([attributes] * n, dtype=torch.long, device=device)}))
     g, _ = inpaint.blend_weights(mask, sigma)
     return decoded[:, 0].float().cpu().numpy(), g[:, 0].float().cpu().numpy()
 
@@ -282,7 +292,7 @@ def read_inputs(ct_path, parent_path, parent_label: int):
 
 
 def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: np.ndarray | None = None,
-                 view: NiftiView | None = None) -> list[np.ndarray]:
+                 view: NiftiView | None = None, radius_range_mm: tuple[float, float] | None = None) -> list[np.ndarray]:
     """Lesion masks on the CT grid (nibabel order) from ``opts.mask`` or placed by the placer (``ct``: HU).
 
     ``view``: the view of a 2D generator (axis 0 = its slice axis): every mask then lies in one slice of it (a
@@ -313,10 +323,11 @@ def lesion_masks(opts: SingleCTOptions, ct_path, img, parent, lesion, rng, ct: n
     if view is not None:
         masks = [view.from_view(m) for m in place_masks_2d(
             view.to_view(parent), np.asarray(view.spacing, float), opts.count, opts.size_mm, lesion, rng, may_leave,
-            opts.parent_label, ct_v=None if ct is None else view.to_view(ct))]
+            opts.parent_label, ct_v=None if ct is None else view.to_view(ct), radius_range_mm=radius_range_mm)]
     else:
         masks = place_masks(parent, np.asarray(geo.spacing), opts.count, opts.size_mm, lesion, rng, may_leave,
-                            opts.parent_label, z_axis=cranio_caudal_axis(img.affine), ct=ct)
+                            opts.parent_label, z_axis=cranio_caudal_axis(img.affine), ct=ct,
+                            radius_range_mm=radius_range_mm)
     if not masks:
         raise SingleCTError(f"could not place a lesion inside parent label {opts.parent_label}")
     return masks
@@ -347,10 +358,26 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     spec = LesionSpec.from_dict(meta["lesion_spec"]) if meta.get("lesion_spec") else None
     lesion = spec.by_name(vocab.names[pid]) if (spec is not None and pid > 0) else None
     rng = np.random.default_rng(opts.seed)
+    attrs, rr = None, None
+    if opts.attributes:
+        bins = attribute_bins_of(meta)
+        if bins is None:
+            raise SingleCTError(f"--attributes: {diffusion} was trained without attribute prompts")
+        try:
+            attrs = parse_assignment(opts.attributes, bins.names, bins.n_bins)
+            rr = radius_range(bins, vocab.names[pid], attrs)
+            for a, b in zip(bins.names, attrs):
+                if b:
+                    bins.range_of(vocab.names[pid], a, b)  # refuses a class the checkpoint has no bins for
+        except AttributeRequestError as e:
+            raise SingleCTError(str(e)) from e
+        if opts.size_mm is not None:
+            rr = None  # the user's size stands; the bin is only the prompt
 
     view = NiftiView(img, array_axes(meta))
     # 1. placement on the CT grid (nibabel order); a 2D generator's lesions lie in slices of its view
-    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng, ct=ct, view=view if two_d else None)
+    masks = lesion_masks(opts, ct_path, img, parent, lesion, rng, ct=ct, view=view if two_d else None,
+                         radius_range_mm=rr)
     # 2. generator space: its axis order, spacing and patch
     spacing_cg = np.asarray(view.spacing, float)
     spacing_g = np.array([float(s) for s in meta["spacing"]])
@@ -375,7 +402,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
     else:
         patches = extract_patches(ct_g, parent_g, masks_g, spacing_cg, spacing_g, patch, space)
     # 3. inference, all lesions in one batch
-    decoded, weights = run_generator(vq, model, patches, sample_id, opts, device)
+    decoded, weights = run_generator(vq, model, patches, sample_id, opts, device, attrs)
     # 4. write-back in the generator's order, then the file's grid again
     decoded_hu = space.model_to_hu(decoded)
     if two_d:
@@ -427,6 +454,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
               "sampled_prompt_id": sample_id, "lesions": records, "seed": opts.seed, "sampler": opts.sampler,
               "steps": sampler_steps(opts.sampler, opts.steps) or meta["schedule"]["timesteps"], "eta": opts.eta,
               "guidance": opts.guidance, "blend_sigma_voxels": opts.blend_sigma,
+              **({} if attrs is None else {"attributes": dict(zip(attribute_bins_of(meta).names, attrs))}),
               "ct_spacing_mm": [float(s) for s in file_geo.spacing], "generator_spacing_mm": spacing_g.tolist(),
               "spacing_warning": spacing_warning,
               "generator_axes": [int(p) for p in view.permutation], "generator_reorients": view.order.reorient,

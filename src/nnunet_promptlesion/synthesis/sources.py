@@ -140,6 +140,11 @@ class SampleSource(ABC):
         with room in its request queue. Asked before the loader does the placement work."""
         return False
 
+    def placement_options(self, class_idx: int, rng: np.random.Generator) -> dict:
+        """Keyword arguments for ``Placer.place`` of a fresh placement submitted to this source: e.g. a requested
+        radius range and attribute bins (attribute prompts). Default: none."""
+        return {}
+
     def submit(self, placement: Placement, rng: np.random.Generator) -> None:
         """Take a fresh placement to render ahead of time (it comes back later through :meth:`pick`)."""
 

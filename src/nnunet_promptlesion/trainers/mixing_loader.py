@@ -139,7 +139,7 @@ class PromptLesionDataLoader(nnUNetDataLoader):
         fresh = None
         if self.source.wants_placement(class_idx):
             # a source that renders ahead of time gets this fresh placement to render for a later draw
-            fresh = placer.place(class_idx, rng)
+            fresh = placer.place(class_idx, rng, **self.source.placement_options(class_idx, rng))
             if fresh is not None:
                 self.source.submit(fresh[0], rng)
         rendered = self.source.pick(class_idx, rng)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from ..lesions.attributes import AttributeRequestError, check_mix
 from ..synthesis.sources import available_sources, registered_settings
 from ..utils.env_names import ENV_SETTINGS as SETTINGS_ENV
 from ..utils.schema import bounds, check_value, choices, validate
@@ -59,6 +60,12 @@ class PromptLesionSettings:
     draw_tries: int = field(default=2, metadata=bounds(1))
     #: cache the start-up scan next to the preprocessed data (promptlesion_index/), keyed by a fingerprint
     index_cache: bool = True
+    #: attribute prompts (diffusion synthesizers, a checkpoint trained with --attributes): per lesion class
+    #: (name or prompt) the probability of each bin of an attribute, e.g. {"calcified": {"radius": [0.6, 0.3, 0.1]}};
+    #: attributes not named are unconditioned. Overrides the lesion spec's per-class "attribute_mix". The online
+    #: source draws them per lesion; a cache must have been built with the same mix (promptlesion_build_cache reads
+    #: this setting)
+    attribute_mix: Union[dict[str, dict[str, list[float]]], None] = None
     #: extra keys registered by sample sources (filled by from_dict; not a key of the JSON file itself)
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +89,14 @@ class PromptLesionSettings:
             raise SettingsError("placement_tries and draw_tries must be >= 1")
         if not 0.0 < float(self.centre_fraction) <= 1.0:
             raise SettingsError(f"centre_fraction must lie in (0, 1], got {self.centre_fraction}")
+        if self.attribute_mix is not None:
+            if self.synthesizer == "rule_based":
+                raise SettingsError("attribute_mix asks for attribute prompts, which only the diffusion synthesizers "
+                                    "(diffusion_cache, diffusion_online) have; drop it or change 'synthesizer'")
+            try:
+                self.attribute_mix = check_mix(self.attribute_mix, "attribute_mix")
+            except AttributeRequestError as e:
+                raise SettingsError(str(e)) from None
         if not isinstance(self.blend_sigma_voxels, (list, tuple)) or len(self.blend_sigma_voxels) != 2:
             raise SettingsError(f"blend_sigma_voxels must be [lo, hi] with 0 <= lo <= hi, got {self.blend_sigma_voxels}")
         lo, hi = self.blend_sigma_voxels

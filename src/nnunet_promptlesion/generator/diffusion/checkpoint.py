@@ -11,7 +11,9 @@ axis order) and ``intensity`` (IntensitySpace dict) copied from the VQGAN; ``spa
 ``lesion_spec``; ``source``; ``step``; ``checkpoint_id`` (sha256 of the sampling weights, EMA if present);
 ``format_version`` (:data:`~.config.FORMAT_VERSION`); ``null_prompt_id`` (the classifier-free-guidance null
 token, K + 1); ``mask_prompt_channels`` (names of the MaskTransformer input channels: parent, region, one per
-class; recorded for every prompt type). Checkpoints written before format 2 (healthy prompt doubling as the
+class; recorded for every prompt type); ``attribute_bins`` (attribute prompts: the
+:class:`~nnunet_promptlesion.lesions.attributes.AttributeBins` of the training lesions as a dict; None or absent for a
+model without attributes). Checkpoints written before format 2 (healthy prompt doubling as the
 null prompt, MaskTransformer over the lesion region only, lesion-leaking healthy context) are refused.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ... import __version__
+from ...lesions.attributes import AttributeBins
 from ...utils.checkpoint import CheckpointError, config_from_dict, config_to_dict, load_checkpoint
 from ..vqgan import load_vqgan
 from ..vqgan.model import check_spatial_dims, meta_spatial_dims
@@ -97,6 +100,12 @@ def check_format(meta: dict, path) -> None:
     cfg = meta.get("config", {})
     if meta["null_prompt_id"] != cfg.get("num_classes", -2) + 1:
         raise CheckpointError(f"{path}: null_prompt_id {meta['null_prompt_id']} does not match the stored config")
+
+
+def attribute_bins_of(meta: dict):
+    """The checkpoint's :class:`~nnunet_promptlesion.lesions.attributes.AttributeBins`, or None (no attribute prompts)."""
+    d = meta.get("attribute_bins")
+    return None if not d else AttributeBins.from_dict(d)
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...lesions.attributes import ATTRIBUTES
+
 PROMPT_TYPES = ("onehot", "mask")
 HEALTHY = "healthy"
 #: Version of the checkpoint layout this code writes and reads. 2: separate CFG null token, MaskTransformer
@@ -94,6 +96,11 @@ class DiffusionConfig:
     # loss
     lesion_loss_weight: float = 1.0  # extra MSE weight inside the (latent) lesion region: w = 1 + this * m
     prompt_dropout: float = 0.1      # probability of replacing a prompt by the CFG null token (null_id)
+    # attribute prompts (lesions.attributes): names in model order and bins per attribute; empty = none (the model,
+    # its weights and checkpoints are then exactly those without the feature). Index 0 of each is the null value.
+    attributes: tuple[str, ...] = ()
+    attribute_bins: int = 3
+    attribute_dropout: float = 0.3   # per attribute, probability of replacing its bin by null (on top of prompt_dropout)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -111,6 +118,14 @@ class DiffusionConfig:
             raise ValueError("num_classes must be >= 1 (lesion classes, the healthy prompt is added on top)")
         if self.mt_grid % self.mt_patch:
             raise ValueError("mt_grid must be a multiple of mt_patch")
+        self.attributes = tuple(str(a) for a in self.attributes)
+        if self.attributes:
+            if any(a not in ATTRIBUTES for a in self.attributes) or len(set(self.attributes)) != len(self.attributes):
+                raise ValueError(f"attributes must be distinct names out of {list(ATTRIBUTES)}, got {list(self.attributes)}")
+            if int(self.attribute_bins) < 2:
+                raise ValueError(f"attribute_bins must be >= 2, got {self.attribute_bins}")
+        if not 0.0 <= float(self.attribute_dropout) <= 1.0:
+            raise ValueError(f"attribute_dropout must lie in [0, 1], got {self.attribute_dropout}")
         if any(c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count {self.channels} must be divisible by norm_groups={self.norm_groups}")
 

@@ -165,21 +165,23 @@ def generate_latents(model: torch.nn.Module, schedule: NoiseSchedule, z_known: t
                      guidance: float = 1.0, generator: "torch.Generator | Sequence[torch.Generator] | None" = None, autocast=None,
                      progress: bool = False, clip_x0: float | None = 1.0, context: torch.Tensor | None = None,
                      parent: torch.Tensor | None = None, null_prompt: int | None = None,
-                     compile: bool | str = False, generate: torch.Tensor | None = None) -> torch.Tensor:
+                     compile: bool | str = False, generate: torch.Tensor | None = None,
+                     attributes: torch.Tensor | None = None) -> torch.Tensor:
     """Inpaint ``region`` (B, 1, d, h, w) of the latents ``z_known`` (B, C, d, h, w); returns new latents (fp32).
 
     ``context`` is the healthy context (default (1 - region) * z_known, for callers without an image);
     ``parent`` the latent-grid parent mask for MaskTransformer prompts; ``generate`` the cells to generate
     (``encode_inputs(...)["generate"]``, the region dilated by the encoder's reach; default ``region``): the
     model is conditioned on ``region``, ``z_known`` is kept outside ``generate``. ``generator``: one
-    torch.Generator, or one per row (a row's noise is then the same alone as inside any batch).
+    torch.Generator, or one per row (a row's noise is then the same alone as inside any batch). ``attributes``
+    (B, A) long: attribute bins for a model with attribute prompts (0 = null, None = all null).
     """
     z_h = (1.0 - region) * z_known if context is None else context
     tT = torch.full((z_known.shape[0],), schedule.T - 1, device=z_known.device, dtype=torch.long)
     noise = randn_rows(z_known.shape, generator, z_known.device, z_known.dtype)
     z_T = schedule.q_sample(z_h, tT, noise)
     eps_fn = guided_eps_fn(model, z_h, region, prompt_ids.to(z_known.device), guidance, null_prompt=null_prompt,
-                           autocast=autocast, parent=parent, compile=compile)
+                           autocast=autocast, parent=parent, compile=compile, attributes=attributes)
     keep = 1.0 - (region if generate is None else generate)
     return sample(eps_fn, schedule, z_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                   known=z_known, keep=keep, progress=progress, clip_x0=clip_x0)
@@ -192,7 +194,8 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
                     blend_sigma: torch.Tensor | float = 1.0, schedule: NoiseSchedule | None = None,
                     autocast=None, progress: bool = False, return_decoded: bool = False,
                     clip_x0: float | None = 1.0, parent_mask: torch.Tensor | None = None,
-                    null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool | str = False):
+                    null_prompt: int | None = None, vae_chunk: int | None = 8, compile: bool | str = False,
+                    attributes: torch.Tensor | None = None):
     """Synthesize lesions of class ``prompt_ids`` under ``lesion_mask`` into ``image``; see the module docstring.
 
     Signature (all tensors on one device; sizes in voxels of the generator grid, axis order of its arrays;
@@ -216,7 +219,10 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
       the lesion mask stands in for it); ignored by one-hot models;
     - ``vae_chunk``: samples per VQGAN encode/decode call (None = the whole batch at once);
     - ``compile``: run the denoiser step through torch.compile (eager fallback), worth it for long runs;
-      "reduce-overhead" adds CUDA graphs.
+      "reduce-overhead" adds CUDA graphs;
+    - ``attributes``: (B, A) long attribute bins (model order ``model.config.attributes``; 0 = null, 1..n = bins)
+      for a model trained with attribute prompts; None = all null. The lesion's extent is the mask: a radius bin
+      should match the mask's equivalent radius (the synthesis side draws masks in the requested bin).
 
     Returns the blended image (B, 1, D, H, W) in model space (the image's dtype), or (image, decoded, latents)
     with ``return_decoded``.
@@ -238,7 +244,7 @@ def inpaint_lesions(vqgan, model: torch.nn.Module, image: torch.Tensor, lesion_m
     enc = encode_inputs(vqgan, image, lesion_mask, parent_mask, autocast, vae_chunk)
     z0 = generate_latents(model, schedule, enc["z"], enc["region"], prompt_ids, sampler, steps, eta, guidance,
                           generator, autocast, progress, clip_x0, context=enc["context"], parent=enc["parent"],
-                          null_prompt=null_prompt, compile=compile, generate=enc["generate"])
+                          null_prompt=null_prompt, compile=compile, generate=enc["generate"], attributes=attributes)
     ctx = autocast if autocast is not None else contextlib.nullcontext
     with ctx():
         decoded = _chunked(vqgan.decode_latent, z0, vae_chunk).float().clamp(-1.0, 1.0)

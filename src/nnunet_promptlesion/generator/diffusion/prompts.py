@@ -48,6 +48,28 @@ class OneHotPrompt(nn.Module):
         return self.embed(prompt_ids.long())
 
 
+class AttributeEmbedding(nn.Module):
+    """Attribute bins (B, A) long -> their share of the prompt vector (B, dim): the sum over attributes of a learned
+    embedding of the bin index (0 = null, 1..n = bins). Zero-initialised, so a model starts out exactly as one
+    without attributes and learns what each bin adds."""
+
+    def __init__(self, n_attributes: int, n_bins: int, dim: int = 64):
+        super().__init__()
+        self.n_attributes, self.n_bins = int(n_attributes), int(n_bins)
+        self.embed = nn.ModuleList([nn.Embedding(self.n_bins + 1, dim) for _ in range(self.n_attributes)])
+        for e in self.embed:
+            nn.init.zeros_(e.weight)
+
+    def forward(self, attributes: torch.Tensor | None, batch: int, device, dtype) -> torch.Tensor:
+        if attributes is None:
+            attributes = torch.zeros((batch, self.n_attributes), dtype=torch.long, device=device)
+        if attributes.shape != (batch, self.n_attributes):
+            raise ValueError(f"attributes must be (B, {self.n_attributes}) = ({batch}, {self.n_attributes}) bin "
+                             f"indices, got {tuple(attributes.shape)}")
+        a = attributes.long().clamp(0, self.n_bins)
+        return sum(e(a[:, i]) for i, e in enumerate(self.embed)).to(dtype)
+
+
 class _Block(nn.Module):
     """Pre-norm transformer block using scaled_dot_product_attention."""
 

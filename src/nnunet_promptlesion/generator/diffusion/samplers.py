@@ -228,7 +228,8 @@ def check_guidance(model: torch.nn.Module, guidance_scale: float, null_prompt: i
 def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
                   guidance_scale: float = 1.0, null_prompt: int | None = None, autocast=None,
                   always_batch_null: bool = False, parent: torch.Tensor | None = None,
-                  compile: bool | str = False, pad_batch: bool | None = None) -> EpsFn:
+                  compile: bool | str = False, pad_batch: bool | None = None,
+                  attributes: torch.Tensor | None = None) -> EpsFn:
     """An ``eps_fn`` for the denoiser with fixed conditioning and classifier-free guidance.
 
     The step-invariant conditioning (prompt encoder, PromptGenBlock bases, constant input channels) is
@@ -244,6 +245,10 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     batch size a producer happens to send. Rows do not interact in the denoiser, so the real rows' outputs
     equal the unpadded ones up to rounding.
 
+    ``attributes`` (B, A) long: attribute bins of a model with attribute prompts (0 = null; None = all null). The
+    unconditional pass of CFG uses the null prompt *and* null attributes, so guidance pushes towards the class and
+    the requested bins together.
+
     Raises ValueError for ``guidance_scale`` != 1 with a model trained without prompt dropout (its null
     token never trained), see :func:`check_guidance`.
     """
@@ -254,14 +259,20 @@ def guided_eps_fn(model: torch.nn.Module, z_healthy: torch.Tensor, region: torch
     ctx = autocast if autocast is not None else contextlib.nullcontext
     b = prompt_ids.shape[0]
     n = batch_bucket(b) if (compile if pad_batch is None else pad_batch) else b
-    z_healthy, region, prompt_ids, parent = (_pad_rows(x, n) for x in (z_healthy, region, prompt_ids, parent))
+    if attributes is not None:
+        attributes = attributes.to(prompt_ids.device).long()
+    z_healthy, region, prompt_ids, parent, attributes = (_pad_rows(x, n) for x in
+                                                         (z_healthy, region, prompt_ids, parent, attributes))
+    # only models with attribute prompts take the keyword (stand-in models in tests and older callers do not)
+    akw = (lambda a: {}) if attributes is None else (lambda a: {"attributes": a})
     with ctx(), torch.no_grad():
         if use_null:
             null = torch.full_like(prompt_ids, null_prompt)
             two = (lambda x: None if x is None else torch.cat([x, x]))
-            cond = model.prepare(two(z_healthy), two(region), torch.cat([prompt_ids, null]), two(parent))
+            both = None if attributes is None else torch.cat([attributes, torch.zeros_like(attributes)])
+            cond = model.prepare(two(z_healthy), two(region), torch.cat([prompt_ids, null]), two(parent), **akw(both))
         else:
-            cond = model.prepare(z_healthy, region, prompt_ids, parent)
+            cond = model.prepare(z_healthy, region, prompt_ids, parent, **akw(attributes))
     step = compiled_step(model, compile if isinstance(compile, str) else None) if compile else model.forward_prepared
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

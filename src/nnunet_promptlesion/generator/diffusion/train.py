@@ -92,14 +92,19 @@ class EMA:
 def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, batch: dict, device,
                    generator: torch.Generator | None = None, t: torch.Tensor | None = None,
                    prompt_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Weighted epsilon MSE of one batch (``image``, ``mask``, optional ``parent`` (B, 1, X, Y, Z), ``prompt`` (B,)).
+    """Weighted epsilon MSE of one batch (``image``, ``mask``, optional ``parent`` (B, 1, X, Y, Z), ``prompt`` (B,),
+    optional ``attributes`` (B, A) bins for a model with attribute prompts).
 
-    Prompt dropout (probability ``cfg.prompt_dropout`` unless given) replaces ids by ``cfg.null_id``.
+    Prompt dropout (probability ``cfg.prompt_dropout`` unless given) replaces ids by ``cfg.null_id`` and the
+    attributes of those rows by null; attribute dropout (``cfg.attribute_dropout``; off when ``prompt_dropout`` is
+    given as 0, the fixed evaluation batches) nulls each remaining attribute independently.
     Returns (loss, logs with loss, mse_lesion, mse_background as 0-d device tensors: no host sync here).
     The lesion weight covers the generated region (``encode_inputs(...)["generate"]``): at sampling the model
     produces those cells, the ring around the lesion included.
     """
     x, mask, ids = batch["image"].to(device), batch["mask"].to(device), batch["prompt"].to(device)
+    attrs = batch.get("attributes") if cfg.attributes else None
+    attrs = None if attrs is None else attrs.to(device).long()
     parent = batch.get("parent")
     parent = None if parent is None else parent.to(device)
     b = x.shape[0]
@@ -111,12 +116,18 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
     if p > 0:
         drop = torch.rand(b, device=device, generator=generator) < p
         ids = torch.where(drop, torch.full_like(ids, cfg.null_id), ids)
+        if attrs is not None:  # the CFG null is the null class *and* null attributes
+            attrs = torch.where(drop[:, None], torch.zeros_like(attrs), attrs)
+    if attrs is not None and cfg.attribute_dropout > 0 and prompt_dropout != 0.0:
+        # each attribute alone also goes null, so any subset can be requested (and guided) at sampling
+        keep = torch.rand(attrs.shape, device=device, generator=generator) >= cfg.attribute_dropout
+        attrs = torch.where(keep, attrs, torch.zeros_like(attrs))
     if t is None:
         t = schedule.sample_timesteps(b, device, generator)
     noise = torch.randn(z0.shape, device=device, generator=generator)
     zt = schedule.q_sample(z0, t, noise)
     with tu.autocast(device):
-        pred = model(zt, t, enc["context"], region, ids, enc["parent"])
+        pred = model(zt, t, enc["context"], region, ids, enc["parent"], *([attrs] if attrs is not None else []))
     se = (pred.float() - noise) ** 2
     w = 1.0 + cfg.lesion_loss_weight * enc["generate"]
     loss = (w * se).mean()
@@ -129,7 +140,7 @@ def diffusion_loss(model, vqgan, schedule: NoiseSchedule, cfg: DiffusionConfig, 
 
 
 #: DiffusionConfig fields no weight depends on: a fine-tune may change them
-INIT_FREE_FIELDS = frozenset({"preset", "dropout", "lesion_loss_weight", "prompt_dropout"})
+INIT_FREE_FIELDS = frozenset({"preset", "dropout", "lesion_loss_weight", "prompt_dropout", "attribute_dropout"})
 
 
 def vqgan_lineage(vqgan_meta: dict) -> list[str]:
@@ -157,6 +168,11 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         if cfg.num_classes != len(self.vocab.names) - 1:
             raise ValueError(f"config has {cfg.num_classes} classes but the vocabulary {self.vocab.names} has "
                              f"{len(self.vocab.names) - 1}")
+        bins = data.attribute_bins
+        have = () if bins is None else tuple(bins.names)
+        if tuple(cfg.attributes) != have or (bins is not None and bins.n_bins != cfg.attribute_bins):
+            raise ValueError(f"config attributes {list(cfg.attributes)} ({cfg.attribute_bins} bins) but the crops carry "
+                             f"{list(have)}" + ("" if bins is None else f" ({bins.n_bins} bins)"))
         self._setup(run, output_dir)
         if int(vqgan.config.spatial_dims) != cfg.spatial_dims:
             raise ValueError(f"diffusion preset '{cfg.preset}' is {cfg.spatial_dims}D but VQGAN {vqgan_path} is "
@@ -188,6 +204,13 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         if PromptVocabulary.from_dict(meta["vocabulary"]) != self.vocab:
             raise CheckpointError(f"{path} was trained with prompts {meta['vocabulary']['names']}, the lesion spec now "
                                   f"gives {self.vocab.names}; use a new --output-dir")
+        if meta.get("attribute_bins") != self._bins_meta():
+            raise CheckpointError(f"{path} was trained with attribute bins {meta.get('attribute_bins')}, this run "
+                                  f"measures {self._bins_meta()}; use a new --output-dir")
+
+    def _bins_meta(self) -> dict | None:
+        b = self.data.attribute_bins
+        return None if b is None else b.as_dict()
 
     def check_init(self, meta: dict, path) -> None:
         check_spatial_dims(meta, path, self.cfg.spatial_dims, "diffusion model")
@@ -220,7 +243,8 @@ class DiffusionTrainer(tu.GeneratorTrainer):
     def checkpoint_meta(self) -> dict:
         return build_meta(self.cfg, self.vocab, self.vqgan_meta, self.vqgan_path, self.data.patch_size, self.step,
                           self.source_meta(), self.ema.model.state_dict(), self.lesion_spec,
-                          {"world_size": self.env.world_size, "init_from": self.init_meta})
+                          {"world_size": self.env.world_size, "init_from": self.init_meta,
+                           "attribute_bins": self._bins_meta()})
 
     def _eval_set(self) -> dict:
         """Fixed crops (same every run and resume): one healthy carrier and one real crop per available class."""
@@ -242,7 +266,10 @@ class DiffusionTrainer(tu.GeneratorTrainer):
         return [f"preset {cfg.preset}, prompt {cfg.prompt_type}: parameters {parameter_report(self.model)}; "
                 f"device {self.device}, world size {self.env.world_size}, batch {run.batch_size}/rank",
                 f"prompts {self.vocab.names} (+ CFG null token id {cfg.null_id}); training cases per class "
-                f"{self.data.counts()}; schedule {self.schedule.as_dict()}"] \
+                f"{self.data.counts()}; schedule {self.schedule.as_dict()}"] + (
+            [] if self.data.attribute_bins is None else
+            [f"attribute prompts {list(cfg.attributes)} ({cfg.attribute_bins} bins, dropout {cfg.attribute_dropout}); "
+             f"bin edges per class {self.data.attribute_bins.edges}"]) \
             + [f"fine-tuning: {c}" for c in getattr(self, "_init_changes", [])]
 
     def next_batch(self) -> dict:
@@ -320,6 +347,38 @@ class DiffusionTrainer(tu.GeneratorTrainer):
             rows.append((f"generated, prompt '{name}'", [(out[pid, 0], m > 0.5)]))
             p = folder / f"step{self.step:08d}_{pid:02d}_{name}.png"
             save_grid(rows, p, f"step {self.step}: prompt '{name}' ({self.run.eval_sampler} {self.run.eval_steps})",
+                      aspect=self.data.source.spacing)
+            paths.append(p)
+        if self.cfg.attributes:
+            paths += self._attribute_pngs(img[:1], mask[:1], parent[:1], folder)
+        return paths
+
+    @torch.no_grad()
+    def _attribute_pngs(self, img, mask, parent, folder: Path) -> list[Path]:
+        """Per lesion class with bins: the carrier inpainted with each bin of each attribute (the others null), same
+        noise, so the rows differ only by the requested bin (the radius rows keep the carrier's mask: what they show
+        is the model's response to the bin, not a mask of that size)."""
+        bins = self.data.attribute_bins
+        names, n = self.cfg.attributes, self.cfg.attribute_bins
+        paths = []
+        for pid, name in enumerate(self.vocab.names):
+            if pid == 0 or name not in bins.edges:
+                continue
+            combos = [tuple(b if j == i else 0 for j in range(len(names))) for i in range(len(names))
+                      for b in range(1, n + 1)]
+            k = len(combos)
+            attrs = torch.tensor(combos, dtype=torch.long, device=self.device)
+            gens = [torch.Generator(device=self.device).manual_seed(4321) for _ in range(k)]
+            out = inpaint_lesions(self.vqgan, self.ema.model, img.expand(k, *img.shape[1:]),
+                                  mask.expand(k, *mask.shape[1:]), torch.full((k,), pid, device=self.device),
+                                  steps=self.run.eval_steps, sampler=self.run.eval_sampler,
+                                  guidance=self.run.eval_guidance, generator=gens, blend_sigma=self.run.blend_sigma,
+                                  schedule=self.schedule, parent_mask=parent.expand(k, *parent.shape[1:]),
+                                  autocast=lambda: tu.autocast(self.device), attributes=attrs).float().cpu().numpy()
+            m = mask[0, 0].cpu().numpy() > 0.5
+            rows = [(f"'{name}' {names[i // n]} bin {i % n + 1}", [(out[i, 0], m)]) for i in range(k)]
+            p = folder / f"step{self.step:08d}_{pid:02d}_{name}_attributes.png"
+            save_grid(rows, p, f"step {self.step}: '{name}', one attribute bin at a time (others null)",
                       aspect=self.data.source.spacing)
             paths.append(p)
         return paths

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import nd
 from .config import DiffusionConfig
-from .prompts import MaskPrompt, OneHotPrompt, PromptGenBlock, class_mask_from_prompt
+from .prompts import AttributeEmbedding, MaskPrompt, OneHotPrompt, PromptGenBlock, class_mask_from_prompt
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -162,6 +162,9 @@ class PromptLesionUNet(nn.Module):
             self.prompt_encoder = MaskPrompt(cfg.num_classes, out_dim=cfg.prompt_dim, grid=cfg.mt_grid, patch=cfg.mt_patch,
                                              width=cfg.mt_width, depth=cfg.mt_depth, heads=cfg.mt_heads, ff=cfg.mt_ff,
                                              spatial_dims=sd)
+        # attribute prompts add to the prompt vector; without attributes no module exists (old state dicts load as before)
+        self.attribute_embed = (AttributeEmbedding(len(cfg.attributes), cfg.attribute_bins, cfg.prompt_dim)
+                                if cfg.attributes else None)
         self.prompt_temb = nn.Linear(cfg.prompt_dim, temb_dim) if cfg.prompt_to_temb else None
         self.conv_in = conv(cfg.in_channels, ch[0], 3, padding=1)
 
@@ -212,8 +215,16 @@ class PromptLesionUNet(nn.Module):
             return region
         return torch.cat([region, class_mask_from_prompt(region, prompt_ids, self.config.num_classes)], 1)
 
-    def encode_prompt(self, prompt_ids: torch.Tensor, region: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prompt_encoder(prompt_ids, region, parent)
+    def encode_prompt(self, prompt_ids: torch.Tensor, region: torch.Tensor, parent: torch.Tensor | None = None,
+                      attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt vector (B, prompt_dim): the class prompt encoder's output plus, for a model with attribute prompts,
+        the attribute embeddings of ``attributes`` (B, A) bin indices (None = all null)."""
+        p = self.prompt_encoder(prompt_ids, region, parent)
+        if self.attribute_embed is not None:
+            p = p + self.attribute_embed(attributes, p.shape[0], p.device, p.dtype)
+        elif attributes is not None and bool((attributes != 0).any()):
+            raise ValueError("this diffusion model was trained without attribute prompts; pass attributes=None")
+        return p
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -222,7 +233,7 @@ class PromptLesionUNet(nn.Module):
         return h
 
     def prepare(self, z_healthy: torch.Tensor, region: torch.Tensor, prompt_ids: torch.Tensor,
-                parent: torch.Tensor | None = None) -> dict:
+                parent: torch.Tensor | None = None, attributes: torch.Tensor | None = None) -> dict:
         """Step-invariant conditioning for :meth:`forward_prepared` (tensors in the model's dtype).
 
         Keys: ``const_in`` (B, C0, D, H, W) input-conv response to [z_healthy, mask channels] incl. bias;
@@ -234,7 +245,7 @@ class PromptLesionUNet(nn.Module):
         c = self.config.latent_channels
         const = torch.cat([z_healthy.to(dtype), self.mask_input(region, prompt_ids)], 1)
         cond = {"const_in": self._conv_fn(const, self.conv_in.weight[:, c:], self.conv_in.bias, padding=1)}
-        prompt = self.encode_prompt(prompt_ids, region, None if parent is None else parent.to(dtype))
+        prompt = self.encode_prompt(prompt_ids, region, None if parent is None else parent.to(dtype), attributes)
         sizes = level_sizes(z_healthy.shape[2:], len(self.config.channels))
         if self.prompt_temb is not None:
             cond["temb_prompt"] = self.prompt_temb(prompt)
@@ -269,8 +280,9 @@ class PromptLesionUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, z_healthy: torch.Tensor, region: torch.Tensor,
-                prompt_ids: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_prepared(z_t, t, self.prepare(z_healthy, region, prompt_ids, parent))
+                prompt_ids: torch.Tensor, parent: torch.Tensor | None = None,
+                attributes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_prepared(z_t, t, self.prepare(z_healthy, region, prompt_ids, parent, attributes))
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -282,6 +294,8 @@ def parameter_report(model: PromptLesionUNet) -> dict[str, int]:
     prompt injection, UNet body)."""
     total = count_parameters(model)
     prompt = count_parameters(model.prompt_encoder) + (count_parameters(model.prompt_temb) if model.prompt_temb is not None else 0)
+    if model.attribute_embed is not None:
+        prompt += count_parameters(model.attribute_embed)
     inject = count_parameters(model.inject)
     gen = sum(count_parameters(m.gen) for m in model.inject.values())
     return {"total": total, "prompt_encoder": prompt, "prompt_injection": inject, "prompt_gen_blocks": gen,
