@@ -711,7 +711,8 @@ class FakeTrainings(ExperimentRunner):
         fd = Path(env["nnUNet_results"]) / self.dataset_name / \
             f"{cmd[cmd.index('-tr') + 1]}__{self.cfg.plans}__{self.cfg.configuration}" / f"fold_{fold}"
         self.commands.append({"cmd": cmd, "epochs": env["PROMPTLESION_NUM_EPOCHS"], "results": env["nnUNet_results"],
-                              "settings": env.get("PROMPTLESION_SETTINGS")})
+                              "settings": env.get("PROMPTLESION_SETTINGS"),
+                              "final_validation": env.get("PROMPTLESION_FINAL_VALIDATION")})
         fd.mkdir(parents=True, exist_ok=True)
         if self.kill:
             (fd / "checkpoint_latest.pth").write_bytes(b"")
@@ -735,7 +736,7 @@ def test_pretrain_arm_resumes_a_killed_stage_without_retraining_or_using_an_unfi
     the re-run finishes stage 1 (--c) first; a finished stage 2 needs no stage 1 any more."""
     cfg_path, env = _scripted_experiment(tmp_path, ["real_only"], jobs=1, repeats=1)
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(budget={"epochs": 5, "iterations_per_epoch": 1},
+    cfg.update(budget={"epochs": 5, "iterations_per_epoch": 1, "final_validation": True},
                arms=[{**PRETRAIN_ARM, "pretrain": {"fraction": 0.4, "settings": {"synthesizer": "rule_based"}}}])
     cfg_path.write_text(json.dumps(cfg))
     for k in ("nnUNet_raw", "nnUNet_preprocessed"):
@@ -770,6 +771,7 @@ def test_pretrain_arm_resumes_a_killed_stage_without_retraining_or_using_an_unfi
     assert r.pretrain(arm, 0, "0") == "trained"
     (c1,) = r.commands
     assert c1["epochs"] == "2" and c1["results"] == str(rd / "pretrain" / "nnUNet_results")
+    assert c1["final_validation"] == "0"   # its validation predictions would serve nothing
     assert "-pretrained_weights" not in c1["cmd"] and "--c" not in c1["cmd"]
     assert json.loads(Path(c1["settings"]).read_text()) == {"synthetic_fraction": 1.0, "synthesizer": "rule_based"}
     r.kill = True
@@ -777,6 +779,7 @@ def test_pretrain_arm_resumes_a_killed_stage_without_retraining_or_using_an_unfi
         r.train(arm, 0, "0")
     c2 = r.commands[-1]
     assert c2["epochs"] == "3" and c2["results"] == str(rd / "nnUNet_results") and c2["settings"] is None
+    assert c2["final_validation"] == "1"   # the config's: stage 2's validation is what postprocessing decides on
     assert c2["cmd"][c2["cmd"].index("-pretrained_weights") + 1] == ckpt1
     assert (fd2 / "checkpoint_latest.pth").is_file() and not (rd / "train_fold0.complete").exists()
     r = runner()

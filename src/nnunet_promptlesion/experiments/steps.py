@@ -47,6 +47,9 @@ class ExperimentSteps(ExperimentLayout):
                 env[BUDGET_KEYS[k]] = str(int(v))
         if arm.pretrain:   # a pretrain arm's stage runs its share of the budget's epochs
             env[BUDGET_KEYS["epochs"]] = str(self.stage_epochs(arm))
+        if arm.stage == "pretrain":
+            # nothing reads stage 1's validation predictions: the arm is evaluated (and postprocessed) from stage 2
+            env[BUDGET_KEYS["final_validation"]] = "0"
         env.pop(ENV_SETTINGS, None)
         settings_file = self.stage_dir(arm, repeat) / "settings.json"
         if settings_file.is_file():
