@@ -93,14 +93,20 @@ def test_demo_trainers_skip_self_validation_only_for_fold_all():
 
 
 def test_shipped_demo_config_is_an_experiment_with_baseline_arm_and_ceiling():
-    from nnunet_promptlesion.experiments.config import load_config
+    from nnunet_promptlesion.experiments.config import load_config, stage_epochs
 
     cfg = load_config("demo", {"dataset": "501"})
     roles = {a.name: a.role for a in cfg.arms}
     assert list(roles.values()).count("baseline") == 1 and list(roles.values()).count("ceiling") == 1
     assert cfg.scarcity["class"] == "calcified_plaque" and cfg.configuration == demo.DEMO_CONFIGURATION
     assert cfg.reference_arm == next(a.name for a in cfg.arms if a.role == "baseline")
-    assert [a.name for a in cfg.arms if a.optional] == ["diffusion"]
+    assert {a.name: a.optional for a in cfg.arms if a.optional} == {"diffusion": "diffusion",
+                                                                    "synthetic_pretrain": "pretrain"}
+    # the synthetic-pretraining arm splits the demo's 7 epochs 4 + 3 and fine-tunes with the baseline's trainer
+    pre = next(a for a in cfg.arms if a.pretrain)
+    assert pre.trainer == next(a.trainer for a in cfg.arms if a.role == "baseline") and pre.settings is None
+    assert pre.pretrain["settings"]["synthetic_fraction"] == 1.0 and pre.pretrain["trainer"] == "PromptLesionTrainer"
+    assert stage_epochs(pre.pretrain, cfg.budget) == (4, 3)
     assert cfg.predict.get("save_probabilities") is True
 
 

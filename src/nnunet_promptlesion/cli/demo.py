@@ -134,6 +134,9 @@ def main(argv=None) -> None:
                          "lesion cache) on the scarce training cases, then train PromptLesionTrainer with it. On the "
                          "default 2-D configuration 2d_demo the generators are 2-D (preset cpu2d, lesions rendered in "
                          "plane); with --config demo_3d they are 3-D (preset tiny). Not part of the 20-minute CPU demo")
+    ap.add_argument("--include", nargs="+", default=[], metavar="GROUP",
+                    help="also run the config's optional arms of these groups, e.g. 'pretrain' (the synthetic-"
+                         "pretraining arm: synthetic samples only, then fine-tuning on the scarce real cases)")
     ap.add_argument("--diffusion-steps", type=int, default=None,
                     help="--diffusion: diffusion model training steps (default: the preset's, 4000 for cpu2d)")
     ap.add_argument("--vqgan-steps", type=int, default=None,
@@ -236,7 +239,8 @@ def run_demo(args, budget: dict | None) -> dict | None:
         # the generators' dimensionality follows the configuration the arms train (2d_demo: 2-D slices)
         dims = configuration_spatial_dims(str(d), cfg.configuration, cfg.plans)
     manifest = json.loads((ds_dir / MANIFEST_FILENAME).read_text())
-    runner = ExperimentRunner(cfg, work / "experiment", include=["diffusion"] if args.diffusion else [],
+    include = (["diffusion"] if args.diffusion else []) + list(args.include)
+    runner = ExperimentRunner(cfg, work / "experiment", include=include,
                               show=SHOW, class_notes=_class_notes(manifest), retrain_changed=args.retrain_changed)
     runner.out.mkdir(parents=True, exist_ok=True)
     runner.prepare()

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
                     "save_every, final_validation (0/1); e.g. --budget epochs=50 iterations_per_epoch=25")
     ap.add_argument("--arms", nargs="+", help="run only these arms")
     ap.add_argument("--include", nargs="+", default=[], metavar="GROUP",
-                    help="also run the optional arms of these groups (arms with \"optional\": GROUP, e.g. diffusion)")
+                    help="also run the optional arms of these groups (arms with \"optional\": GROUP, e.g. diffusion, pretrain)")
     ap.add_argument("--check", action="store_true", help="only check the config, dataset and arms, run nothing")
     ap.add_argument("--report-only", action="store_true", help="only (re)build the results from finished evaluations; "
                     "the report states what the models were trained with (their records), whatever the config says now")

@@ -32,6 +32,9 @@ Config (JSON; relative paths are relative to the config file)::
         {"name": "rule_based", "trainer": "PromptLesionTrainer", "settings": {"synthesizer": "rule_based"}},
         {"name": "diffusion", "trainer": "PromptLesionTrainer", "settings": "diffusion_settings.json",
          "optional": "diffusion"},         # only run when asked for (--include diffusion)
+        {"name": "synthetic_pretrain", "trainer": "nnUNetTrainer_earlyStopping",   # stage 2: real only
+         "pretrain": {"trainer": "PromptLesionTrainer", "settings": {"synthesizer": "rule_based"},
+                      "fraction": 0.5}},   # stage 1: synthetic only, half the epochs (or "epochs": N)
         {"name": "ceiling", "role": "ceiling", "trainer": "nnUNetTrainer_earlyStopping"}
       ]
     }
@@ -48,6 +51,17 @@ The budget reaches the trainers through environment variables read by
 :class:`nnunet_promptlesion.trainers.early_stopping.EarlyStoppingMixin` (PromptLesionTrainer and
 nnUNetTrainer_earlyStopping carry it); an arm whose trainer ignores them is refused before anything runs.
 ``"${VAR}"`` in a settings value is replaced by the environment variable VAR (e.g. a checkpoint path).
+
+Synthetic pretraining (an arm with ``"pretrain"``): per fold two nnU-Net trainings in a row, one arm in the
+report. Stage 1 trains ``pretrain.trainer`` (a PromptLesion trainer, default PromptLesionTrainer) with
+``pretrain.settings`` on synthetic samples only (``synthetic_fraction`` defaults to 1.0 there: healthy real carrier
+patches with painted lesions; a setting names another share); stage 2 fine-tunes the arm's own ``trainer`` (real data
+only: a plain trainer such as the baseline's, no settings) from stage 1's checkpoint_final.pth through nnU-Net's
+``-pretrained_weights`` (network weights only, without the segmentation head; a fresh optimizer and learning-rate
+schedule). The budget's epochs are split: ``pretrain.epochs`` (N) or ``pretrain.fraction`` (round(fraction x
+epochs)) for stage 1, the rest for stage 2, each at the budget's iterations per epoch, so the arm trains as many
+iterations as every other arm. The arm's result is stage 2's prediction of the test cases; stage 1 lives in
+``runs/<arm>/repeat_<r>/pretrain/`` (see :mod:`.layout`).
 
 Executor (``"executor"``; where the chains run, see :mod:`.executors`): its keys are checked here, against
 :class:`ExecutorSpec`.
@@ -87,6 +101,9 @@ class Arm:
     role: str = "arm"               # "baseline" (scarce, real only), "arm" (scarce + synthesis), "ceiling" (full)
     optional: str | None = None     # run only when this name is included (e.g. "diffusion")
     description: str = ""
+    # synthetic pretraining: {"trainer", "settings", "settings_source", "epochs" or "fraction"} (see the module doc)
+    pretrain: dict | None = None
+    stage: str | None = None        # "pretrain": the stage-1 training of a pretrain arm (ExperimentLayout.pretrain_stage)
 
 
 @dataclass
@@ -123,7 +140,9 @@ class ExperimentConfig:
         if not d.get("executor"):   # local: experiment.json reads as before the option existed
             d.pop("executor", None)
         d["arms"] = [{"name": a.name, "trainer": a.trainer, "settings": a.settings, "role": a.role,
-                      **({"optional": a.optional} if a.optional else {})} for a in self.arms]
+                      **({"optional": a.optional} if a.optional else {}),
+                      **({"pretrain": {k: v for k, v in a.pretrain.items() if k != "settings_source"}}
+                         if a.pretrain else {})} for a in self.arms]
         return d
 
     def arm_with_role(self, role: str) -> Arm | None:
@@ -141,7 +160,8 @@ TOP_KEYS = {"name", "dataset", "configuration", "plans", "folds", "repeats", "se
             "checkpoint", "reference_arm", "test_images", "test_labels", "predict", "evaluation", "env", "arms",
             "postprocessing", "executor",
             "description", "scarcity", "source", "prepare"}   # "source": where OUT/experiment.json's config came from (informational)
-ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional"}
+ARM_KEYS = {"name", "trainer", "settings", "description", "role", "optional", "pretrain"}
+PRETRAIN_KEYS = {"trainer", "settings", "epochs", "fraction"}
 
 
 # The JSON types and ranges of the config's keys (utils.schema): checked before any value is used, so that an error
@@ -189,6 +209,15 @@ class _ArmTypes:
     description: str = ""
     role: str = field(default="arm", metadata=choices(*ROLES))
     optional: str | None = None
+    pretrain: dict | None = None
+
+
+@dataclass
+class _PretrainTypes:
+    trainer: str = "PromptLesionTrainer"
+    settings: dict | str | None = None
+    epochs: int = field(default=1, metadata=bounds(1))
+    fraction: float = field(default=0.5, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
 
 
 @dataclass
@@ -254,6 +283,8 @@ def _check_types(d: dict, path: Path) -> None:
                 typed(schema, check_value(d[key], dict, key, str(path)), f"{key}.")
         for i, a in enumerate(d.get("arms") or []):
             typed(_ArmTypes, a, f"arms[{i}].")
+            if isinstance(a.get("pretrain"), dict):
+                typed(_PretrainTypes, a["pretrain"], f"arms[{i}].pretrain.")
         sc = d.get("scarcity")
         if isinstance(sc, dict):   # "class" is a Python keyword: no dataclass field, checked by hand
             for k, tp, meta in (("class", str, {}), ("keep_carriers", int, bounds(0)), ("seed", int, {})):
@@ -334,22 +365,10 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
             raise ExperimentError(f"{path}: arm '{a['name']}': role must be one of {list(ROLES)}, got '{a['role']}'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", a["name"]):
             raise ExperimentError(f"{path}: arm name '{a['name']}' may only hold letters, digits, '_', '-', '.'")
-        settings, src = a.get("settings"), None
-        if isinstance(settings, str):
-            sp = Path(settings) if Path(settings).is_absolute() else path.parent / settings
-            if not sp.is_file():
-                raise ExperimentError(f"{path}: arm '{a['name']}': settings file {sp} not found")
-            try:
-                settings, src = json.loads(sp.read_text()), str(sp)
-            except json.JSONDecodeError as e:
-                raise ExperimentError(f"{path}: arm '{a['name']}': settings file {sp} is not valid JSON: {e}") from None
-            if not isinstance(settings, dict):
-                raise ExperimentError(f"{sp}: arm '{a['name']}': the settings must be a JSON object, got "
-                                      f"{type(settings).__name__}")
-        elif settings is not None and not isinstance(settings, dict):
-            raise ExperimentError(f"{path}: arm '{a['name']}': settings must be a dict or a JSON file path")
+        settings, src = _arm_settings(a.get("settings"), path, a["name"])
+        pretrain = _check_pretrain(a, path, d.get("budget", {})) if "pretrain" in a else None
         arms.append(Arm(a["name"], a["trainer"], settings, src, a.get("role", "arm"), a.get("optional"),
-                        a.get("description", "")))
+                        a.get("description", ""), pretrain))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ExperimentError(f"{path}: arm names must be unique: {names}")
@@ -415,6 +434,70 @@ def load_config(config: str, overrides: dict | None = None) -> ExperimentConfig:
                             postprocessing=postprocessing,
                             description=d.get("description", ""), source=str(path), prepare=prepare,
                             executor=executor)
+
+
+def _arm_settings(settings: Any, path: Path, arm: str, what: str = "settings") -> tuple[dict | None, str | None]:
+    """(settings, the file they were read from): a dict as given, or a JSON file path relative to the config."""
+    if isinstance(settings, str):
+        sp = Path(settings) if Path(settings).is_absolute() else path.parent / settings
+        if not sp.is_file():
+            raise ExperimentError(f"{path}: arm '{arm}': {what} file {sp} not found")
+        try:
+            loaded = json.loads(sp.read_text())
+        except json.JSONDecodeError as e:
+            raise ExperimentError(f"{path}: arm '{arm}': {what} file {sp} is not valid JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ExperimentError(f"{sp}: arm '{arm}': the {what} must be a JSON object, got {type(loaded).__name__}")
+        return loaded, str(sp)
+    if settings is not None and not isinstance(settings, dict):
+        raise ExperimentError(f"{path}: arm '{arm}': {what} must be a dict or a JSON file path")
+    return settings, None
+
+
+def _check_pretrain(a: dict, path: Path, budget: dict) -> dict:
+    """The ``"pretrain"`` object of arm ``a`` resolved: trainer, settings (synthetic_fraction 1.0 unless given),
+    settings_source, and exactly one of epochs / fraction, checked against the budget's epochs."""
+    name, pre = a["name"], a["pretrain"]
+    where = f"{path}: arm '{name}'"
+    if not isinstance(pre, dict):
+        raise ExperimentError(f"{where}: \"pretrain\" must be an object such as {{\"trainer\": \"PromptLesionTrainer\", "
+                              f"\"settings\": {{...}}, \"fraction\": 0.5}}, got {json.dumps(pre)}")
+    unknown = set(pre) - PRETRAIN_KEYS
+    if unknown:
+        raise ExperimentError(f"{where}: unknown pretrain keys {sorted(unknown)}; known: {sorted(PRETRAIN_KEYS)}")
+    if ("epochs" in pre) == ("fraction" in pre):
+        raise ExperimentError(f"{where}: \"pretrain\" needs exactly one of \"epochs\" (synthetic-only epochs, an "
+                              "integer) or \"fraction\" (their share of the budget's epochs, in (0, 1)) to split the "
+                              f"budget between pretraining and fine-tuning; got {sorted(set(pre) & {'epochs', 'fraction'})}")
+    if a.get("role", "arm") != "arm":
+        raise ExperimentError(f"{where}: a pretrain arm must have role \"arm\" (the baseline and the ceiling train on "
+                              f"real data only), got \"{a['role']}\"")
+    if a.get("settings") is not None:
+        raise ExperimentError(f"{where}: the arm's \"settings\" would apply to its fine-tuning, which trains on real "
+                              "data only; put the synthesis settings in \"pretrain\": {\"settings\": ...}")
+    settings, src = _arm_settings(pre.get("settings"), path, name, "pretrain settings")
+    out = {"trainer": pre.get("trainer", "PromptLesionTrainer"),
+           "settings": {"synthetic_fraction": 1.0, **(settings or {})}, "settings_source": src,
+           **{k: pre[k] for k in ("epochs", "fraction") if k in pre}}
+    stage_epochs(out, budget, where)   # refuses a split the budget cannot hold
+    return out
+
+
+def stage_epochs(pretrain: dict, budget: dict, where: str = "") -> tuple[int, int]:
+    """(stage-1 epochs, stage-2 epochs) of a pretrain arm under ``budget``: they sum to the budget's epochs."""
+    total = budget.get("epochs")
+    if total is None:
+        raise ExperimentError(f"{where}: a pretrain arm splits the budget's \"epochs\" between pretraining and "
+                              "fine-tuning; set \"budget\": {\"epochs\": N, ...} (or --budget epochs=N)")
+    if "epochs" in pretrain:
+        n1, asked = int(pretrain["epochs"]), f"pretrain.epochs {pretrain['epochs']}"
+    else:   # half up, not Python's round-half-even: 0.5 of 7 epochs is 4 + 3
+        n1, asked = int(float(pretrain["fraction"]) * total + 0.5), f"pretrain.fraction {pretrain['fraction']}"
+    if not 1 <= n1 <= total - 1:
+        raise ExperimentError(f"{where}: {asked} gives {n1} synthetic-only epochs of the budget's {total}; both stages "
+                              f"need at least one epoch: pretraining 1 to {total - 1} epochs"
+                              + ("" if total > 1 else " (raise budget.epochs to 2 or more)"))
+    return n1, total - n1
 
 
 def expand_env(value: Any, arm: str) -> Any:

@@ -24,6 +24,9 @@ Layout of the output folder::
                                the validation predictions (+ inputs.json: what it was decided from)
         predictions_pp/        the test predictions after nnUNetv2_apply_postprocessing (+ inputs.json)
         evaluation_pp/         promptlesion_evaluate output of predictions_pp
+        pretrain/              a pretrain arm's stage 1 (synthetic only), laid out as above: settings.json,
+                               train_fold<f>.inputs.json and .complete, nnUNet_results/, logs/; the arm's own
+                               nnUNet_results/ holds stage 2 (fine-tuned on real data from its checkpoint_final.pth)
     results/                   comparison.json, report.txt, results.md, per-class CSVs, dice_by_arm.png,
                                sensitivity_by_arm.png, nsd_by_arm.png
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..lesions.spec import find_lesion_spec
-from .config import PATH_SETTINGS, Arm, ExperimentConfig, ExperimentError, expand_env
+from .config import PATH_SETTINGS, Arm, ExperimentConfig, ExperimentError, expand_env, stage_epochs
 
 DONE_MARKER = ".complete"
 TRAIN_RECORD = ".inputs.json"      # runs/<arm>/repeat_<r>/train_fold<f>.inputs.json: what the training is made from
@@ -223,15 +226,41 @@ class ExperimentLayout:
     def run_dir(self, arm: str, repeat: int) -> Path:
         return self.out / "runs" / arm / f"repeat_{repeat}"
 
+    def stage_dir(self, arm: Arm, repeat: int) -> Path:
+        """Where a training keeps its settings, records, logs and nnUNet_results: the run folder, or for the stage-1
+        training of a pretrain arm its ``pretrain/`` subfolder (own markers: a finished fine-tuning and an unfinished
+        pretraining never share one)."""
+        rd = self.run_dir(arm.name, repeat)
+        return rd / "pretrain" if arm.stage == "pretrain" else rd
+
+    def pretrain_stage(self, arm: Arm) -> Arm:
+        """The stage-1 training of a pretrain arm as an Arm of its own: the pretrain trainer and settings."""
+        pre = arm.pretrain
+        if pre is None or arm.stage is not None:
+            raise ExperimentError(f"arm '{arm.name}' has no \"pretrain\"")
+        return Arm(arm.name, pre["trainer"], pre["settings"], pre.get("settings_source"), arm.role, arm.optional,
+                   arm.description, pretrain=pre, stage="pretrain")
+
+    def training_stages(self, arm: Arm) -> list[Arm]:
+        """The trainings of an arm per fold, in order: [stage 1, the arm (stage 2)] for a pretrain arm, else [arm]."""
+        return [self.pretrain_stage(arm), arm] if arm.pretrain else [arm]
+
+    def stage_epochs(self, arm: Arm) -> int | None:
+        """The epochs a training runs: the budget's, or for a pretrain arm's stage its share of them."""
+        if not arm.pretrain:
+            return self.cfg.budget.get("epochs")
+        n1, n2 = stage_epochs(arm.pretrain, self.cfg.budget, f"arm '{arm.name}'")
+        return n1 if arm.stage == "pretrain" else n2
+
     def fold_dir(self, arm: Arm, repeat: int, fold: str) -> Path:
-        return (self.run_dir(arm.name, repeat) / "nnUNet_results" / self.dataset_name /
+        return (self.stage_dir(arm, repeat) / "nnUNet_results" / self.dataset_name /
                 f"{arm.trainer}__{self.cfg.plans}__{self.cfg.configuration}" / f"fold_{fold}")
 
     def _train_marker(self, arm: Arm, repeat: int, fold: str) -> Path:
-        return self.run_dir(arm.name, repeat) / f"train_fold{fold}{DONE_MARKER}"
+        return self.stage_dir(arm, repeat) / f"train_fold{fold}{DONE_MARKER}"
 
     def _train_record(self, arm: Arm, repeat: int, fold: str) -> Path:
-        return self.run_dir(arm.name, repeat) / f"train_fold{fold}{TRAIN_RECORD}"
+        return self.stage_dir(arm, repeat) / f"train_fold{fold}{TRAIN_RECORD}"
 
     def train_inputs(self, arm: Arm, repeat: int, fold: str) -> dict:
         """What a training is made from: trainer, settings, budget, seed, fold, plans and configuration, data.
@@ -239,17 +268,28 @@ class ExperimentLayout:
         Written to train_fold<f>.inputs.json before the training starts and compared on every later run, so a
         folder never holds a model under a config it was not trained with (see :meth:`changed_steps`). The
         device, "jobs" and "env" are left out: they change how fast a model is made, not what it is trained on."""
-        key = (arm.name, repeat, fold)
+        key = (arm.name, arm.stage, repeat, fold)
         if key not in self._inputs_cache:   # the data fingerprint lists the fold's files: once per run
             self._inputs_cache[key] = {
                 "trainer": arm.trainer, "settings": expand_env(arm.settings, arm.name) if arm.settings else None,
                 "budget": dict(sorted(self.cfg.budget.items())),
                 "seed": self.cfg.seed + 1000 * repeat + self._base_index(fold), "fold": fold,
                 "plans": self.cfg.plans, "configuration": self.cfg.configuration,
-                **self._data_fingerprint(fold), **self._synthesis_files(arm)}
+                **self._data_fingerprint(fold), **self._synthesis_files(arm), **self._stage_inputs(arm, repeat, fold)}
             # as it reads back from the record file (tuples become lists), so that equal inputs compare equal
             self._inputs_cache[key] = json.loads(json.dumps(self._inputs_cache[key], default=str))
         return self._inputs_cache[key]
+
+    def _stage_inputs(self, arm: Arm, repeat: int, fold: str) -> dict:
+        """A pretrain arm's trainings: which stage, its epochs; stage 2 also the digest of stage 1's inputs (a changed
+        pretraining changes the fine-tuning made from it)."""
+        if not arm.pretrain:
+            return {}
+        n1, n2 = stage_epochs(arm.pretrain, self.cfg.budget, f"arm '{arm.name}'")
+        if arm.stage == "pretrain":
+            return {"stage": {"name": "pretrain", "epochs": n1}}
+        return {"stage": {"name": "finetune", "epochs": n2, "pretrain_epochs": n1, "pretrain_trainer": arm.pretrain["trainer"],
+                          "pretrained_digest": digest(self.train_inputs(self.pretrain_stage(arm), repeat, fold))}}
 
     def _synthesis_files(self, arm: Arm) -> dict:
         """Digests of the files a PromptLesion arm synthesizes from: every path in its settings (generator checkpoints,
@@ -345,25 +385,27 @@ class ExperimentLayout:
     def changed_steps(self) -> list[tuple[str, Arm, int, str | None, str]]:
         """Steps that ran (or started) in this folder from other inputs than the config gives now:
         [(kind, arm, repeat, fold or None, what changed)]. A changed training makes its prediction and evaluation
-        changed too (their records hold the models' digests)."""
+        changed too (their records hold the models' digests). Kind "pretrain" is a pretrain arm's stage 1 (``arm`` is
+        then the stage, :meth:`pretrain_stage`); a changed stage 1 changes its stage 2 ("train") as well."""
         out = []
         for r in range(self.cfg.repeats):
             for arm in self.cfg.arms:
                 rd = self.run_dir(arm.name, r)
-                for fold in self.arm_folds(arm):
-                    fd = self.fold_dir(arm, r, fold)
-                    rec_file = self._train_record(arm, r, fold)
-                    started = rec_file.is_file() or self._train_marker(arm, r, fold).is_file() or any(
+                for fold, stage in ((f, s) for f in self.arm_folds(arm) for s in self.training_stages(arm)):
+                    kind = "pretrain" if stage.stage == "pretrain" else "train"
+                    fd = self.fold_dir(stage, r, fold)
+                    rec_file = self._train_record(stage, r, fold)
+                    started = rec_file.is_file() or self._train_marker(stage, r, fold).is_file() or any(
                         (fd / c).is_file() for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
                     if not started:
                         continue
                     old = read_record(rec_file)
-                    now = self.train_inputs(arm, r, fold)
+                    now = self.train_inputs(stage, r, fold)
                     if old is None:
-                        out.append(("train", arm, r, fold, f"no record of what it was trained from ({rec_file} "
-                                                           "missing: an older version's or a hand-run training)"))
+                        out.append((kind, stage, r, fold, f"no record of what it was trained from ({rec_file} "
+                                                          "missing: an older version's or a hand-run training)"))
                     elif old != now:
-                        out.append(("train", arm, r, fold, describe_changes(old, now)))
+                        out.append((kind, stage, r, fold, describe_changes(old, now)))
                 done = rd / "predictions" / DONE_MARKER
                 if done.is_file():
                     stamp = self._predict_stamp(arm, r)
@@ -386,7 +428,7 @@ class ExperimentLayout:
         so that they run again from scratch."""
         for kind, arm, r, fold, _ in changed:
             rd = self.run_dir(arm.name, r)
-            if kind == "train":
+            if kind in ("train", "pretrain"):   # "pretrain": arm is the stage (its fine-tuning is listed as changed too)
                 fd = self.fold_dir(arm, r, fold)
                 if fd.exists():
                     shutil.rmtree(fd)

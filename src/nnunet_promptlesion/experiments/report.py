@@ -229,6 +229,10 @@ class ExperimentReport(ExperimentLayout):
 def _model_line(m: dict) -> str:
     b = m.get("budget") or {}
     s = f" settings {json.dumps(m['settings'], sort_keys=True)}" if m.get("settings") else ""
+    st = m.get("stage") or {}
+    if st.get("name") == "finetune":   # a pretrain arm: the budget split between its two trainings
+        s += (f" (synthetic-only pretraining {st.get('pretrain_trainer')} {st.get('pretrain_epochs')} epochs, then this "
+              f"trainer {st.get('epochs')} epochs on real data from its weights)")
     return (f"repeat {m.get('repeat')} fold {m.get('fold')} {m.get('trainer')} {b.get('epochs', 'default')} epochs x "
             f"{b.get('iterations_per_epoch', 'default')} iterations, seed {m.get('seed')}{s}")
 

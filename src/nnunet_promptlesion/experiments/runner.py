@@ -118,61 +118,77 @@ class ExperimentRunner(ExperimentSteps, ExperimentReport):
         if self.cfg.scarcity:
             for rec in self._derive_scarcity(write=False):
                 info.append(scarcity_line(rec))
-        # deferred: as PlansManager above (torch, seconds)
+        errors = []
+        self._promptlesion_arms = set()
+        for arm in self.cfg.arms:
+            stages = self.training_stages(arm)
+            try:
+                lines = [self._check_training(arm, stage, cm.batch_size) for stage in stages]
+            except ExperimentError as e:
+                errors.append(str(e))
+                continue
+            if arm.pretrain:
+                n1, n2 = (self.stage_epochs(st) for st in stages)
+                info.append(f"arm {arm.name}: {n1} epochs {lines[0]}, then {n2} epochs {lines[1]} from its final "
+                            "weights (nnU-Net -pretrained_weights)")
+            else:
+                info.append(f"arm {arm.name}: {lines[0]}")
+        if errors:
+            raise ExperimentError("these arms cannot run:\n  " + "\n  ".join(errors))
+        return info
+
+    def _check_training(self, arm: Arm, stage: Arm, batch_size: int) -> str:
+        """One training of ``arm`` (the arm itself, or a pretrain arm's stage): what it trains on, for the info line;
+        ExperimentError naming the arm when it cannot run. A pretrain arm's stage 1 must synthesize and its stage 2
+        (the arm's own trainer) must train on real data only."""
+        # deferred, as every nnU-Net and trainer import here (see check): they load torch
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
         from ..trainers.early_stopping import honours_experiment_controls
         from ..trainers.promptlesion_trainer import PromptLesionTrainer
         from ..trainers.settings import PromptLesionSettings
 
-        errors = []
-        self._promptlesion_arms = set()
-        for arm in self.cfg.arms:
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net prints its search path
-                    cls = recursive_find_trainer_class_by_name(arm.trainer)
-            except (RuntimeError, AssertionError) as e:
-                errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' not found by nnU-Net: {e}")
-                continue
-            if not honours_experiment_controls(cls):
-                errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' ignores the experiment budget, seed and early "
-                              "stopping (it does not derive from EarlyStoppingMixin): use nnUNetTrainer_earlyStopping "
-                              "for a plain nnU-Net arm, or add nnunet_promptlesion.trainers.early_stopping."
-                              "EarlyStoppingMixin to the trainer's bases")
-                continue
-            if issubclass(cls, PromptLesionTrainer):
-                self._promptlesion_arms.add(arm.name)
-                try:
-                    settings = expand_env(arm.settings or {}, arm.name)
-                    s = PromptLesionSettings.from_dict(settings, f"arm '{arm.name}' settings")
-                except ExperimentError as e:
-                    errors.append(str(e))
-                    continue
-                except Exception as e:   # SettingsError and friends: the message names the bad key
-                    errors.append(f"arm '{arm.name}': settings cannot run: {e}")
-                    continue
-                missing = [f"{k}={settings[k]}" for k in PATH_SETTINGS
-                           if isinstance(settings.get(k), str) and not Path(settings[k]).exists()]
-                if missing:
-                    errors.append(f"arm '{arm.name}': settings point to missing files: {missing}")
-                    continue
-                n = s.n_synthetic(cm.batch_size)
-                warn = ""
-                if n == 0:
-                    warn = "  WARNING: no synthetic sample per batch at this batch size"
-                elif abs(n / cm.batch_size - float(s.synthetic_fraction)) > 1e-6:
-                    warn = (f"  WARNING: synthetic_fraction {s.synthetic_fraction} is {n}/{cm.batch_size} at this batch "
-                            "size; raise the batch size (plans) to get the requested ratio")
-                info.append(f"arm {arm.name}: {arm.trainer}, synthesizer {s.synthesizer}, batch {cm.batch_size} = "
-                            f"{cm.batch_size - n} real + {n} synthetic{warn}")
-            else:
-                if arm.settings:
-                    errors.append(f"arm '{arm.name}': trainer '{arm.trainer}' is not a PromptLesionTrainer and does not "
-                                  "read PromptLesion settings; remove \"settings\" or use a PromptLesion trainer")
-                    continue
-                info.append(f"arm {arm.name}: {arm.trainer} (real data only)")
-        if errors:
-            raise ExperimentError("these arms cannot run:\n  " + "\n  ".join(errors))
-        return info
+        need = None if not arm.pretrain else "synthetic" if stage.stage == "pretrain" else "real"
+        what = f"arm '{arm.name}'" + (" pretrain" if stage.stage == "pretrain" else "")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net prints its search path
+                cls = recursive_find_trainer_class_by_name(stage.trainer)
+        except (RuntimeError, AssertionError) as e:
+            raise ExperimentError(f"{what}: trainer '{stage.trainer}' not found by nnU-Net: {e}") from None
+        if not honours_experiment_controls(cls):
+            raise ExperimentError(f"{what}: trainer '{stage.trainer}' ignores the experiment budget, seed and early "
+                                  "stopping (it does not derive from EarlyStoppingMixin): use nnUNetTrainer_earlyStopping "
+                                  "for a plain nnU-Net arm, or add nnunet_promptlesion.trainers.early_stopping."
+                                  "EarlyStoppingMixin to the trainer's bases")
+        if not issubclass(cls, PromptLesionTrainer):
+            if need == "synthetic":
+                raise ExperimentError(f"{what}: trainer '{stage.trainer}' is not a PromptLesionTrainer: the pretraining "
+                                      "needs one to train on synthetic samples")
+            if stage.settings:
+                raise ExperimentError(f"{what}: trainer '{stage.trainer}' is not a PromptLesionTrainer and does not "
+                                      "read PromptLesion settings; remove \"settings\" or use a PromptLesion trainer")
+            return f"{stage.trainer} (real data only)"
+        if need == "real":
+            raise ExperimentError(f"{what}: trainer '{stage.trainer}' synthesizes, but a pretrain arm fine-tunes on "
+                                  "real data only: use the baseline's plain trainer (e.g. nnUNetTrainer_earlyStopping)")
+        if stage.stage is None:
+            self._promptlesion_arms.add(arm.name)
+        settings = expand_env(stage.settings or {}, arm.name)
+        try:
+            s = PromptLesionSettings.from_dict(settings, f"{what} settings")
+        except Exception as e:   # SettingsError and friends: the message names the bad key
+            raise ExperimentError(f"{what}: settings cannot run: {e}") from None
+        missing = [f"{k}={settings[k]}" for k in PATH_SETTINGS
+                   if isinstance(settings.get(k), str) and not Path(settings[k]).exists()]
+        if missing:
+            raise ExperimentError(f"{what}: settings point to missing files: {missing}")
+        n = s.n_synthetic(batch_size)
+        warn = ""
+        if n == 0:
+            warn = "  WARNING: no synthetic sample per batch at this batch size"
+        elif abs(n / batch_size - float(s.synthetic_fraction)) > 1e-6:
+            warn = (f"  WARNING: synthetic_fraction {s.synthetic_fraction} is {n}/{batch_size} at this batch size; "
+                    "raise the batch size (plans) to get the requested ratio")
+        return f"{stage.trainer}, synthesizer {s.synthesizer}, batch {batch_size} = {batch_size - n} real + {n} synthetic{warn}"
 
     def _progress(self, i: int, n: int, msg: str) -> None:
         el = int(time.time() - self.t0)
@@ -232,7 +248,8 @@ class ExperimentRunner(ExperimentSteps, ExperimentReport):
             chains, n = [], 0
             for r in range(self.cfg.repeats):
                 for arm in self.cfg.arms:
-                    kinds = [("train", f) for f in self.arm_folds(arm)] + [("predict", None), ("evaluate", None)]
+                    kinds = [("pretrain" if st.stage else "train", f) for f in self.arm_folds(arm)
+                             for st in self.training_stages(arm)] + [("predict", None), ("evaluate", None)]
                     if self.cfg.postprocessing:
                         kinds += [("postprocess", None), ("evaluate_pp", None)]
                     chains.append((arm, r, [(n + k + 1, kind, fold) for k, (kind, fold) in enumerate(kinds)]))
@@ -267,6 +284,8 @@ class ExperimentRunner(ExperimentSteps, ExperimentReport):
             t = time.time()
             if kind == "train":
                 msg = self.train(arm, r, fold)
+            elif kind == "pretrain":
+                msg = self.pretrain(arm, r, fold)
             elif kind == "predict":
                 msg = self.predict(arm, r)
             elif kind == "postprocess":

@@ -1,6 +1,8 @@
 """The steps of an (arm, repeat) chain, each an nnU-Net command or an in-process evaluation that skips itself when
 its record says it is finished: train (every fold), predict the test cases, evaluate them (+ the transfer
-gauges); with ``"postprocessing"``, decide and apply nnU-Net's postprocessing and evaluate the result.
+gauges); with ``"postprocessing"``, decide and apply nnU-Net's postprocessing and evaluate the result. A pretrain arm
+(:mod:`.config`) has two trainings per fold: ``pretrain`` (stage 1, synthetic only, in the run folder's
+``pretrain/``), then ``train`` (stage 2, real only, from stage 1's final weights via nnU-Net's -pretrained_weights).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class ExperimentSteps(ExperimentLayout):
     def _env(self, arm: Arm, repeat: int, fold: str | None) -> dict:
         env = dict(os.environ)
         env.update(self.cfg.env)
-        env["nnUNet_results"] = str(self.run_dir(arm.name, repeat) / "nnUNet_results")
+        env["nnUNet_results"] = str(self.stage_dir(arm, repeat) / "nnUNet_results")
         env.setdefault("PYTHONUNBUFFERED", "1")
         for k in BUDGET_KEYS.values():
             env.pop(k, None)
@@ -43,8 +45,13 @@ class ExperimentSteps(ExperimentLayout):
                 env[BUDGET_KEYS[k]] = "none" if not v else str(int(v))
             else:
                 env[BUDGET_KEYS[k]] = str(int(v))
+        if arm.pretrain:   # a pretrain arm's stage runs its share of the budget's epochs
+            env[BUDGET_KEYS["epochs"]] = str(self.stage_epochs(arm))
+        if arm.stage == "pretrain":
+            # nothing reads stage 1's validation predictions: the arm is evaluated (and postprocessed) from stage 2
+            env[BUDGET_KEYS["final_validation"]] = "0"
         env.pop(ENV_SETTINGS, None)
-        settings_file = self.run_dir(arm.name, repeat) / "settings.json"
+        settings_file = self.stage_dir(arm, repeat) / "settings.json"
         if settings_file.is_file():
             env[ENV_SETTINGS] = str(settings_file)
         env[ENV_SEED] = str(self.cfg.seed + 1000 * repeat + self._base_index(fold))
@@ -62,6 +69,25 @@ class ExperimentSteps(ExperimentLayout):
         raise ExperimentError(f"{what} failed; full log: {log}\n{tail}")
 
 
+    def pretrain(self, arm: Arm, repeat: int, fold: str) -> str:
+        """Stage 1 of a pretrain arm: its synthetic-only training (skipped once the fine-tuning made from it is
+        finished: a re-run after a kill in stage 2 never trains stage 1 again)."""
+        if self._train_finished(arm, repeat, fold):
+            return "skipped (its fine-tuning finished)"
+        stage = self.pretrain_stage(arm)
+        self._write_settings(stage, repeat)
+        return self.train(stage, repeat, fold)
+
+    def pretrained_weights(self, arm: Arm, repeat: int, fold: str) -> Path:
+        """Stage 1's final weights, which stage 2 of a pretrain arm starts from; refused unless stage 1 finished
+        from the inputs the config gives now (a killed pretraining's checkpoints are not its final weights)."""
+        stage = self.pretrain_stage(arm)
+        if not self._train_finished(stage, repeat, fold):
+            raise ExperimentError(f"arm '{arm.name}' repeat {repeat} fold {fold}: the fine-tuning needs the finished "
+                                  f"synthetic pretraining ({self.fold_dir(stage, repeat, fold)}), which did not finish; "
+                                  "run the experiment again to complete it first")
+        return self.fold_dir(stage, repeat, fold) / "checkpoint_final.pth"
+
     def train(self, arm: Arm, repeat: int, fold: str) -> str:
         if self._train_finished(arm, repeat, fold):
             return "skipped (finished)"
@@ -74,9 +100,15 @@ class ExperimentSteps(ExperimentLayout):
                self.cfg.configuration, fold, "-tr", arm.trainer, "-p", self.cfg.plans, "-device", self.cfg.device]
         if self.cfg.checkpoint == "checkpoint_best.pth":
             cmd.append("--val_best")   # nnU-Net's own validation then also scores the model we evaluate
+        pretrained = None
+        if arm.pretrain and arm.stage is None:
+            # checked also when resuming: stage 2's record holds stage 1's digest, so its checkpoints came from it
+            pretrained = self.pretrained_weights(arm, repeat, fold)
         if resume:
-            cmd.append("--c")
-        log = self.run_dir(arm.name, repeat) / "logs" / f"train_fold{fold}.log"
+            cmd.append("--c")   # nnU-Net refuses -pretrained_weights with --c: the checkpoint holds the fine-tuned net
+        elif pretrained is not None:
+            cmd += ["-pretrained_weights", str(pretrained)]
+        log = self.stage_dir(arm, repeat) / "logs" / f"train_fold{fold}.log"
         # before nnU-Net writes anything: a killed training is resumed (--c) only from these same inputs
         write_json_atomic({"inputs": self.train_inputs(arm, repeat, fold),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}, self._train_record(arm, repeat, fold))
@@ -88,6 +120,8 @@ class ExperimentSteps(ExperimentLayout):
         if stop.is_file():
             s = json.loads(stop.read_text())
             note = f", early stop after epoch {s['stopped_after_epoch']} (best epoch {s['best_epoch']})"
+        if pretrained is not None and not resume:
+            note += f", from the weights of its {self.stage_epochs(self.pretrain_stage(arm))} synthetic-only epochs"
         return ("resumed with --c" if resume else "trained") + note
 
     def predict(self, arm: Arm, repeat: int) -> str:
@@ -245,7 +279,7 @@ class ExperimentSteps(ExperimentLayout):
             f"{k} {'n/a' if v is None else format(v, '.3f')}" for k, v in dice.items())
 
     def _write_settings(self, arm: Arm, repeat: int) -> None:
-        path = self.run_dir(arm.name, repeat) / "settings.json"
+        path = self.stage_dir(arm, repeat) / "settings.json"
         settings = expand_env(arm.settings or {}, arm.name)
         if not path.is_file() or json.loads(path.read_text()) != settings:
             write_json_atomic(settings, path)
