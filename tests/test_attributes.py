@@ -304,7 +304,8 @@ def gen_attr(ccta_dataset, tmp_path_factory):
     assert rc == 0, out.getvalue()[-3000:]
     res = work / "results" / name
     return {"did": did, "name": name, "env": env, "pre": work / "preprocessed" / name, "work": work,
-            "diffusion": res / f"promptlesion_diffusion__tiny2d__{CONFIG}__fold0" / "checkpoint_final.pt"}
+            "diffusion": res / f"promptlesion_diffusion__tiny2d__{CONFIG}__fold0__attr_radius_contrast"
+                         / "checkpoint_final.pt"}
 
 
 def _build(g, out: Path, *extra, settings: dict | None = None, per_class: int = 8):

@@ -156,7 +156,7 @@ def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> 
         name += f"__vqgan_{vq_tag}"
     if init_meta is not None:
         name += f"__init_{short_id(init_meta)}"
-    if args.attributes:   # as promptlesion_pretrain: an attribute model gets its own folder
+    if getattr(args, "attributes", None):   # as promptlesion_pretrain: an attribute model gets its own folder
         name += "__attr_" + "_".join(a.strip() for a in args.attributes.split(",") if a.strip())
     return name
 
