@@ -15,8 +15,9 @@ import torch
 from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary, make_config
 from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
 from nnunet_promptlesion.lesions.components import label_components
+from nnunet_promptlesion.lesions.components import equivalent_radius_mm
 from nnunet_promptlesion.lesions.attributes import (AttributeBins, AttributeRequestError, check_mix,
-                                                     check_mix_against_bins, draw_bins, equivalent_radius,
+                                                     check_mix_against_bins, draw_bins,
                                                      measure_components, measure_lesion, parse_assignment,
                                                      radius_range)
 
@@ -38,17 +39,17 @@ def test_measure_radius_and_contrast_of_known_lesions():
     image = np.where(seg == 1, 0.1, -0.5).astype(np.float32)
     image[lesion] = 0.4
     m = measure_lesion(image, lesion, seg == 1, spacing)
-    assert m["radius"] == pytest.approx(equivalent_radius(int(lesion.sum()), spacing))
+    assert m["radius"] == pytest.approx(equivalent_radius_mm(int(lesion.sum()), spacing))
     assert m["contrast"] == pytest.approx(0.3, abs=1e-6)   # lesion 0.4 against the parent's 0.1, not the outside
     # disc-equivalent radius in 2D: an area of pi r^2 gives r
-    assert equivalent_radius(round(math.pi * 25 / 0.25), (0.5, 0.5)) == pytest.approx(5.0, rel=1e-3)
+    assert equivalent_radius_mm(round(math.pi * 25 / 0.25), (0.5, 0.5)) == pytest.approx(5.0, rel=1e-3)
     comp, rows = measure_components(image, seg, 2, [1], spacing)
     assert len(rows) == 1 and comp[10, 20, 20] == 1 and rows[0]["radius"] == pytest.approx(m["radius"])
     # 2D: every slice's cross-section is a lesion of its own, measured with the in-plane spacing
     comp2, rows2 = measure_components(image, seg, 2, [1], spacing[1:], slices=True)
     assert len(rows2) == len({z for z in range(20) if lesion[z].any()})
     assert comp2[10, 20, 20] > 0 and rows2[comp2[10, 20, 20] - 1]["radius"] == pytest.approx(
-        equivalent_radius(int(lesion[10].sum()), spacing[1:]))
+        equivalent_radius_mm(int(lesion[10].sum()), spacing[1:]))
 
 
 def test_bins_are_quantiles_of_the_measured_lesions_with_a_null_index():
@@ -260,7 +261,7 @@ def test_mask_sampler_draws_masks_in_the_requested_radius_bin(dims):
         for _ in range(25):
             m = sampler.sample(lesion, parent, rng, centre, radius_range_mm=(lo, hi))
             assert m is not None
-            radii.append(equivalent_radius(int(m.sum()), spacing))
+            radii.append(equivalent_radius_mm(int(m.sum()), spacing))
         assert all(lo <= r <= hi for r in radii), (b, lo, hi, radii)
         assert [bins.to_bin("t", "radius", r) for r in radii] == [b] * 25
 
@@ -275,7 +276,6 @@ def gen_attr(ccta_dataset, tmp_path_factory):
     diffusion model has radius and contrast prompts (promptlesion_pretrain --attributes, 2 training steps each)."""
     import contextlib
     import io
-    import os
     import shutil
 
     from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
@@ -382,7 +382,7 @@ def test_cache_build_with_a_settings_mix_records_requested_bins_and_masks_follow
         req = requested[item]
         k = int(np.flatnonzero(np.asarray(cache._rows[label]) == row)[0])
         s = cache.get(label, k)
-        r = equivalent_radius(int(s.mask.sum()), spacing)
+        r = equivalent_radius_mm(int(s.mask.sum()), spacing)
         lo, hi = bins.range_of(cls, "radius", req[0])
         assert lo - 1e-6 <= r <= hi + 1e-6, (cls, req, r, lo, hi)   # the mask lies in the requested radius bin
         seen[cls].append(req)
@@ -463,7 +463,7 @@ def test_synthesize_one_ct_with_attribute_bins(gen_attr, tmp_path):
     radii = []
     for z in sorted({int(k) for k in np.nonzero(lesions)[2]}):
         comp, n = label_components(lesions[:, :, z] > 0)
-        radii += [equivalent_radius(int((comp == i).sum()), spacing) for i in range(1, n + 1)]
+        radii += [equivalent_radius_mm(int((comp == i).sum()), spacing) for i in range(1, n + 1)]
     assert radii and all(lo - 1e-6 <= r <= hi + 1e-6 for r in radii), (radii, lo, hi)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..lesions.spec import EARLY_RADIUS_MM, LesionClass, LesionSpec
-from ..lesions.masks import equivalent_radius_mm
+from ..lesions.components import equivalent_radius_mm
 from .phantom_base import (
     PhantomCase,
     PhantomKind,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..lesions.spec import LesionClass, LesionSpec
-from ..lesions.masks import equivalent_radius_mm
+from ..lesions.components import equivalent_radius_mm
 from .phantom_base import (
     PhantomCase,
     PhantomKind,

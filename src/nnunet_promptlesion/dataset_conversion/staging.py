@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..lesions.components import label_components
-from ..lesions.masks import equivalent_radius_mm
+from ..lesions.components import equivalent_radius_mm
 from ..lesions.spec import DIFFTUMOR_RADIUS_CLASSES_MM, EARLY_RADIUS_MM, radius_ranges_from_observed
 
 

@@ -34,7 +34,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from scipy import ndimage
 
 from ..lesions.components import label_components
-from ..lesions.masks import equivalent_radius_mm
+from ..lesions.components import equivalent_radius_mm
 
 
 def dice_counts(ref: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict:

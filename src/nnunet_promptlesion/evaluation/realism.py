@@ -38,7 +38,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from scipy import ndimage, stats
 
 from ..lesions.components import label_components
-from ..lesions.masks import equivalent_radius_mm
+from ..lesions.components import equivalent_radius_mm
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 
@@ -240,8 +240,7 @@ def lesion_measurements(p: LesionPatch, spacing: Sequence[float], hu: Callable[[
     shell = ndimage.binary_dilation(p.mask, iterations=2) & ~p.mask
     inside = float(x[p.mask].mean())
     n = int(p.mask.sum())
-    radius = equivalent_radius_mm(n, spacing) if p.mask.ndim == 3 else \
-        math.sqrt(n * float(np.prod(list(spacing)[-p.mask.ndim:])) / math.pi)
+    radius = equivalent_radius_mm(n, list(spacing)[-p.mask.ndim:])
     return {"radius_mm": radius, "mean_hu": inside,
             "contrast_hu": inside - float(x[shell].mean()) if shell.any() else None}
 

@@ -26,13 +26,12 @@ bins, :func:`draw_bins` draws one lesion's bins.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .components import label_components
+from .components import equivalent_radius_mm, label_components
 
 #: attribute names, in the order a model's attribute vector uses when it enables several
 ATTRIBUTES = ("radius", "contrast")
@@ -44,14 +43,6 @@ MIX_SUM_TOL = 1e-3
 
 class AttributeRequestError(ValueError):
     """An attribute request or bin table that does not fit; the message says what to change."""
-
-
-def equivalent_radius(n_voxels: int, spacing: Sequence[float]) -> float:
-    """Equivalent radius (mm) of ``n_voxels`` voxels of ``spacing`` (mm): sphere for 3 spacings, disc for 2."""
-    size = float(n_voxels) * float(np.prod(np.asarray(spacing, dtype=float)))
-    if len(spacing) == 2:
-        return math.sqrt(size / math.pi)
-    return (3.0 * size / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 
 def _ring(lesion: np.ndarray, spacing: Sequence[float], ring_mm: float) -> np.ndarray:
@@ -72,7 +63,7 @@ def measure_lesion(image: np.ndarray, lesion: np.ndarray, parent: np.ndarray | N
     """
     lesion = np.asarray(lesion, bool)
     n = int(lesion.sum())
-    out = {"radius": equivalent_radius(n, spacing), "contrast": float("nan")}
+    out = {"radius": equivalent_radius_mm(n, spacing), "contrast": float("nan")}
     if n == 0:
         return out
     ring = _ring(lesion, spacing, ring_mm)

@@ -6,6 +6,8 @@ that it gives the same partition as ``scipy.ndimage.label`` with a full structur
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cc3d
 import numpy as np
 
@@ -25,3 +27,15 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labels, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26 if mask.ndim == 3 else 8,
                                           return_N=True)
     return labels, int(n)
+
+
+def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -> float | np.ndarray:
+    """Equivalent radius (mm) of ``n_voxels`` voxels of size ``spacing`` (mm per voxel): of the sphere with their
+    volume for 3 spacings, of the disc with their area for 2 (a 2D cross-section).
+
+    Only the voxel size (the product of ``spacing``) enters, so the axis order of ``spacing`` does not
+    matter. ``n_voxels`` is a count (returns a float) or an array of counts (returns an array of radii).
+    """
+    size = np.asarray(n_voxels, dtype=float) * float(np.prod(np.asarray(spacing, dtype=float)))
+    radius = np.sqrt(size / np.pi) if len(spacing) == 2 else np.cbrt(3.0 * size / (4.0 * np.pi))
+    return float(radius) if radius.ndim == 0 else radius

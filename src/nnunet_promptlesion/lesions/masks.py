@@ -13,20 +13,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .attributes import equivalent_radius
-from .components import label_components
+from .components import equivalent_radius_mm, label_components
 from .spec import LesionClass
-
-
-def equivalent_radius_mm(n_voxels: int | np.ndarray, spacing: Sequence[float]) -> float | np.ndarray:
-    """Radius (mm) of the sphere with the volume of ``n_voxels`` voxels of size ``spacing`` (mm per voxel).
-
-    Only the voxel volume (the product of ``spacing``) enters, so the axis order of ``spacing`` does not
-    matter. ``n_voxels`` is a count (returns a float) or an array of counts (returns an array of radii).
-    """
-    volume = np.asarray(n_voxels, dtype=float) * float(np.prod(np.asarray(spacing, dtype=float)))
-    radius = np.cbrt(3.0 * volume / (4.0 * np.pi))
-    return float(radius) if radius.ndim == 0 else radius
 
 
 def sample_radius_mm(lesion: LesionClass, rng: np.random.Generator) -> float:
@@ -220,7 +208,7 @@ class MaskSampler:
         return elastic_ellipsoid(radius, self.spacing, rng, elastic=lesion.elastic)
 
     def _in_range(self, mask: np.ndarray, radius_range_mm: tuple[float, float]) -> bool:
-        r = equivalent_radius(int(mask.sum()), self.spacing)
+        r = equivalent_radius_mm(int(mask.sum()), self.spacing)
         return radius_range_mm[0] <= r <= radius_range_mm[1]
 
     def sample(self, lesion: LesionClass, parent: np.ndarray, rng: np.random.Generator,
@@ -244,7 +232,7 @@ class MaskSampler:
 
         ``radius_range_mm`` (lo, hi): a requested radius bin (attribute prompts). The shape is drawn with a radius in
         the range and the final mask (after clipping) is kept only if its equivalent radius
-        (:func:`~.attributes.equivalent_radius`: sphere in 3D, disc for a 2D mask) lies in [lo, hi]; three times the
+        (:func:`equivalent_radius_mm`: sphere in 3D, disc for a 2D mask) lies in [lo, hi]; three times the
         usual tries.
         """
         mass = lesion.min_parent_fraction

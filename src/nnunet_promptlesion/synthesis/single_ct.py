@@ -43,6 +43,7 @@ from ..generator.diffusion.preview import save_grid
 from ..generator.diffusion.sampler_defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, sampler_steps
 from ..generator.intensity import IntensitySpace
 from ..lesions.attributes import AttributeRequestError, parse_assignment, radius_range
+from ..lesions.components import equivalent_radius_mm
 from ..lesions.masks import MaskBank, MaskSampler
 from ..lesions.spec import LesionClass, LesionSpec
 from ..placement.index import LesionIndex
@@ -424,8 +425,7 @@ def synthesize_ct(ct_path, parent_path, diffusion, output_dir, opts: SingleCTOpt
                         "centre_voxel": [round(float(v), 2) for v in c],
                         "centre_world_mm_ras": [round(float(v), 2) for v in file_geo.index_to_world(c)],
                         "voxels": int(m.sum()),
-                        "equivalent_radius_mm": round(float((3 * m.sum() * np.prod(file_geo.spacing) / (4 * np.pi))
-                                                            ** (1 / 3)), 2)})
+                        "equivalent_radius_mm": round(equivalent_radius_mm(int(m.sum()), file_geo.spacing), 2)})
 
     outdir = Path(output_dir)
     outdir.mkdir(parents=True, exist_ok=True)
