@@ -47,7 +47,7 @@ from ..dataset_conversion.validation import check_readable
 from ..lesions.spec import EARLY_RADIUS_MM, LesionSpec
 from ..utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from .folders import resolve_folders
-from .metrics import SizeBins, dice_counts, match_lesions, normalized_surface_dice, surface_distances, voxel_overlap
+from .metrics import SizeBins, dice_counts, match_lesions, surface_metrics, voxel_overlap
 from .transfer import attach_lesion_softmax
 
 RESULTS_VERSION = 1
@@ -189,9 +189,10 @@ def evaluate_case(case: str, ref_file: str, pred_file: str, reader_class, classe
         if ignore_mask is not None:
             m_pred = m_pred & ~ignore_mask
         rec = dice_counts(m_ref, m_pred, ignore_mask)
-        rec["NSD"] = normalized_surface_dice(m_ref, m_pred, spacing, nsd_tolerance_mm)
+        surface = surface_metrics(m_ref, m_pred, spacing, nsd_tolerance_mm)
+        rec["NSD"] = surface.pop("NSD")
         rec.update(voxel_overlap(rec["TP"], rec["FP"], rec["FN"]))
-        rec.update(surface_distances(m_ref, m_pred, spacing))
+        rec.update(surface)
         if c["lesion"]:
             match = match_lesions(m_ref, m_pred, spacing, detection_min_dice)
             rec.update(lesions=len(match.lesions), detected=sum(l["detected"] for l in match.lesions),
