@@ -111,6 +111,22 @@ def ccta_dataset(tmp_path_factory):
     return root, did, env
 
 
+def phantom_copy_2d(ccta_dataset, work: Path, config: str, batch_size: int | None = None) -> tuple[str, dict]:
+    """(dataset name, nnU-Net path variables) of a private copy of the session CCTA phantom (raw + preprocessed)
+    under ``work`` with promptlesion_demo's 2D configuration ``config`` added, as the demo does (32 x 32 slices of
+    3d_fullres's preprocessed data); a copy, so that a test's plans edit never touches the shared fixture."""
+    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
+
+    root, did, _ = ccta_dataset
+    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
+    shutil.copytree(root / "raw" / name, work / "raw" / name)
+    shutil.copytree(root / "preprocessed" / name, work / "preprocessed" / name)
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    add_demo_configuration_2d(work / "preprocessed" / name / "nnUNetPlans.json", name=config, **kw)
+    return name, {"nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
+                  "nnUNet_results": str(work / "results")}
+
+
 @pytest.fixture
 def nnunet_paths(ccta_dataset, monkeypatch):
     """Point this process's nnU-Net env vars at the session phantom (nnunetv2.paths reads them lazily)."""

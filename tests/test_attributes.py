@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import phantom_copy_2d
 from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary, make_config
 from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
-from nnunet_promptlesion.lesions.components import label_components
-from nnunet_promptlesion.lesions.components import equivalent_radius_mm
+from nnunet_promptlesion.lesions.components import equivalent_radius_mm, label_components
 from nnunet_promptlesion.lesions.attributes import (AttributeBins, AttributeRequestError, check_mix,
                                                      check_mix_against_bins, draw_bins,
                                                      measure_components, measure_lesion, parse_assignment,
@@ -276,19 +276,12 @@ def gen_attr(ccta_dataset, tmp_path_factory):
     diffusion model has radius and contrast prompts (promptlesion_pretrain --attributes, 2 training steps each)."""
     import contextlib
     import io
-    import shutil
 
-    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
     from nnunet_promptlesion.cli.pretrain import main as pretrain
 
-    root, did, _ = ccta_dataset
+    did = ccta_dataset[1]
     work = tmp_path_factory.mktemp("attr2d")
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    shutil.copytree(root / "raw" / name, work / "raw" / name)
-    shutil.copytree(root / "preprocessed" / name, work / "preprocessed" / name)
-    add_demo_configuration_2d(work / "preprocessed" / name / "nnUNetPlans.json", name=CONFIG, batch_size=2)
-    env = {"nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
-           "nnUNet_results": str(work / "results")}
+    name, env = phantom_copy_2d(ccta_dataset, work, CONFIG, batch_size=2)
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         for k, v in env.items():

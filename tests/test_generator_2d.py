@@ -3,7 +3,6 @@ record their dimensionality, and promptlesion_pretrain on the demo's 2D configur
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import phantom_copy_2d
 from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary, make_config
 from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
 from nnunet_promptlesion.generator.intensity import IntensitySpace
@@ -176,17 +176,10 @@ def test_checkpoints_record_spatial_dims_and_refuse_the_other_dimensionality(tmp
 def demo_2d(ccta_dataset, tmp_path_factory):
     """A private copy of the session CCTA phantom (raw + preprocessed) with promptlesion_demo's 2d_demo
     configuration added (inheriting 3d_fullres's preprocessed data, 32 x 32 slices), as the demo does."""
-    from nnunet_promptlesion.cli.demo import DEMO_CONFIGURATION, add_demo_configuration_2d
+    from nnunet_promptlesion.cli.demo import DEMO_CONFIGURATION
 
-    root, did, env = ccta_dataset
-    work = tmp_path_factory.mktemp("demo2d")
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    shutil.copytree(root / "raw" / name, work / "raw" / name)
-    shutil.copytree(root / "preprocessed" / name, work / "preprocessed" / name)
-    add_demo_configuration_2d(work / "preprocessed" / name / "nnUNetPlans.json", name=DEMO_CONFIGURATION)
-    paths = {"nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
-             "nnUNet_results": str(work / "results")}
-    return {"did": did, "name": name, "paths": paths, "config": DEMO_CONFIGURATION}
+    name, paths = phantom_copy_2d(ccta_dataset, tmp_path_factory.mktemp("demo2d"), DEMO_CONFIGURATION)
+    return {"did": ccta_dataset[1], "name": name, "paths": paths, "config": DEMO_CONFIGURATION}
 
 
 def test_2d_configuration_gives_slices_of_the_folds_training_cases(demo_2d, monkeypatch):

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN
+from conftest import BIN, phantom_copy_2d
 from diffusion_fixtures import EXT_TRAINERS
 
 torch.set_num_threads(1)
@@ -38,18 +37,12 @@ def _paths(env: dict):
 def gen2d(ccta_dataset, tmp_path_factory):
     """A private copy of the session CCTA phantom with a 2d_demo configuration (batch 2), and a tiny2d generator pair
     plus a lesion cache made by ``promptlesion_pretrain -c 2d_demo --cache-per-class 2`` (2 training steps each)."""
-    from nnunet_promptlesion.cli.demo import add_demo_configuration_2d
     from nnunet_promptlesion.cli.pretrain import main as pretrain
 
-    root, did, _ = ccta_dataset
+    did = ccta_dataset[1]
     work = tmp_path_factory.mktemp("synth2d")
-    name = next((root / "raw").glob(f"Dataset{did:03d}_*")).name
-    shutil.copytree(root / "raw" / name, work / "raw" / name)
-    shutil.copytree(root / "preprocessed" / name, work / "preprocessed" / name)
-    add_demo_configuration_2d(work / "preprocessed" / name / "nnUNetPlans.json", name=CONFIG, batch_size=2)
-    env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
-           "nnUNet_results": str(work / "results"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "nnUNet_def_n_proc": "1"}
+    name, paths = phantom_copy_2d(ccta_dataset, work, CONFIG, batch_size=2)
+    env = {**os.environ, **paths, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}
     env["nnUNet_extTrainer"] = os.pathsep.join(
         [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
     out = io.StringIO()

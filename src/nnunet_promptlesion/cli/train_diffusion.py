@@ -134,7 +134,9 @@ def inherit_architecture(args, init_meta: dict) -> None:
 
 def short_id(meta: dict) -> str:
     """12 hex digits of a checkpoint's ``checkpoint_id``."""
-    return str(meta.get("checkpoint_id", "")).split(":")[-1][:12]
+    from ..utils.checkpoint import short_weights_id  # deferred: see cli/__init__.py
+
+    return short_weights_id(meta.get("checkpoint_id", ""))
 
 
 def default_run_name(args, source, vqgan_meta: dict, init_meta: dict | None) -> str:

@@ -161,7 +161,9 @@ def default_output_dir(args, train_source, init_meta: dict | None = None) -> Pat
         # another training set or start: never resumed as the plain run (promptlesion_pretrain uses the same names)
         tag = f"fold{args.fold}" + ("+extra" if args.extra_images else "")
         if init_meta is not None:
-            tag += "__init_" + str(init_meta.get("checkpoint_id", "")).split(":")[-1][:12]
+            from ..utils.checkpoint import short_weights_id  # deferred: see cli/__init__.py
+
+            tag += "__init_" + short_weights_id(init_meta.get("checkpoint_id", ""))
         return (Path(res) / train_source.dataset_folder.name
                 / f"promptlesion_vqgan__{args.preset}__{args.configuration}__{tag}")
     raise SystemExit("error: --output-dir is required with --nifti-folder")

@@ -41,7 +41,7 @@ from ..lesions.spec import LesionSpec, dataset_spec_folders, find_lesion_spec
 from ..placement.index import LesionIndex, build_lesion_index
 from ..placement.placer import NnunetCases, Placer
 from ..utils.atomic import write_json_atomic
-from ..utils.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError, short_weights_id
 from .cache import (FORMAT, VERSION, BuildPlan, CacheError, LesionCache, completed_shards, describe_difference,
                     pack_shards, read_manifest, run_fingerprint, shard_name, write_manifest, write_shard)
 from .diffusion_render import AttributeRequests, CaseReader, DiffusionRenderer, LesionRequest
@@ -300,7 +300,7 @@ def build_cache(cfg: CacheBuildConfig, save_montage: Callable | None = None,
     gen_id = renderer.identity()
     out = Path(cfg.output) if cfg.output else (
         ctx.dataset_folder / "promptlesion_cache" /
-        f"{cfg.configuration}__fold{cfg.fold}__{str(gen_id['diffusion_checkpoint_id'])[:12]}")
+        f"{cfg.configuration}__fold{cfg.fold}__{short_weights_id(gen_id['diffusion_checkpoint_id'])}")
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out / "build.log", rank)
     plan = BuildPlan(classes=classes, per_class=cfg.per_class, shard_size=cfg.shard_size, seed=cfg.seed)

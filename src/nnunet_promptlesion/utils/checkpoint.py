@@ -69,6 +69,12 @@ def weights_id(state_dict: dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def short_weights_id(checkpoint_id: str, digits: int = 12) -> str:
+    """The first ``digits`` hex digits of a ``"sha256:..."`` weights id, for folder names (no colon in a path:
+    it separates entries of PATH-like variables)."""
+    return str(checkpoint_id).split(":")[-1][:digits]
+
+
 def verify_weights(state: dict, path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose weights do not hash to its stored ``meta["checkpoint_id"]``. The id is taken over
     the sampling weights: the EMA copy where a training checkpoint holds one, else the model's."""
