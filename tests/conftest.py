@@ -111,6 +111,16 @@ def ccta_dataset(tmp_path_factory):
     return root, did, env
 
 
+#: promptlesion_pretrain arguments for a tiny2d generator pair trained 2 steps each (evaluation and checkpoints
+#: exercised once): the 2D synthesis tests' generators
+TINY2D_PRETRAIN = ["--preset", "tiny2d", "--vqgan-steps", "2", "--diffusion-steps", "2", "--device", "cpu",
+                   "--num-threads", "1",
+                   "--vqgan-args", "--disc-start 1 --batch-size 2 --eval-every 2 --checkpoint-every 2 "
+                                   "--num-eval-patches 1 --no-progress",
+                   "--diffusion-args", "--batch-size 2 --eval-every 2 --eval-steps 1 --checkpoint-every 2 "
+                                       "--no-progress"]
+
+
 def phantom_copy_2d(ccta_dataset, work: Path, config: str, batch_size: int | None = None) -> tuple[str, dict]:
     """(dataset name, nnU-Net path variables) of a private copy of the session CCTA phantom (raw + preprocessed)
     under ``work`` with promptlesion_demo's 2D configuration ``config`` added, as the demo does (32 x 32 slices of

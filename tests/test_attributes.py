@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import phantom_copy_2d
+from conftest import TINY2D_PRETRAIN, phantom_copy_2d
 from nnunet_promptlesion.generator.diffusion.config import PromptVocabulary, make_config
 from nnunet_promptlesion.generator.diffusion.unet import PromptLesionUNet
 from nnunet_promptlesion.lesions.components import equivalent_radius_mm, label_components
@@ -287,13 +287,7 @@ def gen_attr(ccta_dataset, tmp_path_factory):
         for k, v in env.items():
             mp.setenv(k, v)
         mp.delenv("PROMPTLESION_SETTINGS", raising=False)
-        rc = pretrain(["-d", str(did), "-c", CONFIG, "-f", "0", "--preset", "tiny2d", "--vqgan-steps", "2",
-                       "--diffusion-steps", "2", "--device", "cpu", "--num-threads", "1",
-                       "--attributes", "radius,contrast",
-                       "--vqgan-args", "--disc-start 1 --batch-size 2 --eval-every 2 --checkpoint-every 2 "
-                                       "--num-eval-patches 1 --no-progress",
-                       "--diffusion-args", "--batch-size 2 --eval-every 2 --eval-steps 1 --checkpoint-every 2 "
-                                           "--no-progress"])
+        rc = pretrain(["-d", str(did), "-c", CONFIG, "-f", "0", *TINY2D_PRETRAIN, "--attributes", "radius,contrast"])
     assert rc == 0, out.getvalue()[-3000:]
     res = work / "results" / name
     return {"did": did, "name": name, "env": env, "pre": work / "preprocessed" / name, "work": work,

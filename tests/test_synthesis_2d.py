@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, phantom_copy_2d
+from conftest import BIN, TINY2D_PRETRAIN, phantom_copy_2d
 from diffusion_fixtures import EXT_TRAINERS
 
 torch.set_num_threads(1)
@@ -47,13 +47,8 @@ def gen2d(ccta_dataset, tmp_path_factory):
         [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] + [str(EXT_TRAINERS)])
     out = io.StringIO()
     with _paths(env), contextlib.redirect_stdout(out):
-        rc = pretrain(["-d", str(did), "-c", CONFIG, "-f", "0", "--preset", "tiny2d", "--vqgan-steps", "2",
-                       "--diffusion-steps", "2", "--device", "cpu", "--num-threads", "1",
-                       "--cache-per-class", "2", "--cache-steps", "2", "--cache-batch", "4",
-                       "--vqgan-args", "--disc-start 1 --batch-size 2 --eval-every 2 --checkpoint-every 2 "
-                                       "--num-eval-patches 1 --no-progress",
-                       "--diffusion-args", "--batch-size 2 --eval-every 2 --eval-steps 1 --checkpoint-every 2 "
-                                           "--no-progress"])
+        rc = pretrain(["-d", str(did), "-c", CONFIG, "-f", "0", *TINY2D_PRETRAIN,
+                       "--cache-per-class", "2", "--cache-steps", "2", "--cache-batch", "4"])
     assert rc == 0, out.getvalue()[-3000:]
     res = work / "results" / name
     return {"did": did, "name": name, "env": env, "pre": work / "preprocessed" / name, "raw": work / "raw" / name,
