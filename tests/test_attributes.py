@@ -456,20 +456,10 @@ def test_synthesize_one_ct_with_attribute_bins(gen_attr, tmp_path):
 
 def _source(g, settings: dict, tmp_path, monkeypatch):
     """The settings' sample source built for the 2d_demo trainer (PromptLesionConfigError when refused)."""
-    import json
-
     from nnunet_promptlesion.synthesis.sources import SourceContext, build_source
-    from nnunet_promptlesion.trainers.promptlesion_trainer import PromptLesionTrainer
+    from test_synthesis_2d import _trainer
 
-    for k, v in g["env"].items():
-        monkeypatch.setenv(k, v)
-    sfile = tmp_path / "settings.json"
-    sfile.write_text(json.dumps(settings))
-    monkeypatch.setenv("PROMPTLESION_SETTINGS", str(sfile))
-    plans = json.loads((g["pre"] / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False  # set by nnUNetv2_train's entry point; nnU-Net's __init__ pops it
-    dj = json.loads((g["pre"] / "dataset.json").read_text())
-    t = PromptLesionTrainer(plans, CONFIG, 0, dj, device=torch.device("cpu"))
+    t = _trainer(g, CONFIG, settings, tmp_path, monkeypatch)
     t.promptlesion_setup()
     cm = t.configuration_manager
     ctx = SourceContext(settings=t.promptlesion_settings, spec=t.promptlesion_spec, index=None,
